@@ -1,0 +1,158 @@
+"""The model bundle: one folder, written by ``save_bundle`` and read by ``load_bundle``.
+
+    bundle.json            format, labels, thresholds, head, pooling, max_length, hash
+    encoder_config.json    the encoder's Hugging Face config (architecture only)
+    model.safetensors      encoder.* and head.* weights
+    tokenizer/             tokenizer files (save_pretrained)
+    config.json            the resolved training config
+    metrics.json           validation metrics at 0.5 and at the thresholds, training history
+    manifest.json          sha256 of every file above and the bundle's content hash
+
+No pickles, and loading never executes code from the bundle: the architecture is rebuilt from
+JSON with built-in transformers classes, and weights come from safetensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoTokenizer
+
+from emotions.batching import sorted_batches, tokenize, collate
+from emotions.labels import EMOTIONS, check_same_labels
+from emotions.model import EmotionClassifier, build_head, encoder_from_config
+
+FORMAT = "emotions-bundle"
+VERSION = 1
+REQUIRED = ("bundle.json", "encoder_config.json", "model.safetensors", "config.json",
+            "metrics.json", "manifest.json", "tokenizer")  # fmt: skip
+
+
+class BundleError(ValueError):
+    """A bundle folder that is incomplete, altered, or made for other labels."""
+
+
+def save_bundle(output: str | Path, *, weights: dict[str, torch.Tensor], encoder_config: dict,
+                head: dict, tokenizer, thresholds: np.ndarray, config: dict, metrics: dict) -> Path:  # fmt: skip
+    """Write the bundle into ``output`` (replaced atomically if it exists) and return its path."""
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))
+    try:
+        save_file({k: v.contiguous().cpu() for k, v in weights.items()}, str(staging / "model.safetensors"))
+        tokenizer.save_pretrained(str(staging / "tokenizer"))
+        _write_json(staging / "encoder_config.json", encoder_config)
+        _write_json(staging / "config.json", config)
+        _write_json(staging / "metrics.json", metrics)
+        _write_json(staging / "bundle.json", {
+            "format": FORMAT, "version": VERSION, "labels": list(EMOTIONS),
+            "thresholds": {name: float(t) for name, t in zip(EMOTIONS, thresholds)},
+            "head": head, "max_length": config["data"]["max_length"],
+            "encoder": config["model"]["encoder"],
+        })  # fmt: skip
+        files = _file_hashes(staging)
+        _write_json(staging / "manifest.json", {"files": files, "hash": _content_hash(files)})
+        if output.exists():
+            shutil.rmtree(output)
+        staging.rename(output)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return output
+
+
+@dataclass
+class Bundle:
+    path: Path
+    model: EmotionClassifier
+    tokenizer: object
+    thresholds: np.ndarray  # [28]
+    max_length: int
+    hash: str
+    config: dict
+    metrics: dict
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return EMOTIONS
+
+    @torch.inference_mode()
+    def predict_proba(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
+        """[n] texts -> [n, 28] probabilities (float32)."""
+        device = next(self.model.parameters()).device
+        data = tokenize(texts, np.zeros((len(texts), len(EMOTIONS))), self.tokenizer, self.max_length)
+        out = np.zeros((len(texts), len(EMOTIONS)), dtype=np.float32)
+        for rows in sorted_batches(data.lengths, batch_size):
+            ids, mask, _ = collate(data, rows, self.tokenizer.pad_token_id or 0)
+            out[rows] = torch.sigmoid(self.model(ids.to(device), mask.to(device))).float().cpu().numpy()
+        return out
+
+    def predict(self, texts: list[str]) -> list[list[str]]:
+        """Label names over their thresholds, for each text."""
+        chosen = self.predict_proba(texts) >= self.thresholds
+        return [[EMOTIONS[j] for j in np.flatnonzero(row)] for row in chosen]
+
+
+def load_bundle(path: str | Path, device: str = "cpu", verify: bool = True) -> Bundle:
+    path = Path(path)
+    if not path.is_dir():
+        raise BundleError(f"model bundle {path} does not exist (expected a folder made by `emotions train`)")
+    missing = [name for name in REQUIRED if not (path / name).exists()]
+    if missing:
+        raise BundleError(f"model bundle {path} is incomplete: missing {missing}. "
+                          "Copy the whole bundle folder, or retrain with `emotions train`.")  # fmt: skip
+    manifest = json.loads((path / "manifest.json").read_text())
+    if verify:
+        found = _file_hashes(path)
+        changed = sorted(k for k in manifest["files"] if found.get(k) != manifest["files"][k])
+        if changed:
+            raise BundleError(f"model bundle {path} was altered after it was written: {changed} "
+                              "do not match manifest.json. Use an unmodified copy of the bundle.")  # fmt: skip
+    meta = json.loads((path / "bundle.json").read_text())
+    if meta.get("format") != FORMAT:
+        raise BundleError(f"{path}/bundle.json is not an emotions bundle (format={meta.get('format')!r})")
+    check_same_labels(meta["labels"], f"model bundle {path}")
+    head = meta["head"]
+    encoder = encoder_from_config(json.loads((path / "encoder_config.json").read_text()))
+    model = EmotionClassifier(encoder, build_head(encoder.config.hidden_size, head["depth"],
+                                                  head["dropout"], head.get("hidden")),
+                              head["pooling"])  # fmt: skip
+    model.load_state_dict(load_file(str(path / "model.safetensors")))
+    model.to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(path / "tokenizer"), trust_remote_code=False)
+    return Bundle(
+        path=path, model=model, tokenizer=tokenizer,
+        thresholds=np.array([meta["thresholds"][name] for name in EMOTIONS], dtype=np.float32),
+        max_length=meta["max_length"], hash=manifest["hash"],
+        config=json.loads((path / "config.json").read_text()),
+        metrics=json.loads((path / "metrics.json").read_text()),
+    )  # fmt: skip
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def _file_hashes(root: Path) -> dict[str, str]:
+    hashes = {}
+    for file in sorted(p for p in root.rglob("*") if p.is_file() and p.name != "manifest.json"):
+        digest = hashlib.sha256()
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        hashes[file.relative_to(root).as_posix()] = digest.hexdigest()
+    return hashes
+
+
+def _content_hash(files: dict[str, str]) -> str:
+    """sha256 over the sorted (path, file hash) pairs, shortened: names the bundle's content."""
+    joined = "\n".join(f"{name} {digest}" for name, digest in sorted(files.items()))
+    return hashlib.sha256(joined.encode()).hexdigest()[:16]

