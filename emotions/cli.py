@@ -1,4 +1,4 @@
-"""The ``emotions`` command: ``train``, ``evaluate``, ``quickstart``.
+"""The ``emotions`` command: ``train``, ``evaluate``, ``tag``, ``quickstart``.
 
 Each subcommand is a parser plus a thin function that calls the library; errors a user can fix
 are printed as one line and exit with status 2.
@@ -28,14 +28,15 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from emotions.bundle import is_uri
     from emotions.metrics import format_summary
     from emotions.training import train
 
     config = build_config(args.preset, args.config, args.overrides)  # validated before Ray starts
     connect_ray(args.ray_address)
     path = train(config, args.output)
-    report = json.loads((path / "metrics.json").read_text())
-    print(format_summary(report))
+    if not is_uri(path):
+        print(format_summary(json.loads((Path(path) / "metrics.json").read_text())))
     print(f"bundle: {path}")
     return 0
 
@@ -62,13 +63,57 @@ def run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_tag_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="model bundle folder (or URI)")
+    parser.add_argument("--input", required=True, nargs="+", metavar="PATH",
+                        help="Parquet files, folders or globs; local or URIs (s3://...)")
+    parser.add_argument("--output", required=True, help="folder for the tagged Parquet files (or URI)")
+    parser.add_argument("--text-column", default="body", help="column with the text (default: body)")
+    parser.add_argument("--id-column", default="id", help="column that identifies a row (default: id)")
+    parser.add_argument("--keep-columns", default="", metavar="A,B",
+                        help="input columns to carry into the output, comma-separated")
+    parser.add_argument("--probabilities", action="store_true", help="add the 28 p_<label> columns")
+    parser.add_argument("--overwrite", action="store_true", help="replace a committed output")
+    parser.add_argument("--actors", type=int, default=None,
+                        help="actor pool size (default: one per --cpus-per-actor CPUs, or per GPU)")
+    parser.add_argument("--batch-size", type=int, default=256, help="rows per actor call (default: 256)")
+    parser.add_argument("--cpus-per-actor", type=int, default=1, help="torch threads per actor (default: 1)")
+    parser.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs per actor (default: 0)")
+    parser.add_argument("--int8", action="store_true", help="dynamic int8 quantization (CPU only)")
+    parser.add_argument("--skip-bad-files", action="store_true",
+                        help="skip unreadable input files (listed in _manifest.json) instead of failing")
+    parser.add_argument("--ray-address", default=None,
+                        help="Ray cluster to use (default: RAY_ADDRESS, else a local Ray)")
+
+
+def run_tag(args: argparse.Namespace) -> int:
+    import os
+
+    from emotions.tagging import tag_corpus
+
+    if args.ray_address:  # tag_corpus starts or joins Ray itself, once its inputs are checked
+        os.environ["RAY_ADDRESS"] = args.ray_address
+    summary = tag_corpus(
+        args.model, args.input, args.output, text_column=args.text_column, id_column=args.id_column,
+        keep_columns=[c.strip() for c in args.keep_columns.split(",") if c.strip()],
+        probabilities=args.probabilities, overwrite=args.overwrite, num_actors=args.actors,
+        batch_size=args.batch_size, cpus_per_actor=args.cpus_per_actor,
+        gpus_per_actor=args.gpus_per_actor, int8=args.int8,
+        on_bad_file="skip" if args.skip_bad_files else "fail",
+    )  # fmt: skip
+    print(summary.line())
+    print(f"manifest: {summary.manifest}")
+    return 0
+
+
 def add_quickstart_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default="emotions-quickstart", help="folder for the bundle and report")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
 
 
 def run_quickstart(args: argparse.Namespace) -> int:
-    """Train the quickstart preset on the embedded MiniLM, then evaluate it on GoEmotions dev."""
+    """Train the quickstart preset on the embedded MiniLM, evaluate it on GoEmotions dev, then tag
+    a 2,000-row sample dump with it."""
     from emotions.evaluation import evaluate_bundle
     from emotions.metrics import format_summary
     from emotions.training import train
@@ -81,14 +126,80 @@ def run_quickstart(args: argparse.Namespace) -> int:
     print("\nGoEmotions dev (all 5,426 examples):")
     print(format_summary(report))
     print(f"bundle: {bundle}\nreport: {out / 'report' / 'report.md'}")
+    tag_sample(bundle, out)
+    return 0
+
+
+def tag_sample(bundle: Path, out: Path) -> None:
+    """Write the sample corpus and tag it; print a few tagged and flagged rows."""
+    import pyarrow.dataset
+
+    from emotions.corpus import sample_corpus
+    from emotions.tagging import tag_corpus
+
+    sample_corpus(out / "sample-corpus")
+    summary = tag_corpus(bundle, out / "sample-corpus", out / "sample-tagged", keep_columns=["body"],
+                         overwrite=True)  # fmt: skip
+    rows = pyarrow.dataset.dataset(summary.output, format="parquet").to_table().slice(0, 400).to_pylist()
+    shown = [r for r in rows if r["error"] is None][:4] + [r for r in rows if r["error"]][:2]
+    print(f"\nsample corpus tagged ({summary.line()}):")
+    for r in shown:
+        body = repr((r["body"] or "")[:50])
+        print(f"  {r['id']}  {body:54}  {str(r['emotions']):28} top={r['top_emotion']}  error={r['error']}")
+
+
+def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
+    from emotions.tuning import tune_preset_names
+
+    parser.add_argument("--preset", default="minilm", help=f"tune preset, one of {tune_preset_names()}")
+    parser.add_argument("--config", help="YAML or JSON file merged over the preset (may hold a tune: section)")
+    parser.add_argument("--output", required=True, help="folder for results, plot and the best bundle")
+    parser.add_argument("--ray-address", default=None)
+    parser.add_argument("--no-resume", action="store_true", help="start over even if the sweep exists")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="e.g. tune.num_samples=4 stage1.epochs=1")
+
+
+def run_tune(args: argparse.Namespace) -> int:
+    from emotions.tuning import build_sweep_config, run_sweep, split_tune_settings
+    from emotions.config import from_dict
+
+    raw = build_sweep_config(args.preset, args.config, args.overrides)
+    from_dict(split_tune_settings(raw)[0])  # refuse bad keys before Ray starts
+    connect_ray(args.ray_address)
+    summary = run_sweep(raw, args.output, resume=not args.no_resume)
+    print(json.dumps(summary, indent=2))
+    print(f"results: {Path(args.output) / 'results.md'}")
+    return 0
+
+
+def add_ablate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", default="quickstart", help=f"training preset the rows start from {preset_names()}")
+    parser.add_argument("--budget", default="laptop", choices=["laptop", "full"],
+                        help="laptop: 3,000 examples, 1+6 epochs per row; full: all data, 3+10 epochs")
+    parser.add_argument("--output", required=True, help="folder for ablation.md/.json and the row bundles")
+    parser.add_argument("--ray-address", default=None)
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="applied to every row")
+
+
+def run_ablate(args: argparse.Namespace) -> int:
+    from emotions.ablation import run_ablation
+
+    build_config(args.preset, None, args.overrides)  # refuse bad keys before Ray starts
+    connect_ray(args.ray_address)
+    run_ablation(args.preset, args.output, args.budget, args.overrides)
+    print((Path(args.output) / "ablation.md").read_text())
     return 0
 
 
 COMMANDS = {
+    "ablate": ("re-run the seed study's experiment table", add_ablate_arguments, run_ablate),
+    "tune": ("Ray Tune sweep over the two-stage fine-tune (ASHA)", add_tune_arguments, run_tune),
     "train": ("two-stage fine-tune on Ray Train; writes a model bundle", add_train_arguments, run_train),
     "evaluate": ("metrics of a bundle on labelled data", add_evaluate_arguments, run_evaluate),
-    "quickstart": ("train on the embedded MiniLM and evaluate (minutes)", add_quickstart_arguments,
-                   run_quickstart),
+    "tag": ("tag Parquet comment dumps with a bundle on Ray Data", add_tag_arguments, run_tag),
+    "quickstart": ("train on the embedded MiniLM, evaluate, tag a sample (minutes)",
+                   add_quickstart_arguments, run_quickstart),
 }  # fmt: skip
 
 
@@ -112,12 +223,13 @@ def main(argv: list[str] | None = None) -> int:
     from emotions.bundle import BundleError
     from emotions.data import DataError
     from emotions.environment import setup_logging
+    from emotions.tagging import TaggingError
 
     args = build_parser().parse_args(argv)
     setup_logging(logging.DEBUG if args.verbose else logging.INFO)
     try:
         return COMMANDS[args.command][2](args)
-    except (ConfigError, DataError, BundleError, FileNotFoundError) as exc:
+    except (ConfigError, DataError, BundleError, TaggingError, FileNotFoundError) as exc:
         print(f"emotions {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

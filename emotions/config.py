@@ -180,8 +180,10 @@ def from_dict(raw: dict[str, Any]) -> TrainConfig:
     """Build and validate a TrainConfig; all problems are collected into one ConfigError."""
     errors: list[str] = []
     config = _build(TrainConfig, raw, "", errors)
-    if not errors:
-        errors += _check(config)
+    try:
+        _check(config, errors)
+    except TypeError:  # a value of the wrong type, already reported above
+        pass
     if errors:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
     return config
@@ -234,8 +236,7 @@ def _coerce(value: Any, hint: Any, key: str, errors: list[str]) -> Any:
     return value
 
 
-def _check(config: TrainConfig) -> list[str]:
-    errors = []
+def _check(config: TrainConfig, errors: list[str]) -> None:
 
     def choice(key: str, value: Any, allowed_key: str | None = None) -> None:
         allowed = _CHOICES[allowed_key or key]
@@ -266,4 +267,3 @@ def _check(config: TrainConfig) -> list[str]:
         errors.append("stage1.train_encoder must be true: stage 1 fine-tunes the encoder")
     if config.scaling.num_workers < 1 or config.scaling.cpus_per_worker < 1:
         errors.append("scaling.num_workers and scaling.cpus_per_worker must be >= 1")
-    return errors

@@ -35,7 +35,7 @@ from emotions import bundle, environment
 from emotions.batching import TokenizedSet, bucket_batches, collate, sorted_batches, tokenize
 from emotions.config import StageConfig, TrainConfig, from_dict
 from emotions.data import LabelledData, expand_by_concatenation, load_labelled
-from emotions.metrics import compute_metrics, evaluation_report
+from emotions.metrics import compute_metrics, evaluation_report, format_summary
 from emotions.model import EmotionClassifier, build_head, load_encoder, load_tokenizer
 from emotions.progress import Progress
 from emotions.thresholds import fit_thresholds
@@ -62,9 +62,23 @@ def load_training_data(config: TrainConfig) -> tuple[LabelledData, LabelledData]
     return train, validation
 
 
-def train(config: TrainConfig, output: str | Path) -> Path:
-    """Run the two-stage fine-tune on the current Ray cluster; write a bundle to ``output``."""
+def train(config: TrainConfig, output: str | Path) -> Path | str:
+    """Run the two-stage fine-tune on the current Ray cluster; write a bundle to ``output``
+    (a local folder, or a URI such as s3://bucket/bundles/name: written locally, then uploaded)."""
+    if bundle.is_uri(output):
+        with tempfile.TemporaryDirectory() as tmp:
+            local = train(config, Path(tmp) / "bundle")
+            return bundle.publish_bundle(local, str(output))
     output = Path(output)
+    name = config.run.name or f"{output.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    result = fit(config, name)
+    with result.checkpoint.as_directory() as final:
+        return write_bundle_from_checkpoint(Path(final), config, output)
+
+
+def fit(config: TrainConfig, name: str, callbacks: list | None = None) -> ray.train.Result:
+    """The Ray Train run itself: data to the object store, TorchTrainer, fit. The result's
+    checkpoint is the final one (weights + gathered predictions)."""
     environment.log_environment(config.to_dict(), "train")
     tokenizer = load_tokenizer(config.model.encoder)
     train_data, val_data = load_training_data(config)
@@ -73,15 +87,14 @@ def train(config: TrainConfig, output: str | Path) -> Path:
     max_len = config.data.max_length
     train_set = tokenize(train_data.texts, train_data.labels, tokenizer, max_len)
     val_set = tokenize(val_data.texts, val_data.labels, tokenizer, max_len)
-
     s = config.scaling
-    name = config.run.name or f"{output.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     trainer = ray.train.torch.TorchTrainer(
         train_loop_per_worker=train_worker,
         train_loop_config={
             "config": config.to_dict(),
             "train": ray.put(train_set),
             "validation": ray.put(val_set),
+            "validation_source": val_data.source,
             "pad_id": tokenizer.pad_token_id or 0,
         },
         scaling_config=ray.train.ScalingConfig(
@@ -94,17 +107,17 @@ def train(config: TrainConfig, output: str | Path) -> Path:
             failure_config=ray.train.FailureConfig(max_failures=config.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.run.checkpoints_to_keep),
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # our progress lines suffice
+            callbacks=callbacks,
         ),
     )
-    result = trainer.fit()
-    with result.checkpoint.as_directory() as final:
-        return write_bundle_from_checkpoint(Path(final), config, tokenizer, val_data.source, output)
+    return trainer.fit()
 
 
-def write_bundle_from_checkpoint(final: Path, config: TrainConfig, tokenizer, val_source: str,
-                                 output: Path) -> Path:  # fmt: skip
+def write_bundle_from_checkpoint(final: Path, config: TrainConfig, output: Path) -> Path:
     """Fit thresholds on the gathered predictions in the final checkpoint, write the bundle."""
     state = json.loads((final / STATE_FILE).read_text())
+    val_source = state.get("validation_source", config.data.validation)
+    tokenizer = load_tokenizer(config.model.encoder)
     predictions = load_numpy(str(final / PREDICTIONS_FILE))
     split = config.thresholds.split
     thresholds = fit_thresholds(predictions[f"{split}_probs"], predictions[f"{split}_labels"],
@@ -115,6 +128,7 @@ def write_bundle_from_checkpoint(final: Path, config: TrainConfig, tokenizer, va
     report["history"] = state["history"]
     report["resumed_from"] = state.get("resumed_from", [])
     report["shards"] = state.get("shards", [])
+    report["stage_seconds"] = state.get("stage_seconds", {})
     path = bundle.save_bundle(
         output,
         weights=load_file(str(final / WEIGHTS_FILE)),
@@ -125,6 +139,7 @@ def write_bundle_from_checkpoint(final: Path, config: TrainConfig, tokenizer, va
         config=config.to_dict(),
         metrics=report,
     )
+    log.info("validation metrics (%s):\n%s", val_source, format_summary(report))
     log.info("bundle written to %s", path)
     return path
 
@@ -141,6 +156,7 @@ class WorkerState:
     history: list[dict] = field(default_factory=list)
     resumed_from: list[dict] = field(default_factory=list)
     shards: list[dict] = field(default_factory=list)  # what each rank trained on
+    stage_seconds: dict[str, float] = field(default_factory=dict)  # wall time, features included
 
 
 @dataclass
@@ -151,6 +167,7 @@ class Shards:
     device: torch.device
     rank: int
     world: int
+    validation_source: str = ""
 
 
 def train_worker(loop_config: dict) -> None:
@@ -164,6 +181,7 @@ def train_worker(loop_config: dict) -> None:
         train=ray.get(loop_config["train"]).shard(rank, world, equal=True),
         validation=ray.get(loop_config["validation"]).shard(rank, world, equal=False),
         pad_id=loop_config["pad_id"], device=ray.train.torch.get_device(), rank=rank, world=world,
+        validation_source=loop_config.get("validation_source", ""),
     )  # fmt: skip
     model = EmotionClassifier(load_encoder(config.model.encoder, config.seed),
                               nn.Identity(), config.model.pooling).to(shards.device)  # fmt: skip
@@ -194,6 +212,7 @@ def run_stage(stage: StageConfig, model: EmotionClassifier, shards: Shards, conf
               state: WorkerState, checkpoint: Path | None, start_epoch: int):  # fmt: skip
     """Train one stage for ``stage.epochs`` epochs (from ``start_epoch``), reporting each epoch.
     Returns the last validation probabilities (all workers' rows, in validation order)."""
+    stage_start = time.perf_counter()
     frozen = not stage.train_encoder
     model.encoder.requires_grad_(not frozen)
     if not frozen and config.model.freeze_embeddings:
@@ -247,7 +266,15 @@ def run_stage(stage: StageConfig, model: EmotionClassifier, shards: Shards, conf
         elapsed = time.perf_counter() - t0
         val_probs, val_labels = predict_validation(model, shards, val_x if frozen else None)
         metrics = epoch_metrics(stage, epoch, losses, val_probs, val_labels, elapsed, shards, config)
+        if shards.rank == 0:
+            log.info("%s epoch %d/%d done in %.0fs: train_loss %.4f, val_loss %.4f, val macro-F1 "
+                     "%.4f at 0.5, %.4f at fitted thresholds", stage.name, epoch + 1, stage.epochs,
+                     elapsed, metrics["train_loss"], metrics["val_loss"], metrics["val_macro_f1"],
+                     metrics["val_macro_f1_tuned"])  # fmt: skip
         state.stage, state.epoch = stage.name, epoch + 1
+        state.stage_seconds[stage.name] = state.stage_seconds.get(stage.name, 0.0) + (
+            time.perf_counter() - stage_start)
+        stage_start = time.perf_counter()
         state.history.append(metrics)
         save_and_report(metrics, model, optimizer, state, shards)
     if val_probs is None:  # stage already complete at restore: predictions for the next step
@@ -357,7 +384,8 @@ def save_and_report(metrics: dict, model: EmotionClassifier, optimizer, state: W
                 save_optimizer_state(optimizer, d / OPTIMIZER_FILE)
             if predictions is not None:
                 save_numpy(predictions, str(d / PREDICTIONS_FILE))
-            payload = {**state.__dict__, "encoder_config": model.encoder.config.to_dict(),
+            payload = {**state.__dict__, "validation_source": shards.validation_source,
+                       "encoder_config": model.encoder.config.to_dict(),
                        "head": describe_head(model.head, model.pooling)}  # fmt: skip
             (d / STATE_FILE).write_text(json.dumps(payload, default=str))
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
@@ -405,7 +433,8 @@ def restore_state() -> tuple[WorkerState, Path | None]:
     local = Path(tempfile.mkdtemp(prefix="emotions-restore-"))
     checkpoint.to_directory(str(local))
     saved = json.loads((local / STATE_FILE).read_text())
-    state = WorkerState(saved["stage"], saved["epoch"], saved["history"], saved.get("resumed_from", []))
+    state = WorkerState(saved["stage"], saved["epoch"], saved["history"], saved.get("resumed_from", []),
+                        stage_seconds=saved.get("stage_seconds", {}))
     state.resumed_from.append({"stage": state.stage, "epoch": state.epoch})
     log.warning("resuming from checkpoint: %s epoch %d done", state.stage, state.epoch)
     return state, local

@@ -1,0 +1,813 @@
+"""Bulk tagging of Parquet comment dumps with Ray Data: ``tag_corpus``.
+
+    inputs -> footers checked -> read_parquet -> normalize (per block, in the read tasks)
+           -> Tagger actors (bundle loaded once each) -> driver: one output file per input file
+           -> OUTPUT/_staging -> verify rows in == rows out -> commit
+
+Output (one row per input row; flagged rows keep their id and have null predictions)::
+
+    <id column> | emotions list<string> | top_emotion string | top_score float32
+    | p_<label> float32 x 28 (probabilities=True) | ekman list<string> | sentiment list<string>
+    | model_hash string | <keep columns> | error string (null when tagged)
+
+``error`` says why a row was not tagged: "null text", "empty text", "whitespace only",
+"not a string" (the file's text column is not a string type), "[deleted]" or "[removed]"
+(Reddit's placeholders for comments that are gone: tagging them would count "neutral" for text
+nobody wrote). Texts longer than the bundle's ``max_length`` tokens are truncated, not rejected.
+
+Exactly once. Every input file has one output file whose name derives from the input's URI.
+Files are written into ``OUTPUT/_staging/`` (readers skip ``_``-prefixed paths); after a file's
+last row is written its marker goes into ``_staging/_done/``. A re-run with the same settings
+skips files whose marker matches (same rows and bytes of input), rewrites any half-written ones,
+and finishes the rest. The commit checks rows in == rows out for every file, moves the files into
+OUTPUT (a rename locally, copy + delete on object stores), writes ``_manifest.json`` and then
+``_SUCCESS``: an output without ``_SUCCESS`` is never complete. (The manifest's name starts with
+``_`` because pyarrow, pandas and Spark read every other file in a folder as Parquet.) Row order
+within a file is not kept; join on the id column.
+
+Actor sizing. Ray Data's file listing runs as a task that asks for 1 whole CPU, and reads ask
+for ``READ_CPUS`` each. A pool that reserves every CPU leaves them unschedulable and the pipeline
+hangs without a word. So by default there is one actor per ``cpus_per_actor`` CPUs (per
+``gpus_per_actor`` GPUs on GPU), each running ``cpus_per_actor`` torch threads, but together they
+*reserve* at most (cluster CPUs - 1): on 2 CPUs, 2 actors x 1 thread that each reserve 0.5 CPU.
+Reads are light next to the encoder, so running them beside the actors costs little.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import logging
+import os
+import time
+import uuid
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from emotions import environment
+from emotions.bundle import BundleError, load_bundle
+from emotions.labels import EKMAN, EMOTIONS, SENTIMENT
+from emotions.progress import Progress
+
+log = logging.getLogger("emotions.tagging")
+
+FORMAT = "emotions-tagging"
+STAGING = "_staging"  # inside OUTPUT; the leading _ hides it from Parquet/Hive readers
+DONE = "_done"  # per-file markers inside the staging folder
+COMMITTING = "_COMMITTING"  # written once every file is staged; the commit may have begun
+SUCCESS = "_SUCCESS"
+MANIFEST = "_manifest.json"  # _-prefixed: pd.read_parquet(OUTPUT) and Spark skip it
+LISTING_CPUS = 1.0  # Ray Data's file-listing task asks for a whole CPU; it cannot be configured
+READ_CPUS = 0.25  # per read task: decoding a few Parquet columns is light next to the encoder
+ENCODER_BATCH = 64  # rows per encoder forward pass, after sorting a Ray batch by length
+CHARS_PER_TOKEN_CAP = 100  # texts are cut to max_length * this many characters before tokenizing
+ROW_GROUP_ROWS = 65_536  # rows buffered per output file before a row group is written
+FILE_COLUMN = "__file"  # internal: index of the input file a row came from
+TEXT_COLUMN = "__text"  # internal: the text as large_string (null when flagged)
+ERROR_COLUMN = "__error"  # internal: the flag reason, computed when reading
+RESERVED = ("emotions", "top_emotion", "top_score", "ekman", "sentiment", "model_hash", "error",
+            *(f"p_{name}" for name in EMOTIONS), "path")  # fmt: skip
+ON_BAD_FILE = ("fail", "skip")
+_EKMAN_MATRIX = np.array([[name in members for members in EKMAN.values()] for name in EMOTIONS])
+_SENTIMENT_MATRIX = np.array([[name in members for members in SENTIMENT.values()] for name in EMOTIONS])
+
+
+class TaggingError(ValueError):
+    """A tagging job that cannot start or cannot commit; the message names the input and the fix."""
+
+
+@dataclass(frozen=True)
+class TaggingSettings:
+    """What the caller asked for; saved in the output's manifest."""
+
+    model: str
+    output: str
+    text_column: str = "body"
+    id_column: str = "id"
+    keep_columns: tuple[str, ...] = ()
+    probabilities: bool = False  # add the 28 p_<label> columns
+    overwrite: bool = False  # replace a committed output
+    num_actors: int | None = None  # None = one per cpus_per_actor CPUs (per gpus_per_actor GPUs)
+    batch_size: int = 256  # rows per actor call; sorted by length into ENCODER_BATCH passes
+    cpus_per_actor: int = 1  # torch threads per actor
+    gpus_per_actor: float = 0.0
+    int8: bool = False  # dynamic int8 quantization of nn.Linear (CPU only)
+    on_bad_file: str = "fail"  # fail | skip: an unreadable input file stops the job, or is listed
+
+    def output_key(self, model_hash: str) -> str:
+        """Names everything that changes the output's bytes: staged files of another key are stale."""
+        fields = [model_hash, self.text_column, self.id_column, self.keep_columns, self.probabilities,
+                  self.int8]  # fmt: skip
+        return hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class ActorPlan:
+    actors: int
+    cpus_reserved: float  # per actor: what Ray schedules on (see the module docstring)
+    gpus: float  # per actor
+    threads: int  # torch threads per actor
+
+
+@dataclass(frozen=True)
+class InputFile:
+    uri: str  # as reported in the manifest: a local path or scheme://...
+    path: str  # inside the filesystem
+    rows: int
+    bytes: int
+    schema: pa.Schema
+
+    @property
+    def output_name(self) -> str:
+        """Deterministic: the same input always maps to the same output file."""
+        stem = self.path.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+        return f"{stem}-{hashlib.sha1(self.uri.encode()).hexdigest()[:8]}.parquet"
+
+
+@dataclass(frozen=True)
+class TagSummary:
+    rows_in: int
+    rows_out: int
+    rows_flagged: int
+    seconds: float
+    rows_per_s: float  # rows tagged by this run (resumed files excluded) per second of it
+    output: str
+    manifest: str
+    files: int = 0
+    files_resumed: int = 0
+    files_skipped: tuple[str, ...] = ()  # unreadable inputs left out (on_bad_file="skip")
+
+    def line(self) -> str:
+        skipped = f", {len(self.files_skipped)} bad files skipped" if self.files_skipped else ""
+        resumed = f", {self.files_resumed} files resumed" if self.files_resumed else ""
+        return (f"tagged {self.rows_out:,} rows ({self.rows_flagged:,} flagged) from {self.files} "
+                f"files in {self.seconds:.1f}s, {self.rows_per_s:,.0f} rows/s{resumed}{skipped} "
+                f"-> {self.output}")  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def tag_corpus(model: str | Path, inputs: str | Path | list, output: str | Path, *,
+               text_column: str = "body", id_column: str = "id", keep_columns=(),
+               probabilities: bool = False, overwrite: bool = False, num_actors: int | None = None,
+               batch_size: int = 256, cpus_per_actor: int = 1, gpus_per_actor: float = 0,
+               int8: bool = False, on_bad_file: str = "fail") -> TagSummary:  # fmt: skip
+    """Tag every row of the Parquet ``inputs`` (file, folder, glob, or a list; local or a pyarrow
+    URI) with the bundle at ``model``; write the committed output folder ``output``.
+
+    ``model`` is read by every actor: on a multi-node cluster, a URI (s3://...) or a shared
+    folder. Raises TaggingError (or BundleError) before any work for anything a user can fix."""
+    start = time.perf_counter()
+    if isinstance(keep_columns, str):
+        keep_columns = keep_columns.split(",")
+    settings = TaggingSettings(
+        model=environment.expand_storage_path(str(model)), output=str(output),
+        text_column=text_column, id_column=id_column,
+        keep_columns=tuple(dict.fromkeys(c for c in keep_columns if c != id_column)),
+        probabilities=probabilities, overwrite=overwrite, num_actors=num_actors,
+        batch_size=batch_size, cpus_per_actor=cpus_per_actor, gpus_per_actor=float(gpus_per_actor),
+        int8=int8, on_bad_file=on_bad_file,
+    )  # fmt: skip
+    check_settings(settings)
+    target = Folder.from_uri(settings.output)
+    check_output(target, overwrite)
+    input_fs, paths = resolve_inputs(inputs, exclude=target)
+    files, bad = inspect_inputs(input_fs, paths, settings)
+    bundle = load_bundle(settings.model)
+    model_hash, max_length = bundle.hash, bundle.max_length
+    del bundle  # the actors load their own copy; the driver only needed to check it
+    schema, column_types = output_schema(files, settings)
+    inspected = time.perf_counter()
+
+    _connect_ray()
+    record = environment.log_environment(asdict(settings), "tag")
+    plan = plan_actors(settings, *_cluster_size())
+    log.info("%d input files, %d rows; %d actors x %d threads (%.2f CPU, %.2f GPU reserved each)",
+             len(files), sum(f.rows for f in files), plan.actors, plan.threads, plan.cpus_reserved,
+             plan.gpus)  # fmt: skip
+    staging = Staging.open(target, settings.output_key(model_hash))
+    pending = [f for f in files if staging.finished(f) is None]
+    resumed = {f.output_name for f in files} - {f.output_name for f in pending}
+    if len(pending) < len(files):
+        log.info("resuming: %d of %d files were finished by an earlier run", len(files) - len(pending), len(files))
+    write_outputs(input_fs, pending, staging, schema, column_types, settings, plan, model_hash)
+    tagged = time.perf_counter()
+
+    markers = staging.check_finished(files)  # rows in == rows out, file by file, or no commit
+    manifest = build_manifest(files, markers, bad, resumed, settings, plan, staging.run_id, model_hash,
+                              max_length, schema, record, inspect_s=inspected - start,
+                              tag_s=tagged - inspected)  # fmt: skip
+    staging.commit([f.output_name for f in files], manifest)
+    seconds = time.perf_counter() - start
+    summary = TagSummary(rows_in=manifest["rows_in"], rows_out=manifest["rows_out"],
+                         rows_flagged=manifest["rows_flagged"], seconds=seconds,
+                         rows_per_s=sum(f.rows for f in pending) / max(seconds, 1e-9),
+                         output=target.uri, manifest=target.uri_of(MANIFEST), files=len(files),
+                         files_resumed=len(resumed), files_skipped=tuple(uri for uri, _ in bad))  # fmt: skip
+    log.info("%s", summary.line())
+    return summary
+
+
+def build_manifest(files: list[InputFile], markers: list[dict], bad: list[tuple[str, str]],
+                   resumed: set[str], settings: TaggingSettings, plan: ActorPlan, run_id: str,
+                   model_hash: str, max_length: int, schema: pa.Schema, environment_record: dict,
+                   inspect_s: float, tag_s: float) -> dict:  # fmt: skip
+    tagged_rows = sum(f.rows for f in files if f.output_name not in resumed)
+    return {
+        "format": FORMAT, "version": 1, "run_id": run_id,
+        "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "model": {"path": settings.model, "hash": model_hash, "max_length": max_length},
+        "settings": asdict(settings), "actors": asdict(plan),
+        "inputs": [{"path": f.uri, "rows": f.rows, "bytes": f.bytes, "output": f.output_name,
+                    "rows_out": m["rows_out"], "flagged": m["flagged"], "resumed": f.output_name in resumed}
+                   for f, m in zip(files, markers)],
+        "skipped_files": [{"path": uri, "reason": reason} for uri, reason in bad],
+        "rows_in": sum(f.rows for f in files), "rows_out": sum(m["rows_out"] for m in markers),
+        "rows_flagged": sum(m["flagged"] for m in markers),
+        "flag_reasons": _add_counts(m["reasons"] for m in markers),
+        "output_schema": schema.to_string(show_schema_metadata=False).splitlines(),
+        "timings": {"inspect_s": inspect_s, "tag_s": tag_s},
+        "rows_per_s": tagged_rows / max(tag_s, 1e-9),  # this run's rows over its tagging time
+        "environment": environment_record,
+    }  # fmt: skip
+
+
+def check_settings(s: TaggingSettings) -> None:
+    """Every bad argument at once, by name, before any file is opened or any Ray resource used."""
+    errors = []
+    if s.on_bad_file not in ON_BAD_FILE:
+        errors.append(f"on_bad_file={s.on_bad_file!r} is not one of {list(ON_BAD_FILE)}")
+    if s.batch_size < 1:
+        errors.append(f"batch_size={s.batch_size} must be >= 1 (--batch-size)")
+    if s.num_actors is not None and s.num_actors < 1:
+        errors.append(f"num_actors={s.num_actors} must be >= 1 (--actors)")
+    if not isinstance(s.cpus_per_actor, int) or s.cpus_per_actor < 1:
+        errors.append(f"cpus_per_actor={s.cpus_per_actor!r} must be a whole number >= 1 (--cpus-per-actor)")
+    if s.gpus_per_actor < 0:
+        errors.append(f"gpus_per_actor={s.gpus_per_actor} must be >= 0 (--gpus-per-actor)")
+    if s.int8 and s.gpus_per_actor > 0:
+        errors.append("int8 quantization is for CPU inference: drop --int8 or --gpus-per-actor")
+    if not s.text_column or not s.id_column or s.text_column == s.id_column:
+        errors.append(f"text column {s.text_column!r} and id column {s.id_column!r} must be two "
+                      "different, non-empty names (--text-column, --id-column)")  # fmt: skip
+    clash = [c for c in (s.id_column, s.text_column, *s.keep_columns) if c in RESERVED]
+    if clash:
+        errors.append(f"columns {clash} clash with output (or Ray Data) column names; reserved: "
+                      "emotions, top_emotion, top_score, ekman, sentiment, model_hash, error, "
+                      "p_<label>, path")  # fmt: skip
+    if errors:
+        raise TaggingError("; ".join(errors))
+
+
+def plan_actors(s: TaggingSettings, cluster_cpus: float, cluster_gpus: float) -> ActorPlan:
+    """Actor count and reservations that leave room for Ray Data's listing and read tasks."""
+    if s.gpus_per_actor > 0:
+        actors = s.num_actors or max(1, int(cluster_gpus // s.gpus_per_actor))
+        if cluster_gpus < actors * s.gpus_per_actor:
+            log.warning("the pool asks for %.2f GPUs, the cluster has %.2f now: it waits for the "
+                        "autoscaler (or forever)", actors * s.gpus_per_actor, cluster_gpus)  # fmt: skip
+    else:
+        actors = s.num_actors or max(1, int(cluster_cpus // s.cpus_per_actor))
+    spare = max(cluster_cpus - LISTING_CPUS, 0.0)
+    reserved = min(float(s.cpus_per_actor), float(np.floor(100 * spare / actors) / 100))
+    if actors * s.cpus_per_actor > cluster_cpus:
+        log.warning("%d actors x %d threads oversubscribe the cluster's %.0f CPUs", actors,
+                    s.cpus_per_actor, cluster_cpus)  # fmt: skip
+    return ActorPlan(actors=actors, cpus_reserved=reserved, gpus=s.gpus_per_actor, threads=s.cpus_per_actor)
+
+
+# ----------------------------------------------------------------------------- files
+
+
+@dataclass(frozen=True)
+class Folder:
+    """A folder on any pyarrow filesystem; ``uri`` is how it was named, ``root`` its fs path."""
+
+    fs: pafs.FileSystem
+    root: str
+    prefix: str  # "" for local paths, "s3://" etc. for URIs
+
+    @classmethod
+    def from_uri(cls, uri: str) -> Folder:
+        fs, root, prefix = _filesystem(uri)
+        return cls(fs, root.rstrip("/"), prefix)
+
+    @property
+    def uri(self) -> str:
+        return self.prefix + self.root
+
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    def uri_of(self, *parts: str) -> str:
+        return self.prefix + self.path(*parts)
+
+    def exists(self, *parts: str) -> bool:
+        return self.fs.get_file_info(self.path(*parts)).type != pafs.FileType.NotFound
+
+    def read_json(self, *parts: str) -> dict | None:
+        if not self.exists(*parts):
+            return None
+        with self.fs.open_input_stream(self.path(*parts)) as f:
+            return json.loads(f.read())
+
+    def write_json(self, data: dict, *parts: str) -> None:
+        with self.fs.open_output_stream(self.path(*parts)) as f:
+            f.write((json.dumps(data, indent=2, default=str) + "\n").encode())
+
+    def list(self, *parts: str) -> list[pafs.FileInfo]:
+        return self.fs.get_file_info(pafs.FileSelector(self.path(*parts), allow_not_found=True))
+
+
+def _filesystem(uri: str) -> tuple[pafs.FileSystem, str, str]:
+    """(filesystem, path inside it, URI prefix) for a local path or any pyarrow URI."""
+    if "://" not in uri:
+        return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri)), ""
+    scheme = uri.split("://", 1)[0]
+    try:
+        fs, path = pafs.FileSystem.from_uri(uri)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as error:
+        raise TaggingError(f"{uri}: not a path or a filesystem URI pyarrow can open ({error})") from error
+    return fs, path, f"{scheme}://"
+
+
+def check_output(target: Folder, overwrite: bool) -> None:
+    """Refuse a committed output (unless ``overwrite``) and any folder that is not ours."""
+    info = target.fs.get_file_info(target.root)
+    if info.type == pafs.FileType.File:
+        raise TaggingError(f"output {target.uri} is a file; name a folder for the tagged Parquet files")
+    if target.exists(SUCCESS) and not overwrite:
+        raise TaggingError(f"output {target.uri} already holds a committed tagging output (it has "
+                           f"{SUCCESS}); pass --overwrite (overwrite=True) to replace it, or choose "
+                           "another output folder")  # fmt: skip
+    names = {i.base_name for i in target.list()} if info.type == pafs.FileType.Directory else set()
+    if names and not names & {SUCCESS, STAGING}:
+        raise TaggingError(f"output {target.uri} exists, is not empty and was not written by "
+                           f"`emotions tag` (found {sorted(names)[:5]}); choose a new or empty "
+                           "folder, since the commit replaces the folder's files")  # fmt: skip
+
+
+def resolve_inputs(inputs, exclude: Folder | None = None) -> tuple[pafs.FileSystem, list[tuple[str, str]]]:
+    """Parquet files (fs path, URI) named by files, folders (searched recursively; ``_``- and
+    ``.``-prefixed paths skipped, as Spark and Hive do) or globs, on one filesystem."""
+    items = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
+    if not items:
+        raise TaggingError("no inputs given: name Parquet files, folders or globs (--input)")
+    found, fs = {}, None
+    for item in map(str, items):
+        item_fs, path, prefix = _filesystem(item)
+        if fs is not None and not fs.equals(item_fs):
+            raise TaggingError(f"inputs are on different filesystems ({item}); tag each filesystem "
+                               "in its own run")  # fmt: skip
+        fs = item_fs
+        paths = _expand(fs, path, item)
+        if not paths:
+            raise TaggingError(f"input {item} holds no Parquet files (*.parquet); check the path")
+        found.update((p, prefix + p) for p in paths)
+    if exclude is not None and fs.equals(exclude.fs):
+        inside = [uri for p, uri in found.items() if p.startswith(exclude.root + "/")]
+        if inside:
+            raise TaggingError(f"input {inside[0]} is inside the output folder {exclude.uri}; "
+                               "choose an output outside the inputs")  # fmt: skip
+    return fs, sorted(found.items())
+
+
+def _expand(fs: pafs.FileSystem, path: str, item: str) -> list[str]:
+    if any(ch in path for ch in "*?["):
+        parts = path.split("/")
+        first = next(i for i, part in enumerate(parts) if any(ch in part for ch in "*?["))
+        base = "/".join(parts[:first]) or "/"
+        return [p for p in _parquet_files(fs, base) if fnmatch.fnmatchcase(p, path)]
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise TaggingError(f"input {item} does not exist; check the path (--input)")
+    if info.type == pafs.FileType.File:
+        return [path]
+    return _parquet_files(fs, path)
+
+
+def _parquet_files(fs: pafs.FileSystem, base: str) -> list[str]:
+    selector = pafs.FileSelector(base, recursive=True, allow_not_found=True)
+    out = []
+    for info in fs.get_file_info(selector):
+        relative = info.path[len(base.rstrip("/")) + 1 :].split("/")
+        hidden = any(part.startswith(("_", ".")) for part in relative)
+        if info.type == pafs.FileType.File and info.path.lower().endswith(".parquet") and not hidden:
+            out.append(info.path)
+    return out
+
+
+def inspect_inputs(fs: pafs.FileSystem, paths: list[tuple[str, str]],
+                   settings: TaggingSettings) -> tuple[list[InputFile], list[tuple[str, str]]]:  # fmt: skip
+    """Read every file's footer (in parallel threads: this is I/O) before any work is done.
+    A file that cannot be read, or lacks a needed column, stops the job (or is skipped)."""
+    needed = [settings.id_column, settings.text_column, *settings.keep_columns]
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        results = list(pool.map(lambda item: _inspect(fs, *item, needed), paths))
+    files = [r for r in results if isinstance(r, InputFile)]
+    bad = [r for r in results if isinstance(r, tuple)]
+    if bad and settings.on_bad_file == "fail":
+        listing = "; ".join(f"{uri}: {reason}" for uri, reason in bad[:3])
+        more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+        raise TaggingError(f"{len(bad)} input file(s) cannot be tagged, nothing was written: "
+                           f"{listing}{more}. Fix or remove them, or pass --skip-bad-files "
+                           "(on_bad_file='skip') to tag the rest and list them in the manifest")  # fmt: skip
+    for uri, reason in bad:
+        log.warning("skipping %s: %s", uri, reason)
+    if not files:
+        raise TaggingError("every input file was skipped as unreadable; nothing to tag")
+    return files, bad
+
+
+def _inspect(fs: pafs.FileSystem, path: str, uri: str, needed: list[str]) -> InputFile | tuple[str, str]:
+    try:
+        with fs.open_input_file(path) as f:
+            parquet = pq.ParquetFile(f)
+            rows, schema, size = parquet.metadata.num_rows, parquet.schema_arrow, f.size()
+    except Exception as error:  # pyarrow raises several types for a damaged file
+        return uri, f"not a readable Parquet file ({type(error).__name__}: {error})"
+    missing = [c for c in needed if c not in schema.names]
+    if missing:
+        return uri, f"no column(s) {missing}; columns found: {schema.names}"
+    return InputFile(uri=uri, path=path, rows=rows, bytes=size, schema=schema)
+
+
+def output_schema(files: list[InputFile], s: TaggingSettings) -> tuple[pa.Schema, dict[str, pa.DataType]]:
+    """The output schema, and the one type each carried input column is cast to (files may
+    disagree: string vs large_string, int32 vs int64)."""
+    carried = [c for c in (s.id_column, *s.keep_columns) if c != s.text_column]
+    column_types = {}
+    for name in carried:
+        types = {f.uri: _plain(f.schema.field(name).type) for f in files}
+        try:
+            column_types[name] = pa.unify_schemas([pa.schema([(name, t)]) for t in types.values()],
+                                                  promote_options="permissive").field(name).type  # fmt: skip
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as error:
+            examples = {str(t): uri for uri, t in types.items()}
+            raise TaggingError(f"column {name!r} has types that cannot be merged across files "
+                               f"({examples}): {error}. Rewrite the odd files with one type") from error  # fmt: skip
+    labels = pa.list_(pa.string())
+    fields = [pa.field(s.id_column, column_types[s.id_column]), pa.field("emotions", labels),
+              pa.field("top_emotion", pa.string()), pa.field("top_score", pa.float32())]  # fmt: skip
+    if s.probabilities:
+        fields += [pa.field(f"p_{name}", pa.float32()) for name in EMOTIONS]
+    fields += [pa.field("ekman", labels), pa.field("sentiment", labels), pa.field("model_hash", pa.string())]
+    fields += [pa.field(c, pa.large_string() if c == s.text_column else column_types[c]) for c in s.keep_columns]
+    return pa.schema([*fields, pa.field("error", pa.string())]), column_types
+
+
+def _plain(t: pa.DataType) -> pa.DataType:
+    return t.value_type if pa.types.is_dictionary(t) else t
+
+
+# ----------------------------------------------------------------------------- staging and commit
+
+
+@dataclass
+class Staging:
+    """``OUTPUT/_staging``: finished output files and their markers, and the commit."""
+
+    target: Folder
+    key: str
+    run_id: str
+    names_done: set[str] = field(default_factory=set)
+    markers: dict[str, dict] = field(default_factory=dict)  # read once per file
+
+    @classmethod
+    def open(cls, target: Folder, key: str) -> Staging:
+        """Resume the staging folder of an earlier run with the same key, else start a fresh one."""
+        run = target.read_json(STAGING, "run.json")
+        committed = target.read_json(SUCCESS) or {}
+        if run and (run["key"] != key or run["run_id"] == committed.get("run_id")):
+            why = "made with other settings" if run["key"] != key else "left by a committed run"
+            log.warning("discarding %s (%s)", target.uri_of(STAGING), why)
+            target.fs.delete_dir(target.path(STAGING))
+            run = None
+        if run is None:
+            run = {"key": key, "run_id": time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]}
+            target.fs.create_dir(target.path(STAGING, DONE), recursive=True)
+            target.write_json(run, STAGING, "run.json")
+        done = {i.base_name[: -len(".json")] for i in target.list(STAGING, DONE)}
+        return cls(target, key, run["run_id"], done)
+
+    def finished(self, f: InputFile) -> dict | None:
+        """The file's marker if its output is complete and was made from this same input."""
+        if f.output_name not in self.names_done:
+            return None
+        if f.output_name not in self.markers:
+            self.markers[f.output_name] = self.target.read_json(STAGING, DONE, f.output_name + ".json")
+        marker = self.markers[f.output_name]
+        if not marker or (marker["input"], marker["rows_in"], marker["input_bytes"]) != (f.uri, f.rows, f.bytes):
+            return None
+        staged = self.target.exists(STAGING, f.output_name)
+        moved = self.target.exists(STAGING, COMMITTING) and self.target.exists(f.output_name)
+        return marker if staged or moved else None
+
+    def check_finished(self, files: list[InputFile]) -> list[dict]:
+        """Every file's marker; fails loudly unless each file's rows out equal its rows in."""
+        markers = [self.finished(f) for f in files]
+        wrong = [(f.uri, f.rows, m and m["rows_out"]) for f, m in zip(files, markers) if not m or m["rows_out"] != f.rows]
+        if wrong:
+            raise RuntimeError(f"not committing {self.target.uri}: rows in != rows out for {len(wrong)} "
+                               f"file(s) (file, rows in, rows out): {wrong[:5]}. Re-run to finish them.")  # fmt: skip
+        return markers
+
+    def mark_done(self, f: InputFile, flagged: int, reasons: dict[str, int]) -> None:
+        rows_out = pq.read_metadata(self.target.path(STAGING, f.output_name), filesystem=self.target.fs).num_rows
+        marker = {"input": f.uri, "input_bytes": f.bytes, "rows_in": f.rows, "rows_out": rows_out,
+                  "flagged": flagged, "reasons": reasons, "output": f.output_name}  # fmt: skip
+        self.target.write_json(marker, STAGING, DONE, f.output_name + ".json")
+        self.names_done.add(f.output_name)
+        self.markers[f.output_name] = marker
+        log.debug("finished %s: %d rows, %d flagged", f.uri, rows_out, flagged)
+
+    def commit(self, names: list[str], manifest: dict) -> None:
+        """Replace the folder's files with the staged ones; ``_SUCCESS`` last. Safe to repeat."""
+        t, fs = self.target, self.target.fs
+        t.write_json({"run_id": self.run_id}, STAGING, COMMITTING)
+        if t.exists(SUCCESS):  # first, so no reader takes a half-replaced folder for complete
+            fs.delete_file(t.path(SUCCESS))
+        staged = {i.base_name for i in t.list(STAGING)}
+        for info in t.list():  # the previous output's files
+            if info.base_name == STAGING or (info.base_name in names and info.base_name not in staged):
+                continue  # ours, moved by an interrupted commit of this run
+            fs.delete_dir(info.path) if info.type == pafs.FileType.Directory else fs.delete_file(info.path)
+        for name in names:
+            if name in staged:
+                fs.move(t.path(STAGING, name), t.path(name))  # rename locally; copy+delete on S3
+        t.write_json(manifest, MANIFEST)
+        t.write_json({"run_id": self.run_id, "rows": manifest["rows_out"]}, SUCCESS)
+        fs.delete_dir(t.path(STAGING))
+        log.info("committed %s (%d files)", t.uri, len(names))
+
+
+# ----------------------------------------------------------------------------- the pipeline
+
+
+def write_outputs(input_fs: pafs.FileSystem, files: list[InputFile], staging: Staging, schema: pa.Schema,
+                  column_types: dict[str, pa.DataType], s: TaggingSettings, plan: ActorPlan,
+                  model_hash: str) -> None:  # fmt: skip
+    """Tag ``files`` into the staging folder: files of text through the Ray Data pipeline; files
+    without rows, or whose text column holds no text (every row flagged), right here."""
+    writer = StagedWriter(staging, files, schema)
+    paths = [f.path for f in files]
+    direct = [f for f in files if f.rows == 0 or not _is_text(f.schema.field(s.text_column).type)]
+    for f in direct:
+        flag_file(input_fs, f, paths, writer, column_types, s, model_hash)
+    readable = [f for f in files if f.output_name not in {d.output_name for d in direct}]
+    if readable:
+        pipeline = tag_pipeline(input_fs, [f.path for f in readable], paths, schema, column_types, s,
+                                plan, model_hash)  # fmt: skip
+        progress = Progress("tagging", sum(f.rows for f in readable), unit="rows")
+        for block in pipeline.iter_batches(batch_size=None, batch_format="pyarrow"):
+            writer.add(block)
+            progress.step(block.num_rows)
+    writer.check_complete()
+
+
+def tag_pipeline(input_fs: pafs.FileSystem, read: list[str], paths: list[str], schema: pa.Schema,
+                 column_types: dict[str, pa.DataType], s: TaggingSettings, plan: ActorPlan,
+                 model_hash: str):  # fmt: skip
+    """The Ray Data pipeline over the files ``read``: a Dataset of tagged rows plus __file, the
+    row's index in ``paths``."""
+    import ray
+
+    needed = list(dict.fromkeys([s.id_column, s.text_column, *s.keep_columns]))
+    # Pinned, so Ray Data neither reads every footer again nor chokes on columns we do not read
+    # that files disagree on (Reddit's `edited` is a bool in some dumps, a timestamp in others).
+    pinned = pa.schema([(c, pa.large_string() if c == s.text_column else column_types[c]) for c in needed])
+    ds = ray.data.read_parquet(read, filesystem=input_fs, schema=pinned, include_paths=True,
+                               partitioning=None, file_extensions=None, num_cpus=READ_CPUS)  # fmt: skip
+    ds = ds.select_columns([*needed, "path"])
+    ds = ds.map_batches(normalize_block, batch_size=None, batch_format="pyarrow", num_cpus=READ_CPUS,
+                        fn_kwargs={"paths": paths, "text_column": s.text_column,
+                                   "column_types": column_types})  # fmt: skip
+    # Small files arrive as one block and a big file as a few big ones; one block goes to one
+    # actor. Blocks of one Ray batch each let every actor work.
+    ds = ds.repartition(target_num_rows_per_block=s.batch_size)
+    return ds.map_batches(
+        Tagger, batch_size=s.batch_size, batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=plan.actors),
+        num_cpus=plan.cpus_reserved, num_gpus=plan.gpus or None,
+        fn_constructor_kwargs={"model": s.model, "model_hash": model_hash, "threads": plan.threads,
+                               "use_gpu": plan.gpus > 0, "int8": s.int8, "schema": schema,
+                               "text_column": s.text_column},
+    )  # fmt: skip
+
+
+def flag_file(input_fs: pafs.FileSystem, f: InputFile, paths: list[str], writer: StagedWriter,
+              column_types: dict[str, pa.DataType], s: TaggingSettings, model_hash: str) -> None:  # fmt: skip
+    """Output for a file with nothing to tag, streamed by row group: every row flagged."""
+    needed = list(dict.fromkeys([s.id_column, s.text_column, *s.keep_columns]))
+    with input_fs.open_input_file(f.path) as handle:
+        for batch in pq.ParquetFile(handle).iter_batches(columns=needed):
+            block = pa.Table.from_batches([batch])
+            block = block.append_column("path", pa.array([f.path] * block.num_rows, pa.string()))
+            rows = normalize_block(block, paths, s.text_column, column_types)
+            no_probs = np.zeros((rows.num_rows, len(EMOTIONS)), dtype=np.float32)
+            writer.add(label_batch(rows, no_probs, np.ones(len(EMOTIONS)), model_hash, writer.schema, s.text_column))
+    if f.rows == 0:
+        writer.finish(paths.index(f.path))
+
+
+def _is_text(type_: pa.DataType) -> bool:
+    type_ = _plain(type_)
+    return pa.types.is_string(type_) or pa.types.is_large_string(type_)
+
+
+def normalize_block(block: pa.Table, paths: list[str], text_column: str,
+                    column_types: dict[str, pa.DataType]) -> pa.Table:  # fmt: skip
+    """One read block -> the columns the actors expect, with one schema for every file:
+    input file index, text as large_string, the flag reason, carried columns cast to one type."""
+    files = pc.index_in(block.column("path"), value_set=pa.array(paths))
+    assert files.null_count == 0, "a row came from a file that was not asked for"
+    text, error = check_texts(block.column(text_column))
+    columns = {FILE_COLUMN: files, TEXT_COLUMN: text, ERROR_COLUMN: error}
+    for name, type_ in column_types.items():
+        columns[name] = block.column(name).cast(type_)
+    return pa.table(columns)
+
+
+def check_texts(column: pa.ChunkedArray) -> tuple[pa.ChunkedArray, pa.ChunkedArray]:
+    """-> (text as large_string, null if the column is not text; reason, null where taggable)."""
+    column = column.cast(_plain(column.type))
+    if pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type):
+        try:
+            column = column.cast(pa.large_string())  # validates UTF-8
+        except pa.ArrowInvalid:
+            pass
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        reason = pc.if_else(pc.is_null(column), pa.scalar("null text"), pa.scalar("not a string"))
+        return pa.nulls(len(column), pa.large_string()), reason
+    text = column.cast(pa.large_string())
+    stripped = pc.utf8_trim_whitespace(text)
+    conditions = [pc.is_null(text), pc.equal(text, ""), pc.equal(stripped, ""),
+                  pc.equal(stripped, "[deleted]"), pc.equal(stripped, "[removed]")]  # fmt: skip
+    reasons = ["null text", "empty text", "whitespace only", "[deleted]", "[removed]"]
+    return text, pc.case_when(pc.make_struct(*conditions, field_names=reasons), *reasons)
+
+
+class Tagger:
+    """A Ray Data actor: loads the bundle once, then maps a batch of rows to their tags.
+
+    Batch in: __file, __text, __error, carried columns. Batch out: __file + the output schema."""
+
+    def __init__(self, model: str, model_hash: str, threads: int, use_gpu: bool, int8: bool,
+                 schema: pa.Schema, text_column: str):  # fmt: skip
+        import torch
+
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the actor's threads are torch's alone
+        torch.set_num_threads(threads)
+        self.device = "cuda" if use_gpu else "cpu"
+        self.bundle = load_bundle(model, device=self.device)
+        if self.bundle.hash != model_hash:
+            raise BundleError(f"model bundle {model} changed while tagging (hash {self.bundle.hash}, "
+                              f"expected {model_hash}); re-run against an unchanging bundle")  # fmt: skip
+        if int8:
+            self.bundle.model = quantize_int8(self.bundle.model)
+        self.schema, self.text_column = schema, text_column
+        self.char_cap = self.bundle.max_length * CHARS_PER_TOKEN_CAP
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        flagged = batch.column(ERROR_COLUMN).is_valid().to_numpy(zero_copy_only=False)  # [batch] bool
+        texts = [t[: self.char_cap] for t in batch.column(TEXT_COLUMN).filter(pa.array(~flagged)).to_pylist()]
+        probs = np.zeros((batch.num_rows, len(EMOTIONS)), dtype=np.float32)  # [batch, 28]
+        if texts:
+            probs[~flagged] = self.predict(texts)
+        return label_batch(batch, probs, self.bundle.thresholds, self.bundle.hash, self.schema, self.text_column)
+
+    def predict(self, texts: list[str]) -> np.ndarray:
+        """[n] texts -> [n, 28] probabilities; sorted by length into ENCODER_BATCH passes."""
+        import torch
+
+        if self.device == "cuda":
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                return self.bundle.predict_proba(texts, batch_size=ENCODER_BATCH)
+        return self.bundle.predict_proba(texts, batch_size=ENCODER_BATCH)
+
+
+def quantize_int8(model):
+    """Dynamic int8 weights for every nn.Linear (activations quantized on the fly), CPU only."""
+    import torch
+
+    with warnings.catch_warnings():  # torch marks the quantized tensor API for future removal
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+
+
+def label_batch(batch: pa.Table, probs: np.ndarray, thresholds: np.ndarray, model_hash: str,
+                schema: pa.Schema, text_column: str) -> pa.Table:  # fmt: skip
+    """A normalized batch and its [n, 28] probabilities -> __file + the output columns. Rows
+    with a flag reason get null predictions."""
+    flagged = batch.column(ERROR_COLUMN).is_valid().to_numpy(zero_copy_only=False)  # [n] bool
+    chosen = (probs >= thresholds) & ~flagged[:, None]  # [n, 28]
+    top = probs.argmax(axis=1)
+    columns = {
+        "emotions": _label_lists(chosen, EMOTIONS, flagged),
+        "top_emotion": pa.array(EMOTIONS).take(pa.array(top, mask=flagged)),
+        "top_score": pa.array(probs.max(axis=1), pa.float32(), mask=flagged),
+        "ekman": _label_lists(chosen.astype(np.int32) @ _EKMAN_MATRIX > 0, tuple(EKMAN), flagged),
+        "sentiment": _label_lists(chosen.astype(np.int32) @ _SENTIMENT_MATRIX > 0, tuple(SENTIMENT), flagged),
+        "model_hash": pa.array([model_hash] * batch.num_rows, pa.string()),
+        "error": batch.column(ERROR_COLUMN),
+        **{f"p_{name}": pa.array(probs[:, j], pa.float32(), mask=flagged) for j, name in enumerate(EMOTIONS)
+           if f"p_{name}" in schema.names},
+    }  # fmt: skip
+    for name in schema.names:
+        if name not in columns:  # the id and keep columns
+            columns[name] = batch.column(TEXT_COLUMN if name == text_column else name)
+    return pa.table({FILE_COLUMN: batch.column(FILE_COLUMN), **{name: columns[name] for name in schema.names}})
+
+
+def _label_lists(chosen: np.ndarray, names: tuple[str, ...], null: np.ndarray) -> pa.ListArray:
+    """[n, k] bool -> n lists of the chosen names, in ``names`` order; null where ``null``."""
+    offsets = np.zeros(len(chosen) + 1, dtype=np.int32)
+    np.cumsum(chosen.sum(axis=1), out=offsets[1:])
+    values = pa.array(names, pa.string()).take(pa.array(np.nonzero(chosen)[1]))
+    return pa.ListArray.from_arrays(pa.array(offsets), values, mask=pa.array(null))
+
+
+class StagedWriter:
+    """Routes tagged rows to their input file's output file; closes and marks a file done when its
+    last row arrives (the row counts come from the footers read up front)."""
+
+    def __init__(self, staging: Staging, files: list[InputFile], schema: pa.Schema):
+        self.staging, self.files, self.schema = staging, files, schema
+        self.received = np.zeros(len(files), dtype=np.int64)
+        self.buffers: dict[int, list[pa.Table]] = {}
+        self.writers: dict[int, pq.ParquetWriter] = {}
+        self.reasons: dict[int, dict[str, int]] = {}
+
+    def add(self, block: pa.Table) -> None:
+        index = block.column(FILE_COLUMN).to_numpy()
+        for k in np.unique(index):
+            rows = block.filter(pa.array(index == k)).drop_columns([FILE_COLUMN])
+            self.received[k] += rows.num_rows
+            if self.received[k] > self.files[k].rows:
+                raise RuntimeError(f"{self.files[k].uri}: {self.received[k]} rows tagged, but the file "
+                                   f"has {self.files[k].rows}: rows were duplicated")  # fmt: skip
+            self.buffers.setdefault(k, []).append(rows)
+            counts = self.reasons.setdefault(k, {})
+            for item in pc.value_counts(rows.column("error").drop_null()).to_pylist():
+                counts[item["values"]] = counts.get(item["values"], 0) + item["counts"]
+            if self.received[k] == self.files[k].rows or sum(t.num_rows for t in self.buffers[k]) >= ROW_GROUP_ROWS:
+                self._flush(k)
+            if self.received[k] == self.files[k].rows:
+                self.finish(k)
+
+    def _flush(self, k: int) -> None:
+        if k not in self.writers:
+            self.writers[k] = pq.ParquetWriter(self._path(k), self.schema, filesystem=self.staging.target.fs)
+        self.writers[k].write_table(pa.concat_tables(self.buffers.pop(k)).cast(self.schema))
+
+    def finish(self, k: int) -> None:
+        if k in self.writers:
+            self.writers.pop(k).close()
+        else:  # a file without rows still gets its (empty) output file
+            pq.write_table(self.schema.empty_table(), self._path(k), filesystem=self.staging.target.fs)
+        reasons = self.reasons.pop(k, {})
+        self.staging.mark_done(self.files[k], sum(reasons.values()), reasons)
+
+    def _path(self, k: int) -> str:
+        return self.staging.target.path(STAGING, self.files[k].output_name)
+
+    def check_complete(self) -> None:
+        short = [(f.uri, int(n), f.rows) for f, n in zip(self.files, self.received) if n != f.rows]
+        if short:
+            raise RuntimeError(f"the pipeline ended with files not fully tagged (file, rows tagged, "
+                               f"rows in): {short[:5]}; nothing was committed, re-run to finish")  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _connect_ray() -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(log_to_driver=True)
+
+
+def _cluster_size() -> tuple[float, float]:
+    import ray
+
+    resources = ray.cluster_resources()
+    return float(resources.get("CPU", 0)), float(resources.get("GPU", 0))
+
+
+def _add_counts(dicts) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for d in dicts:
+        for key, n in d.items():
+            total[key] = total.get(key, 0) + n
+    return dict(sorted(total.items()))

@@ -1,0 +1,232 @@
+"""Ray Tune sweeps over the two-stage fine-tune.
+
+Tune wraps a driver function (``run_trial``): each trial builds its TrainConfig from the base config
+plus the sampled values and runs the normal Ray Train fit, whose per-epoch reports reach Tune through
+``TuneReportCallback``. ASHA stops bad trials early on the per-epoch validation macro-F1. At the end:
+a results table (CSV + Markdown), a plot, the best config, and the best trial's bundle.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import tune
+
+from emotions import environment
+from emotions.config import ConfigError, TrainConfig, from_dict, merge, parse_overrides
+
+log = logging.getLogger("emotions.tuning")
+
+# Sampled keys -> how to sample them. Values: {"loguniform": [lo, hi]}, {"uniform": [lo, hi]},
+# {"choice": [...]}, or a plain value (fixed).
+DEFAULT_SEARCH: dict[str, Any] = {
+    "stage1.learning_rate": {"loguniform": [3e-5, 3e-4]},
+    "stage2.dropout": {"choice": [0.0, 0.1, 0.2]},
+    "stage2.head_depth": {"choice": [1, 2]},
+}
+
+
+@dataclass(frozen=True)
+class TuneSettings:
+    num_samples: int = 8
+    metric: str = "val_macro_f1_tuned"  # per-epoch validation macro-F1 at fitted thresholds
+    grace_period: int = 1  # reports (epochs) before ASHA may stop a trial
+    reduction_factor: int = 2
+    max_concurrent_trials: int | None = None  # None = as many as the cluster's CPUs/GPUs fit
+    seed: int = 0
+    search: dict = field(default_factory=lambda: dict(DEFAULT_SEARCH))
+
+
+TUNE_PRESETS = Path(__file__).parent / "presets" / "tune"
+
+
+def tune_preset_names() -> list[str]:
+    return sorted(p.stem for p in TUNE_PRESETS.glob("*.yaml"))
+
+
+def build_sweep_config(preset: str, file: str | Path | None = None, overrides: list[str] = ()) -> dict:
+    """Tune preset (its ``base`` training preset + training sections + ``tune``), then a file,
+    then KEY=VALUE overrides (``tune.num_samples=4`` or ``stage1.epochs=1``)."""
+    import yaml
+
+    from emotions.config import load_file, load_preset
+
+    path = TUNE_PRESETS / f"{preset}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"unknown tune preset {preset!r}; choose one of {tune_preset_names()}")
+    sweep = yaml.safe_load(path.read_text()) or {}
+    raw = merge(load_preset(sweep.pop("base", "default")), sweep)
+    if file:
+        raw = merge(raw, load_file(file))
+    return merge(raw, parse_overrides(list(overrides)))
+
+
+def split_tune_settings(raw: dict) -> tuple[dict, TuneSettings]:
+    """A merged config dict -> (training part, TuneSettings) with unknown tune keys refused."""
+    raw = dict(raw)
+    tune_raw = raw.pop("tune", {}) or {}
+    known = TuneSettings.__dataclass_fields__
+    unknown = sorted(set(tune_raw) - set(known))
+    if unknown:
+        raise ConfigError(f"tune: unknown keys {unknown}; known keys: {sorted(known)}")
+    settings = TuneSettings(**tune_raw)
+    for key, spec in settings.search.items():
+        to_space(key, spec)  # validate the search space before any trial runs
+    return raw, settings
+
+
+def to_space(key: str, spec: Any):
+    if not isinstance(spec, dict):
+        return spec
+    if len(spec) != 1:
+        raise ConfigError(f"tune.search.{key}: give exactly one of loguniform/uniform/choice, got {spec}")
+    (kind, values), = spec.items()
+    if kind == "loguniform":
+        return tune.loguniform(float(values[0]), float(values[1]))
+    if kind == "uniform":
+        return tune.uniform(float(values[0]), float(values[1]))
+    if kind == "choice":
+        return tune.choice(list(values))
+    raise ConfigError(f"tune.search.{key}: unknown kind {kind!r}; use loguniform, uniform or choice")
+
+
+def trial_config(base: dict, params: dict) -> TrainConfig:
+    """The base config dict with a trial's sampled ``section.key`` values applied."""
+    overrides = parse_overrides([f"{k}={json.dumps(v)}" for k, v in params.items()])
+    return from_dict(merge(base, overrides))
+
+
+def run_trial(params: dict, base: dict) -> None:
+    """Tune's driver function: one Ray Train run with this trial's values."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from emotions.training import fit
+
+    config = trial_config(base, params)
+    trial = tune.get_context().get_trial_id()
+    fit(config, name=f"train-{trial}", callbacks=[TuneReportCallback()])
+
+
+def concurrency(config: TrainConfig, settings: TuneSettings) -> int:
+    if settings.max_concurrent_trials:
+        return settings.max_concurrent_trials
+    resources = ray.cluster_resources()
+    s = config.scaling
+    if s.use_gpu:
+        return max(1, int(resources.get("GPU", 0) // s.num_workers))
+    return max(1, int(resources.get("CPU", 1) // (s.num_workers * s.cpus_per_worker)))
+
+
+def run_sweep(raw_config: dict, output: str | Path, resume: bool = True) -> dict:
+    """Run (or resume) a sweep; write results.csv/.md, the plot, best_config.json, best bundle."""
+    from emotions.training import write_bundle_from_checkpoint
+
+    output = Path(output).absolute()
+    base_raw, settings = split_tune_settings(raw_config)
+    base = from_dict(base_raw)  # validates the fixed part now
+    environment.log_environment({**base.to_dict(), "tune": settings.__dict__}, "tune")
+    space = {key: to_space(key, spec) for key, spec in settings.search.items()}
+    for key in space:
+        trial_config(base.to_dict(), {key: _example(settings.search[key])})  # every key must exist
+    storage = str(output / "sweep")
+    # The driver function only waits on Ray Train, so it reserves no CPU of its own.
+    trainable = tune.with_resources(tune.with_parameters(run_trial, base=base.to_dict()), {"CPU": 0})
+    if resume and tune.Tuner.can_restore(f"{storage}/sweep"):
+        log.info("resuming the sweep in %s/sweep (finished trials are kept)", storage)
+        tuner = tune.Tuner.restore(f"{storage}/sweep", trainable=trainable, resume_errored=True)
+    else:
+        scheduler = tune.schedulers.ASHAScheduler(
+            max_t=sum(s.epochs for s in base.stages) + 1, grace_period=settings.grace_period,
+            reduction_factor=settings.reduction_factor)  # fmt: skip
+        tuner = tune.Tuner(
+            trainable, param_space=space,
+            tune_config=tune.TuneConfig(metric=settings.metric, mode="max", scheduler=scheduler,
+                                        num_samples=settings.num_samples,
+                                        max_concurrent_trials=concurrency(base, settings)),
+            run_config=tune.RunConfig(name="sweep", storage_path=storage),
+        )  # fmt: skip
+    results = tuner.fit()
+    return write_results(results, settings, base, output, write_bundle_from_checkpoint)
+
+
+def _example(spec: Any) -> Any:
+    if isinstance(spec, dict):
+        (kind, values), = spec.items()
+        return values[0]
+    return spec
+
+
+def write_results(results, settings: TuneSettings, base: TrainConfig, output: Path, write_bundle) -> dict:
+    keys = list(settings.search)
+    rows = []
+    for result in results:
+        if result.metrics is None:
+            continue
+        history = result.metrics_dataframe
+        best_f1 = float(history[settings.metric].max()) if history is not None and settings.metric in history else math.nan
+        rows.append({
+            "trial": result.path.rsplit("/", 1)[-1],
+            **{k: result.config.get(k) for k in keys},
+            "epochs_run": int(len(history)) if history is not None else 0,
+            "final_" + settings.metric: result.metrics.get(settings.metric),
+            "best_" + settings.metric: best_f1,
+            "val_macro_f1_at_0.5": result.metrics.get("val_macro_f1"),
+            "stopped_early": not result.metrics.get("final", False),
+            "error": repr(result.error) if result.error else "",
+        })  # fmt: skip
+    rows.sort(key=lambda r: -(r["final_" + settings.metric] or 0) if not r["stopped_early"] else 1)
+    output.mkdir(parents=True, exist_ok=True)
+    import pandas as pd
+
+    table = pd.DataFrame(rows)
+    table.to_csv(output / "results.csv", index=False)
+    (output / "results.md").write_text(table.to_markdown(index=False, floatfmt=".4g") + "\n")
+    plot_sweep(table, keys, settings.metric, output / "sweep.png")
+    finished = [r for r in results if r.metrics and r.metrics.get("final") and not r.error]
+    if not finished:
+        raise RuntimeError(f"no trial finished; see {output / 'results.md'}")
+    best = max(finished, key=lambda r: r.metrics[settings.metric])
+    best_params = {k: best.config.get(k) for k in keys}
+    (output / "best_config.json").write_text(json.dumps({
+        "params": best_params, settings.metric: best.metrics[settings.metric],
+        "config": trial_config(base.to_dict(), best_params).to_dict()}, indent=2) + "\n")  # fmt: skip
+    config = trial_config(base.to_dict(), best_params)
+    checkpoint = ray.train.Checkpoint(best.metrics["checkpoint_path"])
+    with checkpoint.as_directory() as final:
+        bundle = write_bundle(Path(final), config, output / "best_bundle")
+    log.info("best trial %s: %s = %.4f; bundle %s", best.path, settings.metric,
+             best.metrics[settings.metric], bundle)  # fmt: skip
+    return {"best_params": best_params, "best_metric": best.metrics[settings.metric],
+            "bundle": str(bundle), "trials": len(rows)}  # fmt: skip
+
+
+def plot_sweep(table, keys: list[str], metric: str, path: Path) -> None:
+    """Validation macro-F1 against stage-1 learning rate, one colour per stage-2 head depth."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    x_key = next((k for k in keys if k.endswith("learning_rate")), keys[0])
+    group_key = next((k for k in keys if k.endswith("head_depth")), None)
+    y = "best_" + metric
+    groups = table.groupby(group_key) if group_key else [("all", table)]
+    for value, part in groups:
+        ax.scatter(part[x_key], part[y], label=f"{group_key}={value}" if group_key else None, s=40)
+    if x_key.endswith("learning_rate"):
+        ax.set_xscale("log")
+    ax.set_xlabel(x_key)
+    ax.set_ylabel(f"validation {metric}")
+    ax.set_title("Sweep: best per-epoch validation macro-F1 of each trial")
+    if group_key:
+        ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)

@@ -1,0 +1,35 @@
+"""The seed study's table as configurations."""
+
+from __future__ import annotations
+
+import json
+
+from emotions.ablation import ROWS, row_config, run_ablation
+from emotions.config import build_config
+
+
+def test_rows_are_the_seed_table():
+    base = build_config("quickstart").to_dict()
+    configs = {row.name: row_config(base, row, "laptop") for row in ROWS}
+    assert len(ROWS) == 9
+    one = configs["DenseLayer(1) + dynamic lr"]
+    assert one.stage2.epochs == 0 and one.stage1.schedule == "linear"
+    fixed = configs["DenseLayer(1) + fixed lr 5e-5"]
+    assert fixed.stage1.schedule == "constant" and fixed.stage1.learning_rate == 5e-5
+    assert configs["+ two-stage"].stage2.epochs > 0
+    assert configs["+ expanded dataset"].data.concat_fraction > 0
+    assert configs["DenseLayer(2), dropout 0.2"].stage2.head_depth == 2
+    assert configs["DenseLayer(2), dropout 0.2"].stage2.dropout == 0.2
+    assert all(c.data.max_train_examples == 3000 for c in configs.values())  # laptop budget
+
+
+def test_ablation_runs_rows_and_writes_the_table(local_ray, runs_dir, tmp_path):
+    results = run_ablation("smoke", tmp_path, "laptop", [f"run.storage_path={runs_dir}/ablate",
+                           "data.max_length=32"], rows=[4, 5])  # fmt: skip
+    assert [r["row"] for r in results] == ["+ dropout 0.1", "+ threshold optimisation"]
+    # Rows 4 and 5 share one training run; thresholds (fitted on train) change the numbers.
+    assert len(list((tmp_path / "bundles").iterdir())) == 1
+    assert results[1]["macro_f1"] != results[0]["macro_f1"]
+    table = (tmp_path / "ablation.md").read_text()
+    assert "| + threshold optimisation |" in table and "0.380" in table
+    assert json.loads((tmp_path / "ablation.json").read_text()) == results

@@ -1,0 +1,291 @@
+"""Bulk tagging on a real local Ray: real Parquet dumps in tmp_path, the smoke-trained bundle."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset
+import pyarrow.parquet as pq
+import pytest
+
+from emotions.bundle import load_bundle
+from emotions.corpus import make_corpus
+from emotions.labels import EKMAN, EMOTIONS, SENTIMENT, roll_up
+from emotions.tagging import (MANIFEST, STAGING, SUCCESS, Folder, TaggingError, TaggingSettings,
+                              check_texts, plan_actors, resolve_inputs, tag_corpus)  # fmt: skip
+
+LONG = "I can't believe how happy this makes me. " * 150  # ~6,000 characters, far over max_length
+HANDMADE = {  # id -> (body, expected error)
+    "h-null": (None, "null text"), "h-empty": ("", "empty text"),
+    "h-space": (" \n\t ", "whitespace only"), "h-del": ("[deleted]", "[deleted]"),
+    "h-rem": (" [removed] ", "[removed]"), "h-long": (LONG, None),
+    "h-url": ("https://www.reddit.com/r/aww/comments/abc123/", None), "h-emoji": ("😂😂🔥", None),
+    "h-ok": ("Thank you so much, this is wonderful!", None),
+}  # fmt: skip
+
+
+def read_output(path) -> pa.Table:
+    return pyarrow.dataset.dataset(str(path), format="parquet").to_table()
+
+
+def read_inputs(folder) -> pa.Table:
+    """Every input row's id, body (as large_string) and subreddit, from files of mixed schemas."""
+    tables = []
+    for file in sorted(Path(folder).glob("*.parquet")):
+        t = pq.read_table(file)
+        body = t.column("body") if pa.types.is_string(t.schema.field("body").type) or \
+            pa.types.is_large_string(t.schema.field("body").type) else pa.nulls(t.num_rows)  # fmt: skip
+        tables.append(pa.table({"id": t.column("id"), "body": body.cast(pa.large_string()),
+                                "subreddit": t.column("subreddit").cast(pa.string())}))  # fmt: skip
+    return pa.concat_tables(tables)
+
+
+def write_handmade(folder: Path) -> None:
+    """A hand-written file with one row of each junk kind, and one whose body is not text."""
+    ids = list(HANDMADE)
+    pq.write_table(pa.table({"id": ids, "body": pa.array([HANDMADE[i][0] for i in ids], pa.large_string()),
+                             "subreddit": ["test"] * len(ids)}), folder / "handmade.parquet")  # fmt: skip
+    pq.write_table(pa.table({"id": ["n-1", "n-2"], "body": pa.array([7, None], pa.int64()),
+                             "subreddit": ["test", "test"]}), folder / "numbers.parquet")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """4 generated files (string and large_string bodies, one extra column, 20% junk) + 2 handmade."""
+    folder = tmp_path_factory.mktemp("dump")
+    make_corpus(folder, rows=800, files=4, seed=3, junk_fraction=0.2)
+    write_handmade(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tagged(smoke_bundle, corpus, tmp_path_factory):
+    """The corpus tagged once with the default actor pool, probabilities and two kept columns."""
+    out = tmp_path_factory.mktemp("tagged") / "out"
+    summary = tag_corpus(smoke_bundle, corpus, out, probabilities=True, keep_columns=["subreddit", "body"])
+    return summary, out
+
+
+def test_every_row_is_tagged_exactly_once_across_mixed_schemas(corpus, tagged):
+    summary, out = tagged
+    schemas = {str(pq.read_schema(f).field("body").type) for f in corpus.glob("comments-*.parquet")}
+    assert schemas == {"string", "large_string"}  # the corpus really mixes them
+    assert "controversiality" in pq.read_schema(corpus / "comments-00002.parquet").names
+    inputs = read_inputs(corpus)
+    table = read_output(out)
+    assert summary.rows_in == summary.rows_out == inputs.num_rows == table.num_rows == 811
+    assert sorted(table.column("id").to_pylist()) == sorted(inputs.column("id").to_pylist())
+    assert len(set(table.column("id").to_pylist())) == table.num_rows
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert (out / SUCCESS).exists() and not (out / STAGING).exists()
+    assert manifest["rows_in"] == manifest["rows_out"] == 811
+    assert sorted(p.name for p in out.glob("*.parquet")) == sorted(i["output"] for i in manifest["inputs"])
+    assert all(pq.read_metadata(out / i["output"]).num_rows == i["rows"] for i in manifest["inputs"])
+    assert manifest["model"]["hash"] == load_bundle(manifest["model"]["path"]).hash
+    assert manifest["actors"] == {"actors": 2, "cpus_reserved": 0.5, "gpus": 0.0, "threads": 1}
+
+
+def test_junk_rows_are_flagged_with_their_reason_and_never_dropped(corpus, tagged):
+    summary, out = tagged
+    rows = {r["id"]: r for r in read_output(out).to_pylist()}
+    for row_id, (_, reason) in HANDMADE.items():
+        assert rows[row_id]["error"] == reason, row_id
+    assert rows["n-1"]["error"] == "not a string" and rows["n-2"]["error"] == "null text"
+    for row in rows.values():
+        if row["error"]:
+            assert row["emotions"] is None and row["top_emotion"] is None and row["p_joy"] is None
+        else:
+            assert row["top_emotion"] in EMOTIONS and 0 < row["top_score"] < 1
+    # Generated junk: the reason follows from the input text alone.
+    for row_id, body in zip(*read_inputs(corpus).select(["id", "body"]).to_pydict().values()):
+        if body is None:
+            assert rows[row_id]["error"] in ("null text", "not a string")
+        elif body.strip() in ("", "[deleted]", "[removed]"):
+            assert rows[row_id]["error"] is not None
+        else:
+            assert rows[row_id]["error"] is None
+    flagged = sum(r["error"] is not None for r in rows.values())
+    assert summary.rows_flagged == flagged and flagged > 100  # 20% junk, most of it flagged
+
+
+def test_output_columns_types_and_consistency(smoke_bundle, corpus, tagged):
+    _, out = tagged
+    table = read_output(out)
+    probs = [f"p_{name}" for name in EMOTIONS]
+    assert table.column_names == ["id", "emotions", "top_emotion", "top_score", *probs, "ekman",
+                                  "sentiment", "model_hash", "subreddit", "body", "error"]  # fmt: skip
+    types = dict(zip(table.column_names, table.schema.types))
+    assert types["emotions"] == types["ekman"] == types["sentiment"] == pa.list_(pa.string())
+    assert types["top_score"] == types["p_joy"] == pa.float32() and types["top_emotion"] == pa.string()
+    bundle = load_bundle(smoke_bundle)
+    inputs = {r["id"]: r for r in read_inputs(corpus).to_pylist()}
+    for row in table.to_pylist():
+        assert row["model_hash"] == bundle.hash
+        assert row["subreddit"] == inputs[row["id"]]["subreddit"] and row["body"] == inputs[row["id"]]["body"]
+        if row["error"]:
+            continue
+        p = np.array([row[c] for c in probs])
+        assert row["emotions"] == [name for name, v, t in zip(EMOTIONS, p, bundle.thresholds) if v >= t]
+        assert row["top_emotion"] == EMOTIONS[int(p.argmax())] and row["top_score"] == p.max()
+        assert row["ekman"] == roll_up(row["emotions"], EKMAN)
+        assert row["sentiment"] == roll_up(row["emotions"], SENTIMENT)
+
+
+def test_probabilities_match_the_bundle_and_long_texts_are_truncated(smoke_bundle, tagged):
+    _, out = tagged
+    rows = {r["id"]: r for r in read_output(out).to_pylist()}
+    bundle = load_bundle(smoke_bundle)
+    ids = ["h-long", "h-url", "h-emoji", "h-ok"]
+    expected = bundle.predict_proba([HANDMADE[i][0] for i in ids])  # the tokenizer truncates
+    got = np.array([[rows[i][f"p_{name}"] for name in EMOTIONS] for i in ids])
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_committed_output_is_refused_then_replaced_with_overwrite(smoke_bundle, corpus, tagged, tmp_path):
+    _, out = tagged
+    before = (out / MANIFEST).read_text()
+    with pytest.raises(TaggingError, match="--overwrite"):
+        tag_corpus(smoke_bundle, corpus, out)
+    assert (out / MANIFEST).read_text() == before  # untouched
+    target = tmp_path / "out"
+    first = tag_corpus(smoke_bundle, [corpus / "handmade.parquet", corpus / "numbers.parquet"], target,
+                       num_actors=1)  # fmt: skip
+    assert first.rows_out == len(HANDMADE) + 2 and len(list(target.glob("*.parquet"))) == 2
+    summary = tag_corpus(smoke_bundle, corpus / "handmade.parquet", target, overwrite=True, num_actors=1,
+                         keep_columns=["body"])  # fmt: skip
+    table = read_output(target)  # only the new run's file: the old output is gone, not mixed in
+    assert summary.rows_out == table.num_rows == len(HANDMADE)
+    assert "body" in table.column_names and len(list(target.glob("*.parquet"))) == 1
+    assert json.loads((target / MANIFEST).read_text())["settings"]["keep_columns"] == ["body"]
+
+
+def test_unreadable_file_stops_the_job_before_anything_is_written(smoke_bundle, corpus, tmp_path):
+    dump = tmp_path / "dump"
+    dump.mkdir()
+    good = (corpus / "handmade.parquet").read_bytes()
+    (dump / "good.parquet").write_bytes(good)
+    (dump / "truncated.parquet").write_bytes(good[: len(good) // 2])  # a copy cut short
+    pq.write_table(pa.table({"id": ["a"], "text": ["no body column"]}), dump / "other.parquet")
+    out = tmp_path / "out"
+    with pytest.raises(TaggingError) as error:
+        tag_corpus(smoke_bundle, dump, out)
+    message = str(error.value)
+    assert "truncated.parquet: not a readable Parquet file" in message
+    assert "other.parquet: no column(s) ['body']" in message and "--skip-bad-files" in message
+    assert not out.exists()  # nothing committed, nothing staged
+
+    summary = tag_corpus(smoke_bundle, dump, out, on_bad_file="skip", num_actors=1)
+    manifest = json.loads((out / MANIFEST).read_text())
+    skipped = {Path(s["path"]).name: s["reason"] for s in manifest["skipped_files"]}
+    assert set(skipped) == {"truncated.parquet", "other.parquet"}
+    assert summary.rows_out == len(HANDMADE) and [Path(i["path"]).name for i in manifest["inputs"]] == ["good.parquet"]
+
+
+def test_killed_run_resumes_and_commits_every_row_exactly_once(smoke_bundle, local_ray, tmp_path):
+    dump, out = tmp_path / "dump", tmp_path / "out"
+    make_corpus(dump, rows=4000, files=10, seed=5)
+    command = [sys.executable, "-m", "emotions.cli", "tag", "--model", str(smoke_bundle), "--input", str(dump),
+               "--output", str(out), "--actors", "1", "--batch-size", "16",
+               "--ray-address", local_ray.get_runtime_context().gcs_address]  # fmt: skip
+    log = tmp_path / "driver.log"  # a file, not a pipe: a full pipe would stall the driver
+    driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log.open("w"))
+    done = out / STAGING / "_done"
+    deadline = time.monotonic() + 120
+    while not list(done.glob("*.json")) and driver.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    driver.send_signal(signal.SIGKILL)  # the driver dies mid-run: no cleanup, no commit
+    driver.wait()
+    assert driver.returncode == -signal.SIGKILL, log.read_text()[-2000:]
+    finished = {p.name[: -len(".json")] for p in done.glob("*.json")}
+    assert 1 <= len(finished) < 10 and not (out / SUCCESS).exists()
+    stamps = {name: (out / STAGING / name).stat().st_mtime_ns for name in finished}
+
+    summary = tag_corpus(smoke_bundle, dump, out, num_actors=1)
+    table = read_output(out)
+    ids = table.column("id").to_pylist()
+    assert summary.rows_out == len(ids) == len(set(ids)) == 4000
+    assert sorted(ids) == sorted(read_inputs(dump).column("id").to_pylist())
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert {i["output"] for i in manifest["inputs"] if i["resumed"]} == finished == set(stamps)
+    assert summary.files_resumed == len(finished)
+    for name, stamp in stamps.items():  # finished files were kept, not tagged again
+        assert (out / name).stat().st_mtime_ns == stamp
+
+
+def test_staged_files_of_other_settings_are_not_reused(smoke_bundle, corpus, tmp_path):
+    out = tmp_path / "out"
+    (out / STAGING / "_done").mkdir(parents=True)
+    (out / STAGING / "run.json").write_text(json.dumps({"key": "made-by-another-model", "run_id": "x"}))
+    (out / STAGING / "_done" / "stale.parquet.json").write_text("{}")
+    summary = tag_corpus(smoke_bundle, corpus / "handmade.parquet", out, num_actors=1)
+    assert summary.files_resumed == 0 and summary.rows_out == len(HANDMADE)
+
+
+def test_plan_leaves_a_cpu_for_reads_on_two_cpus():
+    settings = TaggingSettings(model="m", output="o")
+    plan = plan_actors(settings, cluster_cpus=2, cluster_gpus=0)
+    assert (plan.actors, plan.threads) == (2, 1) and plan.actors * plan.cpus_reserved <= 2 - 1
+    crowded = plan_actors(TaggingSettings(model="m", output="o", num_actors=4), 2, 0)
+    assert crowded.actors == 4 and crowded.actors * crowded.cpus_reserved <= 1
+    big = plan_actors(TaggingSettings(model="m", output="o", cpus_per_actor=4), 64, 0)
+    assert (big.actors, big.cpus_reserved, big.threads) == (16, 3.93, 4)
+    gpu = plan_actors(TaggingSettings(model="m", output="o", gpus_per_actor=1), 32, 4)
+    assert (gpu.actors, gpu.gpus, gpu.cpus_reserved) == (4, 1.0, 1.0)
+
+
+def test_text_checks_name_each_kind_of_junk():
+    texts = pa.chunked_array([pa.array([None, "", "  ", "[deleted]", "[removed]", "ok", "\u00a0"], pa.string())])
+    text, reason = check_texts(texts)
+    assert text.type == pa.large_string()
+    assert reason.to_pylist() == ["null text", "empty text", "whitespace only", "[deleted]", "[removed]",
+                                  None, "whitespace only"]  # fmt: skip
+    _, reason = check_texts(pa.chunked_array([pa.array([1.5, None])]))
+    assert reason.to_pylist() == ["not a string", "null text"]
+
+
+def test_inputs_resolve_from_folders_globs_and_lists(tmp_path):
+    for name in ("a/one.parquet", "a/b/two.parquet", "a/_staging/hidden.parquet", "a/.tmp.parquet"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.table({"id": ["x"]}), tmp_path / name)
+    (tmp_path / "a" / "notes.txt").write_text("not Parquet")
+    folder = tmp_path / "a"
+    assert [Path(p).name for p, _ in resolve_inputs(folder)[1]] == ["two.parquet", "one.parquet"]
+    assert [Path(p).name for p, _ in resolve_inputs(f"{folder}/*/*.parquet")[1]] == ["two.parquet"]
+    both = resolve_inputs([folder / "one.parquet", f"file://{folder}/b/two.parquet"])[1]
+    assert [uri for _, uri in both] == [f"file://{folder}/b/two.parquet", str(folder / "one.parquet")]
+    with pytest.raises(TaggingError, match="does not exist"):
+        resolve_inputs(tmp_path / "missing")
+    with pytest.raises(TaggingError, match="inside the output folder"):
+        resolve_inputs(folder, exclude=Folder.from_uri(str(folder / "b")))
+
+
+def test_cli_refuses_a_missing_input_before_ray_starts(smoke_bundle, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "emotions.cli", "tag", "--model", str(smoke_bundle),
+                             "--input", str(tmp_path / "nope"), "--output", str(tmp_path / "out")],
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("emotions tag: error: input ")
+    assert "nope does not exist" in result.stderr and "Started a local Ray" not in result.stderr
+
+
+def test_nightly_job_fills_the_date_placeholders():
+    spec = importlib.util.spec_from_file_location("tag_nightly", Path(__file__).parents[1] / "jobs" / "tag_nightly.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    argv = ["--model", "m", "--input", "s3://b/dumps/dt={date}/", "--output", "s3://b/tagged/dt={date}/",
+            "--date", "2026-11-25", "--actors", "2"]  # fmt: skip
+    assert job.fill_date(argv, "2026-11-25") == ["--model", "m", "--input", "s3://b/dumps/dt=2026-11-25/",
+                                                 "--output", "s3://b/tagged/dt=2026-11-25/", "--actors", "2"]  # fmt: skip
+    args = job.build_parser().parse_args(argv)
+    assert args.date == "2026-11-25" and args.actors == 2
+    assert len(job.yesterday_utc()) == 10
+    with pytest.raises(SystemExit):
+        job.build_parser().parse_args([*argv[:6], "--date", "25/11/2026"])
