@@ -30,11 +30,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 def run_train(args: argparse.Namespace) -> int:
     from emotions.bundle import is_uri
     from emotions.metrics import format_summary
-    from emotions.training import train
+    from emotions.training import load_training_data, train
 
-    config = build_config(args.preset, args.config, args.overrides)  # validated before Ray starts
+    config = build_config(args.preset, args.config, args.overrides)
+    data = load_training_data(config)  # config and data are checked before Ray starts
     connect_ray(args.ray_address)
-    path = train(config, args.output)
+    path = train(config, args.output, data=data)
     if not is_uri(path):
         print(format_summary(json.loads((Path(path) / "metrics.json").read_text())))
     print(f"bundle: {path}")
@@ -144,14 +145,16 @@ def tag_sample(bundle: Path, out: Path) -> None:
     shown = [r for r in rows if r["error"] is None][:4] + [r for r in rows if r["error"]][:2]
     print(f"\nsample corpus tagged ({summary.line()}):")
     for r in shown:
-        body = repr((r["body"] or "")[:50])
+        body = "null" if r["body"] is None else repr(r["body"][:50])
         print(f"  {r['id']}  {body:54}  {str(r['emotions']):28} top={r['top_emotion']}  error={r['error']}")
 
 
 def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
-    from emotions.tuning import tune_preset_names
+    from importlib import resources
 
-    parser.add_argument("--preset", default="minilm", help=f"tune preset, one of {tune_preset_names()}")
+    names = sorted(p.name[:-5] for p in (resources.files("emotions") / "presets" / "tune").iterdir()
+                   if p.name.endswith(".yaml"))  # fmt: skip
+    parser.add_argument("--preset", default="minilm", help=f"tune preset, one of {names}")
     parser.add_argument("--config", help="YAML or JSON file merged over the preset (may hold a tune: section)")
     parser.add_argument("--output", required=True, help="folder for results, plot and the best bundle")
     parser.add_argument("--ray-address", default=None)
@@ -220,12 +223,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)  # before the heavy imports: --help stays fast
+
     from emotions.bundle import BundleError
     from emotions.data import DataError
     from emotions.environment import setup_logging
     from emotions.tagging import TaggingError
 
-    args = build_parser().parse_args(argv)
     setup_logging(logging.DEBUG if args.verbose else logging.INFO)
     try:
         return COMMANDS[args.command][2](args)

@@ -31,6 +31,13 @@ hangs without a word. So by default there is one actor per ``cpus_per_actor`` CP
 ``gpus_per_actor`` GPUs on GPU), each running ``cpus_per_actor`` torch threads, but together they
 *reserve* at most (cluster CPUs - 1): on 2 CPUs, 2 actors x 1 thread that each reserve 0.5 CPU.
 Reads are light next to the encoder, so running them beside the actors costs little.
+
+Schemas. Files may disagree (string vs large_string text, int32 vs int64 ids, extra columns):
+only the needed columns are read, against one pinned schema. A file whose text column is not
+text at all is not sent through Ray: its rows are flagged "not a string" on the driver.
+
+int8 (CPU): dynamic quantization of every nn.Linear, allowed only for a bundle whose validation
+macro-F1 it moves by at most INT8_MAX_F1_CHANGE, checked on the driver before each such run.
 """
 
 from __future__ import annotations
@@ -54,7 +61,6 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from emotions import environment
-from emotions.bundle import BundleError, load_bundle
 from emotions.labels import EKMAN, EMOTIONS, SENTIMENT
 from emotions.progress import Progress
 
@@ -68,11 +74,14 @@ SUCCESS = "_SUCCESS"
 MANIFEST = "_manifest.json"  # _-prefixed: pd.read_parquet(OUTPUT) and Spark skip it
 LISTING_CPUS = 1.0  # Ray Data's file-listing task asks for a whole CPU; it cannot be configured
 READ_CPUS = 0.25  # per read task: decoding a few Parquet columns is light next to the encoder
-ENCODER_BATCH = 64  # rows per encoder forward pass, after sorting a Ray batch by length
+# Rows per encoder pass, after sorting a Ray batch by length. Small on CPU: a 256-row batch in
+# passes of 16 pads to 1.12x its real tokens, in passes of 64 to 1.53x (GoEmotions-like lengths).
+ENCODER_BATCH = {"cpu": 16, "cuda": 256}
 CHARS_PER_TOKEN_CAP = 100  # texts are cut to max_length * this many characters before tokenizing
+INT8_MAX_F1_CHANGE = 0.005  # int8 is refused for a bundle whose validation macro-F1 it moves more
 ROW_GROUP_ROWS = 65_536  # rows buffered per output file before a row group is written
 FILE_COLUMN = "__file"  # internal: index of the input file a row came from
-TEXT_COLUMN = "__text"  # internal: the text as large_string (null when flagged)
+TEXT_COLUMN = "__text"  # internal: the text as large_string (null when the column is not text)
 ERROR_COLUMN = "__error"  # internal: the flag reason, computed when reading
 RESERVED = ("emotions", "top_emotion", "top_score", "ekman", "sentiment", "model_hash", "error",
             *(f"p_{name}" for name in EMOTIONS), "path")  # fmt: skip
@@ -183,8 +192,13 @@ def tag_corpus(model: str | Path, inputs: str | Path | list, output: str | Path,
     check_output(target, overwrite)
     input_fs, paths = resolve_inputs(inputs, exclude=target)
     files, bad = inspect_inputs(input_fs, paths, settings)
+    from emotions.bundle import load_bundle  # torch: imported here, not by Ray Data's read tasks
+
     bundle = load_bundle(settings.model)
     model_hash, max_length = bundle.hash, bundle.max_length
+    int8_check = check_int8(bundle) if settings.int8 else None
+    if int8_check and not int8_check["allowed"]:
+        raise TaggingError(int8_check["verdict"])
     del bundle  # the actors load their own copy; the driver only needed to check it
     schema, column_types = output_schema(files, settings)
     inspected = time.perf_counter()
@@ -207,6 +221,7 @@ def tag_corpus(model: str | Path, inputs: str | Path | list, output: str | Path,
     manifest = build_manifest(files, markers, bad, resumed, settings, plan, staging.run_id, model_hash,
                               max_length, schema, record, inspect_s=inspected - start,
                               tag_s=tagged - inspected)  # fmt: skip
+    manifest["int8_check"] = int8_check
     staging.commit([f.output_name for f in files], manifest)
     seconds = time.perf_counter() - start
     summary = TagSummary(rows_in=manifest["rows_in"], rows_out=manifest["rows_out"],
@@ -664,8 +679,12 @@ class Tagger:
 
     def __init__(self, model: str, model_hash: str, threads: int, use_gpu: bool, int8: bool,
                  schema: pa.Schema, text_column: str):  # fmt: skip
+        start = time.perf_counter()
         import torch
 
+        from emotions.bundle import BundleError, load_bundle
+
+        environment.setup_logging()  # a fresh worker process: its lines reach the driver's log
         os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the actor's threads are torch's alone
         torch.set_num_threads(threads)
         self.device = "cuda" if use_gpu else "cpu"
@@ -677,6 +696,8 @@ class Tagger:
             self.bundle.model = quantize_int8(self.bundle.model)
         self.schema, self.text_column = schema, text_column
         self.char_cap = self.bundle.max_length * CHARS_PER_TOKEN_CAP
+        log.info("tagging actor ready in %.1fs (%s, %d threads%s)", time.perf_counter() - start,
+                 self.device, threads, ", int8" if int8 else "")  # fmt: skip
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         flagged = batch.column(ERROR_COLUMN).is_valid().to_numpy(zero_copy_only=False)  # [batch] bool
@@ -692,17 +713,56 @@ class Tagger:
 
         if self.device == "cuda":
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                return self.bundle.predict_proba(texts, batch_size=ENCODER_BATCH)
-        return self.bundle.predict_proba(texts, batch_size=ENCODER_BATCH)
+                return self.bundle.predict_proba(texts, batch_size=ENCODER_BATCH["cuda"])
+        return self.bundle.predict_proba(texts, batch_size=ENCODER_BATCH["cpu"])
 
 
 def quantize_int8(model):
-    """Dynamic int8 weights for every nn.Linear (activations quantized on the fly), CPU only."""
+    """Dynamic int8 weights for every nn.Linear (activations quantized on the fly), CPU only.
+    Per-channel scales: on the MiniLM bundle they halve per-tensor's macro-F1 loss."""
     import torch
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
-    with warnings.catch_warnings():  # torch marks the quantized tensor API for future removal
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    with warnings.catch_warnings():  # torch announces the move of this API to torchao
+        warnings.simplefilter("ignore")
+        return quantize_dynamic(model, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
+
+
+def check_int8(bundle) -> dict:
+    """Macro-F1 at the bundle's thresholds on its own validation split, fp32 vs int8 (and the
+    seconds each pass took). ``allowed`` is False when int8 moves it by more than
+    INT8_MAX_F1_CHANGE; ``verdict`` says so in a sentence."""
+    import copy
+    import dataclasses
+
+    from emotions.data import DataError, load_labelled
+    from emotions.metrics import compute_metrics
+
+    data, seed = bundle.config["data"], bundle.config.get("seed", 0)
+    try:
+        validation = load_labelled(data["validation"], text_column=data["text_column"],
+                                   labels_column=data["labels_column"],
+                                   label_format=data["label_format"]).take(data["max_validation_examples"], seed)  # fmt: skip
+    except DataError as error:
+        raise TaggingError(f"--int8 is checked on the bundle's validation data, which cannot be "
+                           f"read here ({error}); tag in fp32 (drop --int8)") from error  # fmt: skip
+    int8 = dataclasses.replace(bundle, model=quantize_int8(copy.deepcopy(bundle.model)))
+    scores, seconds = {}, {}
+    for name, candidate in (("fp32", bundle), ("int8", int8)):
+        start = time.perf_counter()
+        probs = candidate.predict_proba(validation.texts)
+        seconds[name] = time.perf_counter() - start
+        scores[name] = compute_metrics(validation.labels, probs, bundle.thresholds)["macro_f1"]
+    change = scores["int8"] - scores["fp32"]
+    allowed = abs(change) <= INT8_MAX_F1_CHANGE
+    verdict = (f"int8 moves validation macro-F1 of bundle {bundle.hash} from {scores['fp32']:.4f} to "
+               f"{scores['int8']:.4f} ({change:+.4f} on {len(validation)} examples of {validation.source}); "
+               + ("within" if allowed else "more than") + f" the {INT8_MAX_F1_CHANGE} allowed"
+               + ("" if allowed else ": tag in fp32 (drop --int8)"))  # fmt: skip
+    log.info("%s", verdict)
+    return {"macro_f1_fp32": scores["fp32"], "macro_f1_int8": scores["int8"], "change": change,
+            "examples": len(validation), "fp32_s": seconds["fp32"], "int8_s": seconds["int8"],
+            "allowed": allowed, "verdict": verdict}  # fmt: skip
 
 
 def label_batch(batch: pa.Table, probs: np.ndarray, thresholds: np.ndarray, model_hash: str,

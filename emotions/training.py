@@ -62,26 +62,28 @@ def load_training_data(config: TrainConfig) -> tuple[LabelledData, LabelledData]
     return train, validation
 
 
-def train(config: TrainConfig, output: str | Path) -> Path | str:
+def train(config: TrainConfig, output: str | Path, data: tuple | None = None) -> Path | str:
     """Run the two-stage fine-tune on the current Ray cluster; write a bundle to ``output``
-    (a local folder, or a URI such as s3://bucket/bundles/name: written locally, then uploaded)."""
+    (a local folder, or a URI such as s3://bucket/bundles/name: written locally, then uploaded).
+    ``data``: (train, validation) already loaded by ``load_training_data``, else loaded here."""
     if bundle.is_uri(output):
         with tempfile.TemporaryDirectory() as tmp:
-            local = train(config, Path(tmp) / "bundle")
+            local = train(config, Path(tmp) / "bundle", data)
             return bundle.publish_bundle(local, str(output))
     output = Path(output)
     name = config.run.name or f"{output.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    result = fit(config, name)
+    result = fit(config, name, data=data)
     with result.checkpoint.as_directory() as final:
         return write_bundle_from_checkpoint(Path(final), config, output)
 
 
-def fit(config: TrainConfig, name: str, callbacks: list | None = None) -> ray.train.Result:
+def fit(config: TrainConfig, name: str, callbacks: list | None = None,
+        data: tuple | None = None) -> ray.train.Result:  # fmt: skip
     """The Ray Train run itself: data to the object store, TorchTrainer, fit. The result's
     checkpoint is the final one (weights + gathered predictions)."""
     environment.log_environment(config.to_dict(), "train")
     tokenizer = load_tokenizer(config.model.encoder)
-    train_data, val_data = load_training_data(config)
+    train_data, val_data = data or load_training_data(config)
     log.info("data: %d train examples (%s), %d validation examples (%s)",
              len(train_data), train_data.source, len(val_data), val_data.source)  # fmt: skip
     max_len = config.data.max_length

@@ -135,8 +135,10 @@ def run_sweep(raw_config: dict, output: str | Path, resume: bool = True) -> dict
     for key in space:
         trial_config(base.to_dict(), {key: _example(settings.search[key])})  # every key must exist
     storage = str(output / "sweep")
-    # The driver function only waits on Ray Train, so it reserves no CPU of its own.
-    trainable = tune.with_resources(tune.with_parameters(run_trial, base=base.to_dict()), {"CPU": 0})
+    # The driver function only waits on Ray Train: it reserves memory but no CPU, so a trial's
+    # CPUs all go to its training workers (a CPU per driver would halve concurrency on small nodes).
+    trainable = tune.with_resources(tune.with_parameters(run_trial, base=base.to_dict()),
+                                    {"CPU": 0, "memory": 256 * 1024**2})  # fmt: skip
     if resume and tune.Tuner.can_restore(f"{storage}/sweep"):
         log.info("resuming the sweep in %s/sweep (finished trials are kept)", storage)
         tuner = tune.Tuner.restore(f"{storage}/sweep", trainable=trainable, resume_errored=True)
@@ -186,7 +188,7 @@ def write_results(results, settings: TuneSettings, base: TrainConfig, output: Pa
 
     table = pd.DataFrame(rows)
     table.to_csv(output / "results.csv", index=False)
-    (output / "results.md").write_text(table.to_markdown(index=False, floatfmt=".4g") + "\n")
+    (output / "results.md").write_text(markdown_table(rows))
     plot_sweep(table, keys, settings.metric, output / "sweep.png")
     finished = [r for r in results if r.metrics and r.metrics.get("final") and not r.error]
     if not finished:
@@ -204,6 +206,15 @@ def write_results(results, settings: TuneSettings, base: TrainConfig, output: Pa
              best.metrics[settings.metric], bundle)  # fmt: skip
     return {"best_params": best_params, "best_metric": best.metrics[settings.metric],
             "bundle": str(bundle), "trials": len(rows)}  # fmt: skip
+
+
+def markdown_table(rows: list[dict]) -> str:
+    if not rows:
+        return "(no trials)\n"
+    cell = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+    lines += ["| " + " | ".join(cell(v) for v in row.values()) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
 
 
 def plot_sweep(table, keys: list[str], metric: str, path: Path) -> None:

@@ -382,6 +382,18 @@ def test_pods_run_the_project_image_from_its_working_directory():
     assert f"rayproject/ray:{ray.__version__}-" in (CLUSTER / "docker" / "Dockerfile").read_text()
 
 
+def test_docker_context_holds_exactly_what_the_dockerfile_copies():
+    dockerfile = (CLUSTER / "docker" / "Dockerfile").read_text()
+    copied = {src.rstrip("/") for line in re.findall(r"^COPY (?:--\S+ )*(.+)$", dockerfile, re.M)
+              for src in line.split()[:-1]}  # fmt: skip
+    assert "." not in copied, "COPY . would bake .venv/, .git/ and local runs into the image"
+    ignore = (CLUSTER / "docker" / "Dockerfile.dockerignore").read_text().splitlines()
+    allowed = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
+    assert ignore[[i for i, l in enumerate(ignore) if l and not l.startswith("#")][0]] == "*"
+    assert allowed == copied, f"Dockerfile.dockerignore lets in {sorted(allowed)}, the Dockerfile copies {sorted(copied)}"
+    assert all((ROOT / path).exists() for path in copied)
+
+
 def test_runtime_env_is_valid_and_matches_the_image():
     from ray.runtime_env import RuntimeEnv
 
@@ -440,10 +452,12 @@ def entrypoints() -> list[tuple[str, str, list[str]]]:
 
 
 @functools.cache
-def help_flags(script: str) -> frozenset[str]:
-    out = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True,
+def help_flags(script: str, args: tuple[str, ...] = ()) -> frozenset[str]:
+    """The flags ``script --help`` lists. With ``args`` before ``--help``, argparse also parses
+    them first, so a bad value (``--actors four``) fails here too."""
+    out = subprocess.run([sys.executable, script, *args, "--help"], cwd=ROOT, capture_output=True, text=True,
                          timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
-    assert out.returncode == 0, f"{script} --help failed:\n{out.stderr}"
+    assert out.returncode == 0, f"`python {script} {shlex.join(args)}` is refused:\n{out.stderr}"
     return frozenset(re.findall(r"--[a-z][a-z0-9-]*", out.stdout))
 
 
@@ -457,7 +471,7 @@ def test_entry_point_accepts_the_manifest_flags_and_overrides(manifest, script, 
     if not (ROOT / script).is_file():
         pytest.skip(f"{script} does not exist yet (named by {manifest}); its flags are unchecked until it does")
     flags = {a.split("=", 1)[0] for a in args if a.startswith("--")}
-    unknown = flags - help_flags(script)
+    unknown = flags - help_flags(script, tuple(args))
     assert not unknown, f"{manifest}: {script} does not accept {sorted(unknown)} (see `python {script} --help`)"
 
     overrides = [a for a in args if OVERRIDE.match(a)]
@@ -485,7 +499,11 @@ def check_config(manifest: str, script: str, args: list[str], overrides: list[st
 def test_entry_point_checks_refuse_what_the_job_would_refuse():
     from emotions.config import ConfigError
 
-    assert "--output" in help_flags("jobs/train.py") and "--model" not in help_flags("jobs/train.py")
+    train_args = next(tuple(args) for _, script, args in entrypoints() if script == "jobs/train.py")
+    flags = help_flags("jobs/train.py", train_args)  # cached from the test above
+    assert "--output" in flags and "--model" not in flags
+    with pytest.raises(AssertionError, match="is refused"):  # a flag given without its value
+        help_flags("jobs/train.py", (*train_args, "--ray-address"))
     with pytest.raises(ConfigError, match="storage_pth"):
         check_config("test", "jobs/train.py", ["--preset", "bert-base"], ["run.storage_pth=s3://b/runs"])
     if (ROOT / "jobs" / "tune.py").is_file():
@@ -504,3 +522,11 @@ def test_nightly_tagging_is_date_partitioned_and_never_overwrites():
     assert "--overwrite" not in args and "--date" not in args  # retries re-run the same, default date
     assert template["shutdownAfterJobFinishes"] is True
     assert template["backoffLimit"] >= 1 and 0 < template["activeDeadlineSeconds"] < 24 * 3600
+
+    # The actor pool fits the GPUs the cluster can scale to (else the job waits forever).
+    gpus_per_actor = float(args[args.index("--gpus-per-actor") + 1])
+    actors = int(args[args.index("--actors") + 1])
+    capacity = sum(g["maxReplicas"] * int(g["template"]["spec"]["containers"][0]["resources"]["limits"]
+                                          .get("nvidia.com/gpu", 0))
+                   for g in template["rayClusterSpec"]["workerGroupSpecs"])  # fmt: skip
+    assert 0 < actors * gpus_per_actor <= capacity

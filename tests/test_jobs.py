@@ -16,6 +16,7 @@ its folder leads the head's PATH, so the job finds this environment's installed 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import shutil
@@ -25,7 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -63,7 +64,7 @@ class HeadAPI:
     """Where the head's Jobs API listens and the headers it needs (the auth token)."""
 
     address: str
-    headers: dict
+    headers: dict = field(repr=False)  # holds the token: kept out of test reports
 
     def client(self):
         from ray.job_submission import JobSubmissionClient
@@ -87,10 +88,11 @@ def ray_head_process():
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH")}
     env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
                RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token,
+               RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",  # SIGTERM stops at once (default: 30 s drain)
                RAY_ENABLE_UV_RUN_RUNTIME_ENV="0", RAY_USAGE_STATS_ENABLED="0")  # fmt: skip
     command = [
         sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
-        "--num-cpus=2", "--num-gpus=0", "--node-ip-address=127.0.0.1",
+        "--num-cpus=2", "--num-gpus=0",
         f"--port={gcs}", f"--dashboard-port={dashboard}", "--include-dashboard=true",
         "--dashboard-host=127.0.0.1", f"--ray-client-server-port={client}",
         f"--dashboard-agent-listen-port={agent}", f"--min-worker-port={low}", f"--max-worker-port={high}",
@@ -173,6 +175,7 @@ def test_training_job_writes_a_bundle_that_predicts(training_job):
     status, logs, bundle_dir, runs, _ = training_job
     assert status == "SUCCEEDED", f"training job {status}; its logs:\n{logs[-8000:]}"
     assert f"bundle: {bundle_dir}" in logs
+    assert "stage1 epoch 1/2 done" in logs and "samples/s" in logs  # workers' progress reaches `ray job logs`
 
     bundle = load_bundle(bundle_dir)  # verifies every file against manifest.json
     texts = ["Thank you so much, this made my day!", "This is the worst thing that ever happened."]
@@ -193,17 +196,17 @@ def test_tagging_job_tags_a_night_once(ray_head_process, training_job, tmp_path)
 
 
 def check_tagging_job(head: HeadAPI, runtime_env: dict, bundle_dir: Path, tmp_path: Path) -> None:
-    """One night of tagging on a tiny dump; a second run of the same date adds nothing."""
+    """One night of tagging on a tiny dump; a second run of the committed date is refused."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     day = "2026-01-15"
     dump = tmp_path / "dumps" / f"dt={day}"
     dump.mkdir(parents=True)
-    texts = ["I love this so much", "why would you do that", "thanks, that helps", "meh", "I am so sorry"]
+    texts = ["I love this so much", "why would you do that", "thanks, that helps", "meh", "[deleted]"]
     for part in range(2):
         rows = texts * (part + 2)
-        pq.write_table(pa.table({"id": [f"{part}-{i}" for i in range(len(rows))], "text": rows}),
+        pq.write_table(pa.table({"id": [f"{part}-{i}" for i in range(len(rows))], "body": rows}),
                        dump / f"part-{part}.parquet")  # fmt: skip
     rows_in = 2 * len(texts) + 3 * len(texts)
     tagged = tmp_path / "tagged" / f"dt={day}"
@@ -212,12 +215,16 @@ def check_tagging_job(head: HeadAPI, runtime_env: dict, bundle_dir: Path, tmp_pa
 
     status, logs = run_job(head, entrypoint, runtime_env)
     assert status == "SUCCEEDED", f"tagging job {status}; its logs:\n{logs[-8000:]}"
-    assert (tagged / "_SUCCESS").exists() and (tagged / "manifest.json").exists()
-    files = sorted(tagged.rglob("*.parquet"))
-    assert files and sum(pq.read_metadata(f).num_rows for f in files) == rows_in
+    assert (tagged / "_SUCCESS").exists(), f"no _SUCCESS in {sorted(p.name for p in tagged.iterdir())}"
+    manifest = json.loads((tagged / "_manifest.json").read_text())
+    files = sorted(tagged.glob("*.parquet"))
+    assert len(files) == 2 and sum(pq.read_metadata(f).num_rows for f in files) == rows_in
+    assert manifest["rows_in"] == manifest["rows_out"] == rows_in
+    assert manifest["rows_flagged"] == 5  # the "[deleted]" rows keep their id, get no labels
 
-    # A retry of a committed night (what backoffLimit in the RayCronJob may cause) writes nothing.
-    before = {f: f.stat().st_mtime_ns for f in files}
+    # A retry of a committed night (what backoffLimit in the RayCronJob does after a late failure)
+    # is refused and leaves the output as it was.
+    before = {f.name: f.stat().st_mtime_ns for f in tagged.iterdir()}
     status, logs = run_job(head, entrypoint, runtime_env)
-    after = {f: f.stat().st_mtime_ns for f in sorted(tagged.rglob("*.parquet"))}
-    assert after == before, f"re-running {day} ({status}) changed the committed output:\n{logs[-4000:]}"
+    assert status == "FAILED" and "_SUCCESS" in logs, f"re-running a committed date: {status}\n{logs[-4000:]}"
+    assert {f.name: f.stat().st_mtime_ns for f in tagged.iterdir()} == before

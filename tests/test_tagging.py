@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,12 +16,14 @@ import pyarrow as pa
 import pyarrow.dataset
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from emotions.bundle import load_bundle
 from emotions.corpus import make_corpus
 from emotions.labels import EKMAN, EMOTIONS, SENTIMENT, roll_up
-from emotions.tagging import (MANIFEST, STAGING, SUCCESS, Folder, TaggingError, TaggingSettings,
-                              check_texts, plan_actors, resolve_inputs, tag_corpus)  # fmt: skip
+from emotions.tagging import (INT8_MAX_F1_CHANGE, MANIFEST, STAGING, SUCCESS, Folder, InputFile, Tagger,
+                              TaggingError, TaggingSettings, check_int8, check_texts, normalize_block,
+                              output_schema, plan_actors, resolve_inputs, tag_corpus)  # fmt: skip
 
 LONG = "I can't believe how happy this makes me. " * 150  # ~6,000 characters, far over max_length
 HANDMADE = {  # id -> (body, expected error)
@@ -149,22 +152,24 @@ def test_probabilities_match_the_bundle_and_long_texts_are_truncated(smoke_bundl
     np.testing.assert_allclose(got, expected, atol=1e-5)
 
 
-def test_committed_output_is_refused_then_replaced_with_overwrite(smoke_bundle, corpus, tagged, tmp_path):
-    _, out = tagged
-    before = (out / MANIFEST).read_text()
-    with pytest.raises(TaggingError, match="--overwrite"):
-        tag_corpus(smoke_bundle, corpus, out)
-    assert (out / MANIFEST).read_text() == before  # untouched
+def test_committed_output_is_refused_and_replaced_only_with_overwrite(smoke_bundle, corpus, tagged, tmp_path):
     target = tmp_path / "out"
-    first = tag_corpus(smoke_bundle, [corpus / "handmade.parquet", corpus / "numbers.parquet"], target,
-                       num_actors=1)  # fmt: skip
-    assert first.rows_out == len(HANDMADE) + 2 and len(list(target.glob("*.parquet"))) == 2
+    shutil.copytree(tagged[1], target)  # a committed output of 6 files
+    before = (target / MANIFEST).read_text()
+    with pytest.raises(TaggingError, match="--overwrite"):
+        tag_corpus(smoke_bundle, corpus, target)
+    assert (target / MANIFEST).read_text() == before  # untouched
+    (target / STAGING / "_done").mkdir(parents=True)  # left by a killed run with another model
+    (target / STAGING / "run.json").write_text(json.dumps({"key": "another-model", "run_id": "x"}))
+    (target / STAGING / "_done" / "handmade-0badf00d.parquet.json").write_text("{}")
     summary = tag_corpus(smoke_bundle, corpus / "handmade.parquet", target, overwrite=True, num_actors=1,
                          keep_columns=["body"])  # fmt: skip
+    assert summary.files_resumed == 0  # the stale staging folder was discarded, not resumed
     table = read_output(target)  # only the new run's file: the old output is gone, not mixed in
     assert summary.rows_out == table.num_rows == len(HANDMADE)
-    assert "body" in table.column_names and len(list(target.glob("*.parquet"))) == 1
+    assert table.column_names[-2:] == ["body", "error"] and len(list(target.glob("*.parquet"))) == 1
     assert json.loads((target / MANIFEST).read_text())["settings"]["keep_columns"] == ["body"]
+    assert not (target / STAGING).exists()
 
 
 def test_unreadable_file_stops_the_job_before_anything_is_written(smoke_bundle, corpus, tmp_path):
@@ -191,7 +196,7 @@ def test_unreadable_file_stops_the_job_before_anything_is_written(smoke_bundle, 
 
 def test_killed_run_resumes_and_commits_every_row_exactly_once(smoke_bundle, local_ray, tmp_path):
     dump, out = tmp_path / "dump", tmp_path / "out"
-    make_corpus(dump, rows=4000, files=10, seed=5)
+    make_corpus(dump, rows=2000, files=8, seed=5)
     command = [sys.executable, "-m", "emotions.cli", "tag", "--model", str(smoke_bundle), "--input", str(dump),
                "--output", str(out), "--actors", "1", "--batch-size", "16",
                "--ray-address", local_ray.get_runtime_context().gcs_address]  # fmt: skip
@@ -205,13 +210,13 @@ def test_killed_run_resumes_and_commits_every_row_exactly_once(smoke_bundle, loc
     driver.wait()
     assert driver.returncode == -signal.SIGKILL, log.read_text()[-2000:]
     finished = {p.name[: -len(".json")] for p in done.glob("*.json")}
-    assert 1 <= len(finished) < 10 and not (out / SUCCESS).exists()
+    assert 1 <= len(finished) < 8 and not (out / SUCCESS).exists()
     stamps = {name: (out / STAGING / name).stat().st_mtime_ns for name in finished}
 
     summary = tag_corpus(smoke_bundle, dump, out, num_actors=1)
     table = read_output(out)
     ids = table.column("id").to_pylist()
-    assert summary.rows_out == len(ids) == len(set(ids)) == 4000
+    assert summary.rows_out == len(ids) == len(set(ids)) == 2000
     assert sorted(ids) == sorted(read_inputs(dump).column("id").to_pylist())
     manifest = json.loads((out / MANIFEST).read_text())
     assert {i["output"] for i in manifest["inputs"] if i["resumed"]} == finished == set(stamps)
@@ -220,13 +225,25 @@ def test_killed_run_resumes_and_commits_every_row_exactly_once(smoke_bundle, loc
         assert (out / name).stat().st_mtime_ns == stamp
 
 
-def test_staged_files_of_other_settings_are_not_reused(smoke_bundle, corpus, tmp_path):
-    out = tmp_path / "out"
-    (out / STAGING / "_done").mkdir(parents=True)
-    (out / STAGING / "run.json").write_text(json.dumps({"key": "made-by-another-model", "run_id": "x"}))
-    (out / STAGING / "_done" / "stale.parquet.json").write_text("{}")
-    summary = tag_corpus(smoke_bundle, corpus / "handmade.parquet", out, num_actors=1)
-    assert summary.files_resumed == 0 and summary.rows_out == len(HANDMADE)
+def test_int8_is_checked_on_the_validation_split_and_stays_close_to_fp32(smoke_bundle, corpus):
+    bundle = load_bundle(smoke_bundle)
+    check = check_int8(bundle)
+    assert check["examples"] == 128 and check["macro_f1_fp32"] > 0  # the smoke preset's validation cap
+    assert check["allowed"] == (abs(check["change"]) <= INT8_MAX_F1_CHANGE)
+    # The actor's own code path, called in this process: same batch, fp32 and int8.
+    block = pq.read_table(corpus / "handmade.parquet").append_column("path", pa.array(["h"] * len(HANDMADE)))
+    batch = normalize_block(block, ["h"], "body", {"id": pa.string()})
+    schema = output_schema([InputFile("h", "h", len(HANDMADE), 0, block.schema)],
+                           TaggingSettings(model="m", output="o", probabilities=True))[0]  # fmt: skip
+    kwargs = dict(model=str(smoke_bundle), model_hash=bundle.hash, threads=1, use_gpu=False, schema=schema,
+                  text_column="body")  # fmt: skip
+    threads = torch.get_num_threads()
+    fp32, int8 = Tagger(int8=False, **kwargs)(batch), Tagger(int8=True, **kwargs)(batch)
+    torch.set_num_threads(threads)  # the actor set 1 for itself; this is the test process
+    assert fp32.column("error").to_pylist() == int8.column("error").to_pylist()
+    p32, p8 = (np.array([t.column(f"p_{n}").to_numpy(zero_copy_only=False) for n in EMOTIONS]) for t in (fp32, int8))
+    tagged_rows = ~np.isnan(p32[0])
+    assert tagged_rows.sum() == 4 and 0 < np.abs(p32 - p8)[:, tagged_rows].max() < 0.05
 
 
 def test_plan_leaves_a_cpu_for_reads_on_two_cpus():
