@@ -214,13 +214,13 @@ def tag_corpus(model: str | Path, inputs: str | Path | list, output: str | Path,
     resumed = {f.output_name for f in files} - {f.output_name for f in pending}
     if len(pending) < len(files):
         log.info("resuming: %d of %d files were finished by an earlier run", len(files) - len(pending), len(files))
-    write_outputs(input_fs, pending, staging, schema, column_types, settings, plan, model_hash)
+    startup_s = write_outputs(input_fs, pending, staging, schema, column_types, settings, plan, model_hash)
     tagged = time.perf_counter()
 
     markers = staging.check_finished(files)  # rows in == rows out, file by file, or no commit
     manifest = build_manifest(files, markers, bad, resumed, settings, plan, staging.run_id, model_hash,
                               max_length, schema, record, inspect_s=inspected - start,
-                              tag_s=tagged - inspected)  # fmt: skip
+                              tag_s=tagged - inspected, startup_s=startup_s)  # fmt: skip
     manifest["int8_check"] = int8_check
     staging.commit([f.output_name for f in files], manifest)
     seconds = time.perf_counter() - start
@@ -236,7 +236,7 @@ def tag_corpus(model: str | Path, inputs: str | Path | list, output: str | Path,
 def build_manifest(files: list[InputFile], markers: list[dict], bad: list[tuple[str, str]],
                    resumed: set[str], settings: TaggingSettings, plan: ActorPlan, run_id: str,
                    model_hash: str, max_length: int, schema: pa.Schema, environment_record: dict,
-                   inspect_s: float, tag_s: float) -> dict:  # fmt: skip
+                   inspect_s: float, tag_s: float, startup_s: float | None) -> dict:  # fmt: skip
     tagged_rows = sum(f.rows for f in files if f.output_name not in resumed)
     return {
         "format": FORMAT, "version": 1, "run_id": run_id,
@@ -251,7 +251,7 @@ def build_manifest(files: list[InputFile], markers: list[dict], bad: list[tuple[
         "rows_flagged": sum(m["flagged"] for m in markers),
         "flag_reasons": _add_counts(m["reasons"] for m in markers),
         "output_schema": schema.to_string(show_schema_metadata=False).splitlines(),
-        "timings": {"inspect_s": inspect_s, "tag_s": tag_s},
+        "timings": {"inspect_s": inspect_s, "tag_s": tag_s, "startup_s": startup_s},  # startup: to the first tagged rows
         "rows_per_s": tagged_rows / max(tag_s, 1e-9),  # this run's rows over its tagging time
         "environment": environment_record,
     }  # fmt: skip
@@ -571,23 +571,28 @@ class Staging:
 
 def write_outputs(input_fs: pafs.FileSystem, files: list[InputFile], staging: Staging, schema: pa.Schema,
                   column_types: dict[str, pa.DataType], s: TaggingSettings, plan: ActorPlan,
-                  model_hash: str) -> None:  # fmt: skip
+                  model_hash: str) -> float | None:  # fmt: skip
     """Tag ``files`` into the staging folder: files of text through the Ray Data pipeline; files
-    without rows, or whose text column holds no text (every row flagged), right here."""
+    without rows, or whose text column holds no text (every row flagged), right here. Returns the
+    seconds until the pipeline's first tagged rows arrived (actor start-up, mostly), if it ran."""
     writer = StagedWriter(staging, files, schema)
     paths = [f.path for f in files]
     direct = [f for f in files if f.rows == 0 or not _is_text(f.schema.field(s.text_column).type)]
     for f in direct:
         flag_file(input_fs, f, paths, writer, column_types, s, model_hash)
     readable = [f for f in files if f.output_name not in {d.output_name for d in direct}]
+    startup_s = None
     if readable:
+        start = time.perf_counter()
         pipeline = tag_pipeline(input_fs, [f.path for f in readable], paths, schema, column_types, s,
                                 plan, model_hash)  # fmt: skip
         progress = Progress("tagging", sum(f.rows for f in readable), unit="rows")
         for block in pipeline.iter_batches(batch_size=None, batch_format="pyarrow"):
+            startup_s = startup_s or time.perf_counter() - start
             writer.add(block)
             progress.step(block.num_rows)
     writer.check_complete()
+    return startup_s
 
 
 def tag_pipeline(input_fs: pafs.FileSystem, read: list[str], paths: list[str], schema: pa.Schema,
