@@ -74,6 +74,7 @@ SUCCESS = "_SUCCESS"
 MANIFEST = "_manifest.json"  # _-prefixed: pd.read_parquet(OUTPUT) and Spark skip it
 LISTING_CPUS = 1.0  # Ray Data's file-listing task asks for a whole CPU; it cannot be configured
 READ_CPUS = 0.25  # per read task: decoding a few Parquet columns is light next to the encoder
+FOOTER_ACTORS_VARIABLE, FOOTER_ACTORS = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", 2  # Ray's default: 32
 # Rows per encoder pass, after sorting a Ray batch by length. Small on CPU: a 256-row batch in
 # passes of 16 pads to 1.12x its real tokens, in passes of 64 to 1.53x (GoEmotions-like lengths).
 ENCODER_BATCH = {"cpu": 16, "cuda": 256}
@@ -606,8 +607,16 @@ def tag_pipeline(input_fs: pafs.FileSystem, read: list[str], paths: list[str], s
     # Pinned, so Ray Data neither reads every footer again nor chokes on columns we do not read
     # that files disagree on (Reddit's `edited` is a bool in some dumps, a timestamp in others).
     pinned = pa.schema([(c, pa.large_string() if c == s.text_column else column_types[c]) for c in needed])
-    ds = ray.data.read_parquet(read, filesystem=input_fs, schema=pinned, include_paths=True,
-                               partitioning=None, file_extensions=None, num_cpus=READ_CPUS)  # fmt: skip
+    # Listing re-reads every footer on a pool of up to 32 actors (~200 MB each, all at start-up,
+    # more for more files); the footers were read here already, so a small pool keeps memory flat.
+    users = os.environ.get(FOOTER_ACTORS_VARIABLE)  # a value the user set wins
+    os.environ.setdefault(FOOTER_ACTORS_VARIABLE, str(FOOTER_ACTORS))
+    try:  # the knob is read while the read is planned, here on the driver
+        ds = ray.data.read_parquet(read, filesystem=input_fs, schema=pinned, include_paths=True,
+                                   partitioning=None, file_extensions=None, num_cpus=READ_CPUS)  # fmt: skip
+    finally:
+        if users is None:
+            os.environ.pop(FOOTER_ACTORS_VARIABLE)
     ds = ds.select_columns([*needed, "path"])
     ds = ds.map_batches(normalize_block, batch_size=None, batch_format="pyarrow", num_cpus=READ_CPUS,
                         fn_kwargs={"paths": paths, "text_column": s.text_column,
