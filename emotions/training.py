@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from emotions import bundle, environment
-from emotions.batching import TokenizedSet, bucket_batches, collate, sorted_batches, tokenize
+from emotions.batching import TokenizedSet, bucket_batches, collate, random_batches, sorted_batches, tokenize
 from emotions.config import StageConfig, TrainConfig, from_dict
 from emotions.data import LabelledData, expand_by_concatenation, load_labelled
 from emotions.metrics import compute_metrics, evaluation_report, format_summary
@@ -201,10 +201,6 @@ def train_worker(loop_config: dict) -> None:
         if checkpoint is not None and stage.name == state.stage:
             model.load_state_dict(load_file(str(checkpoint / WEIGHTS_FILE), device=str(shards.device)))
             start = state.epoch
-        elif checkpoint is not None and not stage.train_encoder:
-            # Resumed into a later stage: the encoder comes from the checkpoint, the head is new.
-            weights = load_file(str(checkpoint / WEIGHTS_FILE), device=str(shards.device))
-            model.encoder.load_state_dict({k[8:]: v for k, v in weights.items() if k.startswith("encoder.")})
         val_probs = run_stage(stage, model, shards, config, state, checkpoint, start)
         checkpoint = None  # later stages start fresh
     finish(model, shards, config, state, val_probs)
@@ -246,10 +242,9 @@ def run_stage(stage: StageConfig, model: EmotionClassifier, shards: Shards, conf
         seed = config.seed * 1000 + epoch * 10 + shards.rank
         losses = []
         t0 = time.perf_counter()
-        if frozen:
-            batches = bucket_batches(np.zeros(len(shards.train)), stage.batch_size, seed)
-        else:
-            batches = bucket_batches(shards.train.lengths, stage.batch_size, seed)
+        # Features have no length: plain shuffled batches. Tokens: length-bucketed.
+        batches = (random_batches(len(shards.train), stage.batch_size, seed) if frozen
+                   else bucket_batches(shards.train.lengths, stage.batch_size, seed))  # fmt: skip
         for rows in batches:
             y = torch.from_numpy(shards.train.labels[rows]).to(shards.device)
             with autocast:
@@ -280,7 +275,7 @@ def run_stage(stage: StageConfig, model: EmotionClassifier, shards: Shards, conf
         state.history.append(metrics)
         save_and_report(metrics, model, optimizer, state, shards)
     if val_probs is None:  # stage already complete at restore: predictions for the next step
-        val_probs, _ = predict_validation(model, shards, None if not frozen else val_x)
+        val_probs, _ = predict_validation(model, shards, val_x if frozen else None)
     return val_probs
 
 
