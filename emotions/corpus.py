@@ -83,7 +83,8 @@ def _body(rng: np.random.Generator, comments: list[str], junk_fraction: float) -
     if rng.random() >= junk_fraction:
         text = comments[rng.integers(len(comments))]
         if rng.random() < 0.03:  # real comments often carry a link or an emoji
-            text += " " + (URLS[rng.integers(len(URLS))] if rng.random() < 0.5 else EMOJI[rng.integers(len(EMOJI))])
+            extra = URLS[rng.integers(len(URLS))] if rng.random() < 0.5 else EMOJI[rng.integers(len(EMOJI))]
+            text += " " + extra
         return text
     kind = rng.choice(list(JUNK), p=list(JUNK.values()))
     if kind in ("deleted", "removed"):

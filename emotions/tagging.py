@@ -74,7 +74,7 @@ SUCCESS = "_SUCCESS"
 MANIFEST = "_manifest.json"  # _-prefixed: pd.read_parquet(OUTPUT) and Spark skip it
 LISTING_CPUS = 1.0  # Ray Data's file-listing task asks for a whole CPU; it cannot be configured
 READ_CPUS = 0.25  # per read task: decoding a few Parquet columns is light next to the encoder
-FOOTER_ACTORS_VARIABLE, FOOTER_ACTORS = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", 2  # Ray's default: 32
+FOOTER_ACTORS_VARIABLE, FOOTER_ACTORS = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", 1  # Ray's default: 32
 # Rows per encoder pass, after sorting a Ray batch by length. Small on CPU: a 256-row batch in
 # passes of 16 pads to 1.12x its real tokens, in passes of 64 to 1.53x (GoEmotions-like lengths).
 ENCODER_BATCH = {"cpu": 16, "cuda": 256}
@@ -214,7 +214,7 @@ def tag_corpus(model: str | Path, inputs: str | Path | list, output: str | Path,
     pending = [f for f in files if staging.finished(f) is None]
     resumed = {f.output_name for f in files} - {f.output_name for f in pending}
     if len(pending) < len(files):
-        log.info("resuming: %d of %d files were finished by an earlier run", len(files) - len(pending), len(files))
+        log.info("resuming: %d of %d files were finished by an earlier run", len(resumed), len(files))
     startup_s = write_outputs(input_fs, pending, staging, schema, column_types, settings, plan, model_hash)
     tagged = time.perf_counter()
 
@@ -252,7 +252,7 @@ def build_manifest(files: list[InputFile], markers: list[dict], bad: list[tuple[
         "rows_flagged": sum(m["flagged"] for m in markers),
         "flag_reasons": _add_counts(m["reasons"] for m in markers),
         "output_schema": schema.to_string(show_schema_metadata=False).splitlines(),
-        "timings": {"inspect_s": inspect_s, "tag_s": tag_s, "startup_s": startup_s},  # startup: to the first tagged rows
+        "timings": {"inspect_s": inspect_s, "tag_s": tag_s, "startup_s": startup_s},  # to the first rows
         "rows_per_s": tagged_rows / max(tag_s, 1e-9),  # this run's rows over its tagging time
         "environment": environment_record,
     }  # fmt: skip
@@ -332,10 +332,15 @@ class Folder:
         return self.fs.get_file_info(self.path(*parts)).type != pafs.FileType.NotFound
 
     def read_json(self, *parts: str) -> dict | None:
+        """The file's JSON object; None if it is missing or not ours (Spark's _SUCCESS is empty)."""
         if not self.exists(*parts):
             return None
         with self.fs.open_input_stream(self.path(*parts)) as f:
-            return json.loads(f.read())
+            try:
+                data = json.loads(f.read())
+            except ValueError:
+                return None
+        return data if isinstance(data, dict) else None
 
     def write_json(self, data: dict, *parts: str) -> None:
         with self.fs.open_output_stream(self.path(*parts)) as f:
@@ -471,14 +476,16 @@ def output_schema(files: list[InputFile], s: TaggingSettings) -> tuple[pa.Schema
         except (pa.ArrowInvalid, pa.ArrowTypeError) as error:
             examples = {str(t): uri for uri, t in types.items()}
             raise TaggingError(f"column {name!r} has types that cannot be merged across files "
-                               f"({examples}): {error}. Rewrite the odd files with one type") from error  # fmt: skip
+                               f"({examples}): {error}. Rewrite the odd files with one type"
+                               ) from error  # fmt: skip
     labels = pa.list_(pa.string())
     fields = [pa.field(s.id_column, column_types[s.id_column]), pa.field("emotions", labels),
               pa.field("top_emotion", pa.string()), pa.field("top_score", pa.float32())]  # fmt: skip
     if s.probabilities:
         fields += [pa.field(f"p_{name}", pa.float32()) for name in EMOTIONS]
     fields += [pa.field("ekman", labels), pa.field("sentiment", labels), pa.field("model_hash", pa.string())]
-    fields += [pa.field(c, pa.large_string() if c == s.text_column else column_types[c]) for c in s.keep_columns]
+    fields += [pa.field(c, pa.large_string() if c == s.text_column else column_types[c])
+               for c in s.keep_columns]  # fmt: skip
     return pa.schema([*fields, pa.field("error", pa.string())]), column_types
 
 
@@ -503,14 +510,15 @@ class Staging:
     def open(cls, target: Folder, key: str) -> Staging:
         """Resume the staging folder of an earlier run with the same key, else start a fresh one."""
         run = target.read_json(STAGING, "run.json")
-        committed = target.read_json(SUCCESS) or {}
+        committed = target.read_json(SUCCESS) or {}  # the run that committed the output, if any
         if run and (run["key"] != key or run["run_id"] == committed.get("run_id")):
             why = "made with other settings" if run["key"] != key else "left by a committed run"
             log.warning("discarding %s (%s)", target.uri_of(STAGING), why)
             target.fs.delete_dir(target.path(STAGING))
             run = None
         if run is None:
-            run = {"key": key, "run_id": time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]}
+            run_id = f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:6]}"
+            run = {"key": key, "run_id": run_id}
             target.fs.create_dir(target.path(STAGING, DONE), recursive=True)
             target.write_json(run, STAGING, "run.json")
         done = {i.base_name[: -len(".json")] for i in target.list(STAGING, DONE)}
@@ -523,7 +531,8 @@ class Staging:
         if f.output_name not in self.markers:
             self.markers[f.output_name] = self.target.read_json(STAGING, DONE, f.output_name + ".json")
         marker = self.markers[f.output_name]
-        if not marker or (marker["input"], marker["rows_in"], marker["input_bytes"]) != (f.uri, f.rows, f.bytes):
+        made_from = marker and (marker.get("input"), marker.get("rows_in"), marker.get("input_bytes"))
+        if made_from != (f.uri, f.rows, f.bytes):
             return None
         staged = self.target.exists(STAGING, f.output_name)
         moved = self.target.exists(STAGING, COMMITTING) and self.target.exists(f.output_name)
@@ -532,14 +541,16 @@ class Staging:
     def check_finished(self, files: list[InputFile]) -> list[dict]:
         """Every file's marker; fails loudly unless each file's rows out equal its rows in."""
         markers = [self.finished(f) for f in files]
-        wrong = [(f.uri, f.rows, m and m["rows_out"]) for f, m in zip(files, markers) if not m or m["rows_out"] != f.rows]
+        wrong = [(f.uri, f.rows, m and m["rows_out"]) for f, m in zip(files, markers)
+                 if not m or m["rows_out"] != f.rows]  # fmt: skip
         if wrong:
             raise RuntimeError(f"not committing {self.target.uri}: rows in != rows out for {len(wrong)} "
-                               f"file(s) (file, rows in, rows out): {wrong[:5]}. Re-run to finish them.")  # fmt: skip
+                               f"file(s) (file, rows in, rows out): {wrong[:5]}. Re-run to finish")  # fmt: skip
         return markers
 
     def mark_done(self, f: InputFile, flagged: int, reasons: dict[str, int]) -> None:
-        rows_out = pq.read_metadata(self.target.path(STAGING, f.output_name), filesystem=self.target.fs).num_rows
+        written = pq.read_metadata(self.target.path(STAGING, f.output_name), filesystem=self.target.fs)
+        rows_out = written.num_rows  # as the footer on storage says, not as we counted
         marker = {"input": f.uri, "input_bytes": f.bytes, "rows_in": f.rows, "rows_out": rows_out,
                   "flagged": flagged, "reasons": reasons, "output": f.output_name}  # fmt: skip
         self.target.write_json(marker, STAGING, DONE, f.output_name + ".json")
@@ -644,7 +655,8 @@ def flag_file(input_fs: pafs.FileSystem, f: InputFile, paths: list[str], writer:
             block = block.append_column("path", pa.array([f.path] * block.num_rows, pa.string()))
             rows = normalize_block(block, paths, s.text_column, column_types)
             no_probs = np.zeros((rows.num_rows, len(EMOTIONS)), dtype=np.float32)
-            writer.add(label_batch(rows, no_probs, np.ones(len(EMOTIONS)), model_hash, writer.schema, s.text_column))
+            writer.add(label_batch(rows, no_probs, np.ones(len(EMOTIONS)), model_hash, writer.schema,
+                                   s.text_column))  # fmt: skip
     if f.rows == 0:
         writer.finish(paths.index(f.path))
 
@@ -719,7 +731,8 @@ class Tagger:
         probs = np.zeros((batch.num_rows, len(EMOTIONS)), dtype=np.float32)  # [batch, 28]
         if texts:
             probs[~flagged] = self.predict(texts)
-        return label_batch(batch, probs, self.bundle.thresholds, self.bundle.hash, self.schema, self.text_column)
+        return label_batch(batch, probs, self.bundle.thresholds, self.bundle.hash, self.schema,
+                           self.text_column)  # fmt: skip
 
     def predict(self, texts: list[str]) -> np.ndarray:
         """[n] texts -> [n, 28] probabilities; sorted by length into ENCODER_BATCH passes."""
@@ -755,14 +768,15 @@ def check_int8(bundle) -> dict:
     data, seed = bundle.config["data"], bundle.config.get("seed", 0)
     try:
         validation = load_labelled(data["validation"], text_column=data["text_column"],
-                                   labels_column=data["labels_column"],
-                                   label_format=data["label_format"]).take(data["max_validation_examples"], seed)  # fmt: skip
+                                   labels_column=data["labels_column"], label_format=data["label_format"])
+        validation = validation.take(data["max_validation_examples"], seed)  # what thresholds were fit on
     except DataError as error:
         raise TaggingError(f"--int8 is checked on the bundle's validation data, which cannot be "
                            f"read here ({error}); tag in fp32 (drop --int8)") from error  # fmt: skip
     int8 = dataclasses.replace(bundle, model=quantize_int8(copy.deepcopy(bundle.model)))
     scores, seconds = {}, {}
     for name, candidate in (("fp32", bundle), ("int8", int8)):
+        candidate.predict_proba(validation.texts[:64])  # warm-up, so the timings compare
         start = time.perf_counter()
         probs = candidate.predict_proba(validation.texts)
         seconds[name] = time.perf_counter() - start
@@ -834,9 +848,10 @@ class StagedWriter:
             counts = self.reasons.setdefault(k, {})
             for item in pc.value_counts(rows.column("error").drop_null()).to_pylist():
                 counts[item["values"]] = counts.get(item["values"], 0) + item["counts"]
-            if self.received[k] == self.files[k].rows or sum(t.num_rows for t in self.buffers[k]) >= ROW_GROUP_ROWS:
+            complete = self.received[k] == self.files[k].rows
+            if complete or sum(t.num_rows for t in self.buffers[k]) >= ROW_GROUP_ROWS:
                 self._flush(k)
-            if self.received[k] == self.files[k].rows:
+            if complete:
                 self.finish(k)
 
     def _flush(self, k: int) -> None:

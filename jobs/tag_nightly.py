@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tag_nightly.py", description=__doc__.splitlines()[0])
     add_tag_arguments(parser)
     parser.add_argument("--date", type=parse_date, default=None,
-                        help="day to tag, YYYY-MM-DD; fills {date} in --input/--output (default: yesterday UTC)")  # fmt: skip
+                        help="day to tag, YYYY-MM-DD; fills {date} in --input/--output "
+                             "(default: yesterday, UTC)")  # fmt: skip
     return parser
 
 
@@ -59,8 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)  # --help, and bad flags exit 2 here
     date = args.date or yesterday_utc()
     if "{date}" not in args.output:
-        print(f"tag_nightly: warning: --output {args.output} has no {{date}}: every night writes the same folder",
-              file=sys.stderr)  # fmt: skip
+        print(f"tag_nightly: warning: --output {args.output} has no {{date}}: every night writes "
+              "the same folder", file=sys.stderr)  # fmt: skip
     return emotions_main(["tag", *fill_date(argv, date)])
 
 

@@ -191,7 +191,8 @@ def test_unreadable_file_stops_the_job_before_anything_is_written(smoke_bundle, 
     manifest = json.loads((out / MANIFEST).read_text())
     skipped = {Path(s["path"]).name: s["reason"] for s in manifest["skipped_files"]}
     assert set(skipped) == {"truncated.parquet", "other.parquet"}
-    assert summary.rows_out == len(HANDMADE) and [Path(i["path"]).name for i in manifest["inputs"]] == ["good.parquet"]
+    assert summary.rows_out == len(HANDMADE)
+    assert [Path(i["path"]).name for i in manifest["inputs"]] == ["good.parquet"]
 
 
 def test_killed_run_resumes_and_commits_every_row_exactly_once(smoke_bundle, local_ray, tmp_path):
@@ -241,7 +242,8 @@ def test_int8_is_checked_on_the_validation_split_and_stays_close_to_fp32(smoke_b
     fp32, int8 = Tagger(int8=False, **kwargs)(batch), Tagger(int8=True, **kwargs)(batch)
     torch.set_num_threads(threads)  # the actor set 1 for itself; this is the test process
     assert fp32.column("error").to_pylist() == int8.column("error").to_pylist()
-    p32, p8 = (np.array([t.column(f"p_{n}").to_numpy(zero_copy_only=False) for n in EMOTIONS]) for t in (fp32, int8))
+    p32, p8 = (np.array([t.column(f"p_{n}").to_numpy(zero_copy_only=False) for n in EMOTIONS])
+               for t in (fp32, int8))  # [28, rows] each; NaN where flagged
     tagged_rows = ~np.isnan(p32[0])
     assert tagged_rows.sum() == 4 and 0 < np.abs(p32 - p8)[:, tagged_rows].max() < 0.05
 
@@ -259,7 +261,7 @@ def test_plan_leaves_a_cpu_for_reads_on_two_cpus():
 
 
 def test_text_checks_name_each_kind_of_junk():
-    texts = pa.chunked_array([pa.array([None, "", "  ", "[deleted]", "[removed]", "ok", "\u00a0"], pa.string())])
+    texts = pa.chunked_array([pa.array([None, "", "  ", "[deleted]", "[removed]", "ok", "\u00a0"])])
     text, reason = check_texts(texts)
     assert text.type == pa.large_string()
     assert reason.to_pylist() == ["null text", "empty text", "whitespace only", "[deleted]", "[removed]",
@@ -294,13 +296,15 @@ def test_cli_refuses_a_missing_input_before_ray_starts(smoke_bundle, tmp_path):
 
 
 def test_nightly_job_fills_the_date_placeholders():
-    spec = importlib.util.spec_from_file_location("tag_nightly", Path(__file__).parents[1] / "jobs" / "tag_nightly.py")
+    path = Path(__file__).parents[1] / "jobs" / "tag_nightly.py"
+    spec = importlib.util.spec_from_file_location("tag_nightly", path)
     job = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(job)
     argv = ["--model", "m", "--input", "s3://b/dumps/dt={date}/", "--output", "s3://b/tagged/dt={date}/",
             "--date", "2026-11-25", "--actors", "2"]  # fmt: skip
-    assert job.fill_date(argv, "2026-11-25") == ["--model", "m", "--input", "s3://b/dumps/dt=2026-11-25/",
-                                                 "--output", "s3://b/tagged/dt=2026-11-25/", "--actors", "2"]  # fmt: skip
+    assert job.fill_date(argv, "2026-11-25") == [
+        "--model", "m", "--input", "s3://b/dumps/dt=2026-11-25/", "--output", "s3://b/tagged/dt=2026-11-25/",
+        "--actors", "2"]  # fmt: skip
     args = job.build_parser().parse_args(argv)
     assert args.date == "2026-11-25" and args.actors == 2
     assert len(job.yesterday_utc()) == 10
