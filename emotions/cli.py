@@ -77,7 +77,7 @@ def add_tag_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace a committed output")
     parser.add_argument("--actors", type=int, default=None,
                         help="actor pool size (default: one per --cpus-per-actor CPUs, or per GPU)")
-    parser.add_argument("--batch-size", type=int, default=256, help="rows per actor call (default: 256)")
+    parser.add_argument("--batch-size", type=int, default=1024, help="rows per actor call (default: 1024)")
     parser.add_argument("--cpus-per-actor", type=int, default=1, help="torch threads per actor (default: 1)")
     parser.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs per actor (default: 0)")
     parser.add_argument("--int8", action="store_true", help="dynamic int8 quantization (CPU only)")
@@ -154,8 +154,12 @@ def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
 
     names = sorted(p.name[:-5] for p in (resources.files("emotions") / "presets" / "tune").iterdir()
                    if p.name.endswith(".yaml"))  # fmt: skip
-    parser.add_argument("--preset", default="minilm", help=f"tune preset, one of {names}")
+    parser.add_argument("--preset", default=None,
+                        help=f"tune preset, one of {names} (default: minilm; heads with --from-bundle)")
     parser.add_argument("--config", help="YAML or JSON file merged over the preset (may hold a tune: section)")
+    parser.add_argument("--from-bundle", metavar="BUNDLE", default=None,
+                        help="head-only sweep: stage-2 settings over this bundle's encoder, which runs once "
+                             "(cached features); the bundle's config is the base")
     parser.add_argument("--output", required=True, help="folder for results, plot and the best bundle")
     parser.add_argument("--ray-address", default=None)
     parser.add_argument("--no-resume", action="store_true", help="start over even if the sweep exists")
@@ -167,10 +171,20 @@ def run_tune(args: argparse.Namespace) -> int:
     from emotions.tuning import build_sweep_config, run_sweep, split_tune_settings
     from emotions.config import from_dict
 
-    raw = build_sweep_config(args.preset, args.config, args.overrides)
+    if args.from_bundle:
+        from emotions.bundle import load_bundle
+        from emotions.head_sweep import build_head_sweep_config, run_head_sweep
+
+        raw = build_head_sweep_config(load_bundle(args.from_bundle), args.preset or "heads", args.config,
+                                      args.overrides)  # fmt: skip
+    else:
+        raw = build_sweep_config(args.preset or "minilm", args.config, args.overrides)
     from_dict(split_tune_settings(raw)[0])  # refuse bad keys before Ray starts
     connect_ray(args.ray_address)
-    summary = run_sweep(raw, args.output, resume=not args.no_resume)
+    if args.from_bundle:
+        summary = run_head_sweep(args.from_bundle, raw, args.output, resume=not args.no_resume)
+    else:
+        summary = run_sweep(raw, args.output, resume=not args.no_resume)
     print(json.dumps(summary, indent=2))
     print(f"results: {Path(args.output) / 'results.md'}")
     return 0

@@ -39,7 +39,8 @@ class TuneSettings:
     grace_period: int = 1  # reports (epochs) before ASHA may stop a trial
     reduction_factor: int = 2
     max_concurrent_trials: int | None = None  # None = as many as the cluster's CPUs/GPUs fit
-    seed: int = 0
+    seed: int = 0  # the search algorithm's random state: the same seed samples the same trials
+    baseline: bool = True  # trial 0 runs the base config's own values: "did the sweep beat it?"
     search: dict = field(default_factory=lambda: dict(DEFAULT_SEARCH))
 
 
@@ -134,6 +135,7 @@ def run_sweep(raw_config: dict, output: str | Path, resume: bool = True) -> dict
     space = {key: to_space(key, spec) for key, spec in settings.search.items()}
     for key in space:
         trial_config(base.to_dict(), {key: _example(settings.search[key])})  # every key must exist
+    check_state_api()
     storage = str(output / "sweep")
     # The driver function only waits on Ray Train: it reserves memory but no CPU, so a trial's
     # CPUs all go to its training workers (a CPU per driver would halve concurrency on small nodes).
@@ -143,18 +145,46 @@ def run_sweep(raw_config: dict, output: str | Path, resume: bool = True) -> dict
         log.info("resuming the sweep in %s/sweep (finished trials are kept)", storage)
         tuner = tune.Tuner.restore(f"{storage}/sweep", trainable=trainable, resume_errored=True)
     else:
+        max_t = sum(s.epochs for s in base.stages) + 1  # one report per epoch, then the final one
         scheduler = tune.schedulers.ASHAScheduler(
-            max_t=sum(s.epochs for s in base.stages) + 1, grace_period=settings.grace_period,
+            max_t=max_t, grace_period=min(settings.grace_period, max_t),
             reduction_factor=settings.reduction_factor)  # fmt: skip
+        points = [{key: base_value(base.to_dict(), key) for key in space}] if settings.baseline else []
+        search = tune.search.BasicVariantGenerator(points_to_evaluate=points, random_state=settings.seed)
         tuner = tune.Tuner(
             trainable, param_space=space,
             tune_config=tune.TuneConfig(metric=settings.metric, mode="max", scheduler=scheduler,
+                                        search_alg=search,
                                         num_samples=settings.num_samples,
                                         max_concurrent_trials=concurrency(base, settings)),
             run_config=tune.RunConfig(name="sweep", storage_path=storage),
         )  # fmt: skip
     results = tuner.fit()
     return write_results(results, settings, base, output, write_bundle_from_checkpoint)
+
+
+def base_value(base: dict, key: str) -> Any:
+    """``stage1.learning_rate`` -> base["stage1"]["learning_rate"]."""
+    value = base
+    for part in key.split("."):
+        value = value[part]
+    return value
+
+
+def check_state_api() -> None:
+    """Ray Train frees a stopped trial's placement group through a cleaner that asks the state API
+    (served by the dashboard) whether the trial's controller is alive. Without it, every trial
+    Tune stops keeps its CPUs/GPUs and later trials wait forever for a worker group."""
+    from ray.util.state import list_actors
+
+    try:
+        list_actors(limit=1, timeout=10, raise_on_missing_output=False)
+    except Exception as error:  # noqa: BLE001 - any failure means the same thing here
+        raise RuntimeError(
+            "Ray's state API is not reachable, so Ray Train could not free the resources of the "
+            "trials Tune stops and the sweep would hang. Start Ray with its dashboard: "
+            "`pip install 'ray[default]'` and `ray start --head` (or ray.init(include_dashboard=True)). "
+            f"Underlying error: {error}") from error
 
 
 def _example(spec: Any) -> Any:
@@ -166,45 +196,60 @@ def _example(spec: Any) -> Any:
 
 def write_results(results, settings: TuneSettings, base: TrainConfig, output: Path, write_bundle) -> dict:
     keys = list(settings.search)
+    base_values = {k: base_value(base.to_dict(), k) for k in keys}
+    metric = settings.metric
     rows = []
     for result in results:
         if result.metrics is None:
             continue
         history = result.metrics_dataframe
-        best_f1 = float(history[settings.metric].max()) if history is not None and settings.metric in history else math.nan
+        best_f1 = float(history[metric].max()) if history is not None and metric in history else math.nan
+        params = {k: result.config.get(k) for k in keys}
         rows.append({
             "trial": result.path.rsplit("/", 1)[-1],
-            **{k: result.config.get(k) for k in keys},
+            **params,
+            "baseline": settings.baseline and params == base_values,
             "epochs_run": int(len(history)) if history is not None else 0,
-            "final_" + settings.metric: result.metrics.get(settings.metric),
-            "best_" + settings.metric: best_f1,
+            "final_" + metric: result.metrics.get(metric),
+            "best_" + metric: best_f1,
             "val_macro_f1_at_0.5": result.metrics.get("val_macro_f1"),
             "stopped_early": not result.metrics.get("final", False),
+            "minutes": round(result.metrics.get("time_total_s", math.nan) / 60, 1),
             "error": repr(result.error) if result.error else "",
         })  # fmt: skip
-    rows.sort(key=lambda r: -(r["final_" + settings.metric] or 0) if not r["stopped_early"] else 1)
+    rows.sort(key=lambda r: (r["stopped_early"], -(r["final_" + metric] or 0)))
     output.mkdir(parents=True, exist_ok=True)
     import pandas as pd
 
     table = pd.DataFrame(rows)
     table.to_csv(output / "results.csv", index=False)
     (output / "results.md").write_text(markdown_table(rows))
-    plot_sweep(table, keys, settings.metric, output / "sweep.png")
+    plot_sweep(table, keys, metric, output / "sweep.png")
     finished = [r for r in results if r.metrics and r.metrics.get("final") and not r.error]
     if not finished:
         raise RuntimeError(f"no trial finished; see {output / 'results.md'}")
-    best = max(finished, key=lambda r: r.metrics[settings.metric])
+    best = max(finished, key=lambda r: r.metrics[metric])
     best_params = {k: best.config.get(k) for k in keys}
-    (output / "best_config.json").write_text(json.dumps({
-        "params": best_params, settings.metric: best.metrics[settings.metric],
-        "config": trial_config(base.to_dict(), best_params).to_dict()}, indent=2) + "\n")  # fmt: skip
+    baseline = next((r for r in rows if r["baseline"]), None)
+    comparison = None
+    if baseline:
+        comparison = {"baseline_" + metric: baseline["final_" + metric],
+                      "baseline_stopped_early": baseline["stopped_early"],
+                      "best_minus_baseline": best.metrics[metric] - (baseline["final_" + metric] or 0)}  # fmt: skip
     config = trial_config(base.to_dict(), best_params)
+    (output / "best_config.json").write_text(json.dumps({
+        "params": best_params, metric: best.metrics[metric], "baseline": comparison,
+        "config": config.to_dict()}, indent=2) + "\n")  # fmt: skip
     checkpoint = ray.train.Checkpoint(best.metrics["checkpoint_path"])
     with checkpoint.as_directory() as final:
         bundle = write_bundle(Path(final), config, output / "best_bundle")
-    log.info("best trial %s: %s = %.4f; bundle %s", best.path, settings.metric,
-             best.metrics[settings.metric], bundle)  # fmt: skip
-    return {"best_params": best_params, "best_metric": best.metrics[settings.metric],
+    log.info("best trial %s: %s = %.4f; bundle %s", best.path, metric, best.metrics[metric], bundle)
+    if comparison:
+        log.info("baseline (the base config's own values): %s = %.4f%s; best - baseline = %+.4f",
+                 metric, comparison["baseline_" + metric] or math.nan,
+                 " (stopped early)" if comparison["baseline_stopped_early"] else "",
+                 comparison["best_minus_baseline"])  # fmt: skip
+    return {"best_params": best_params, "best_metric": best.metrics[metric], "baseline": comparison,
             "bundle": str(bundle), "trials": len(rows)}  # fmt: skip
 
 

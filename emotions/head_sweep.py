@@ -1,0 +1,316 @@
+"""Cheap head sweeps: stage-2 settings over one fixed, trained encoder, on cached features.
+
+Stage 2 freezes the encoder, so every stage-2 trial would encode the same texts with the same
+weights. Here the encoder runs once: the pooled features of the train and validation texts are
+written to ``<run.storage_path>/features/<key>.safetensors`` (the key covers the bundle's hash,
+the data settings and the pooling), put in the object store once, and every trial trains only a
+fresh head on them: seconds per trial instead of an encoder pass. A later sweep over the same
+bundle and data reuses the file. The best head is written into a copy of the source bundle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+from ray import tune
+from safetensors.numpy import load_file as load_numpy
+from safetensors.numpy import save_file as save_numpy
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from emotions import environment
+from emotions.batching import collate, random_batches, sorted_batches, tokenize
+from emotions.bundle import Bundle, load_bundle, save_bundle
+from emotions.config import ConfigError, TrainConfig, from_dict, load_file as load_config_file
+from emotions.config import merge, parse_overrides
+from emotions.metrics import compute_metrics, evaluation_report, format_summary
+from emotions.model import build_head
+from emotions.thresholds import fit_thresholds
+from emotions.tuning import (TUNE_PRESETS, TuneSettings, base_value, check_state_api, markdown_table,
+                             plot_sweep, split_tune_settings, to_space, trial_config)  # fmt: skip
+
+log = logging.getLogger("emotions.head_sweep")
+
+HEAD_FILE = "head.safetensors"
+ENCODE_BATCH = 64
+# The data settings that decide which texts (and so which features) a sweep trains on.
+DATA_KEYS = ("train", "validation", "text_column", "labels_column", "label_format", "max_length",
+             "max_train_examples", "max_validation_examples", "concat_fraction")  # fmt: skip
+
+
+def build_head_sweep_config(source: Bundle, preset: str = "heads", file: str | Path | None = None,
+                            overrides: list[str] = ()) -> dict:  # fmt: skip
+    """The source bundle's own training config, then the tune preset's sections (its ``base`` is
+    ignored: the bundle is the base), then a file, then KEY=VALUE overrides."""
+    import yaml
+
+    path = TUNE_PRESETS / f"{preset}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"unknown tune preset {preset!r}; choose one of "
+                          f"{sorted(p.stem for p in TUNE_PRESETS.glob('*.yaml'))}")  # fmt: skip
+    sweep = yaml.safe_load(path.read_text()) or {}
+    sweep.pop("base", None)
+    raw = merge(source.config, sweep)
+    if file:
+        raw = merge(raw, load_config_file(file))
+    raw = merge(raw, parse_overrides(list(overrides)))
+    check_head_only(raw, source)
+    return raw
+
+
+def check_head_only(raw: dict, source: Bundle) -> None:
+    """Refuse settings a head sweep cannot honour: it never trains or re-reads the encoder."""
+    _, settings = split_tune_settings(raw)
+    outside = sorted(k for k in settings.search if not k.startswith("stage2."))
+    if outside:
+        raise ConfigError(f"a head sweep searches stage-2 settings only (the encoder is the bundle's, "
+                          f"fixed); drop {outside} from tune.search, or run a full sweep without "
+                          f"--from-bundle")  # fmt: skip
+    for section in ("model",):
+        for key, value in raw.get(section, {}).items():
+            if source.config.get(section, {}).get(key) != value:
+                raise ConfigError(f"{section}.{key}={value!r} differs from the bundle's "
+                                  f"{source.config[section].get(key)!r}; a head sweep keeps the "
+                                  f"bundle's encoder and pooling")  # fmt: skip
+
+
+def feature_key(source: Bundle, config: TrainConfig) -> str:
+    data = {k: getattr(config.data, k) for k in DATA_KEYS}
+    blob = json.dumps({"bundle": source.hash, "data": data, "seed": config.seed,
+                       "pooling": config.model.pooling}, sort_keys=True, default=str)  # fmt: skip
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def cached_features(source: Bundle, config: TrainConfig, cache_dir: Path) -> tuple[dict[str, np.ndarray], Path]:
+    """{train_x [n, hidden], train_y [n, 28], validation_x, validation_y} of the source encoder on
+    the config's data: read from the cache if there, else encoded once and written there."""
+    from emotions.training import load_training_data
+
+    path = cache_dir / f"{feature_key(source, config)}.safetensors"
+    if path.is_file():
+        log.info("reusing cached encoder features %s", path)
+        return load_numpy(str(path)), path
+    train, validation = load_training_data(config)
+    log.info("encoding %d train and %d validation texts once with the bundle's encoder (%s)",
+             len(train), len(validation), source.hash)  # fmt: skip
+    start = time.perf_counter()
+    features = {"train_x": encode(source, train.texts), "train_y": train.labels.astype(np.float32),
+                "validation_x": encode(source, validation.texts),
+                "validation_y": validation.labels.astype(np.float32)}  # fmt: skip
+    log.info("features ready in %.0fs; cached at %s", time.perf_counter() - start, path)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(f".partial-{os.getpid()}")
+    save_numpy(features, str(partial), metadata={"bundle": source.hash, "source": source.path.as_posix()})
+    partial.rename(path)  # a killed run never leaves a half-written cache behind
+    return features, path
+
+
+@torch.inference_mode()
+def encode(source: Bundle, texts: list[str]) -> np.ndarray:
+    """Pooled encoder features [n, hidden] float32, in text order."""
+    model = source.model.eval()
+    data = tokenize(texts, np.zeros((len(texts), 1), dtype=np.float32), source.tokenizer, source.max_length)
+    out = np.zeros((len(texts), model.hidden_size), dtype=np.float32)
+    pad = source.tokenizer.pad_token_id or 0
+    for rows in sorted_batches(data.lengths, ENCODE_BATCH):
+        ids, mask, _ = collate(data, rows, pad)
+        out[rows] = model.features(ids, mask).float().numpy()
+    return out
+
+
+def train_head(config: TrainConfig, features: dict[str, np.ndarray], report=None) -> tuple[nn.Module, list[dict]]:
+    """Stage 2 on cached features: a fresh head, ``stage2.epochs`` epochs, metrics per epoch.
+    ``report(metrics, head, last)`` is called after each epoch (Tune's report in a trial)."""
+    stage = config.stage2
+    torch.manual_seed(config.seed + 1)
+    with warnings.catch_warnings():  # object-store arrays are read-only; nothing here writes to them
+        warnings.simplefilter("ignore", UserWarning)
+        x, y = torch.from_numpy(features["train_x"]), torch.from_numpy(features["train_y"])
+        vx, vy = torch.from_numpy(features["validation_x"]), features["validation_y"]
+    head = build_head(x.shape[1], stage.head_depth, stage.dropout, stage.head_hidden)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=stage.head_learning_rate or stage.learning_rate,
+                                  weight_decay=stage.weight_decay)  # fmt: skip
+    from emotions.training import build_scheduler
+
+    steps = math.ceil(len(x) / stage.batch_size)
+    scheduler = build_scheduler(optimizer, stage, steps)
+    loss_fn = nn.BCEWithLogitsLoss()
+    history = []
+    for epoch in range(stage.epochs):
+        head.train()
+        start, losses = time.perf_counter(), []
+        for rows in random_batches(len(x), stage.batch_size, config.seed * 1000 + epoch):
+            loss = loss_fn(head(x[rows]), y[rows])
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+        probs = predict(head, vx)
+        tuned = fit_thresholds(probs, vy, fallback=config.thresholds.fallback)
+        metrics = {"stage": "stage2", "epoch": epoch + 1, "train_loss": float(np.mean(losses)),
+                   "val_macro_f1": compute_metrics(vy, probs, 0.5)["macro_f1"],
+                   "val_macro_f1_tuned": compute_metrics(vy, probs, tuned)["macro_f1"],
+                   "epoch_seconds": time.perf_counter() - start, "final": epoch + 1 == stage.epochs}  # fmt: skip
+        history.append(metrics)
+        if report:
+            report(metrics, head, epoch + 1 == stage.epochs)
+    return head, history
+
+
+@torch.inference_mode()
+def predict(head: nn.Module, x: torch.Tensor) -> np.ndarray:
+    head.eval()
+    return torch.sigmoid(head(x)).numpy()
+
+
+def run_head_trial(params: dict, base: dict, features: dict[str, np.ndarray]) -> None:
+    """Tune's trainable: a head on the shared features. No encoder is loaded here."""
+    torch.set_num_threads(1)
+    config = trial_config(base, params)
+
+    def report(metrics: dict, head: nn.Module, last: bool) -> None:
+        if not last:
+            tune.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            save_file({k: v.contiguous() for k, v in head.state_dict().items()}, os.path.join(tmp, HEAD_FILE))
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
+
+    train_head(config, features, report)
+
+
+def run_head_sweep(source_path: str | Path, raw_config: dict, output: str | Path, resume: bool = True) -> dict:
+    """Sweep stage-2 settings over the bundle's encoder; write the table, plot, best config and
+    the best bundle (the source bundle with the best head and its thresholds)."""
+    output = Path(output).absolute()
+    source = load_bundle(source_path)
+    check_head_only(raw_config, source)
+    base_raw, settings = split_tune_settings(raw_config)
+    base = from_dict(base_raw)
+    environment.log_environment({**base.to_dict(), "tune": settings.__dict__, "from_bundle": str(source_path)},
+                                "tune-heads")  # fmt: skip
+    check_state_api()
+    cache = Path(environment.expand_storage_path(base.run.storage_path)) / "features"
+    features, cache_file = cached_features(source, base, cache)
+    space = {key: to_space(key, spec) for key, spec in settings.search.items()}
+    for key in space:
+        base_value(base.to_dict(), key)  # every key must exist
+    storage = str(output / "sweep")
+    # with_parameters puts the features in the object store once; trials map them, zero-copy.
+    trainable = tune.with_resources(tune.with_parameters(run_head_trial, base=base.to_dict(), features=features),
+                                    {"CPU": 1})  # fmt: skip
+    if resume and tune.Tuner.can_restore(f"{storage}/sweep"):
+        log.info("resuming the head sweep in %s/sweep (finished trials are kept)", storage)
+        tuner = tune.Tuner.restore(f"{storage}/sweep", trainable=trainable, resume_errored=True)
+    else:
+        points = [{k: base_value(base.to_dict(), k) for k in space}] if settings.baseline else []
+        tuner = tune.Tuner(
+            trainable, param_space=space,
+            tune_config=tune.TuneConfig(
+                metric=settings.metric, mode="max", num_samples=settings.num_samples,
+                search_alg=tune.search.BasicVariantGenerator(points_to_evaluate=points,
+                                                             random_state=settings.seed),
+                scheduler=tune.schedulers.ASHAScheduler(max_t=max_epochs(base, settings),
+                                                        grace_period=min(settings.grace_period,
+                                                                         max_epochs(base, settings)),
+                                                        reduction_factor=settings.reduction_factor),
+                max_concurrent_trials=settings.max_concurrent_trials),
+            run_config=tune.RunConfig(name="sweep", storage_path=storage),
+        )  # fmt: skip
+    results = tuner.fit()
+    return write_head_results(results, settings, base, source, features, cache_file, output)
+
+
+def max_epochs(base: TrainConfig, settings: TuneSettings) -> int:
+    """ASHA's max_t: the most epochs any trial can run (stage2.epochs may be searched)."""
+    spec = settings.search.get("stage2.epochs")
+    values = spec.get("choice", spec.get("uniform", spec.get("loguniform", []))) if isinstance(spec, dict) else [spec]
+    return int(max([base.stage2.epochs, *[v for v in values if v is not None]]))
+
+
+def write_head_results(results, settings: TuneSettings, base: TrainConfig, source: Bundle,
+                       features: dict[str, np.ndarray], cache_file: Path, output: Path) -> dict:  # fmt: skip
+    import pandas as pd
+
+    keys, metric = list(settings.search), settings.metric
+    base_values = {k: base_value(base.to_dict(), k) for k in keys}
+    rows = []
+    for result in results:
+        if result.metrics is None:
+            continue
+        history = result.metrics_dataframe
+        params = {k: result.config.get(k) for k in keys}
+        rows.append({
+            "trial": result.path.rsplit("/", 1)[-1], **params,
+            "baseline": settings.baseline and params == base_values,
+            "epochs_run": int(len(history)) if history is not None else 0,
+            "final_" + metric: result.metrics.get(metric),
+            "best_" + metric: float(history[metric].max()) if history is not None else math.nan,
+            "val_macro_f1_at_0.5": result.metrics.get("val_macro_f1"),
+            "stopped_early": not result.metrics.get("final", False),
+            "seconds": round(result.metrics.get("time_total_s", math.nan), 1),
+            "error": repr(result.error) if result.error else "",
+        })  # fmt: skip
+    rows.sort(key=lambda r: (r["stopped_early"], -(r["final_" + metric] or 0)))
+    output.mkdir(parents=True, exist_ok=True)
+    table = pd.DataFrame(rows)
+    table.to_csv(output / "results.csv", index=False)
+    (output / "results.md").write_text(markdown_table(rows))
+    plot_sweep(table, keys, metric, output / "sweep.png")
+    finished = [r for r in results if r.metrics and r.metrics.get("final") and r.checkpoint and not r.error]
+    if not finished:
+        raise RuntimeError(f"no trial finished; see {output / 'results.md'}")
+    best = max(finished, key=lambda r: r.metrics[metric])
+    best_params = {k: best.config.get(k) for k in keys}
+    config = trial_config(base.to_dict(), best_params)
+    baseline = next((r for r in rows if r["baseline"]), None)
+    comparison = baseline and {"baseline_" + metric: baseline["final_" + metric],
+                               "baseline_stopped_early": baseline["stopped_early"],
+                               "best_minus_baseline": best.metrics[metric] - (baseline["final_" + metric] or 0)}  # fmt: skip
+    (output / "best_config.json").write_text(json.dumps({
+        "params": best_params, metric: best.metrics[metric], "baseline": comparison or None,
+        "from_bundle": {"path": str(source.path), "hash": source.hash}, "features": str(cache_file),
+        "config": config.to_dict()}, indent=2) + "\n")  # fmt: skip
+    with best.checkpoint.as_directory() as d:
+        head_state = load_file(os.path.join(d, HEAD_FILE))
+    bundle = write_head_bundle(source, config, head_state, features, output / "best_bundle")
+    log.info("best head %s: %s = %.4f; bundle %s", best.path, metric, best.metrics[metric], bundle)
+    return {"best_params": best_params, "best_metric": best.metrics[metric], "baseline": comparison or None,
+            "bundle": str(bundle), "trials": len(rows), "features": str(cache_file)}  # fmt: skip
+
+
+def write_head_bundle(source: Bundle, config: TrainConfig, head_state: dict, features: dict[str, np.ndarray],
+                      output: Path) -> Path:  # fmt: skip
+    """The source bundle's encoder with this head, thresholds fitted as the config says."""
+    from emotions.training import describe_head
+
+    s = config.stage2
+    head = build_head(features["train_x"].shape[1], s.head_depth, s.dropout, s.head_hidden)
+    head.load_state_dict(head_state)
+    split = config.thresholds.split
+    probs = {name: predict(head, torch.from_numpy(features[f"{name}_x"])) for name in ("train", "validation")}
+    thresholds = fit_thresholds(probs[split], features[f"{split}_y"], fallback=config.thresholds.fallback)
+    report = evaluation_report(features["validation_y"], probs["validation"], thresholds,
+                               source=config.data.validation, model=config.model.encoder)  # fmt: skip
+    report["thresholds_fitted_on"] = split
+    report["head_sweep"] = {"from_bundle": source.hash}
+    weights = {k: v for k, v in load_file(str(source.path / "model.safetensors")).items() if not k.startswith("head.")}
+    weights.update({f"head.{k}": v for k, v in head_state.items()})
+    path = save_bundle(output, weights=weights,
+                       encoder_config=json.loads((source.path / "encoder_config.json").read_text()),
+                       head=describe_head(head, config.model.pooling), tokenizer=source.tokenizer,
+                       thresholds=thresholds, config=config.to_dict(), metrics=report)  # fmt: skip
+    log.info("validation metrics of the best head:\n%s", format_summary(report))
+    return path
