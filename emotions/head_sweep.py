@@ -220,13 +220,13 @@ def run_head_sweep(source_path: str | Path, raw_config: dict, output: str | Path
             trainable, param_space=space,
             tune_config=tune.TuneConfig(
                 metric=settings.metric, mode="max", num_samples=settings.num_samples,
-                search_alg=tune.search.BasicVariantGenerator(points_to_evaluate=points,
-                                                             random_state=settings.seed),
+                search_alg=tune.search.BasicVariantGenerator(
+                    points_to_evaluate=points, random_state=settings.seed,
+                    max_concurrent=settings.max_concurrent_trials or 0),  # 0: as many as CPUs fit
                 scheduler=tune.schedulers.ASHAScheduler(max_t=max_epochs(base, settings),
                                                         grace_period=min(settings.grace_period,
                                                                          max_epochs(base, settings)),
-                                                        reduction_factor=settings.reduction_factor),
-                max_concurrent_trials=settings.max_concurrent_trials),
+                                                        reduction_factor=settings.reduction_factor)),
             run_config=tune.RunConfig(name="sweep", storage_path=storage),
         )  # fmt: skip
     results = tuner.fit()

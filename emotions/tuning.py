@@ -150,13 +150,13 @@ def run_sweep(raw_config: dict, output: str | Path, resume: bool = True) -> dict
             max_t=max_t, grace_period=min(settings.grace_period, max_t),
             reduction_factor=settings.reduction_factor)  # fmt: skip
         points = [{key: base_value(base.to_dict(), key) for key in space}] if settings.baseline else []
-        search = tune.search.BasicVariantGenerator(points_to_evaluate=points, random_state=settings.seed)
+        # The generator itself limits concurrency: Tune ignores max_concurrent_trials for it.
+        search = tune.search.BasicVariantGenerator(points_to_evaluate=points, random_state=settings.seed,
+                                                   max_concurrent=concurrency(base, settings))  # fmt: skip
         tuner = tune.Tuner(
             trainable, param_space=space,
             tune_config=tune.TuneConfig(metric=settings.metric, mode="max", scheduler=scheduler,
-                                        search_alg=search,
-                                        num_samples=settings.num_samples,
-                                        max_concurrent_trials=concurrency(base, settings)),
+                                        search_alg=search, num_samples=settings.num_samples),
             run_config=tune.RunConfig(name="sweep", storage_path=storage),
         )  # fmt: skip
     results = tuner.fit()
@@ -215,6 +215,7 @@ def write_results(results, settings: TuneSettings, base: TrainConfig, output: Pa
             "val_macro_f1_at_0.5": result.metrics.get("val_macro_f1"),
             "stopped_early": not result.metrics.get("final", False),
             "minutes": round(result.metrics.get("time_total_s", math.nan) / 60, 1),
+            "ended": result.metrics.get("timestamp"),  # unix seconds of the last report
             "error": repr(result.error) if result.error else "",
         })  # fmt: skip
     rows.sort(key=lambda r: (r["stopped_early"], -(r["final_" + metric] or 0)))

@@ -58,6 +58,17 @@ def test_bad_search_space_is_refused_before_running():
         split_tune_settings(raw)
 
 
+def test_sweep_runs_no_more_trials_at_once_than_the_cpus_fit(smoke_sweep):
+    out, _, _ = smoke_sweep
+    spans = []
+    for path in (out / "sweep" / "sweep").glob("*/result.json"):
+        last = json.loads(path.read_text().splitlines()[-1])
+        spans.append((last["timestamp"] - last["time_total_s"], last["timestamp"]))
+    assert len(spans) == 4
+    # 2 CPUs, 1-CPU Train workers: two trials at a time, so at most one other running when one starts.
+    assert max(sum(s < t - 1 and e > t + 1 for s, e in spans) for t, _ in spans) <= 1  # others
+
+
 def test_sweep_table_marks_the_baseline_trial(smoke_sweep):
     out, raw, summary = smoke_sweep
     table = pd.read_csv(out / "results.csv")
