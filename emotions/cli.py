@@ -192,8 +192,9 @@ def run_tune(args: argparse.Namespace) -> int:
 
 def add_ablate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="quickstart", help=f"training preset the rows start from {preset_names()}")
-    parser.add_argument("--budget", default="laptop", choices=["laptop", "full"],
-                        help="laptop: 3,000 examples, 1+6 epochs per row; full: all data, 3+10 epochs")
+    parser.add_argument("--budget", default="laptop", choices=["tiny", "laptop", "full"],
+                        help="laptop: 10,000 examples, 1+6 epochs per row (~35 min on 2 cores); full: all data, "
+                             "3+10 epochs; tiny: 300 examples (tests)")
     parser.add_argument("--output", required=True, help="folder for ablation.md/.json and the row bundles")
     parser.add_argument("--ray-address", default=None)
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="applied to every row")

@@ -21,7 +21,6 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import ray
 import torch
 from ray import tune
 from safetensors.numpy import load_file as load_numpy
@@ -37,8 +36,8 @@ from emotions.config import merge, parse_overrides
 from emotions.metrics import compute_metrics, evaluation_report, format_summary
 from emotions.model import build_head
 from emotions.thresholds import fit_thresholds
-from emotions.tuning import (TUNE_PRESETS, TuneSettings, base_value, check_state_api, markdown_table,
-                             plot_sweep, split_tune_settings, to_space, trial_config)  # fmt: skip
+from emotions.tuning import (TUNE_PRESETS, TuneSettings, base_value, check_state_api, split_tune_settings,
+                             summarize, to_space, trial_config)  # fmt: skip
 
 log = logging.getLogger("emotions.head_sweep")
 
@@ -242,53 +241,13 @@ def max_epochs(base: TrainConfig, settings: TuneSettings) -> int:
 
 def write_head_results(results, settings: TuneSettings, base: TrainConfig, source: Bundle,
                        features: dict[str, np.ndarray], cache_file: Path, output: Path) -> dict:  # fmt: skip
-    import pandas as pd
-
-    keys, metric = list(settings.search), settings.metric
-    base_values = {k: base_value(base.to_dict(), k) for k in keys}
-    rows = []
-    for result in results:
-        if result.metrics is None:
-            continue
-        history = result.metrics_dataframe
-        params = {k: result.config.get(k) for k in keys}
-        rows.append({
-            "trial": result.path.rsplit("/", 1)[-1], **params,
-            "baseline": settings.baseline and params == base_values,
-            "epochs_run": int(len(history)) if history is not None else 0,
-            "final_" + metric: result.metrics.get(metric),
-            "best_" + metric: float(history[metric].max()) if history is not None else math.nan,
-            "val_macro_f1_at_0.5": result.metrics.get("val_macro_f1"),
-            "stopped_early": not result.metrics.get("final", False),
-            "seconds": round(result.metrics.get("time_total_s", math.nan), 1),
-            "error": repr(result.error) if result.error else "",
-        })  # fmt: skip
-    rows.sort(key=lambda r: (r["stopped_early"], -(r["final_" + metric] or 0)))
-    output.mkdir(parents=True, exist_ok=True)
-    table = pd.DataFrame(rows)
-    table.to_csv(output / "results.csv", index=False)
-    (output / "results.md").write_text(markdown_table(rows))
-    plot_sweep(table, keys, metric, output / "sweep.png")
-    finished = [r for r in results if r.metrics and r.metrics.get("final") and r.checkpoint and not r.error]
-    if not finished:
-        raise RuntimeError(f"no trial finished; see {output / 'results.md'}")
-    best = max(finished, key=lambda r: r.metrics[metric])
-    best_params = {k: best.config.get(k) for k in keys}
-    config = trial_config(base.to_dict(), best_params)
-    baseline = next((r for r in rows if r["baseline"]), None)
-    comparison = baseline and {"baseline_" + metric: baseline["final_" + metric],
-                               "baseline_stopped_early": baseline["stopped_early"],
-                               "best_minus_baseline": best.metrics[metric] - (baseline["final_" + metric] or 0)}  # fmt: skip
-    (output / "best_config.json").write_text(json.dumps({
-        "params": best_params, metric: best.metrics[metric], "baseline": comparison or None,
-        "from_bundle": {"path": str(source.path), "hash": source.hash}, "features": str(cache_file),
-        "config": config.to_dict()}, indent=2) + "\n")  # fmt: skip
-    with best.checkpoint.as_directory() as d:
+    extra = {"from_bundle": {"path": str(source.path), "hash": source.hash}, "features": str(cache_file)}
+    summary = summarize(results, settings, base, output, extra, usable=lambda r: r.checkpoint is not None)
+    with summary.best.checkpoint.as_directory() as d:
         head_state = load_file(os.path.join(d, HEAD_FILE))
-    bundle = write_head_bundle(source, config, head_state, features, output / "best_bundle")
-    log.info("best head %s: %s = %.4f; bundle %s", best.path, metric, best.metrics[metric], bundle)
-    return {"best_params": best_params, "best_metric": best.metrics[metric], "baseline": comparison or None,
-            "bundle": str(bundle), "trials": len(rows), "features": str(cache_file)}  # fmt: skip
+    bundle = write_head_bundle(source, summary.config, head_state, features, output / "best_bundle")
+    log.info("best head %s: %s = %.4f; bundle %s", summary.best.path, settings.metric, summary.metric, bundle)
+    return summary.as_dict(bundle=str(bundle), features=str(cache_file))
 
 
 def write_head_bundle(source: Bundle, config: TrainConfig, head_state: dict, features: dict[str, np.ndarray],

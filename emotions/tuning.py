@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -194,10 +195,28 @@ def _example(spec: Any) -> Any:
     return spec
 
 
-def write_results(results, settings: TuneSettings, base: TrainConfig, output: Path, write_bundle) -> dict:
-    keys = list(settings.search)
+@dataclass
+class SweepSummary:
+    best: Any  # the best finished trial's ray.tune.Result
+    params: dict  # its sampled values
+    config: TrainConfig  # the base config with them applied
+    metric: float
+    baseline: dict | None  # the baseline trial's metric and best - baseline, if there was one
+    trials: int
+
+    def as_dict(self, **extra) -> dict:
+        return {"best_params": self.params, "best_metric": self.metric, "baseline": self.baseline,
+                "trials": self.trials, **extra}  # fmt: skip
+
+
+def summarize(results, settings: TuneSettings, base: TrainConfig, output: Path, extra: dict | None = None,
+              usable=lambda result: True) -> SweepSummary:  # fmt: skip
+    """Write results.csv/.md, sweep.png and best_config.json; pick the best finished trial (among
+    those ``usable`` says have what the export needs) and compare it with the baseline trial."""
+    import pandas as pd
+
+    keys, metric = list(settings.search), settings.metric
     base_values = {k: base_value(base.to_dict(), k) for k in keys}
-    metric = settings.metric
     rows = []
     for result in results:
         if result.metrics is None:
@@ -206,7 +225,7 @@ def write_results(results, settings: TuneSettings, base: TrainConfig, output: Pa
         best_f1 = float(history[metric].max()) if history is not None and metric in history else math.nan
         params = {k: result.config.get(k) for k in keys}
         rows.append({
-            "trial": result.path.rsplit("/", 1)[-1],
+            "trial": trial_name(result.path),
             **params,
             "baseline": settings.baseline and params == base_values,
             "epochs_run": int(len(history)) if history is not None else 0,
@@ -214,49 +233,58 @@ def write_results(results, settings: TuneSettings, base: TrainConfig, output: Pa
             "best_" + metric: best_f1,
             "val_macro_f1_at_0.5": result.metrics.get("val_macro_f1"),
             "stopped_early": not result.metrics.get("final", False),
-            "minutes": round(result.metrics.get("time_total_s", math.nan) / 60, 1),
+            "minutes": round(result.metrics.get("time_total_s", math.nan) / 60, 2),
             "ended": result.metrics.get("timestamp"),  # unix seconds of the last report
             "error": repr(result.error) if result.error else "",
         })  # fmt: skip
     rows.sort(key=lambda r: (r["stopped_early"], -(r["final_" + metric] or 0)))
     output.mkdir(parents=True, exist_ok=True)
-    import pandas as pd
-
     table = pd.DataFrame(rows)
     table.to_csv(output / "results.csv", index=False)
     (output / "results.md").write_text(markdown_table(rows))
     plot_sweep(table, keys, metric, output / "sweep.png")
-    finished = [r for r in results if r.metrics and r.metrics.get("final") and not r.error]
+    finished = [r for r in results if r.metrics and r.metrics.get("final") and not r.error and usable(r)]
     if not finished:
         raise RuntimeError(f"no trial finished; see {output / 'results.md'}")
     best = max(finished, key=lambda r: r.metrics[metric])
-    best_params = {k: best.config.get(k) for k in keys}
+    params = {k: best.config.get(k) for k in keys}
     baseline = next((r for r in rows if r["baseline"]), None)
     comparison = None
     if baseline:
         comparison = {"baseline_" + metric: baseline["final_" + metric],
                       "baseline_stopped_early": baseline["stopped_early"],
                       "best_minus_baseline": best.metrics[metric] - (baseline["final_" + metric] or 0)}  # fmt: skip
-    config = trial_config(base.to_dict(), best_params)
-    (output / "best_config.json").write_text(json.dumps({
-        "params": best_params, metric: best.metrics[metric], "baseline": comparison,
-        "config": config.to_dict()}, indent=2) + "\n")  # fmt: skip
-    checkpoint = ray.train.Checkpoint(best.metrics["checkpoint_path"])
-    with checkpoint.as_directory() as final:
-        bundle = write_bundle(Path(final), config, output / "best_bundle")
-    log.info("best trial %s: %s = %.4f; bundle %s", best.path, metric, best.metrics[metric], bundle)
-    if comparison:
         log.info("baseline (the base config's own values): %s = %.4f%s; best - baseline = %+.4f",
                  metric, comparison["baseline_" + metric] or math.nan,
                  " (stopped early)" if comparison["baseline_stopped_early"] else "",
                  comparison["best_minus_baseline"])  # fmt: skip
-    return {"best_params": best_params, "best_metric": best.metrics[metric], "baseline": comparison,
-            "bundle": str(bundle), "trials": len(rows)}  # fmt: skip
+    config = trial_config(base.to_dict(), params)
+    (output / "best_config.json").write_text(json.dumps({
+        "params": params, metric: best.metrics[metric], "baseline": comparison, **(extra or {}),
+        "config": config.to_dict()}, indent=2) + "\n")  # fmt: skip
+    return SweepSummary(best, params, config, best.metrics[metric], comparison, len(rows))
+
+
+def write_results(results, settings: TuneSettings, base: TrainConfig, output: Path, write_bundle) -> dict:
+    summary = summarize(results, settings, base, output)
+    checkpoint = ray.train.Checkpoint(summary.best.metrics["checkpoint_path"])
+    with checkpoint.as_directory() as final:
+        bundle = write_bundle(Path(final), summary.config, output / "best_bundle")
+    log.info("best trial %s: %s = %.4f; bundle %s", summary.best.path, settings.metric, summary.metric, bundle)
+    return summary.as_dict(bundle=str(bundle))
+
+
+def trial_name(path: str) -> str:
+    """A trial folder (run_trial_794af_00006_6_stage1_...) -> its id (run_trial_794af_00006)."""
+    name = path.rstrip("/").rsplit("/", 1)[-1]
+    match = re.match(r".*?_[0-9a-f]{5}_\d{5}", name)
+    return match.group(0) if match else name
 
 
 def markdown_table(rows: list[dict]) -> str:
     if not rows:
         return "(no trials)\n"
+    rows = [{k: v for k, v in row.items() if k != "ended"} for row in rows]  # the CSV keeps it
     cell = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
     lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
     lines += ["| " + " | ".join(cell(v) for v in row.values()) + " |" for row in rows]

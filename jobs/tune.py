@@ -5,6 +5,8 @@
         tune.num_samples=32 scaling.use_gpu=true
 
 Re-submitting with the same --output resumes the sweep (finished trials are kept).
+`--from-bundle BUNDLE` sweeps only stage-2 (head) settings over that bundle's encoder, on features
+encoded once and cached (see docs/tuning.md).
 """
 
 import sys

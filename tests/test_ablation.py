@@ -20,11 +20,15 @@ def test_rows_are_the_seed_table():
     assert configs["+ expanded dataset"].data.concat_fraction > 0
     assert configs["DenseLayer(2), dropout 0.2"].stage2.head_depth == 2
     assert configs["DenseLayer(2), dropout 0.2"].stage2.dropout == 0.2
-    assert all(c.data.max_train_examples == 3000 for c in configs.values())  # laptop budget
+    assert all(c.data.max_train_examples == 10000 for c in configs.values())  # laptop budget
+    # Cumulative rows: all but the first train the encoder at the constant 5e-5 of row 2.
+    later = list(configs.values())[1:]
+    assert all((c.stage1.schedule, c.stage1.learning_rate) == ("constant", 5e-5) for c in later)
+    assert one.stage1.learning_rate == 5e-5
 
 
 def test_ablation_runs_rows_and_writes_the_table(local_ray, runs_dir, tmp_path):
-    results = run_ablation("smoke", tmp_path, "laptop", [f"run.storage_path={runs_dir}/ablate",
+    results = run_ablation("smoke", tmp_path, "tiny", [f"run.storage_path={runs_dir}/ablate",
                            "data.max_length=32"], rows=[4, 5])  # fmt: skip
     assert [r["row"] for r in results] == ["+ dropout 0.1", "+ threshold optimisation"]
     # Rows 4 and 5 share one training run; thresholds (fitted on train) change the numbers.
