@@ -84,15 +84,28 @@ class Bundle:
     def labels(self) -> tuple[str, ...]:
         return EMOTIONS
 
+    def _batches(self, texts: list[str], batch_size: int):
+        """(rows, input_ids, attention_mask) on the model's device, the texts sorted by length."""
+        device = next(self.model.parameters()).device
+        data = tokenize(texts, np.zeros((len(texts), len(EMOTIONS))), self.tokenizer, self.max_length)
+        for rows in sorted_batches(data.lengths, batch_size):
+            ids, mask, _ = collate(data, rows, self.tokenizer.pad_token_id or 0)
+            yield rows, ids.to(device), mask.to(device)
+
     @torch.inference_mode()
     def predict_proba(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
         """[n] texts -> [n, 28] probabilities (float32)."""
-        device = next(self.model.parameters()).device
-        data = tokenize(texts, np.zeros((len(texts), len(EMOTIONS))), self.tokenizer, self.max_length)
         out = np.zeros((len(texts), len(EMOTIONS)), dtype=np.float32)
-        for rows in sorted_batches(data.lengths, batch_size):
-            ids, mask, _ = collate(data, rows, self.tokenizer.pad_token_id or 0)
-            out[rows] = torch.sigmoid(self.model(ids.to(device), mask.to(device))).float().cpu().numpy()
+        for rows, ids, mask in self._batches(texts, batch_size):
+            out[rows] = torch.sigmoid(self.model(ids, mask)).float().cpu().numpy()
+        return out
+
+    @torch.inference_mode()
+    def features(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
+        """[n] texts -> [n, hidden] pooled encoder features (float32): what a stage-2 head reads."""
+        out = np.zeros((len(texts), self.model.hidden_size), dtype=np.float32)
+        for rows, ids, mask in self._batches(texts, batch_size):
+            out[rows] = self.model.features(ids, mask).float().cpu().numpy()
         return out
 
     def predict(self, texts: list[str]) -> list[list[str]]:

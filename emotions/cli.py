@@ -175,14 +175,14 @@ def run_tune(args: argparse.Namespace) -> int:
         from emotions.bundle import load_bundle
         from emotions.head_sweep import build_head_sweep_config, run_head_sweep
 
-        raw = build_head_sweep_config(load_bundle(args.from_bundle), args.preset or "heads", args.config,
-                                      args.overrides)  # fmt: skip
+        source = load_bundle(args.from_bundle)  # once: checked here, swept over below
+        raw = build_head_sweep_config(source, args.preset or "heads", args.config, args.overrides)
     else:
         raw = build_sweep_config(args.preset or "minilm", args.config, args.overrides)
     from_dict(split_tune_settings(raw)[0])  # refuse bad keys before Ray starts
     connect_ray(args.ray_address)
     if args.from_bundle:
-        summary = run_head_sweep(args.from_bundle, raw, args.output, resume=not args.no_resume)
+        summary = run_head_sweep(source, raw, args.output, resume=not args.no_resume)
     else:
         summary = run_sweep(raw, args.output, resume=not args.no_resume)
     print(json.dumps(summary, indent=2))

@@ -29,20 +29,18 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from emotions import environment
-from emotions.batching import collate, random_batches, sorted_batches, tokenize
-from emotions.bundle import Bundle, load_bundle, save_bundle
-from emotions.config import ConfigError, TrainConfig, from_dict, load_file as load_config_file
-from emotions.config import merge, parse_overrides
+from emotions.batching import random_batches
+from emotions.bundle import Bundle, save_bundle
+from emotions.config import ConfigError, TrainConfig, from_dict
 from emotions.metrics import compute_metrics, evaluation_report, format_summary
 from emotions.model import build_head
 from emotions.thresholds import fit_thresholds
-from emotions.tuning import (TUNE_PRESETS, TuneSettings, base_value, check_state_api, split_tune_settings,
-                             summarize, to_space, trial_config)  # fmt: skip
+from emotions.tuning import (TuneSettings, build_tuner, check_search_keys, check_state_api, load_tune_preset,
+                             merge_over, split_tune_settings, summarize, trial_config)  # fmt: skip
 
 log = logging.getLogger("emotions.head_sweep")
 
 HEAD_FILE = "head.safetensors"
-ENCODE_BATCH = 64
 # The data settings that decide which texts (and so which features) a sweep trains on.
 DATA_KEYS = ("train", "validation", "text_column", "labels_column", "label_format", "max_length",
              "max_train_examples", "max_validation_examples", "concat_fraction")  # fmt: skip
@@ -52,18 +50,9 @@ def build_head_sweep_config(source: Bundle, preset: str = "heads", file: str | P
                             overrides: list[str] = ()) -> dict:  # fmt: skip
     """The source bundle's own training config, then the tune preset's sections (its ``base`` is
     ignored: the bundle is the base), then a file, then KEY=VALUE overrides."""
-    import yaml
-
-    path = TUNE_PRESETS / f"{preset}.yaml"
-    if not path.is_file():
-        raise ConfigError(f"unknown tune preset {preset!r}; choose one of "
-                          f"{sorted(p.stem for p in TUNE_PRESETS.glob('*.yaml'))}")  # fmt: skip
-    sweep = yaml.safe_load(path.read_text()) or {}
+    sweep = load_tune_preset(preset)
     sweep.pop("base", None)
-    raw = merge(source.config, sweep)
-    if file:
-        raw = merge(raw, load_config_file(file))
-    raw = merge(raw, parse_overrides(list(overrides)))
+    raw = merge_over(source.config, sweep, file, overrides)
     check_head_only(raw, source)
     return raw
 
@@ -104,8 +93,8 @@ def cached_features(source: Bundle, config: TrainConfig, cache_dir: Path) -> tup
     log.info("encoding %d train and %d validation texts once with the bundle's encoder (%s)",
              len(train), len(validation), source.hash)  # fmt: skip
     start = time.perf_counter()
-    features = {"train_x": encode(source, train.texts), "train_y": train.labels.astype(np.float32),
-                "validation_x": encode(source, validation.texts),
+    features = {"train_x": source.features(train.texts), "train_y": train.labels.astype(np.float32),
+                "validation_x": source.features(validation.texts),
                 "validation_y": validation.labels.astype(np.float32)}  # fmt: skip
     log.info("features ready in %.0fs; cached at %s", time.perf_counter() - start, path)
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -115,22 +104,9 @@ def cached_features(source: Bundle, config: TrainConfig, cache_dir: Path) -> tup
     return features, path
 
 
-@torch.inference_mode()
-def encode(source: Bundle, texts: list[str]) -> np.ndarray:
-    """Pooled encoder features [n, hidden] float32, in text order."""
-    model = source.model.eval()
-    data = tokenize(texts, np.zeros((len(texts), 1), dtype=np.float32), source.tokenizer, source.max_length)
-    out = np.zeros((len(texts), model.hidden_size), dtype=np.float32)
-    pad = source.tokenizer.pad_token_id or 0
-    for rows in sorted_batches(data.lengths, ENCODE_BATCH):
-        ids, mask, _ = collate(data, rows, pad)
-        out[rows] = model.features(ids, mask).float().numpy()
-    return out
-
-
-def train_head(config: TrainConfig, features: dict[str, np.ndarray], report=None) -> tuple[nn.Module, list[dict]]:
-    """Stage 2 on cached features: a fresh head, ``stage2.epochs`` epochs, metrics per epoch.
-    ``report(metrics, head, last)`` is called after each epoch (Tune's report in a trial)."""
+def train_head(config: TrainConfig, features: dict[str, np.ndarray], report) -> None:
+    """Stage 2 on cached features: a fresh head, ``stage2.epochs`` epochs; after each epoch
+    ``report(metrics, head, last)`` (Tune's report in a trial)."""
     stage = config.stage2
     torch.manual_seed(config.seed + 1)
     with warnings.catch_warnings():  # object-store arrays are read-only; nothing here writes to them
@@ -145,7 +121,6 @@ def train_head(config: TrainConfig, features: dict[str, np.ndarray], report=None
     steps = math.ceil(len(x) / stage.batch_size)
     scheduler = build_scheduler(optimizer, stage, steps)
     loss_fn = nn.BCEWithLogitsLoss()
-    history = []
     for epoch in range(stage.epochs):
         head.train()
         start, losses = time.perf_counter(), []
@@ -162,10 +137,7 @@ def train_head(config: TrainConfig, features: dict[str, np.ndarray], report=None
                    "val_macro_f1": compute_metrics(vy, probs, 0.5)["macro_f1"],
                    "val_macro_f1_tuned": compute_metrics(vy, probs, tuned)["macro_f1"],
                    "epoch_seconds": time.perf_counter() - start, "final": epoch + 1 == stage.epochs}  # fmt: skip
-        history.append(metrics)
-        if report:
-            report(metrics, head, epoch + 1 == stage.epochs)
-    return head, history
+        report(metrics, head, epoch + 1 == stage.epochs)
 
 
 @torch.inference_mode()
@@ -190,44 +162,24 @@ def run_head_trial(params: dict, base: dict, features: dict[str, np.ndarray]) ->
     train_head(config, features, report)
 
 
-def run_head_sweep(source_path: str | Path, raw_config: dict, output: str | Path, resume: bool = True) -> dict:
-    """Sweep stage-2 settings over the bundle's encoder; write the table, plot, best config and
-    the best bundle (the source bundle with the best head and its thresholds)."""
+def run_head_sweep(source: Bundle, raw_config: dict, output: str | Path, resume: bool = True) -> dict:
+    """Sweep stage-2 settings over the (loaded) bundle's encoder; write the table, plot, best config
+    and the best bundle (the source bundle with the best head and its thresholds)."""
     output = Path(output).absolute()
-    source = load_bundle(source_path)
     check_head_only(raw_config, source)
     base_raw, settings = split_tune_settings(raw_config)
     base = from_dict(base_raw)
-    environment.log_environment({**base.to_dict(), "tune": settings.__dict__, "from_bundle": str(source_path)},
+    environment.log_environment({**base.to_dict(), "tune": settings.__dict__, "from_bundle": str(source.path)},
                                 "tune-heads")  # fmt: skip
+    check_search_keys(base, settings)
     check_state_api()
     cache = Path(environment.expand_storage_path(base.run.storage_path)) / "features"
     features, cache_file = cached_features(source, base, cache)
-    space = {key: to_space(key, spec) for key, spec in settings.search.items()}
-    for key in space:
-        base_value(base.to_dict(), key)  # every key must exist
-    storage = str(output / "sweep")
     # with_parameters puts the features in the object store once; trials map them, zero-copy.
     trainable = tune.with_resources(tune.with_parameters(run_head_trial, base=base.to_dict(), features=features),
                                     {"CPU": 1})  # fmt: skip
-    if resume and tune.Tuner.can_restore(f"{storage}/sweep"):
-        log.info("resuming the head sweep in %s/sweep (finished trials are kept)", storage)
-        tuner = tune.Tuner.restore(f"{storage}/sweep", trainable=trainable, resume_errored=True)
-    else:
-        points = [{k: base_value(base.to_dict(), k) for k in space}] if settings.baseline else []
-        tuner = tune.Tuner(
-            trainable, param_space=space,
-            tune_config=tune.TuneConfig(
-                metric=settings.metric, mode="max", num_samples=settings.num_samples,
-                search_alg=tune.search.BasicVariantGenerator(
-                    points_to_evaluate=points, random_state=settings.seed,
-                    max_concurrent=settings.max_concurrent_trials or 0),  # 0: as many as CPUs fit
-                scheduler=tune.schedulers.ASHAScheduler(max_t=max_epochs(base, settings),
-                                                        grace_period=min(settings.grace_period,
-                                                                         max_epochs(base, settings)),
-                                                        reduction_factor=settings.reduction_factor)),
-            run_config=tune.RunConfig(name="sweep", storage_path=storage),
-        )  # fmt: skip
+    tuner = build_tuner(trainable, str(output / "sweep"), base, settings, max_epochs(base, settings),
+                        settings.max_concurrent_trials or 0, resume)  # fmt: skip
     results = tuner.fit()
     return write_head_results(results, settings, base, source, features, cache_file, output)
 
@@ -265,7 +217,7 @@ def write_head_bundle(source: Bundle, config: TrainConfig, head_state: dict, fea
                                source=config.data.validation, model=config.model.encoder)  # fmt: skip
     report["thresholds_fitted_on"] = split
     report["head_sweep"] = {"from_bundle": source.hash}
-    weights = {k: v for k, v in load_file(str(source.path / "model.safetensors")).items() if not k.startswith("head.")}
+    weights = {k: v for k, v in source.model.state_dict().items() if not k.startswith("head.")}
     weights.update({f"head.{k}": v for k, v in head_state.items()})
     path = save_bundle(output, weights=weights,
                        encoder_config=json.loads((source.path / "encoder_config.json").read_text()),

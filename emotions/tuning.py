@@ -52,18 +52,30 @@ def tune_preset_names() -> list[str]:
     return sorted(p.stem for p in TUNE_PRESETS.glob("*.yaml"))
 
 
-def build_sweep_config(preset: str, file: str | Path | None = None, overrides: list[str] = ()) -> dict:
-    """Tune preset (its ``base`` training preset + training sections + ``tune``), then a file,
-    then KEY=VALUE overrides (``tune.num_samples=4`` or ``stage1.epochs=1``)."""
+def load_tune_preset(preset: str) -> dict:
+    """A tune preset's sections as written (``base`` names the training preset it starts from)."""
     import yaml
-
-    from emotions.config import load_file, load_preset
 
     path = TUNE_PRESETS / f"{preset}.yaml"
     if not path.is_file():
         raise ConfigError(f"unknown tune preset {preset!r}; choose one of {tune_preset_names()}")
-    sweep = yaml.safe_load(path.read_text()) or {}
-    raw = merge(load_preset(sweep.pop("base", "default")), sweep)
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def build_sweep_config(preset: str, file: str | Path | None = None, overrides: list[str] = ()) -> dict:
+    """Tune preset (its ``base`` training preset + training sections + ``tune``), then a file,
+    then KEY=VALUE overrides (``tune.num_samples=4`` or ``stage1.epochs=1``)."""
+    from emotions.config import load_preset
+
+    sweep = load_tune_preset(preset)
+    return merge_over(load_preset(sweep.pop("base", "default")), sweep, file, overrides)
+
+
+def merge_over(base: dict, sweep: dict, file: str | Path | None, overrides: list[str]) -> dict:
+    """``base``, then the tune preset's sections, then a file, then KEY=VALUE overrides."""
+    from emotions.config import load_file
+
+    raw = merge(base, sweep)
     if file:
         raw = merge(raw, load_file(file))
     return merge(raw, parse_overrides(list(overrides)))
@@ -133,35 +145,45 @@ def run_sweep(raw_config: dict, output: str | Path, resume: bool = True) -> dict
     base_raw, settings = split_tune_settings(raw_config)
     base = from_dict(base_raw)  # validates the fixed part now
     environment.log_environment({**base.to_dict(), "tune": settings.__dict__}, "tune")
-    space = {key: to_space(key, spec) for key, spec in settings.search.items()}
-    for key in space:
-        trial_config(base.to_dict(), {key: _example(settings.search[key])})  # every key must exist
+    check_search_keys(base, settings)
     check_state_api()
     storage = str(output / "sweep")
     # The driver function only waits on Ray Train: it reserves memory but no CPU, so a trial's
     # CPUs all go to its training workers (a CPU per driver would halve concurrency on small nodes).
     trainable = tune.with_resources(tune.with_parameters(run_trial, base=base.to_dict()),
                                     {"CPU": 0, "memory": 256 * 1024**2})  # fmt: skip
-    if resume and tune.Tuner.can_restore(f"{storage}/sweep"):
-        log.info("resuming the sweep in %s/sweep (finished trials are kept)", storage)
-        tuner = tune.Tuner.restore(f"{storage}/sweep", trainable=trainable, resume_errored=True)
-    else:
-        max_t = sum(s.epochs for s in base.stages) + 1  # one report per epoch, then the final one
-        scheduler = tune.schedulers.ASHAScheduler(
-            max_t=max_t, grace_period=min(settings.grace_period, max_t),
-            reduction_factor=settings.reduction_factor)  # fmt: skip
-        points = [{key: base_value(base.to_dict(), key) for key in space}] if settings.baseline else []
-        # The generator itself limits concurrency: Tune ignores max_concurrent_trials for it.
-        search = tune.search.BasicVariantGenerator(points_to_evaluate=points, random_state=settings.seed,
-                                                   max_concurrent=concurrency(base, settings))  # fmt: skip
-        tuner = tune.Tuner(
-            trainable, param_space=space,
-            tune_config=tune.TuneConfig(metric=settings.metric, mode="max", scheduler=scheduler,
-                                        search_alg=search, num_samples=settings.num_samples),
-            run_config=tune.RunConfig(name="sweep", storage_path=storage),
-        )  # fmt: skip
+    max_t = sum(s.epochs for s in base.stages) + 1  # one report per epoch, then the final one
+    tuner = build_tuner(trainable, storage, base, settings, max_t, concurrency(base, settings), resume)
     results = tuner.fit()
     return write_results(results, settings, base, output, write_bundle_from_checkpoint)
+
+
+def check_search_keys(base: TrainConfig, settings: TuneSettings) -> None:
+    """Every searched key must name a config key: refused by name (ConfigError) before any trial."""
+    for key, spec in settings.search.items():
+        trial_config(base.to_dict(), {key: _example(spec)})
+
+
+def build_tuner(trainable, storage: str, base: TrainConfig, settings: TuneSettings, max_t: int,
+                max_concurrent: int, resume: bool) -> tune.Tuner:  # fmt: skip
+    """Restore the sweep in ``storage`` if there is one (and ``resume``), else a new one: trial 0
+    the base config's own values (``tune.baseline``), then seeded samples; ASHA on the metric."""
+    if resume and tune.Tuner.can_restore(f"{storage}/sweep"):
+        log.info("resuming the sweep in %s/sweep (finished trials are kept)", storage)
+        return tune.Tuner.restore(f"{storage}/sweep", trainable=trainable, resume_errored=True)
+    space = {key: to_space(key, spec) for key, spec in settings.search.items()}
+    points = [{key: base_value(base.to_dict(), key) for key in space}] if settings.baseline else []
+    # The generator itself limits concurrency (0: no limit): Tune ignores max_concurrent_trials for it.
+    search = tune.search.BasicVariantGenerator(points_to_evaluate=points, random_state=settings.seed,
+                                               max_concurrent=max_concurrent)  # fmt: skip
+    scheduler = tune.schedulers.ASHAScheduler(max_t=max_t, grace_period=min(settings.grace_period, max_t),
+                                              reduction_factor=settings.reduction_factor)  # fmt: skip
+    return tune.Tuner(
+        trainable, param_space=space,
+        tune_config=tune.TuneConfig(metric=settings.metric, mode="max", scheduler=scheduler,
+                                    search_alg=search, num_samples=settings.num_samples),
+        run_config=tune.RunConfig(name="sweep", storage_path=storage),
+    )  # fmt: skip
 
 
 def base_value(base: dict, key: str) -> Any:

@@ -8,7 +8,7 @@ import time
 import pandas as pd
 import pytest
 
-from emotions.bundle import load_bundle
+from emotions.bundle import Bundle, load_bundle
 from emotions.config import ConfigError
 from emotions.tuning import build_sweep_config, run_sweep, split_tune_settings
 
@@ -86,7 +86,7 @@ def test_head_sweep_encodes_once_and_exports_the_best_head(smoke_bundle, local_r
     overrides = [f"run.storage_path={tmp_path / 'runs'}", "tune.num_samples=4", "stage2.epochs=3",
                  "tune.grace_period=1"]  # fmt: skip
     raw = head_sweep.build_head_sweep_config(source, "heads", overrides=overrides)
-    first = head_sweep.run_head_sweep(smoke_bundle, raw, tmp_path / "first")
+    first = head_sweep.run_head_sweep(source, raw, tmp_path / "first")
     table = pd.read_csv(tmp_path / "first" / "results.csv")
     assert len(table) == 4 and table["baseline"].sum() == 1 and table["stage2.dropout"].nunique() > 1
     best = load_bundle(tmp_path / "first" / "best_bundle")
@@ -98,10 +98,10 @@ def test_head_sweep_encodes_once_and_exports_the_best_head(smoke_bundle, local_r
     assert best.predict(["thanks a lot!"]) is not None
     # Another sweep over the same bundle and data reads the cached features: the encoder never runs.
     cache = first["features"]
-    monkeypatch.setattr(head_sweep, "encode", lambda *a: pytest.fail("the encoder ran again"))
+    monkeypatch.setattr(Bundle, "features", lambda *a: pytest.fail("the encoder ran again"))
     raw = head_sweep.build_head_sweep_config(source, "heads", overrides=[*overrides[:1], "tune.num_samples=2",
                                                                          "stage2.epochs=2"])  # fmt: skip
-    second = head_sweep.run_head_sweep(smoke_bundle, raw, tmp_path / "second")
+    second = head_sweep.run_head_sweep(source, raw, tmp_path / "second")
     assert second["features"] == cache and second["trials"] == 2
 
 
