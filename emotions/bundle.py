@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 
+from emotions import storage
 from emotions.batching import sorted_batches, tokenize, collate
 from emotions.labels import EMOTIONS, check_same_labels
 from emotions.model import EmotionClassifier, build_head, encoder_from_config
@@ -114,37 +115,17 @@ class Bundle:
         return [[EMOTIONS[j] for j in np.flatnonzero(row)] for row in chosen]
 
 
-def is_uri(path: str | Path) -> bool:
-    return "://" in str(path)
-
-
-def copy_tree(source: str, destination: str) -> None:
-    """Copy a folder between any two pyarrow filesystems (local, s3://, gs://, ...)."""
-    import pyarrow.fs
-
-    pyarrow.fs.copy_files(source, destination)
-
-
 def publish_bundle(local: Path, output: str) -> str:
     """Upload a finished local bundle to a URI; the manifest goes last so a reader never sees a
     partial bundle as complete."""
-    import pyarrow.fs
-
-    fs, root = pyarrow.fs.FileSystem.from_uri(output)
-    for file in sorted(p for p in local.rglob("*") if p.is_file() and p.name != "manifest.json"):
-        target = f"{root}/{file.relative_to(local).as_posix()}"
-        fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
-        pyarrow.fs.copy_files(str(file), target, destination_filesystem=fs)
-    pyarrow.fs.copy_files(str(local / "manifest.json"), f"{root}/manifest.json", destination_filesystem=fs)
+    storage.Folder.from_uri(output).upload(local, last="manifest.json")
     return output
 
 
 def load_bundle(path: str | Path, device: str = "cpu", verify: bool = True) -> Bundle:
     """Read a bundle folder (local, or a URI that pyarrow understands: it is downloaded first)."""
-    if is_uri(path):
-        local = Path(tempfile.mkdtemp(prefix="emotions-bundle-"))
-        copy_tree(str(path), str(local))
-        path = local
+    if storage.is_uri(path):
+        path = storage.Folder.from_uri(path).download(tempfile.mkdtemp(prefix="emotions-bundle-"))
     path = Path(path)
     if not path.is_dir():
         raise BundleError(f"model bundle {path} does not exist (expected a folder made by `emotions train`)")

@@ -28,7 +28,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from emotions.bundle import is_uri
+    from emotions.storage import is_uri
     from emotions.metrics import format_summary
     from emotions.training import load_training_data, train
 
@@ -243,12 +243,13 @@ def main(argv: list[str] | None = None) -> int:
     from emotions.bundle import BundleError
     from emotions.data import DataError
     from emotions.environment import setup_logging
+    from emotions.storage import StorageError
     from emotions.tagging import TaggingError
 
     setup_logging(logging.DEBUG if args.verbose else logging.INFO)
     try:
         return COMMANDS[args.command][2](args)
-    except (ConfigError, DataError, BundleError, TaggingError, FileNotFoundError) as exc:
+    except (ConfigError, DataError, BundleError, StorageError, TaggingError, FileNotFoundError) as exc:
         print(f"emotions {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -57,10 +57,3 @@ def log_environment(config: dict, job: str) -> dict:
     log.info("devices: %s; ray resources: %s", json.dumps(record["devices"]),
              json.dumps(record["ray_resources"]))  # fmt: skip
     return record
-
-
-def expand_storage_path(path: str) -> str:
-    """Local folders get ~ expanded and made absolute; URIs (s3://, gs://, ...) pass through."""
-    if "://" in path:
-        return path
-    return os.path.abspath(os.path.expanduser(path))

@@ -28,7 +28,7 @@ from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from emotions import environment
+from emotions import environment, storage
 from emotions.batching import random_batches
 from emotions.bundle import Bundle, save_bundle
 from emotions.config import ConfigError, TrainConfig, from_dict
@@ -173,7 +173,7 @@ def run_head_sweep(source: Bundle, raw_config: dict, output: str | Path, resume:
                                 "tune-heads")  # fmt: skip
     check_search_keys(base, settings)
     check_state_api()
-    cache = Path(environment.expand_storage_path(base.run.storage_path)) / "features"
+    cache = Path(storage.expand(base.run.storage_path)) / "features"
     features, cache_file = cached_features(source, base, cache)
     # with_parameters puts the features in the object store once; trials map them, zero-copy.
     trainable = tune.with_resources(tune.with_parameters(run_head_trial, base=base.to_dict(), features=features),

@@ -60,7 +60,8 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from emotions import environment
+from emotions import environment, storage
+from emotions.storage import Folder, filesystem
 from emotions.labels import EKMAN, EMOTIONS, SENTIMENT
 from emotions.progress import Progress
 
@@ -181,7 +182,7 @@ def tag_corpus(model: str | Path, inputs: str | Path | list, output: str | Path,
     if isinstance(keep_columns, str):
         keep_columns = keep_columns.split(",")
     settings = TaggingSettings(
-        model=environment.expand_storage_path(str(model)), output=str(output),
+        model=storage.expand(str(model)), output=str(output),
         text_column=text_column, id_column=id_column,
         keep_columns=tuple(dict.fromkeys(c for c in keep_columns if c != id_column)),
         probabilities=probabilities, overwrite=overwrite, num_actors=num_actors,
@@ -305,63 +306,6 @@ def plan_actors(s: TaggingSettings, cluster_cpus: float, cluster_gpus: float) ->
 # ----------------------------------------------------------------------------- files
 
 
-@dataclass(frozen=True)
-class Folder:
-    """A folder on any pyarrow filesystem; ``uri`` is how it was named, ``root`` its fs path."""
-
-    fs: pafs.FileSystem
-    root: str
-    prefix: str  # "" for local paths, "s3://" etc. for URIs
-
-    @classmethod
-    def from_uri(cls, uri: str) -> Folder:
-        fs, root, prefix = _filesystem(uri)
-        return cls(fs, root.rstrip("/"), prefix)
-
-    @property
-    def uri(self) -> str:
-        return self.prefix + self.root
-
-    def path(self, *parts: str) -> str:
-        return "/".join([self.root, *parts])
-
-    def uri_of(self, *parts: str) -> str:
-        return self.prefix + self.path(*parts)
-
-    def exists(self, *parts: str) -> bool:
-        return self.fs.get_file_info(self.path(*parts)).type != pafs.FileType.NotFound
-
-    def read_json(self, *parts: str) -> dict | None:
-        """The file's JSON object; None if it is missing or not ours (Spark's _SUCCESS is empty)."""
-        if not self.exists(*parts):
-            return None
-        with self.fs.open_input_stream(self.path(*parts)) as f:
-            try:
-                data = json.loads(f.read())
-            except ValueError:
-                return None
-        return data if isinstance(data, dict) else None
-
-    def write_json(self, data: dict, *parts: str) -> None:
-        with self.fs.open_output_stream(self.path(*parts)) as f:
-            f.write((json.dumps(data, indent=2, default=str) + "\n").encode())
-
-    def list(self, *parts: str) -> list[pafs.FileInfo]:
-        return self.fs.get_file_info(pafs.FileSelector(self.path(*parts), allow_not_found=True))
-
-
-def _filesystem(uri: str) -> tuple[pafs.FileSystem, str, str]:
-    """(filesystem, path inside it, URI prefix) for a local path or any pyarrow URI."""
-    if "://" not in uri:
-        return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri)), ""
-    scheme = uri.split("://", 1)[0]
-    try:
-        fs, path = pafs.FileSystem.from_uri(uri)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as error:
-        raise TaggingError(f"{uri}: not a path or a filesystem URI pyarrow can open ({error})") from error
-    return fs, path, f"{scheme}://"
-
-
 def check_output(target: Folder, overwrite: bool) -> None:
     """Refuse a committed output (unless ``overwrite``) and any folder that is not ours."""
     info = target.fs.get_file_info(target.root)
@@ -386,7 +330,7 @@ def resolve_inputs(inputs, exclude: Folder | None = None) -> tuple[pafs.FileSyst
         raise TaggingError("no inputs given: name Parquet files, folders or globs (--input)")
     found, fs = {}, None
     for item in map(str, items):
-        item_fs, path, prefix = _filesystem(item)
+        item_fs, path, prefix = filesystem(item)
         if fs is not None and not fs.equals(item_fs):
             raise TaggingError(f"inputs are on different filesystems ({item}); tag each filesystem "
                                "in its own run")  # fmt: skip

@@ -31,7 +31,7 @@ from safetensors.numpy import load_file as load_numpy, save_file as save_numpy
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from emotions import bundle, environment
+from emotions import bundle, environment, storage
 from emotions.batching import TokenizedSet, bucket_batches, collate, random_batches, sorted_batches, tokenize
 from emotions.config import StageConfig, TrainConfig, from_dict
 from emotions.data import LabelledData, expand_by_concatenation, load_labelled
@@ -66,7 +66,7 @@ def train(config: TrainConfig, output: str | Path, data: tuple | None = None) ->
     """Run the two-stage fine-tune on the current Ray cluster; write a bundle to ``output``
     (a local folder, or a URI such as s3://bucket/bundles/name: written locally, then uploaded).
     ``data``: (train, validation) already loaded by ``load_training_data``, else loaded here."""
-    if bundle.is_uri(output):
+    if storage.is_uri(output):
         with tempfile.TemporaryDirectory() as tmp:
             local = train(config, Path(tmp) / "bundle", data)
             return bundle.publish_bundle(local, str(output))
@@ -105,7 +105,7 @@ def fit(config: TrainConfig, name: str, callbacks: list | None = None,
         ),  # fmt: skip
         run_config=ray.train.RunConfig(
             name=name,
-            storage_path=environment.expand_storage_path(config.run.storage_path),
+            storage_path=storage.expand(config.run.storage_path),
             failure_config=ray.train.FailureConfig(max_failures=config.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.run.checkpoints_to_keep),
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # our progress lines suffice

@@ -1,14 +1,70 @@
-"""Shared fixtures: one real local Ray for the whole session, and one smoke-trained bundle."""
+"""Shared fixtures: one real local Ray for the whole session, one smoke-trained bundle, and a
+real S3 API on localhost (moto's server) for every test that touches object storage.
+
+The S3 variables are set when this file is imported, before any Ray process starts, so every
+Ray worker (local_ray's and the multi-node cluster's) inherits them the way pods inherit their
+environment: only the standard AWS variables, nothing project-specific.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
+import subprocess
+import sys
+import time
+from importlib import metadata
 
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+
+S3_BUCKET = "emo"  # created by the s3 fixture; tests write under s3://emo/<their own prefix>
+MOTO_MIN_VERSION = (5, 2, 5)  # 5.2.1 fails pyarrow's upload of an empty object (Ray Train's marker)
+
+
+def free_port() -> int:
+    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+S3_PORT = free_port()
+os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{S3_PORT}", AWS_ACCESS_KEY_ID="testing",
+                  AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1",
+                  AWS_EC2_METADATA_DISABLED="true")  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """moto's S3 server (this venv's own, >= 5.2.5) on localhost with the bucket ``emo``; yields
+    the ``s3://emo`` prefix. Stopped at the end of the session."""
+    version = tuple(int(p) for p in metadata.version("moto").split(".")[:3])
+    if version < MOTO_MIN_VERSION:
+        pytest.fail(f"moto {metadata.version('moto')} is too old for pyarrow's empty-object uploads; "
+                    "install the test extra: pip install -e '.[test]'")  # fmt: skip
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(S3_PORT)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        import boto3
+
+        client = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                client.create_bucket(Bucket=S3_BUCKET)
+                break
+            except Exception:  # not listening yet
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.3)
+        yield f"s3://{S3_BUCKET}"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,172 @@
+"""Where outputs live: a local folder or an object-store URI (s3://, gs://, ...), one API for both.
+
+Every path option of the project (bundles, reports, sweeps, feature caches, tagged output) goes
+through here, so ``s3://bucket/x`` is never mistaken for a local folder named ``s3:``. URIs are
+opened with pyarrow's filesystems, configured by the standard environment variables only
+(``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION``;
+``GOOGLE_APPLICATION_CREDENTIALS`` for gs://).
+
+Writes of whole folders are made locally and uploaded (``upload_folder``), each file as one object,
+with a caller-chosen file last: a reader that waits for that file never sees a partial folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+
+class StorageError(ValueError):
+    """A path or URI that cannot be opened; the message names it and the fix."""
+
+
+def is_uri(path: str | Path) -> bool:
+    return "://" in str(path)
+
+
+def expand(path: str | Path) -> str:
+    """Local paths get ~ expanded and made absolute; URIs pass through unchanged."""
+    path = str(path)
+    return path if is_uri(path) else os.path.abspath(os.path.expanduser(path))
+
+
+def join(base: str | Path, *parts: str) -> str:
+    """``join("s3://b/runs", "features")`` -> ``s3://b/runs/features``; local paths expanded."""
+    return "/".join([expand(base).rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def filesystem(uri: str | Path) -> tuple[pafs.FileSystem, str, str]:
+    """(filesystem, path inside it, URI prefix: "" locally, "s3://" etc.) for a path or URI."""
+    uri = str(uri)
+    if not is_uri(uri):
+        return pafs.LocalFileSystem(), expand(uri), ""
+    scheme = uri.split("://", 1)[0]
+    try:
+        fs, path = pafs.FileSystem.from_uri(uri)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as error:
+        raise StorageError(f"{uri}: not a path or a filesystem URI pyarrow can open ({error}); "
+                           "use a local path, s3://bucket/prefix or gs://bucket/prefix") from error  # fmt: skip
+    return fs, path, f"{scheme}://"
+
+
+@dataclass(frozen=True)
+class Folder:
+    """A folder on any pyarrow filesystem; ``uri`` is how it was named, ``root`` its fs path."""
+
+    fs: pafs.FileSystem
+    root: str
+    prefix: str  # "" for local paths, "s3://" etc. for URIs
+
+    @classmethod
+    def from_uri(cls, uri: str | Path) -> Folder:
+        fs, root, prefix = filesystem(uri)
+        return cls(fs, root.rstrip("/"), prefix)
+
+    @property
+    def uri(self) -> str:
+        return self.prefix + self.root
+
+    @property
+    def is_local(self) -> bool:
+        """A local disk (a plain path or file://): folders must exist before files go in."""
+        return isinstance(self.fs, pafs.LocalFileSystem)
+
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    def uri_of(self, *parts: str) -> str:
+        return self.prefix + self.path(*parts)
+
+    def child(self, *parts: str) -> Folder:
+        return Folder(self.fs, self.path(*parts), self.prefix)
+
+    def exists(self, *parts: str) -> bool:
+        return self.fs.get_file_info(self.path(*parts)).type != pafs.FileType.NotFound
+
+    def is_file(self, *parts: str) -> bool:
+        return self.fs.get_file_info(self.path(*parts)).type == pafs.FileType.File
+
+    def make(self, *parts: str) -> None:
+        self.fs.create_dir(self.path(*parts), recursive=True)
+
+    def read_bytes(self, *parts: str) -> bytes:
+        with self.fs.open_input_stream(self.path(*parts)) as f:
+            return f.read()
+
+    def write_bytes(self, data: bytes, *parts: str) -> None:
+        if self.is_local:
+            self.fs.create_dir(self.path(*parts[:-1]) if len(parts) > 1 else self.root, recursive=True)
+        with self.fs.open_output_stream(self.path(*parts)) as f:
+            f.write(data)
+
+    def read_text(self, *parts: str) -> str:
+        return self.read_bytes(*parts).decode()
+
+    def write_text(self, text: str, *parts: str) -> None:
+        self.write_bytes(text.encode(), *parts)
+
+    def read_json(self, *parts: str) -> dict | None:
+        """The file's JSON object; None if it is missing or not ours (Spark's _SUCCESS is empty)."""
+        if not self.exists(*parts):
+            return None
+        try:
+            data = json.loads(self.read_bytes(*parts))
+        except ValueError:
+            return None
+        return data if isinstance(data, dict) else None
+
+    def write_json(self, data: dict, *parts: str) -> None:
+        self.write_text(json.dumps(data, indent=2, default=str) + "\n", *parts)
+
+    def list(self, *parts: str) -> list[pafs.FileInfo]:
+        return self.fs.get_file_info(pafs.FileSelector(self.path(*parts), allow_not_found=True))
+
+    def delete(self, *parts: str) -> None:
+        """Remove a file or a folder (with everything in it); nothing if it is not there."""
+        info = self.fs.get_file_info(self.path(*parts))
+        if info.type == pafs.FileType.Directory:
+            self.fs.delete_dir(info.path)
+        elif info.type == pafs.FileType.File:
+            self.fs.delete_file(info.path)
+
+    def upload(self, local: str | Path, last: str | None = None) -> None:
+        """Copy the local folder ``local`` into this folder, file by file; ``last`` (a relative
+        name, e.g. manifest.json) is copied after every other file."""
+        local = Path(local)
+        files = sorted(p for p in local.rglob("*") if p.is_file())
+        files.sort(key=lambda p: p.relative_to(local).as_posix() == last)  # stable: ``last`` at the end
+        for file in files:
+            target = self.path(file.relative_to(local).as_posix())
+            if self.is_local:
+                self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+            pafs.copy_files(str(file), target, destination_filesystem=self.fs)
+
+    def download(self, local: str | Path) -> Path:
+        """Copy this folder into the local folder ``local``; returns it."""
+        if not self.exists():
+            raise StorageError(f"{self.uri} does not exist")
+        pafs.copy_files(self.root, str(local), source_filesystem=self.fs)
+        return Path(local)
+
+
+def write_folder(uri: str | Path, write, last: str | None = None):
+    """Call ``write(local_folder)`` and put what it wrote at ``uri``: in place for a local path,
+    written to a temporary folder and uploaded (``last`` uploaded last) for a URI. Returns what
+    ``write`` returned."""
+    if not is_uri(uri):
+        Path(expand(uri)).mkdir(parents=True, exist_ok=True)
+        return write(Path(expand(uri)))
+    tmp = Path(tempfile.mkdtemp(prefix="emotions-upload-"))
+    try:
+        result = write(tmp)
+        Folder.from_uri(uri).upload(tmp, last=last)
+        return result
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
