@@ -8,9 +8,7 @@ environment: only the standard AWS variables, nothing project-specific.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,18 +16,14 @@ from importlib import metadata
 
 import pytest
 
+from ray_nodes import free_port
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
 S3_BUCKET = "emo"  # created by the s3 fixture; tests write under s3://emo/<their own prefix>
 MOTO_MIN_VERSION = (5, 2, 5)  # 5.2.1 fails pyarrow's upload of an empty object (Ray Train's marker)
-
-
-def free_port() -> int:
-    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 S3_PORT = free_port()

@@ -15,13 +15,10 @@ its folder leads the head's PATH, so the job finds this environment's installed 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,31 +29,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from ray_nodes import free_port, free_port_range, stop_node
+
 ROOT = Path(__file__).resolve().parents[1]
 JOB_TIMEOUT_S = 240
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
-
-
-def free_port() -> int:
-    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def free_port_range(size: int = 200) -> tuple[int, int]:
-    """A run of ports outside Ray's default worker range (10002-19999) and the kernel's ephemeral
-    range, none of them bound now: this head's workers never race local_ray's for a port."""
-    for start in range(21000, 30000, size):
-        ports = range(start, start + size)
-        with contextlib.ExitStack() as stack:
-            try:
-                for port in ports:
-                    s = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
-                    s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        return start, start + size - 1
-    raise RuntimeError("no free range of worker ports between 21000 and 30000")
 
 
 @dataclass(frozen=True)
@@ -118,20 +95,8 @@ def ray_head_process():
                 time.sleep(1)
         yield head_api
     finally:
-        stop_head(head)
+        stop_node(head)
         shutil.rmtree(temp_dir, ignore_errors=True)
-
-
-def stop_head(head: subprocess.Popen) -> None:
-    """SIGTERM: `ray start --block` kills the GCS, raylet, dashboard and workers it started."""
-    if head.poll() is None:
-        head.terminate()
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(head.pid, signal.SIGKILL)  # the session start_new_session made
-            head.wait(timeout=30)
 
 
 def job_runtime_env(hf_home: Path) -> dict:

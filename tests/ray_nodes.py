@@ -1,0 +1,132 @@
+"""Ray nodes started the way a cluster starts them (`ray start ... --block`), for tests that need
+a cluster of their own beside the session's `local_ray`.
+
+Each node gets its own ports, worker-port range and (head) temp dir, so it never races
+`local_ray` for a port, and `ray.init()` elsewhere never finds it (its address file lives in its
+own temp dir, not /tmp/ray). A node is stopped by SIGTERM to its `ray start --block` process,
+which shuts down the processes it started; `ray stop` is never used: it kills every Ray process
+on the machine, `local_ray`'s included. ``kill_node`` is the crash instead: SIGKILL to the node's
+whole process group (raylet, workers), as when a Kubernetes node dies.
+
+A worker node can be started in a mount namespace of its own with an empty tmpfs over a folder
+(``hide``): it cannot see what the driver wrote there, as pods that share no disk cannot.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def free_port() -> int:
+    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+_HANDED_OUT: set[int] = set()  # starts of the port blocks this process gave out
+
+
+def free_port_range(size: int = 200, start_at: int = 21000) -> tuple[int, int]:
+    """A run of ports outside Ray's default worker range (10002-19999) and the kernel's ephemeral
+    range (32768+), none of them bound now and none handed out before by this process: a node
+    that binds them never races another node, or an outgoing connection, for a port."""
+    for start in range(start_at, 32768 - size, size):
+        if start in _HANDED_OUT:
+            continue
+        ports = range(start, start + size)
+        with contextlib.ExitStack() as stack:
+            try:
+                for port in ports:
+                    s = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+                    s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(start)
+        return start, start + size - 1
+    raise RuntimeError(f"no free range of {size} ports between {start_at} and 32768")
+
+
+def node_command(*, head: bool, num_cpus: int, gcs_port: int | None = None, temp_dir: str | None = None,
+                 object_store_bytes: int = 300_000_000) -> tuple[list[str], int]:  # fmt: skip
+    """`ray start --block` for a head or for a worker node joining the head at ``gcs_port``, every
+    port from one block of its own (see free_port_range). Returns (command, the head's GCS port)."""
+    low, _ = free_port_range(120, start_at=23000)
+    ports = iter(range(low, low + 20))
+    gcs_port = next(ports) if head else gcs_port
+    command = [sys.executable, "-m", "ray.scripts.scripts", "start", "--block", f"--num-cpus={num_cpus}",
+               "--num-gpus=0", f"--min-worker-port={low + 20}", f"--max-worker-port={low + 119}",
+               f"--node-manager-port={next(ports)}", f"--object-manager-port={next(ports)}",
+               f"--dashboard-agent-listen-port={next(ports)}", f"--dashboard-agent-grpc-port={next(ports)}",
+               f"--runtime-env-agent-port={next(ports)}", f"--metrics-export-port={next(ports)}",
+               f"--object-store-memory={object_store_bytes}", "--disable-usage-stats"]  # fmt: skip
+    if head:
+        command += ["--head", f"--port={gcs_port}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                    f"--dashboard-port={next(ports)}", f"--ray-client-server-port={next(ports)}",
+                    f"--temp-dir={temp_dir}"]  # fmt: skip
+    else:
+        command += [f"--address=127.0.0.1:{gcs_port}"]
+    return command, gcs_port
+
+
+def start_node(command: list[str], env: dict, log_path: Path, hide: Path | None = None) -> subprocess.Popen:
+    """Start a node in a session of its own; with ``hide``, in its own mount namespace where
+    ``hide`` is an empty tmpfs (tests run as root, so unshare and mount are allowed)."""
+    if hide is not None:
+        command = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                   f'mount -t tmpfs -o size=256m tmpfs "{hide}" && exec "$@"', "sh", *command]  # fmt: skip
+    with open(log_path, "w") as log:
+        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd="/",
+                                start_new_session=True)  # fmt: skip
+
+
+def stop_node(node: subprocess.Popen) -> None:
+    """SIGTERM: `ray start --block` stops the processes it started (GCS, raylet, workers)."""
+    if node.poll() is None:
+        node.terminate()
+        try:
+            node.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            kill_node(node)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(node.pid, signal.SIGKILL)  # anything of it left behind
+
+
+def kill_node(node: subprocess.Popen) -> None:
+    """The node dies at once, with all its processes: SIGKILL to its process group."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(node.pid, signal.SIGKILL)
+    node.wait(timeout=30)
+
+
+def wait_for_nodes(address: str, count: int, env: dict, timeout: float = 120) -> list[dict]:
+    """Block until the cluster at ``address`` has ``count`` alive nodes; returns them."""
+    probe = ("import json, time, ray; ray.init(address=%r, logging_level='ERROR')\n"
+             "deadline = time.time() + %f\n"
+             "while True:\n"
+             "    alive = [n for n in ray.nodes() if n['Alive']]\n"
+             "    if len(alive) >= %d or time.time() > deadline: break\n"
+             "    time.sleep(0.5)\n"
+             "print('NODES', json.dumps([{'id': n['NodeID'], 'cpus': n['Resources'].get('CPU', 0)} for n in alive]))"
+             ) % (address, timeout, count)  # fmt: skip
+    deadline = time.monotonic() + timeout
+    while True:
+        result = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
+                                timeout=timeout + 60)  # fmt: skip
+        if result.returncode == 0:
+            import json
+
+            line = next(x for x in result.stdout.splitlines() if x.startswith("NODES "))
+            nodes = json.loads(line[len("NODES "):])
+            if len(nodes) >= count:
+                return nodes
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the cluster at {address} did not reach {count} nodes:\n"
+                               f"{result.stdout[-2000:]}\n{result.stderr[-4000:]}")  # fmt: skip
+        time.sleep(1)
