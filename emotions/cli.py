@@ -80,7 +80,10 @@ def add_tag_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=1024, help="rows per actor call (default: 1024)")
     parser.add_argument("--cpus-per-actor", type=int, default=1, help="torch threads per actor (default: 1)")
     parser.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs per actor (default: 0)")
-    parser.add_argument("--int8", action="store_true", help="dynamic int8 quantization (CPU only)")
+    parser.add_argument("--precision", choices=["fp32", "bf16", "int8"], default=None,
+                        help="fp32 (default, CPU and GPU); bf16 (autocast) or int8 (CPU) only for a bundle "
+                             "whose validation macro-F1 they move by <= 0.005, checked before tagging")
+    parser.add_argument("--int8", action="store_true", help="same as --precision int8")
     parser.add_argument("--skip-bad-files", action="store_true",
                         help="skip unreadable input files (listed in _manifest.json) instead of failing")
     parser.add_argument("--ray-address", default=None,
@@ -99,7 +102,7 @@ def run_tag(args: argparse.Namespace) -> int:
         keep_columns=[c.strip() for c in args.keep_columns.split(",") if c.strip()],
         probabilities=args.probabilities, overwrite=args.overwrite, num_actors=args.actors,
         batch_size=args.batch_size, cpus_per_actor=args.cpus_per_actor,
-        gpus_per_actor=args.gpus_per_actor, int8=args.int8,
+        gpus_per_actor=args.gpus_per_actor, precision=args.precision, int8=args.int8,
         on_bad_file="skip" if args.skip_bad_files else "fail",
     )  # fmt: skip
     print(summary.line())

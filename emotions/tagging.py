@@ -1,8 +1,10 @@
 """Bulk tagging of Parquet comment dumps with Ray Data: ``tag_corpus``.
 
     inputs -> footers checked -> read_parquet -> normalize (per block, in the read tasks)
-           -> Tagger actors (bundle loaded once each) -> driver: one output file per input file
-           -> OUTPUT/_staging -> verify rows in == rows out -> commit
+           [-> Tokenizer actors (CPU: token ids per row; GPU runs)]
+           -> Tagger actors (bundle loaded once each): tagged rows -> part files in OUTPUT/_staging
+           -> driver: part paths and row counts only -> merge task per finished input file
+           -> one output file per input file in OUTPUT/_staging -> rows in == rows out -> commit
 
 Output (one row per input row; flagged rows keep their id and have null predictions)::
 
@@ -16,14 +18,21 @@ Output (one row per input row; flagged rows keep their id and have null predicti
 nobody wrote). Texts longer than the bundle's ``max_length`` tokens are truncated, not rejected.
 
 Exactly once. Every input file has one output file whose name derives from the input's URI.
-Files are written into ``OUTPUT/_staging/`` (readers skip ``_``-prefixed paths); after a file's
-last row is written its marker goes into ``_staging/_done/``. A re-run with the same settings
-skips files whose marker matches (same rows and bytes of input), rewrites any half-written ones,
-and finishes the rest. The commit checks rows in == rows out for every file, moves the files into
-OUTPUT (a rename locally, copy + delete on object stores), writes ``_manifest.json`` and then
-``_SUCCESS``: an output without ``_SUCCESS`` is never complete. (The manifest's name starts with
-``_`` because pyarrow, pandas and Spark read every other file in a folder as Parquet.) Row order
-within a file is not kept; join on the id column.
+Tagged rows never travel to the driver (on a cluster of many GPU actors it would be the
+bottleneck): each Tagger actor writes every batch it tags, split by input file, as a part file
+``_staging/parts/<output name>/part-<uuid>.parquet`` and returns one small row per part (file
+index, part name, rows, flag counts). The driver adds those rows up per file; when a file's parts
+hold all its rows it launches a Ray task that streams exactly those parts, row group by row
+group, into the file's output file in ``OUTPUT/_staging/`` (readers skip ``_``-prefixed paths),
+then writes its marker into ``_staging/_done/`` and deletes the parts. A part written by an
+attempt Ray retried is never reported to the driver, so it is never merged (more rows reported
+than the file has stops the run). A re-run with the same settings skips files whose marker
+matches (same rows and bytes of input), discards the parts of unfinished files, rewrites any
+half-written ones, and finishes the rest. The commit checks rows in == rows out for every file,
+moves the files into OUTPUT (a rename locally, copy + delete on object stores), writes
+``_manifest.json`` and then ``_SUCCESS``: an output without ``_SUCCESS`` is never complete.
+(The manifest's name starts with ``_`` because pyarrow, pandas and Spark read every other file in
+a folder as Parquet.) Row order within a file is not kept; join on the id column.
 
 Actor sizing. Ray Data's file listing runs as a task that asks for 1 whole CPU, and reads ask
 for ``READ_CPUS`` each. A pool that reserves every CPU leaves them unschedulable and the pipeline
@@ -32,16 +41,25 @@ hangs without a word. So by default there is one actor per ``cpus_per_actor`` CP
 *reserve* at most (cluster CPUs - 1): on 2 CPUs, 2 actors x 1 thread that each reserve 0.5 CPU.
 Reads are light next to the encoder, so running them beside the actors costs little.
 
+Tokenizing. On GPU runs a pool of Tokenizer actors (``TOKENIZER_CPUS`` each, one per GPU actor)
+turns text into token ids ahead of the encoder, so GPU actors only run the encoder. On CPU the
+actors tokenize their own batches: the separate stage measured slower on 2 CPUs (see
+benchmarks/tag_throughput.py); ``tokenize_stage=True`` forces it.
+
 Schemas. Files may disagree (string vs large_string text, int32 vs int64 ids, extra columns):
 only the needed columns are read, against one pinned schema. A file whose text column is not
-text at all is not sent through Ray: its rows are flagged "not a string" on the driver.
+text at all is not sent through Ray Data: a Ray task writes its rows flagged "not a string".
 
-int8 (CPU): dynamic quantization of every nn.Linear, allowed only for a bundle whose validation
-macro-F1 it moves by at most INT8_MAX_F1_CHANGE, checked on the driver before each such run.
+Precision: fp32 (the default, on CPU and GPU), bf16 (autocast to bfloat16) or int8 (CPU: dynamic
+quantization of every nn.Linear). A precision other than fp32 is allowed only for a bundle whose
+validation macro-F1 it moves by at most MAX_F1_CHANGE: ``check_precision`` compares it with fp32
+on the driver (on CPU) before each such run, and the manifest records the precision and the
+check, since thresholds are applied to the precision they were checked for.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import hashlib
 import json
@@ -80,11 +98,19 @@ FOOTER_ACTORS_VARIABLE, FOOTER_ACTORS = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", 1 
 # passes of 16 pads to 1.12x its real tokens, in passes of 64 to 1.53x (GoEmotions-like lengths).
 ENCODER_BATCH = {"cpu": 16, "cuda": 256}
 CHARS_PER_TOKEN_CAP = 100  # texts are cut to max_length * this many characters before tokenizing
-INT8_MAX_F1_CHANGE = 0.005  # int8 is refused for a bundle whose validation macro-F1 it moves more
+PRECISIONS = ("fp32", "bf16", "int8")
+MAX_F1_CHANGE = 0.005  # bf16/int8 is refused for a bundle whose validation macro-F1 it moves more
+TOKENIZER_CPUS = 1.0  # per Tokenizer actor, when tokenizing is a stage of its own
+MERGE_CPUS = 0.25  # per merge task: reading parts and writing one file is I/O
 ROW_GROUP_ROWS = 65_536  # rows buffered per output file before a row group is written
 FILE_COLUMN = "__file"  # internal: index of the input file a row came from
 TEXT_COLUMN = "__text"  # internal: the text as large_string (null when the column is not text)
 ERROR_COLUMN = "__error"  # internal: the flag reason, computed when reading
+IDS_COLUMN = "__ids"  # internal: token ids (list<int32>, empty where flagged), from the Tokenizer stage
+PARTS = "parts"  # inside the staging folder: parts/<output name>/part-<uuid>.parquet
+# What the Tagger actors return to the driver: one row per part file, no tagged rows.
+PART_SCHEMA = pa.schema([(FILE_COLUMN, pa.int32()), ("part", pa.string()), ("rows", pa.int64()),
+                         ("reasons", pa.string())])  # reasons: JSON {reason: rows}  # fmt: skip
 RESERVED = ("emotions", "top_emotion", "top_score", "ekman", "sentiment", "model_hash", "error",
             *(f"p_{name}" for name in EMOTIONS), "path")  # fmt: skip
 ON_BAD_FILE = ("fail", "skip")
@@ -111,13 +137,14 @@ class TaggingSettings:
     batch_size: int = 1024  # rows per actor call; sorted by length into ENCODER_BATCH passes
     cpus_per_actor: int = 1  # torch threads per actor
     gpus_per_actor: float = 0.0
-    int8: bool = False  # dynamic int8 quantization of nn.Linear (CPU only)
+    precision: str = "fp32"  # fp32 | bf16 (autocast) | int8 (dynamic quantization of nn.Linear, CPU)
+    tokenize_stage: bool | None = None  # None: a Tokenizer stage on GPU runs, in the actors on CPU
     on_bad_file: str = "fail"  # fail | skip: an unreadable input file stops the job, or is listed
 
     def output_key(self, model_hash: str) -> str:
         """Names everything that changes the output's bytes: staged files of another key are stale."""
         fields = [model_hash, self.text_column, self.id_column, self.keep_columns, self.probabilities,
-                  self.int8]  # fmt: skip
+                  self.precision]  # fmt: skip
         return hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:16]
 
 
@@ -127,6 +154,8 @@ class ActorPlan:
     cpus_reserved: float  # per actor: what Ray schedules on (see the module docstring)
     gpus: float  # per actor
     threads: int  # torch threads per actor
+    tokenizers: int = 0  # Tokenizer actors ahead of the encoder (0: the actors tokenize)
+    tokenizer_cpus: float = 0.0  # reserved per Tokenizer actor
 
 
 @dataclass(frozen=True)
@@ -172,22 +201,27 @@ def tag_corpus(model: str | Path, inputs: str | Path | list, output: str | Path,
                text_column: str = "body", id_column: str = "id", keep_columns=(),
                probabilities: bool = False, overwrite: bool = False, num_actors: int | None = None,
                batch_size: int = 1024, cpus_per_actor: int = 1, gpus_per_actor: float = 0,
-               int8: bool = False, on_bad_file: str = "fail") -> TagSummary:  # fmt: skip
+               precision: str | None = None, int8: bool = False, tokenize_stage: bool | None = None,
+               on_bad_file: str = "fail") -> TagSummary:  # fmt: skip
     """Tag every row of the Parquet ``inputs`` (file, folder, glob, or a list; local or a pyarrow
     URI) with the bundle at ``model``; write the committed output folder ``output``.
+    ``precision`` is fp32 (default), bf16 or int8; ``int8=True`` means ``precision="int8"``.
 
     ``model`` is read by every actor: on a multi-node cluster, a URI (s3://...) or a shared
     folder. Raises TaggingError (or BundleError) before any work for anything a user can fix."""
     start = time.perf_counter()
     if isinstance(keep_columns, str):
         keep_columns = keep_columns.split(",")
+    if int8 and precision not in (None, "int8"):
+        raise TaggingError(f"--int8 is --precision int8, but --precision {precision} was also given; pass one")
     settings = TaggingSettings(
         model=storage.expand(str(model)), output=str(output),
         text_column=text_column, id_column=id_column,
         keep_columns=tuple(dict.fromkeys(c for c in keep_columns if c != id_column)),
         probabilities=probabilities, overwrite=overwrite, num_actors=num_actors,
         batch_size=batch_size, cpus_per_actor=cpus_per_actor, gpus_per_actor=float(gpus_per_actor),
-        int8=int8, on_bad_file=on_bad_file,
+        precision="int8" if int8 else precision or "fp32", tokenize_stage=tokenize_stage,
+        on_bad_file=on_bad_file,
     )  # fmt: skip
     check_settings(settings)
     target = Folder.from_uri(settings.output)
@@ -198,9 +232,9 @@ def tag_corpus(model: str | Path, inputs: str | Path | list, output: str | Path,
 
     bundle = load_bundle(settings.model)
     model_hash, max_length = bundle.hash, bundle.max_length
-    int8_check = check_int8(bundle) if settings.int8 else None
-    if int8_check and not int8_check["allowed"]:
-        raise TaggingError(int8_check["verdict"])
+    precision_check = check_precision(bundle, settings.precision) if settings.precision != "fp32" else None
+    if precision_check and not precision_check["allowed"]:
+        raise TaggingError(precision_check["verdict"])
     del bundle  # the actors load their own copy; the driver only needed to check it
     schema, column_types = output_schema(files, settings)
     inspected = time.perf_counter()
@@ -208,22 +242,24 @@ def tag_corpus(model: str | Path, inputs: str | Path | list, output: str | Path,
     _connect_ray()
     record = environment.log_environment(asdict(settings), "tag")
     plan = plan_actors(settings, *_cluster_size())
-    log.info("%d input files, %d rows; %d actors x %d threads (%.2f CPU, %.2f GPU reserved each)",
-             len(files), sum(f.rows for f in files), plan.actors, plan.threads, plan.cpus_reserved,
-             plan.gpus)  # fmt: skip
+    log.info("%d input files, %d rows; %d actors x %d threads (%.2f CPU, %.2f GPU reserved each), "
+             "%s, %d tokenizer actors", len(files), sum(f.rows for f in files), plan.actors, plan.threads,
+             plan.cpus_reserved, plan.gpus, settings.precision, plan.tokenizers)  # fmt: skip
     staging = Staging.open(target, settings.output_key(model_hash))
     pending = [f for f in files if staging.finished(f) is None]
     resumed = {f.output_name for f in files} - {f.output_name for f in pending}
     if len(pending) < len(files):
         log.info("resuming: %d of %d files were finished by an earlier run", len(resumed), len(files))
-    startup_s = write_outputs(input_fs, pending, staging, schema, column_types, settings, plan, model_hash)
+    startup_s = write_outputs(input_fs, pending, staging, schema, column_types, settings, plan, model_hash,
+                              max_length)  # fmt: skip
     tagged = time.perf_counter()
 
     markers = staging.check_finished(files)  # rows in == rows out, file by file, or no commit
     manifest = build_manifest(files, markers, bad, resumed, settings, plan, staging.run_id, model_hash,
                               max_length, schema, record, inspect_s=inspected - start,
                               tag_s=tagged - inspected, startup_s=startup_s)  # fmt: skip
-    manifest["int8_check"] = int8_check
+    manifest["precision"] = settings.precision  # the thresholds were checked for this precision
+    manifest["precision_check"] = precision_check  # None for fp32, the thresholds' own precision
     staging.commit([f.output_name for f in files], manifest)
     seconds = time.perf_counter() - start
     summary = TagSummary(rows_in=manifest["rows_in"], rows_out=manifest["rows_out"],
@@ -246,7 +282,8 @@ def build_manifest(files: list[InputFile], markers: list[dict], bad: list[tuple[
         "model": {"path": settings.model, "hash": model_hash, "max_length": max_length},
         "settings": asdict(settings), "actors": asdict(plan),
         "inputs": [{"path": f.uri, "rows": f.rows, "bytes": f.bytes, "output": f.output_name,
-                    "rows_out": m["rows_out"], "flagged": m["flagged"], "resumed": f.output_name in resumed}
+                    "rows_out": m["rows_out"], "flagged": m["flagged"], "resumed": f.output_name in resumed,
+                    "written_by": m.get("written_by")}
                    for f, m in zip(files, markers)],
         "skipped_files": [{"path": uri, "reason": reason} for uri, reason in bad],
         "rows_in": sum(f.rows for f in files), "rows_out": sum(m["rows_out"] for m in markers),
@@ -272,8 +309,11 @@ def check_settings(s: TaggingSettings) -> None:
         errors.append(f"cpus_per_actor={s.cpus_per_actor!r} must be a whole number >= 1 (--cpus-per-actor)")
     if s.gpus_per_actor < 0:
         errors.append(f"gpus_per_actor={s.gpus_per_actor} must be >= 0 (--gpus-per-actor)")
-    if s.int8 and s.gpus_per_actor > 0:
-        errors.append("int8 quantization is for CPU inference: drop --int8 or --gpus-per-actor")
+    if s.precision not in PRECISIONS:
+        errors.append(f"precision={s.precision!r} is not one of {list(PRECISIONS)} (--precision)")
+    if s.precision == "int8" and s.gpus_per_actor > 0:
+        errors.append("int8 quantization is for CPU inference: use --precision bf16 or fp32 on GPUs, "
+                      "or drop --gpus-per-actor")  # fmt: skip
     if not s.text_column or not s.id_column or s.text_column == s.id_column:
         errors.append(f"text column {s.text_column!r} and id column {s.id_column!r} must be two "
                       "different, non-empty names (--text-column, --id-column)")  # fmt: skip
@@ -295,12 +335,16 @@ def plan_actors(s: TaggingSettings, cluster_cpus: float, cluster_gpus: float) ->
                         "autoscaler (or forever)", actors * s.gpus_per_actor, cluster_gpus)  # fmt: skip
     else:
         actors = s.num_actors or max(1, int(cluster_cpus // s.cpus_per_actor))
+    stage = s.gpus_per_actor > 0 if s.tokenize_stage is None else s.tokenize_stage
+    tokenizers = actors if stage else 0  # one CPU tokenizer keeps one GPU encoder fed (MiniLM)
     spare = max(cluster_cpus - LISTING_CPUS, 0.0)
-    reserved = min(float(s.cpus_per_actor), float(np.floor(100 * spare / actors) / 100))
+    share = float(np.floor(100 * spare / (actors + tokenizers)) / 100)
+    reserved = min(float(s.cpus_per_actor), share)
     if actors * s.cpus_per_actor > cluster_cpus:
         log.warning("%d actors x %d threads oversubscribe the cluster's %.0f CPUs", actors,
                     s.cpus_per_actor, cluster_cpus)  # fmt: skip
-    return ActorPlan(actors=actors, cpus_reserved=reserved, gpus=s.gpus_per_actor, threads=s.cpus_per_actor)
+    return ActorPlan(actors=actors, cpus_reserved=reserved, gpus=s.gpus_per_actor, threads=s.cpus_per_actor,
+                     tokenizers=tokenizers, tokenizer_cpus=min(TOKENIZER_CPUS, share) if tokenizers else 0.0)
 
 
 # ----------------------------------------------------------------------------- files
@@ -442,7 +486,8 @@ def _plain(t: pa.DataType) -> pa.DataType:
 
 @dataclass
 class Staging:
-    """``OUTPUT/_staging``: finished output files and their markers, and the commit."""
+    """``OUTPUT/_staging``: finished output files and their markers, and the commit. The files
+    and markers are written by Ray tasks (``merge_parts``, ``flag_file``), never by the driver."""
 
     target: Folder
     key: str
@@ -465,8 +510,15 @@ class Staging:
             run = {"key": key, "run_id": run_id}
             target.fs.create_dir(target.path(STAGING, DONE), recursive=True)
             target.write_json(run, STAGING, "run.json")
+        else:  # parts of files a killed run left unfinished: those files are tagged again
+            target.delete(STAGING, PARTS)
         done = {i.base_name[: -len(".json")] for i in target.list(STAGING, DONE)}
         return cls(target, key, run["run_id"], done)
+
+    def record(self, marker: dict) -> None:
+        """A marker a Ray task has just written (and returned)."""
+        self.names_done.add(marker["output"])
+        self.markers[marker["output"]] = marker
 
     def finished(self, f: InputFile) -> dict | None:
         """The file's marker if its output is complete and was made from this same input."""
@@ -491,16 +543,6 @@ class Staging:
             raise RuntimeError(f"not committing {self.target.uri}: rows in != rows out for {len(wrong)} "
                                f"file(s) (file, rows in, rows out): {wrong[:5]}. Re-run to finish")  # fmt: skip
         return markers
-
-    def mark_done(self, f: InputFile, flagged: int, reasons: dict[str, int]) -> None:
-        written = pq.read_metadata(self.target.path(STAGING, f.output_name), filesystem=self.target.fs)
-        rows_out = written.num_rows  # as the footer on storage says, not as we counted
-        marker = {"input": f.uri, "input_bytes": f.bytes, "rows_in": f.rows, "rows_out": rows_out,
-                  "flagged": flagged, "reasons": reasons, "output": f.output_name}  # fmt: skip
-        self.target.write_json(marker, STAGING, DONE, f.output_name + ".json")
-        self.names_done.add(f.output_name)
-        self.markers[f.output_name] = marker
-        log.debug("finished %s: %d rows, %d flagged", f.uri, rows_out, flagged)
 
     def commit(self, names: list[str], manifest: dict) -> None:
         """Replace the folder's files with the staged ones; ``_SUCCESS`` last. Safe to repeat."""
@@ -527,37 +569,48 @@ class Staging:
 
 def write_outputs(input_fs: pafs.FileSystem, files: list[InputFile], staging: Staging, schema: pa.Schema,
                   column_types: dict[str, pa.DataType], s: TaggingSettings, plan: ActorPlan,
-                  model_hash: str) -> float | None:  # fmt: skip
-    """Tag ``files`` into the staging folder: files of text through the Ray Data pipeline; files
-    without rows, or whose text column holds no text (every row flagged), right here. Returns the
-    seconds until the pipeline's first tagged rows arrived (actor start-up, mostly), if it ran."""
-    writer = StagedWriter(staging, files, schema)
-    paths = [f.path for f in files]
-    direct = [f for f in files if f.rows == 0 or not _is_text(f.schema.field(s.text_column).type)]
-    for f in direct:
-        flag_file(input_fs, f, paths, writer, column_types, s, model_hash)
-    readable = [f for f in files if f.output_name not in {d.output_name for d in direct}]
+                  model_hash: str, max_length: int) -> float | None:  # fmt: skip
+    """Tag ``files`` into the staging folder, on Ray workers only: files of text through the Ray
+    Data pipeline, whose actors write part files and report them here, then one ``merge_parts``
+    task per file once its parts hold all its rows; files without rows, or whose text column holds
+    no text (every row flagged), by one ``flag_file`` task each. The driver counts rows and
+    records the markers the tasks return. Returns the seconds until the first parts were reported
+    (actor start-up, mostly), if the pipeline ran."""
+    import ray
+
+    target = staging.target.uri
+    direct = {f.output_name for f in files if f.rows == 0 or not _is_text(f.schema.field(s.text_column).type)}
+    flag = ray.remote(flag_file).options(num_cpus=MERGE_CPUS)
+    tasks = [flag.remote(target, f, column_types, schema, s, model_hash) for f in files if f.output_name in direct]
+    readable = [f for f in files if f.output_name not in direct]
     startup_s = None
     if readable:
         start = time.perf_counter()
-        pipeline = tag_pipeline(input_fs, [f.path for f in readable], paths, schema, column_types, s,
-                                plan, model_hash)  # fmt: skip
+        pipeline = tag_pipeline(input_fs, readable, staging, schema, column_types, s, plan, model_hash,
+                                max_length)  # fmt: skip
+        ledger = PartLedger(readable)
+        merge = ray.remote(merge_parts).options(num_cpus=MERGE_CPUS)
         progress = Progress("tagging", sum(f.rows for f in readable), unit="rows")
-        for block in pipeline.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for block in pipeline.iter_batches(batch_size=None, batch_format="pyarrow"):  # PART_SCHEMA rows
             startup_s = startup_s or time.perf_counter() - start
-            writer.add(block)
-            progress.step(block.num_rows)
-    writer.check_complete()
+            for k, parts, reasons in ledger.add(block):  # files whose last rows just arrived
+                tasks.append(merge.remote(target, readable[k], parts, reasons, schema))
+            progress.step(int(pc.sum(block.column("rows")).as_py() or 0))
+        ledger.check_complete()
+    for marker in ray.get(tasks):
+        staging.record(marker)
     return startup_s
 
 
-def tag_pipeline(input_fs: pafs.FileSystem, read: list[str], paths: list[str], schema: pa.Schema,
+def tag_pipeline(input_fs: pafs.FileSystem, files: list[InputFile], staging: Staging, schema: pa.Schema,
                  column_types: dict[str, pa.DataType], s: TaggingSettings, plan: ActorPlan,
-                 model_hash: str):  # fmt: skip
-    """The Ray Data pipeline over the files ``read``: a Dataset of tagged rows plus __file, the
-    row's index in ``paths``."""
+                 model_hash: str, max_length: int):  # fmt: skip
+    """The Ray Data pipeline over ``files``: a Dataset of PART_SCHEMA rows, one per part file the
+    Tagger actors wrote into the staging folder (__file: the part's input file, an index in
+    ``files``). Tagged rows stay on the workers."""
     import ray
 
+    paths = [f.path for f in files]
     needed = list(dict.fromkeys([s.id_column, s.text_column, *s.keep_columns]))
     # Pinned, so Ray Data neither reads every footer again nor chokes on columns we do not read
     # that files disagree on (Reddit's `edited` is a bool in some dumps, a timestamp in others).
@@ -567,7 +620,7 @@ def tag_pipeline(input_fs: pafs.FileSystem, read: list[str], paths: list[str], s
     users = os.environ.get(FOOTER_ACTORS_VARIABLE)  # a value the user set wins
     os.environ.setdefault(FOOTER_ACTORS_VARIABLE, str(FOOTER_ACTORS))
     try:  # the knob is read while the read is planned, here on the driver
-        ds = ray.data.read_parquet(read, filesystem=input_fs, schema=pinned, include_paths=True,
+        ds = ray.data.read_parquet(paths, filesystem=input_fs, schema=pinned, include_paths=True,
                                    partitioning=None, file_extensions=None, num_cpus=READ_CPUS)  # fmt: skip
     finally:
         if users is None:
@@ -579,30 +632,129 @@ def tag_pipeline(input_fs: pafs.FileSystem, read: list[str], paths: list[str], s
     # Small files arrive as one block and a big file as a few big ones; one block goes to one
     # actor. Blocks of one Ray batch each let every actor work.
     ds = ds.repartition(target_num_rows_per_block=s.batch_size)
+    if plan.tokenizers:
+        ds = ds.map_batches(
+            Tokenizer, batch_size=s.batch_size, batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=plan.tokenizers), num_cpus=plan.tokenizer_cpus,
+            fn_constructor_kwargs={"model": s.model, "max_length": max_length,
+                                   "keep_text": s.text_column in s.keep_columns},
+        )  # fmt: skip
     return ds.map_batches(
         Tagger, batch_size=s.batch_size, batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=plan.actors),
         num_cpus=plan.cpus_reserved, num_gpus=plan.gpus or None,
         fn_constructor_kwargs={"model": s.model, "model_hash": model_hash, "threads": plan.threads,
-                               "use_gpu": plan.gpus > 0, "int8": s.int8, "schema": schema,
-                               "text_column": s.text_column},
+                               "use_gpu": plan.gpus > 0, "precision": s.precision, "schema": schema,
+                               "text_column": s.text_column, "staging": staging.target.uri_of(STAGING),
+                               "names": [f.output_name for f in files]},
     )  # fmt: skip
 
 
-def flag_file(input_fs: pafs.FileSystem, f: InputFile, paths: list[str], writer: StagedWriter,
-              column_types: dict[str, pa.DataType], s: TaggingSettings, model_hash: str) -> None:  # fmt: skip
-    """Output for a file with nothing to tag, streamed by row group: every row flagged."""
+class PartLedger:
+    """The driver's account of the part files the Tagger actors reported: rows per input file and
+    the parts that hold them. Only reported parts count: an attempt that Ray retried may have
+    left a part in storage, but no one reported it, so no merge reads it."""
+
+    def __init__(self, files: list[InputFile]):
+        self.files = files
+        self.received = np.zeros(len(files), dtype=np.int64)
+        self.parts: dict[int, list[str]] = {}
+        self.reasons: dict[int, dict[str, int]] = {}
+
+    def add(self, block: pa.Table) -> list[tuple[int, list[str], dict[str, int]]]:
+        """PART_SCHEMA rows -> (file index, its parts, its flag counts) of each file now complete."""
+        complete = []
+        for row in block.to_pylist():
+            k = row[FILE_COLUMN]
+            self.received[k] += row["rows"]
+            if self.received[k] > self.files[k].rows:
+                raise RuntimeError(f"{self.files[k].uri}: {self.received[k]} rows tagged, but the file "
+                                   f"has {self.files[k].rows}: rows were duplicated")  # fmt: skip
+            self.parts.setdefault(k, []).append(row["part"])
+            counts = self.reasons.setdefault(k, {})
+            for reason, n in json.loads(row["reasons"]).items():
+                counts[reason] = counts.get(reason, 0) + n
+            if self.received[k] == self.files[k].rows:
+                complete.append((k, self.parts.pop(k), self.reasons.pop(k)))
+        return complete
+
+    def check_complete(self) -> None:
+        short = [(f.uri, int(n), f.rows) for f, n in zip(self.files, self.received) if n != f.rows]
+        if short:
+            raise RuntimeError(f"the pipeline ended with files not fully tagged (file, rows tagged, "
+                               f"rows in): {short[:5]}; nothing was committed, re-run to finish")  # fmt: skip
+
+
+def write_parts(tagged: pa.Table, staging: Folder, names: list[str], schema: pa.Schema) -> pa.Table:
+    """On a Tagger actor: tagged rows (__file + the output columns) -> one part file per input file
+    in the batch, written into ``staging``; -> one PART_SCHEMA row per part, for the driver."""
+    index = tagged.column(FILE_COLUMN).to_numpy()
+    report = {name: [] for name in PART_SCHEMA.names}
+    for k in np.unique(index):
+        rows = tagged.filter(pa.array(index == k)).drop_columns([FILE_COLUMN]).cast(schema)
+        part = f"{names[k]}/part-{uuid.uuid4().hex}.parquet"  # unique: a retried attempt writes anew
+        if staging.is_local:
+            staging.make(PARTS, names[k])
+        pq.write_table(rows, staging.path(PARTS, part), filesystem=staging.fs)
+        reasons = {r["values"]: r["counts"] for r in pc.value_counts(rows.column("error").drop_null()).to_pylist()}
+        for name, value in zip(PART_SCHEMA.names, (int(k), part, rows.num_rows, json.dumps(reasons))):
+            report[name].append(value)
+    return pa.table(report, schema=PART_SCHEMA)
+
+
+def merge_parts(target_uri: str, f: InputFile, parts: list[str], reasons: dict[str, int],
+                schema: pa.Schema) -> dict:  # fmt: skip
+    """A Ray task: stream the reported ``parts`` of ``f`` (those only) into its output file in the
+    staging folder, in row groups of up to ROW_GROUP_ROWS; write its marker, delete its parts.
+    -> the marker."""
+    target = Folder.from_uri(target_uri)
+    with pq.ParquetWriter(target.path(STAGING, f.output_name), schema, filesystem=target.fs) as writer:
+        buffer: list[pa.Table] = []
+        for i, part in enumerate(parts):
+            with target.fs.open_input_file(target.path(STAGING, PARTS, part)) as handle:
+                buffer.append(pq.read_table(handle))
+            if sum(t.num_rows for t in buffer) >= ROW_GROUP_ROWS or i == len(parts) - 1:
+                writer.write_table(pa.concat_tables(buffer))
+                buffer = []
+    marker = write_marker(target, f, reasons)
+    target.delete(STAGING, PARTS, f.output_name)
+    return marker
+
+
+def flag_file(target_uri: str, f: InputFile, column_types: dict[str, pa.DataType], schema: pa.Schema,
+              s: TaggingSettings, model_hash: str) -> dict:  # fmt: skip
+    """A Ray task: the output file of an input with nothing to tag (no rows, or a text column that
+    holds no text), streamed by row group with every row flagged; its marker. -> the marker."""
+    input_fs, path, _ = filesystem(f.uri)
+    target = Folder.from_uri(target_uri)
     needed = list(dict.fromkeys([s.id_column, s.text_column, *s.keep_columns]))
-    with input_fs.open_input_file(f.path) as handle:
+    reasons: dict[str, int] = {}
+    with (pq.ParquetWriter(target.path(STAGING, f.output_name), schema, filesystem=target.fs) as writer,
+          input_fs.open_input_file(path) as handle):  # fmt: skip
         for batch in pq.ParquetFile(handle).iter_batches(columns=needed):
             block = pa.Table.from_batches([batch])
-            block = block.append_column("path", pa.array([f.path] * block.num_rows, pa.string()))
-            rows = normalize_block(block, paths, s.text_column, column_types)
+            block = block.append_column("path", pa.array([path] * block.num_rows, pa.string()))
+            rows = normalize_block(block, [path], s.text_column, column_types)
             no_probs = np.zeros((rows.num_rows, len(EMOTIONS)), dtype=np.float32)
-            writer.add(label_batch(rows, no_probs, np.ones(len(EMOTIONS)), model_hash, writer.schema,
-                                   s.text_column))  # fmt: skip
-    if f.rows == 0:
-        writer.finish(paths.index(f.path))
+            tagged = label_batch(rows, no_probs, np.ones(len(EMOTIONS)), model_hash, schema, s.text_column)
+            writer.write_table(tagged.drop_columns([FILE_COLUMN]).cast(schema))
+            for item in pc.value_counts(tagged.column("error").drop_null()).to_pylist():
+                reasons[item["values"]] = reasons.get(item["values"], 0) + item["counts"]
+    return write_marker(target, f, reasons)
+
+
+def write_marker(target: Folder, f: InputFile, reasons: dict[str, int]) -> dict:
+    """Once ``f``'s output file is complete in the staging folder: its marker, with the rows its
+    footer on storage holds (not as counted) and the process that wrote it. -> the marker."""
+    import ray
+
+    written = pq.read_metadata(target.path(STAGING, f.output_name), filesystem=target.fs)
+    node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    marker = {"input": f.uri, "input_bytes": f.bytes, "rows_in": f.rows, "rows_out": written.num_rows,
+              "flagged": sum(reasons.values()), "reasons": dict(sorted(reasons.items())),
+              "output": f.output_name, "written_by": {"pid": os.getpid(), "node": node}}  # fmt: skip
+    target.write_json(marker, STAGING, DONE, f.output_name + ".json")
+    return marker
 
 
 def _is_text(type_: pa.DataType) -> bool:
@@ -642,13 +794,74 @@ def check_texts(column: pa.ChunkedArray) -> tuple[pa.ChunkedArray, pa.ChunkedArr
     return text, pc.case_when(pc.make_struct(*conditions, field_names=reasons), *reasons)
 
 
+class Tokenizer:
+    """A Ray Data actor on CPU, ahead of the encoder actors (GPU runs): adds __ids, the token ids
+    of every taggable row (empty where flagged), so the GPU actors only run the encoder."""
+
+    def __init__(self, model: str, max_length: int, keep_text: bool):
+        environment.setup_logging()
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per actor, as reserved
+        self.tokenizer, self.max_length, self.keep_text = load_tokenizer(model), max_length, keep_text
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        flagged = _flagged(batch)
+        data = tokenize_texts(_texts(batch, flagged), self.tokenizer, self.max_length)
+        lengths = np.zeros(batch.num_rows, dtype=np.int32)
+        lengths[~flagged] = data.lengths
+        offsets = np.zeros(batch.num_rows + 1, dtype=np.int32)
+        np.cumsum(lengths, out=offsets[1:])
+        batch = batch.append_column(IDS_COLUMN, pa.ListArray.from_arrays(pa.array(offsets), pa.array(data.ids)))
+        return batch if self.keep_text else batch.drop_columns([TEXT_COLUMN])
+
+
+def load_tokenizer(model: str):
+    """The bundle's tokenizer alone (for a URI, only its tokenizer/ folder is downloaded)."""
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    folder = Folder.from_uri(model).child("tokenizer")
+    local = folder.root if folder.is_local else folder.download(tempfile.mkdtemp(prefix="emotions-tokenizer-"))
+    return AutoTokenizer.from_pretrained(str(local), trust_remote_code=False)
+
+
+def tokenize_texts(texts: list[str], tokenizer, max_length: int):
+    """[n] texts -> TokenizedSet; texts are cut to max_length * CHARS_PER_TOKEN_CAP characters first
+    (the tokenizer truncates to max_length tokens, but would split all of a 1 MB text first)."""
+    from emotions.batching import tokenize  # torch: not imported by Ray Data's read tasks
+
+    cap = max_length * CHARS_PER_TOKEN_CAP
+    return tokenize([t[:cap] for t in texts], np.zeros((len(texts), 0), dtype=np.float32), tokenizer, max_length)
+
+
+def _flagged(batch: pa.Table) -> np.ndarray:
+    return batch.column(ERROR_COLUMN).is_valid().to_numpy(zero_copy_only=False)  # [batch] bool
+
+
+def _texts(batch: pa.Table, flagged: np.ndarray) -> list[str]:
+    return batch.column(TEXT_COLUMN).filter(pa.array(~flagged)).to_pylist()
+
+
+def _token_ids(batch: pa.Table, flagged: np.ndarray):
+    """The Tokenizer stage's __ids of the taggable rows -> TokenizedSet."""
+    from emotions.batching import TokenizedSet
+
+    ids = batch.column(IDS_COLUMN).combine_chunks().filter(pa.array(~flagged))
+    offsets = np.zeros(len(ids) + 1, dtype=np.int64)
+    np.cumsum(pc.list_value_length(ids).to_numpy(zero_copy_only=False), out=offsets[1:])
+    return TokenizedSet(ids.flatten().to_numpy(zero_copy_only=False), offsets,
+                        np.zeros((len(ids), 0), dtype=np.float32), np.arange(len(ids)))  # fmt: skip
+
+
 class Tagger:
-    """A Ray Data actor: loads the bundle once, then maps a batch of rows to their tags.
+    """A Ray Data actor: loads the bundle once, then tags a batch of rows and writes them as part
+    files into the staging folder (``write_parts``).
 
-    Batch in: __file, __text, __error, carried columns. Batch out: __file + the output schema."""
+    Batch in: __file, __text (or __ids from the Tokenizer stage), __error, carried columns.
+    Batch out: PART_SCHEMA rows, one per part file written."""
 
-    def __init__(self, model: str, model_hash: str, threads: int, use_gpu: bool, int8: bool,
-                 schema: pa.Schema, text_column: str):  # fmt: skip
+    def __init__(self, model: str, model_hash: str, threads: int, use_gpu: bool, precision: str,
+                 schema: pa.Schema, text_column: str, staging: str, names: list[str]):  # fmt: skip
         start = time.perf_counter()
         import torch
 
@@ -662,30 +875,49 @@ class Tagger:
         if self.bundle.hash != model_hash:
             raise BundleError(f"model bundle {model} changed while tagging (hash {self.bundle.hash}, "
                               f"expected {model_hash}); re-run against an unchanging bundle")  # fmt: skip
-        if int8:
-            self.bundle.model = quantize_int8(self.bundle.model)
+        self.model, self.precision = prepare_model(self.bundle.model, precision), precision
         self.schema, self.text_column = schema, text_column
-        self.char_cap = self.bundle.max_length * CHARS_PER_TOKEN_CAP
-        log.info("tagging actor ready in %.1fs (%s, %d threads%s)", time.perf_counter() - start,
-                 self.device, threads, ", int8" if int8 else "")  # fmt: skip
+        self.staging, self.names = Folder.from_uri(staging), names
+        log.info("tagging actor ready in %.1fs (%s, %d threads, %s)", time.perf_counter() - start,
+                 self.device, threads, precision)  # fmt: skip
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        flagged = batch.column(ERROR_COLUMN).is_valid().to_numpy(zero_copy_only=False)  # [batch] bool
-        texts = [t[: self.char_cap] for t in batch.column(TEXT_COLUMN).filter(pa.array(~flagged)).to_pylist()]
+        return write_parts(self.tag(batch), self.staging, self.names, self.schema)
+
+    def tag(self, batch: pa.Table) -> pa.Table:
+        """A normalized batch -> __file + the output columns."""
+        flagged = _flagged(batch)
         probs = np.zeros((batch.num_rows, len(EMOTIONS)), dtype=np.float32)  # [batch, 28]
-        if texts:
-            probs[~flagged] = self.predict(texts)
+        if not flagged.all():
+            tokenizer = self.bundle.tokenizer
+            data = (_token_ids(batch, flagged) if IDS_COLUMN in batch.column_names
+                    else tokenize_texts(_texts(batch, flagged), tokenizer, self.bundle.max_length))  # fmt: skip
+            probs[~flagged] = predict_tokens(self.model, data, tokenizer.pad_token_id or 0,
+                                             ENCODER_BATCH[self.device], self.precision, self.device)  # fmt: skip
         return label_batch(batch, probs, self.bundle.thresholds, self.bundle.hash, self.schema,
                            self.text_column)  # fmt: skip
 
-    def predict(self, texts: list[str]) -> np.ndarray:
-        """[n] texts -> [n, 28] probabilities; sorted by length into ENCODER_BATCH passes."""
-        import torch
 
-        if self.device == "cuda":
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                return self.bundle.predict_proba(texts, batch_size=ENCODER_BATCH["cuda"])
-        return self.bundle.predict_proba(texts, batch_size=ENCODER_BATCH["cpu"])
+def predict_tokens(model, data, pad_id: int, batch_size: int, precision: str, device: str) -> np.ndarray:
+    """[n] tokenized texts -> [n, 28] probabilities (float32), in passes of ``batch_size`` rows
+    sorted by length. bf16 runs under autocast; an int8 model comes quantized (prepare_model)."""
+    import torch
+
+    from emotions.batching import collate, sorted_batches
+
+    out = np.zeros((len(data), len(EMOTIONS)), dtype=np.float32)
+    autocast = torch.autocast(device, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+    with torch.inference_mode(), autocast:
+        for rows in sorted_batches(data.lengths, batch_size):
+            ids, mask, _ = collate(data, rows, pad_id)
+            logits = model(ids.to(device), mask.to(device))  # [pass, 28]
+            out[rows] = torch.sigmoid(logits.float()).cpu().numpy()
+    return out
+
+
+def prepare_model(model, precision: str):
+    """The model to run at ``precision``: int8 quantizes it (in place), fp32 and bf16 leave it."""
+    return quantize_int8(model) if precision == "int8" else model
 
 
 def quantize_int8(model):
@@ -699,42 +931,48 @@ def quantize_int8(model):
         return quantize_dynamic(model, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
 
 
-def check_int8(bundle) -> dict:
-    """Macro-F1 at the bundle's thresholds on its own validation split, fp32 vs int8 (and the
-    seconds each pass took). ``allowed`` is False when int8 moves it by more than
-    INT8_MAX_F1_CHANGE; ``verdict`` says so in a sentence."""
+def check_precision(bundle, precision: str) -> dict:
+    """The gate for any precision but fp32 (bf16, int8): macro-F1 at the bundle's thresholds on its
+    own validation split, fp32 vs ``precision``, through the encoder loop the actors run (on CPU,
+    here), and the seconds each pass took. ``allowed`` is False when ``precision`` moves macro-F1
+    by more than MAX_F1_CHANGE; ``verdict`` says so in a sentence."""
     import copy
-    import dataclasses
 
     from emotions.data import DataError, load_labelled
     from emotions.metrics import compute_metrics
 
+    assert precision in PRECISIONS and precision != "fp32", precision
     data, seed = bundle.config["data"], bundle.config.get("seed", 0)
     try:
         validation = load_labelled(data["validation"], text_column=data["text_column"],
                                    labels_column=data["labels_column"], label_format=data["label_format"])
         validation = validation.take(data["max_validation_examples"], seed)  # what thresholds were fit on
     except DataError as error:
-        raise TaggingError(f"--int8 is checked on the bundle's validation data, which cannot be "
-                           f"read here ({error}); tag in fp32 (drop --int8)") from error  # fmt: skip
-    int8 = dataclasses.replace(bundle, model=quantize_int8(copy.deepcopy(bundle.model)))
+        raise TaggingError(f"--precision {precision} is checked on the bundle's validation data, which "
+                           f"cannot be read here ({error}); tag in fp32 (--precision fp32)") from error  # fmt: skip
+    tokens = tokenize_texts(validation.texts, bundle.tokenizer, bundle.max_length)
+    pad_id = bundle.tokenizer.pad_token_id or 0
+    candidates = {"fp32": bundle.model, precision: prepare_model(copy.deepcopy(bundle.model), precision)}
     scores, seconds = {}, {}
-    for name, candidate in (("fp32", bundle), ("int8", int8)):
-        candidate.predict_proba(validation.texts[:64])  # warm-up, so the timings compare
+    for name, model in candidates.items():
+        predict_tokens(model, tokens.select(np.arange(min(64, len(tokens)))), pad_id, ENCODER_BATCH["cpu"],
+                       name, "cpu")  # warm-up, so the timings compare  # fmt: skip
         start = time.perf_counter()
-        probs = candidate.predict_proba(validation.texts)
+        probs = predict_tokens(model, tokens, pad_id, ENCODER_BATCH["cpu"], name, "cpu")
         seconds[name] = time.perf_counter() - start
         scores[name] = compute_metrics(validation.labels, probs, bundle.thresholds)["macro_f1"]
-    change = scores["int8"] - scores["fp32"]
-    allowed = abs(change) <= INT8_MAX_F1_CHANGE
-    verdict = (f"int8 moves validation macro-F1 of bundle {bundle.hash} from {scores['fp32']:.4f} to "
-               f"{scores['int8']:.4f} ({change:+.4f} on {len(validation)} examples of {validation.source}); "
-               + ("within" if allowed else "more than") + f" the {INT8_MAX_F1_CHANGE} allowed"
-               + ("" if allowed else ": tag in fp32 (drop --int8)"))  # fmt: skip
+    change = scores[precision] - scores["fp32"]
+    allowed = abs(change) <= MAX_F1_CHANGE
+    verdict = (f"{precision} moves validation macro-F1 of bundle {bundle.hash} from {scores['fp32']:.4f} "
+               f"to {scores[precision]:.4f} ({change:+.4f} on {len(validation)} examples of "
+               f"{validation.source}); " + ("within" if allowed else "more than")
+               + f" the {MAX_F1_CHANGE} allowed"
+               + ("" if allowed else ": tag in fp32 (--precision fp32)"))  # fmt: skip
     log.info("%s", verdict)
-    return {"macro_f1_fp32": scores["fp32"], "macro_f1_int8": scores["int8"], "change": change,
-            "examples": len(validation), "fp32_s": seconds["fp32"], "int8_s": seconds["int8"],
-            "allowed": allowed, "verdict": verdict}  # fmt: skip
+    return {"precision": precision, "macro_f1_fp32": scores["fp32"], f"macro_f1_{precision}": scores[precision],
+            "change": change, "max_change": MAX_F1_CHANGE, "examples": len(validation),
+            "fp32_s": seconds["fp32"], f"{precision}_s": seconds[precision], "allowed": allowed,
+            "verdict": verdict}  # fmt: skip
 
 
 def label_batch(batch: pa.Table, probs: np.ndarray, thresholds: np.ndarray, model_hash: str,
@@ -767,58 +1005,6 @@ def _label_lists(chosen: np.ndarray, names: tuple[str, ...], null: np.ndarray) -
     np.cumsum(chosen.sum(axis=1), out=offsets[1:])
     values = pa.array(names, pa.string()).take(pa.array(np.nonzero(chosen)[1]))
     return pa.ListArray.from_arrays(pa.array(offsets), values, mask=pa.array(null))
-
-
-class StagedWriter:
-    """Routes tagged rows to their input file's output file; closes and marks a file done when its
-    last row arrives (the row counts come from the footers read up front)."""
-
-    def __init__(self, staging: Staging, files: list[InputFile], schema: pa.Schema):
-        self.staging, self.files, self.schema = staging, files, schema
-        self.received = np.zeros(len(files), dtype=np.int64)
-        self.buffers: dict[int, list[pa.Table]] = {}
-        self.writers: dict[int, pq.ParquetWriter] = {}
-        self.reasons: dict[int, dict[str, int]] = {}
-
-    def add(self, block: pa.Table) -> None:
-        index = block.column(FILE_COLUMN).to_numpy()
-        for k in np.unique(index):
-            rows = block.filter(pa.array(index == k)).drop_columns([FILE_COLUMN])
-            self.received[k] += rows.num_rows
-            if self.received[k] > self.files[k].rows:
-                raise RuntimeError(f"{self.files[k].uri}: {self.received[k]} rows tagged, but the file "
-                                   f"has {self.files[k].rows}: rows were duplicated")  # fmt: skip
-            self.buffers.setdefault(k, []).append(rows)
-            counts = self.reasons.setdefault(k, {})
-            for item in pc.value_counts(rows.column("error").drop_null()).to_pylist():
-                counts[item["values"]] = counts.get(item["values"], 0) + item["counts"]
-            complete = self.received[k] == self.files[k].rows
-            if complete or sum(t.num_rows for t in self.buffers[k]) >= ROW_GROUP_ROWS:
-                self._flush(k)
-            if complete:
-                self.finish(k)
-
-    def _flush(self, k: int) -> None:
-        if k not in self.writers:
-            self.writers[k] = pq.ParquetWriter(self._path(k), self.schema, filesystem=self.staging.target.fs)
-        self.writers[k].write_table(pa.concat_tables(self.buffers.pop(k)).cast(self.schema))
-
-    def finish(self, k: int) -> None:
-        if k in self.writers:
-            self.writers.pop(k).close()
-        else:  # a file without rows still gets its (empty) output file
-            pq.write_table(self.schema.empty_table(), self._path(k), filesystem=self.staging.target.fs)
-        reasons = self.reasons.pop(k, {})
-        self.staging.mark_done(self.files[k], sum(reasons.values()), reasons)
-
-    def _path(self, k: int) -> str:
-        return self.staging.target.path(STAGING, self.files[k].output_name)
-
-    def check_complete(self) -> None:
-        short = [(f.uri, int(n), f.rows) for f, n in zip(self.files, self.received) if n != f.rows]
-        if short:
-            raise RuntimeError(f"the pipeline ended with files not fully tagged (file, rows tagged, "
-                               f"rows in): {short[:5]}; nothing was committed, re-run to finish")  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- helpers

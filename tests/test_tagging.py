@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -21,9 +22,11 @@ import torch
 from emotions.bundle import load_bundle
 from emotions.corpus import make_corpus
 from emotions.labels import EKMAN, EMOTIONS, SENTIMENT, roll_up
-from emotions.tagging import (INT8_MAX_F1_CHANGE, MANIFEST, STAGING, SUCCESS, Folder, InputFile, Tagger,
-                              TaggingError, TaggingSettings, check_int8, check_texts, normalize_block,
-                              output_schema, plan_actors, resolve_inputs, tag_corpus)  # fmt: skip
+from emotions import tagging
+from emotions.tagging import (FILE_COLUMN, MANIFEST, MAX_F1_CHANGE, PART_SCHEMA, PARTS, STAGING, SUCCESS,
+                              Folder, InputFile, PartLedger, Tagger, TaggingError, TaggingSettings,
+                              check_precision, check_texts, merge_parts, normalize_block, output_schema,
+                              plan_actors, resolve_inputs, tag_corpus, write_parts)  # fmt: skip
 
 LONG = "I can't believe how happy this makes me. " * 150  # ~6,000 characters, far over max_length
 HANDMADE = {  # id -> (body, expected error)
@@ -93,7 +96,73 @@ def test_every_row_is_tagged_exactly_once_across_mixed_schemas(corpus, tagged):
     assert sorted(p.name for p in out.glob("*.parquet")) == sorted(i["output"] for i in manifest["inputs"])
     assert all(pq.read_metadata(out / i["output"]).num_rows == i["rows"] for i in manifest["inputs"])
     assert manifest["model"]["hash"] == load_bundle(manifest["model"]["path"]).hash
-    assert manifest["actors"] == {"actors": 2, "cpus_reserved": 0.5, "gpus": 0.0, "threads": 1}
+    assert manifest["actors"] == {"actors": 2, "cpus_reserved": 0.5, "gpus": 0.0, "threads": 1,
+                                  "tokenizers": 0, "tokenizer_cpus": 0.0}  # CPU: the actors tokenize
+    assert manifest["precision"] == "fp32" and manifest["precision_check"] is None
+
+
+def test_tagged_files_are_written_by_workers_and_never_by_the_driver(tagged):
+    _, out = tagged
+    manifest = json.loads((out / MANIFEST).read_text())
+    writers = [i["written_by"] for i in manifest["inputs"]]
+    assert len(writers) == 6 and all(w["node"] for w in writers)
+    assert os.getpid() not in {w["pid"] for w in writers}  # this process was the driver
+    assert not list(out.rglob("part-*.parquet"))  # every part was merged and deleted
+
+
+def test_only_reported_parts_are_counted_and_merged(local_ray, tmp_path):
+    """A part written by an attempt Ray retried is never reported: it must not reach the output."""
+    target = Folder.from_uri(tmp_path / "out")
+    schema = pa.schema([("id", pa.string()), ("error", pa.string())])
+    f = InputFile(uri="in.parquet", path="in.parquet", rows=3, bytes=10, schema=schema)
+    (tmp_path / "out" / STAGING / "_done").mkdir(parents=True)
+    reports = [write_parts(pa.table({FILE_COLUMN: [0] * n, "id": ids, "error": [None] * n}), target.child(STAGING),
+                           [f.output_name], schema)
+               for n, ids in ((2, ["a", "b"]), (2, ["a", "b"]), (1, ["c"]))]  # the 2nd: a retried attempt  # fmt: skip
+    assert all(r.schema == PART_SCHEMA for r in reports)
+    assert len(list((tmp_path / "out" / STAGING / PARTS / f.output_name).glob("part-*.parquet"))) == 3
+    ledger = PartLedger([f])
+    assert ledger.add(reports[0]) == []
+    ((k, parts, reasons),) = ledger.add(reports[2])  # the driver was told of parts 1 and 3 only
+    marker = merge_parts(target.uri, f, parts, reasons, schema)
+    table = pq.read_table(tmp_path / "out" / STAGING / f.output_name)
+    assert sorted(table.column("id").to_pylist()) == ["a", "b", "c"] and marker["rows_out"] == 3
+    assert not (tmp_path / "out" / STAGING / PARTS / f.output_name).exists()
+    with pytest.raises(RuntimeError, match="duplicated"):  # had it been reported, the run stops
+        PartLedger([f]).add(pa.concat_tables(reports))
+
+
+def test_tokenizer_stage_tags_like_the_actors_do(smoke_bundle, corpus, tagged, tmp_path):
+    out = tmp_path / "out"
+    summary = tag_corpus(smoke_bundle, corpus / "handmade.parquet", out, probabilities=True,
+                         tokenize_stage=True, num_actors=1)  # fmt: skip
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["actors"]["tokenizers"] == 1 and summary.rows_out == len(HANDMADE)
+    probs = [f"p_{name}" for name in EMOTIONS]
+    staged = {r["id"]: r for r in read_output(out).to_pylist()}
+    direct = {r["id"]: r for r in read_output(tagged[1]).to_pylist() if r["id"] in staged}
+    for row_id, row in staged.items():
+        assert row["error"] == direct[row_id]["error"] and row["emotions"] == direct[row_id]["emotions"]
+        if not row["error"]:
+            np.testing.assert_allclose([row[c] for c in probs], [direct[row_id][c] for c in probs], atol=1e-6)
+
+
+def test_tagging_reads_and_writes_s3(smoke_bundle, s3):
+    dump, out = f"{s3}/tag-s3/dump", f"{s3}/tag-s3/out"
+    fs = Folder.from_uri(dump)
+    for k in range(3):  # two files of text and one without rows
+        n = 40 * k
+        table = pa.table({"id": [f"s{k}-{i}" for i in range(n)],
+                          "body": [("[deleted]" if i % 7 == 0 else f"I love this, number {i}!") for i in range(n)]})
+        pq.write_table(table, fs.path(f"part-{k}.parquet"), filesystem=fs.fs)  # fmt: skip
+    summary = tag_corpus(smoke_bundle, dump, out, num_actors=1)
+    target = Folder.from_uri(out)
+    table = pyarrow.dataset.dataset(target.root, filesystem=target.fs, format="parquet").to_table()
+    assert summary.rows_in == summary.rows_out == table.num_rows == 120
+    assert sorted(table.column("id").to_pylist()) == sorted(f"s{k}-{i}" for k in range(3) for i in range(40 * k))
+    assert table.filter(pa.compute.equal(table.column("error"), "[deleted]")).num_rows == summary.rows_flagged == 18
+    assert target.read_json(SUCCESS)["rows"] == 120 and not target.exists(STAGING)
+    assert len(target.read_json(MANIFEST)["inputs"]) == 3
 
 
 def test_junk_rows_are_flagged_with_their_reason_and_never_dropped(corpus, tagged):
@@ -213,6 +282,9 @@ def test_killed_run_resumes_and_commits_every_row_exactly_once(smoke_bundle, loc
     finished = {p.name[: -len(".json")] for p in done.glob("*.json")}
     assert 1 <= len(finished) < 8 and not (out / SUCCESS).exists()
     stamps = {name: (out / STAGING / name).stat().st_mtime_ns for name in finished}
+    stale = out / STAGING / PARTS / "stale-00000000.parquet" / "part-left.parquet"  # a killed run's part
+    stale.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"id": ["dup"]}), stale)
 
     summary = tag_corpus(smoke_bundle, dump, out, num_actors=1)
     table = read_output(out)
@@ -224,28 +296,53 @@ def test_killed_run_resumes_and_commits_every_row_exactly_once(smoke_bundle, loc
     assert summary.files_resumed == len(finished)
     for name, stamp in stamps.items():  # finished files were kept, not tagged again
         assert (out / name).stat().st_mtime_ns == stamp
+    assert not (out / STAGING).exists() and "dup" not in ids
 
 
-def test_int8_is_checked_on_the_validation_split_and_stays_close_to_fp32(smoke_bundle, corpus):
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_precision_is_checked_on_the_validation_split_and_stays_close_to_fp32(smoke_bundle, corpus,
+                                                                              precision, tmp_path):  # fmt: skip
     bundle = load_bundle(smoke_bundle)
-    check = check_int8(bundle)
-    assert check["examples"] == 128 and check["macro_f1_fp32"] > 0  # the smoke preset's validation cap
-    assert check["allowed"] == (abs(check["change"]) <= INT8_MAX_F1_CHANGE)
-    # The actor's own code path, called in this process: same batch, fp32 and int8.
+    check = check_precision(bundle, precision)  # one gate for every precision
+    assert check["precision"] == precision and check["examples"] == 128  # the smoke preset's validation cap
+    assert check["macro_f1_fp32"] > 0 and check["change"] == check[f"macro_f1_{precision}"] - check["macro_f1_fp32"]
+    assert check["allowed"] == (abs(check["change"]) <= MAX_F1_CHANGE)
+    # The actor's own code path, called in this process: same batch, fp32 and the other precision.
     block = pq.read_table(corpus / "handmade.parquet").append_column("path", pa.array(["h"] * len(HANDMADE)))
     batch = normalize_block(block, ["h"], "body", {"id": pa.string()})
     schema = output_schema([InputFile("h", "h", len(HANDMADE), 0, block.schema)],
                            TaggingSettings(model="m", output="o", probabilities=True))[0]  # fmt: skip
     kwargs = dict(model=str(smoke_bundle), model_hash=bundle.hash, threads=1, use_gpu=False, schema=schema,
-                  text_column="body")  # fmt: skip
+                  text_column="body", staging=str(tmp_path), names=["h.parquet"])  # fmt: skip
     threads = torch.get_num_threads()
-    fp32, int8 = Tagger(int8=False, **kwargs)(batch), Tagger(int8=True, **kwargs)(batch)
+    fp32, other = Tagger(precision="fp32", **kwargs).tag(batch), Tagger(precision=precision, **kwargs).tag(batch)
     torch.set_num_threads(threads)  # the actor set 1 for itself; this is the test process
-    assert fp32.column("error").to_pylist() == int8.column("error").to_pylist()
-    p32, p8 = (np.array([t.column(f"p_{n}").to_numpy(zero_copy_only=False) for n in EMOTIONS])
-               for t in (fp32, int8))  # [28, rows] each; NaN where flagged
+    assert fp32.column("error").to_pylist() == other.column("error").to_pylist()
+    p32, p = (np.array([t.column(f"p_{n}").to_numpy(zero_copy_only=False) for n in EMOTIONS])
+              for t in (fp32, other))  # [28, rows] each; NaN where flagged
     tagged_rows = ~np.isnan(p32[0])
-    assert tagged_rows.sum() == 4 and 0 < np.abs(p32 - p8)[:, tagged_rows].max() < 0.05
+    assert tagged_rows.sum() == 4 and 0 < np.abs(p32 - p)[:, tagged_rows].max() < 0.05
+
+
+def test_precision_is_refused_past_the_tolerance_and_recorded_in_the_manifest(smoke_bundle, corpus, tmp_path,
+                                                                              monkeypatch):  # fmt: skip
+    monkeypatch.setattr(tagging, "MAX_F1_CHANGE", -1.0)  # no change is small enough
+    with pytest.raises(TaggingError, match=r"bf16 moves validation macro-F1 .* more than .*--precision fp32"):
+        tag_corpus(smoke_bundle, corpus / "handmade.parquet", tmp_path / "refused", precision="bf16")
+    assert not (tmp_path / "refused").exists()  # refused before anything was written
+    with pytest.raises(TaggingError, match="--int8 is --precision int8"):
+        tag_corpus(smoke_bundle, corpus, tmp_path / "both", precision="bf16", int8=True)
+    with pytest.raises(TaggingError, match="int8 quantization is for CPU"):
+        tag_corpus(smoke_bundle, corpus, tmp_path / "gpu", int8=True, gpus_per_actor=1)
+
+    monkeypatch.setattr(tagging, "MAX_F1_CHANGE", 1.0)  # any change passes
+    out = tmp_path / "bf16"
+    summary = tag_corpus(smoke_bundle, corpus / "handmade.parquet", out, precision="bf16", num_actors=1)
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert summary.rows_out == len(HANDMADE) and manifest["settings"]["precision"] == manifest["precision"] == "bf16"
+    check = manifest["precision_check"]
+    assert check["precision"] == "bf16" and check["allowed"] and check["max_change"] == 1.0
+    assert "macro_f1_bf16" in check and "within" in check["verdict"]
 
 
 def test_plan_leaves_a_cpu_for_reads_on_two_cpus():
@@ -258,6 +355,9 @@ def test_plan_leaves_a_cpu_for_reads_on_two_cpus():
     assert (big.actors, big.cpus_reserved, big.threads) == (16, 3.93, 4)
     gpu = plan_actors(TaggingSettings(model="m", output="o", gpus_per_actor=1), 32, 4)
     assert (gpu.actors, gpu.gpus, gpu.cpus_reserved) == (4, 1.0, 1.0)
+    assert (gpu.tokenizers, gpu.tokenizer_cpus) == (4, 1.0)  # GPU actors only run the encoder
+    staged = plan_actors(TaggingSettings(model="m", output="o", tokenize_stage=True), 2, 0)
+    assert staged.tokenizers == 2 and staged.actors * staged.cpus_reserved + 2 * staged.tokenizer_cpus <= 1
 
 
 def test_text_checks_name_each_kind_of_junk():
