@@ -23,6 +23,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", required=True, help="folder for the model bundle")
     parser.add_argument("--ray-address", default=None,
                         help="Ray cluster to use (default: RAY_ADDRESS, else a local Ray)")
+    parser.add_argument("--fresh", action="store_true",
+                        help="delete the checkpoints of an earlier run with this run.name and start over "
+                             "(run.resume=false); without it, that run resumes if its config is unchanged")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="config overrides, e.g. stage1.epochs=3 scaling.num_workers=4")
 
@@ -30,10 +33,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 def run_train(args: argparse.Namespace) -> int:
     from emotions.storage import is_uri
     from emotions.metrics import format_summary
-    from emotions.training import load_training_data, train
+    from emotions.training import load_training_data, prepare_run, train
 
-    config = build_config(args.preset, args.config, args.overrides)
-    data = load_training_data(config)  # config and data are checked before Ray starts
+    fresh = ["run.resume=false"] if args.fresh else []
+    config = build_config(args.preset, args.config, [*args.overrides, *fresh])
+    data = load_training_data(config)  # config and data are checked before Ray starts,
+    if config.run.name:  # and so is a named run's earlier checkpoints' config (or they are deleted)
+        prepare_run(config, config.run.name)
     connect_ray(args.ray_address)
     path = train(config, args.output, data=data)
     if not is_uri(path):

@@ -8,6 +8,7 @@ bad value is reported at once, by name, before any cluster time is spent.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import typing
 from dataclasses import dataclass, field
@@ -80,6 +81,9 @@ class RunSettings:
     name: str | None = None  # None = derived from the output folder name and time
     max_failures: int = 3  # worker-group restarts from the last checkpoint
     checkpoints_to_keep: int = 2
+    # true: a run whose name has checkpoints resumes from the latest (refused if the config
+    # changed, see RESUMABLE_KEYS); false: its old checkpoints are deleted first (CLI: --fresh).
+    resume: bool = True
 
 
 @dataclass(frozen=True)
@@ -106,6 +110,41 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+# Keys that may differ between a run's checkpoints and the config that resumes it: how many
+# restarts and checkpoints, where the run is stored, the hardware, and the thresholds (fitted
+# after training on the final predictions). Any other change is refused on resume.
+RESUMABLE_KEYS = frozenset({
+    "run.max_failures", "run.checkpoints_to_keep", "run.resume", "run.storage_path",
+    "scaling.use_gpu", "scaling.cpus_per_worker", "scaling.bf16",
+    "thresholds.split", "thresholds.fallback",
+})  # fmt: skip
+
+
+def flatten(raw: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"stage1": {"epochs": 2}}`` -> ``{"stage1.epochs": 2}``."""
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_hash(raw: dict[str, Any]) -> str:
+    """A digest of what a run learns from: every key of the config but the RESUMABLE_KEYS."""
+    kept = {k: v for k, v in flatten(raw).items() if k not in RESUMABLE_KEYS}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """``["stage1.learning_rate: 0.001 -> 0.002", ...]`` for each key outside RESUMABLE_KEYS."""
+    before, after = flatten(old), flatten(new)
+    show = lambda d, k: json.dumps(d[k], default=str) if k in d else "(absent)"  # noqa: E731
+    return [f"{k}: {show(before, k)} -> {show(after, k)}" for k in sorted(before.keys() | after.keys())
+            if k not in RESUMABLE_KEYS and before.get(k, ...) != after.get(k, ...)]  # fmt: skip
 
 
 _CHOICES = {

@@ -8,6 +8,13 @@ last checkpoint.
 
 Stage 1 fine-tunes encoder + head. Stage 2 freezes the encoder, builds a fresh head, computes the
 pooled features once and trains the head on them (no encoder pass per epoch).
+
+Checkpoints (one per epoch, kept under ``run.storage_path/<run name>/``) hold the trainable
+weights, the AdamW moments by parameter name and ``state.json`` (progress, and the config they
+were made with). A frozen stage stores the encoder once, as ``frozen-encoder/<sha256>.safetensors``
+in the run's folder, and its checkpoints hold the head only plus that file's URI and hash. A run
+that is started again under its name resumes from its latest checkpoint, unless the config changed
+(refused by ``prepare_run``) or ``run.resume`` is false (its old checkpoints are deleted).
 """
 
 from __future__ import annotations
@@ -27,13 +34,14 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
 from safetensors.numpy import load_file as load_numpy, save_file as save_numpy
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_bytes, load_file, save as save_bytes, save_file
 from torch import nn
 
 from emotions import bundle, environment, storage
 from emotions.batching import TokenizedSet, bucket_batches, collate, random_batches, sorted_batches, tokenize
-from emotions.config import StageConfig, TrainConfig, from_dict
+from emotions.config import ConfigError, StageConfig, TrainConfig, config_changes, config_hash, from_dict
 from emotions.data import LabelledData, expand_by_concatenation, load_labelled
 from emotions.metrics import compute_metrics, evaluation_report, format_summary
 from emotions.model import EmotionClassifier, build_head, load_encoder, load_tokenizer
@@ -46,6 +54,8 @@ STATE_FILE = "state.json"
 WEIGHTS_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 PREDICTIONS_FILE = "predictions.safetensors"
+FROZEN_ENCODER_DIR = "frozen-encoder"  # in the run's folder: <sha256>.safetensors, encoder.* weights
+SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train's list of the run's checkpoints
 EVAL_BATCH = 128
 
 
@@ -82,6 +92,7 @@ def fit(config: TrainConfig, name: str, callbacks: list | None = None,
     """The Ray Train run itself: data to the object store, TorchTrainer, fit. The result's
     checkpoint is the final one (weights + gathered predictions)."""
     environment.log_environment(config.to_dict(), "train")
+    prepare_run(config, name)
     tokenizer = load_tokenizer(config.model.encoder)
     train_data, val_data = data or load_training_data(config)
     log.info("data: %d train examples (%s), %d validation examples (%s)",
@@ -98,6 +109,7 @@ def fit(config: TrainConfig, name: str, callbacks: list | None = None,
             "validation": ray.put(val_set),
             "validation_source": val_data.source,
             "pad_id": tokenizer.pad_token_id or 0,
+            "run_dir": storage.join(config.run.storage_path, name),  # for the frozen encoder
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=s.num_workers, use_gpu=s.use_gpu,
@@ -113,6 +125,40 @@ def fit(config: TrainConfig, name: str, callbacks: list | None = None,
         ),
     )
     return trainer.fit()
+
+
+def prepare_run(config: TrainConfig, name: str) -> None:
+    """Before any training, on the driver: with ``run.resume`` false, delete the run's folder (its
+    checkpoints); else, if the run has checkpoints, refuse (ConfigError) to resume them under a
+    config that differs outside ``config.RESUMABLE_KEYS``. Idempotent."""
+    run = storage.Folder.from_uri(storage.join(config.run.storage_path, name))
+    if not config.run.resume:
+        if run.exists():
+            log.warning("run.resume=false: deleting the earlier run %s", run.uri)
+            run.delete()
+        return
+    saved = latest_checkpoint_state(run)
+    if saved is None or saved.get("config_hash") == config_hash(config.to_dict()):
+        return
+    fix = (f"Start it over with --fresh (or run.resume=false), which deletes {run.uri}; or give "
+           "this run a new run.name.")  # fmt: skip
+    if "config" not in saved:
+        raise ConfigError(f"run {name!r} in {run.uri} has checkpoints that do not record their config "
+                          f"(made by an older version), so resuming them cannot be checked. {fix}")  # fmt: skip
+    changes = config_changes(saved["config"], config.to_dict())
+    if changes:
+        raise ConfigError(f"run {name!r} in {run.uri} has checkpoints made with another config; resuming "
+                          "would train on with the old values. Changed:\n  " + "\n  ".join(changes) +
+                          f"\n{fix}")  # fmt: skip
+
+
+def latest_checkpoint_state(run: storage.Folder) -> dict | None:
+    """state.json of the run's latest checkpoint (per Ray Train's snapshot); None if it has none."""
+    snapshot = run.read_json(SNAPSHOT_FILE) or {}
+    latest = (snapshot.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
+    if not latest:
+        return None
+    return run.read_json(latest, STATE_FILE) or {}
 
 
 def write_bundle_from_checkpoint(final: Path, config: TrainConfig, output: Path) -> Path:
@@ -133,7 +179,7 @@ def write_bundle_from_checkpoint(final: Path, config: TrainConfig, output: Path)
     report["stage_seconds"] = state.get("stage_seconds", {})
     path = bundle.save_bundle(
         output,
-        weights=load_file(str(final / WEIGHTS_FILE)),
+        weights=checkpoint_weights(final),
         encoder_config=state["encoder_config"],
         head=state["head"],
         tokenizer=tokenizer,
@@ -159,6 +205,9 @@ class WorkerState:
     resumed_from: list[dict] = field(default_factory=list)
     shards: list[dict] = field(default_factory=list)  # what each rank trained on
     stage_seconds: dict[str, float] = field(default_factory=dict)  # wall time, features included
+    frozen_encoder: dict | None = None  # {"uri", "sha256"} while a frozen stage runs: head-only checkpoints
+    config: dict = field(default_factory=dict)  # the config the checkpoint was made with
+    config_hash: str = ""  # config.config_hash(config): what prepare_run compares
 
 
 @dataclass
@@ -189,6 +238,7 @@ def train_worker(loop_config: dict) -> None:
                               nn.Identity(), config.model.pooling).to(shards.device)  # fmt: skip
     state, checkpoint = restore_state()
     state.shards = describe_shards(shards)
+    state.config, state.config_hash = loop_config["config"], config_hash(loop_config["config"])
     order = [s.name for s in config.stages]
     val_probs = None
     for stage in config.stages:
@@ -199,8 +249,12 @@ def train_worker(loop_config: dict) -> None:
                                 stage.head_hidden).to(shards.device)  # fmt: skip
         start = 0
         if checkpoint is not None and stage.name == state.stage:
-            model.load_state_dict(load_file(str(checkpoint / WEIGHTS_FILE), device=str(shards.device)))
+            model.load_state_dict(checkpoint_weights(checkpoint, str(shards.device)))
             start = state.epoch
+        # A frozen encoder is stored once, by rank 0 (which writes the checkpoints); the stage's
+        # checkpoints then hold the head only and refer to it.
+        stores_encoder = not stage.train_encoder and shards.rank == 0
+        state.frozen_encoder = save_frozen_encoder(model, loop_config["run_dir"]) if stores_encoder else None
         val_probs = run_stage(stage, model, shards, config, state, checkpoint, start)
         checkpoint = None  # later stages start fresh
     finish(model, shards, config, state, val_probs)
@@ -228,7 +282,7 @@ def run_stage(stage: StageConfig, model: EmotionClassifier, shards: Shards, conf
     steps_per_epoch = math.ceil(len(shards.train) / stage.batch_size)
     scheduler = build_scheduler(optimizer, stage, steps_per_epoch)
     if checkpoint is not None and start_epoch > 0 and (checkpoint / OPTIMIZER_FILE).exists():
-        load_optimizer_state(optimizer, checkpoint / OPTIMIZER_FILE, shards.device)
+        load_optimizer_state(optimizer, model, checkpoint / OPTIMIZER_FILE, shards.device)
         for _ in range(start_epoch * steps_per_epoch):
             scheduler.step()
     loss_fn = nn.BCEWithLogitsLoss()
@@ -371,14 +425,17 @@ def epoch_metrics(stage: StageConfig, epoch: int, losses: list[float], probs: np
 
 def save_and_report(metrics: dict, model: EmotionClassifier, optimizer, state: WorkerState,
                     shards: Shards, predictions: dict | None = None) -> None:  # fmt: skip
-    """Every rank reports; rank 0 attaches the checkpoint (weights, optimizer, state)."""
+    """Every rank reports; rank 0 attaches the checkpoint (weights, optimizer, state). While the
+    encoder is frozen (``state.frozen_encoder``) the weights are the head's only."""
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if shards.rank == 0:
             d = Path(tmp)
-            save_file({k: v.contiguous().cpu() for k, v in model.state_dict().items()}, str(d / WEIGHTS_FILE))
+            weights = {k: v.contiguous().cpu() for k, v in model.state_dict().items()
+                       if not (state.frozen_encoder and k.startswith("encoder."))}  # fmt: skip
+            save_file(weights, str(d / WEIGHTS_FILE))
             if optimizer is not None:
-                save_optimizer_state(optimizer, d / OPTIMIZER_FILE)
+                save_optimizer_state(optimizer, model, d / OPTIMIZER_FILE)
             if predictions is not None:
                 save_numpy(predictions, str(d / PREDICTIONS_FILE))
             payload = {**state.__dict__, "validation_source": shards.validation_source,
@@ -431,27 +488,76 @@ def restore_state() -> tuple[WorkerState, Path | None]:
     checkpoint.to_directory(str(local))
     saved = json.loads((local / STATE_FILE).read_text())
     state = WorkerState(saved["stage"], saved["epoch"], saved["history"], saved.get("resumed_from", []),
-                        stage_seconds=saved.get("stage_seconds", {}))
+                        stage_seconds=saved.get("stage_seconds", {}),
+                        frozen_encoder=saved.get("frozen_encoder"))  # fmt: skip
     state.resumed_from.append({"stage": state.stage, "epoch": state.epoch})
     log.warning("resuming from checkpoint: %s epoch %d done", state.stage, state.epoch)
     return state, local
 
 
-def save_optimizer_state(optimizer: torch.optim.Optimizer, path: Path) -> None:
-    """AdamW moments as safetensors (no pickles): '{param}.{key}' for each tensor in the state."""
+def save_frozen_encoder(model: EmotionClassifier, run_dir: str) -> dict:
+    """Store the encoder's weights (``encoder.*``) in the run's folder, named by their sha256, unless
+    a complete copy is there already (a resumed stage); returns {"uri", "sha256"} for state.json."""
+    data = save_bytes({k: v.contiguous().cpu() for k, v in model.state_dict().items()
+                       if k.startswith("encoder.")})  # fmt: skip
+    sha = hashlib.sha256(data).hexdigest()
+    folder, name = storage.Folder.from_uri(storage.join(run_dir, FROZEN_ENCODER_DIR)), f"{sha}.safetensors"
+    if folder.fs.get_file_info(folder.path(name)).size != len(data):  # missing, or cut short by a crash
+        folder.write_bytes(data, name)
+    return {"uri": folder.uri_of(name), "sha256": sha}
+
+
+def checkpoint_weights(folder: Path, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """Every weight of the model a checkpoint holds: its own file, plus the frozen encoder that a
+    head-only checkpoint refers to (read from the run's storage and checked against its hash)."""
+    weights = load_file(str(folder / WEIGHTS_FILE), device=device)
+    ref = json.loads((folder / STATE_FILE).read_text()).get("frozen_encoder")
+    if ref:
+        parent, name = ref["uri"].rsplit("/", 1)
+        data = storage.Folder.from_uri(parent).read_bytes(name)
+        if hashlib.sha256(data).hexdigest() != ref["sha256"]:
+            raise RuntimeError(f"frozen encoder {ref['uri']} does not match the sha256 {ref['sha256']} "
+                               "its checkpoint recorded: the run's storage was altered; start the run "
+                               "over with --fresh")  # fmt: skip
+        weights.update({k: v.to(device) for k, v in load_bytes(data).items()})
+    return weights
+
+
+def optimizer_param_names(optimizer: torch.optim.Optimizer, model: nn.Module) -> list[str]:
+    """The model's name for each parameter the optimizer holds, in the optimizer's order."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def save_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, path: Path) -> None:
+    """AdamW moments as safetensors (no pickles): '{parameter name}.{key}' for each tensor."""
+    names = optimizer_param_names(optimizer, model)
     tensors = {}
     for pid, values in optimizer.state_dict()["state"].items():
         for key, value in values.items():
-            tensors[f"{pid}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
-    save_file(tensors, str(path))
+            tensors[f"{names[pid]}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+    save_file(tensors, str(path), metadata={"params": json.dumps(names)})
 
 
-def load_optimizer_state(optimizer: torch.optim.Optimizer, path: Path, device: torch.device) -> None:
-    saved = load_file(str(path))
-    state: dict[int, dict] = {}
-    for name, tensor in saved.items():
-        pid, key = name.split(".", 1)
-        state.setdefault(int(pid), {})[key] = tensor if key == "step" else tensor.to(device)
+def load_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, path: Path,
+                         device: torch.device) -> None:  # fmt: skip
+    """Restore the moments by parameter name; refused if the saved parameters (names or shapes)
+    are not the ones this optimizer trains."""
+    names = optimizer_param_names(optimizer, model)
+    with safe_open(str(path), "pt") as f:
+        saved_names = json.loads((f.metadata() or {}).get("params", "[]"))
+    if sorted(saved_names) != sorted(names):
+        missing, extra = sorted(set(names) - set(saved_names)), sorted(set(saved_names) - set(names))
+        raise RuntimeError(f"optimizer state {path} is for other parameters (missing {missing[:5]}, "
+                           f"unexpected {extra[:5]}); start the run over with --fresh")  # fmt: skip
+    params = dict(model.named_parameters())
+    by_name: dict[str, dict] = {}
+    for key, tensor in load_file(str(path)).items():
+        name, part = key.rsplit(".", 1)  # "head.1.weight.exp_avg" -> "head.1.weight", "exp_avg"
+        if part != "step" and tensor.shape != params[name].shape:
+            raise RuntimeError(f"optimizer state {path}: {key} has shape {list(tensor.shape)}, the parameter "
+                               f"{list(params[name].shape)}; start the run over with --fresh")  # fmt: skip
+        by_name.setdefault(name, {})[part] = tensor if part == "step" else tensor.to(device)
     full = optimizer.state_dict()
-    full["state"] = state
+    full["state"] = {pid: by_name[name] for pid, name in enumerate(names) if name in by_name}
     optimizer.load_state_dict(full)

@@ -6,11 +6,12 @@ import hashlib
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
 import numpy as np
-import psutil
 import pytest
 
 from emotions.batching import bucket_batches, random_batches, tokenize
@@ -93,31 +94,138 @@ def test_bundle_reproduces_validation_metrics(smoke_bundle):
     assert result["macro_f1"] == pytest.approx(metrics_of(smoke_bundle)["at_thresholds"]["macro_f1"], abs=0.01)
 
 
-def test_worker_killed_mid_stage_resumes_from_checkpoint(local_ray, runs_dir, tmp_path):
+def latest_checkpoint_metrics(run_dir) -> dict:
+    """The metrics Ray Train registered with the run's latest checkpoint ({} before the first)."""
+    try:
+        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+    except (OSError, ValueError):  # not written yet, or being rewritten
+        return {}
+    return (snapshot.get("latest_checkpoint_result") or {}).get("metrics", {})
+
+
+def kill_a_worker_after_a_checkpoint_of(stage: str, run_dir, deadline: float) -> None:
+    while latest_checkpoint_metrics(run_dir).get("stage") != stage:
+        assert time.time() < deadline, f"no {stage} checkpoint was registered"
+        time.sleep(0.05)
+    from ray.util.state import list_actors  # this cluster's workers only, not other sessions' Ray
+
+    import ray
+
+    workers = list_actors(address=ray.get_runtime_context().gcs_address,
+                          filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])  # fmt: skip
+    assert len(workers) == 2, workers
+    os.kill(workers[-1].pid, signal.SIGKILL)
+
+
+def safetensors_keys(path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "np") as f:
+        return list(f.keys())
+
+
+def test_workers_killed_in_each_stage_resume_from_checkpoints(local_ray, runs_dir, tmp_path):
+    """A worker dies mid-stage-1 (full checkpoint), then another mid-stage-2 (head-only checkpoint
+    plus the frozen encoder stored once): both restores continue where the checkpoint left off."""
+    from safetensors.numpy import load_file
+
     storage = runs_dir / "kill"
     config = build_config("smoke", overrides=[f"run.storage_path={storage}", "run.name=kill",
-                                              "stage1.epochs=5", "data.max_train_examples=2048"])  # fmt: skip
+                                              "stage1.epochs=2", "stage2.epochs=8",
+                                              "data.max_train_examples=1024"])  # fmt: skip
     result: dict = {}
     thread = threading.Thread(target=lambda: result.update(path=train(config, tmp_path / "bundle")))
     thread.start()
     deadline = time.time() + 240
-    # Kill once Ray Train has registered a checkpoint (its snapshot file is written then).
-    snapshot = storage / "kill" / "checkpoint_manager_snapshot.json"
-    while not snapshot.exists() and time.time() < deadline:
-        time.sleep(0.2)
-    assert snapshot.exists(), "no checkpoint was registered"
-    workers = [p for p in psutil.process_iter(["cmdline"])
-               if (p.info["cmdline"] or [""])[0].startswith("ray::RayTrainWorker")]  # fmt: skip
-    assert len(workers) == 2, [w.info["cmdline"] for w in workers]
-    os.kill(workers[-1].pid, signal.SIGKILL)  # a worker dies mid-stage-1
+    kill_a_worker_after_a_checkpoint_of("stage1", storage / "kill", deadline)
+    kill_a_worker_after_a_checkpoint_of("stage2", storage / "kill", deadline)
     thread.join(timeout=300)
-    assert "path" in result, "training did not finish after the worker was killed"
+    assert "path" in result, "training did not finish after the workers were killed"
     metrics = metrics_of(result["path"])
-    assert metrics["resumed_from"], "the run restarted from scratch instead of the checkpoint"
-    resumed = metrics["resumed_from"][0]
-    assert resumed["stage"] == "stage1" and 1 <= resumed["epoch"] < 5
+    assert [r["stage"] for r in metrics["resumed_from"]] == ["stage1", "stage2"], metrics["resumed_from"]
+    assert metrics["resumed_from"][0]["epoch"] == 1 and 1 <= metrics["resumed_from"][1]["epoch"] < 8
     epochs = [(h["stage"], h["epoch"]) for h in metrics["history"]]
-    assert epochs == [("stage1", e) for e in range(1, 6)] + [("stage2", 1), ("stage2", 2)]
+    assert epochs == [("stage1", 1), ("stage1", 2)] + [("stage2", e) for e in range(1, 9)]
+    # The restored stage-2 worker had the stage-1 encoder back bit for bit: storing it again at the
+    # restart found the same sha256, so there is one copy. The bundle's encoder is that copy.
+    (encoder,) = (storage / "kill" / "frozen-encoder").iterdir()
+    bundle = load_file(str(result["path"] / "model.safetensors"))
+    for name, tensor in load_file(str(encoder)).items():
+        np.testing.assert_array_equal(bundle[name], tensor)
+    for checkpoint in [c for c in (storage / "kill").glob("checkpoint_*") if c.is_dir()]:  # stage 2's
+        assert all(k.startswith("head.") for k in safetensors_keys(checkpoint / "model.safetensors"))
+
+
+def test_frozen_stage_checkpoints_hold_the_head_only(smoke_bundle, runs_dir):
+    from safetensors.numpy import load_file
+
+    runs = [run for run in runs_dir.glob("bundle-*") if (run / "frozen-encoder").is_dir()]
+    assert runs, "the smoke run stored no frozen encoder"
+    bundle = load_file(str(smoke_bundle / "model.safetensors"))
+    for run in runs:
+        (encoder,) = (run / "frozen-encoder").iterdir()
+        assert encoder.name == hashlib.sha256(encoder.read_bytes()).hexdigest() + ".safetensors"
+        checkpoints = sorted(c for c in run.glob("checkpoint_*") if c.is_dir())
+        assert checkpoints  # the last two: stage 2's second epoch and the final one
+        for checkpoint in checkpoints:
+            state = json.loads((checkpoint / "state.json").read_text())
+            assert state["stage"] == "stage2" and state["frozen_encoder"]["uri"] == str(encoder)
+            assert sorted(safetensors_keys(checkpoint / "model.safetensors")) == sorted(
+                k for k in bundle if k.startswith("head."))  # fmt: skip
+            # Each checkpoint says what it was made with (prepare_run compares the hash).
+            assert state["config"]["stage2"]["epochs"] == 2 and len(state["config_hash"]) == 16
+        # The bundle is whole: the stored encoder plus the final checkpoint's head.
+        assert {k for k in bundle if k.startswith("encoder.")} == set(safetensors_keys(encoder))
+
+
+def test_optimizer_state_is_restored_by_parameter_name(tmp_path):
+    import torch
+
+    from emotions.model import EmotionClassifier, build_head, load_encoder
+    from emotions.training import load_optimizer_state, save_optimizer_state
+
+    torch.manual_seed(0)
+    model = EmotionClassifier(load_encoder("tiny-random"), build_head(32, 2, 0.1), "mean")
+    optimizer = torch.optim.AdamW(model.head.parameters())
+    model.head(torch.randn(4, 32)).sum().backward()
+    optimizer.step()
+    save_optimizer_state(optimizer, model, tmp_path / "optimizer.safetensors")
+    # The same parameters in another order: each gets its own moments back.
+    reordered = torch.optim.AdamW(list(model.head.parameters())[::-1])
+    load_optimizer_state(reordered, model, tmp_path / "optimizer.safetensors", torch.device("cpu"))
+    for p in model.head.parameters():
+        torch.testing.assert_close(reordered.state[p]["exp_avg"], optimizer.state[p]["exp_avg"])
+    # Other parameters (a 1-layer head): refused, not loaded by position.
+    model.head = build_head(32, 1, 0.1)
+    with pytest.raises(RuntimeError, match="other parameters"):
+        load_optimizer_state(torch.optim.AdamW(model.head.parameters()), model,
+                             tmp_path / "optimizer.safetensors", torch.device("cpu"))  # fmt: skip
+
+
+def emotions_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "emotions.cli", *args], capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+
+
+def test_resuming_under_another_config_is_refused_and_fresh_starts_over(local_ray, s3):
+    """All on S3: the run's checkpoints, the bundles, and the driver's check of the snapshot."""
+    run = ["run.name=resume", f"run.storage_path={s3}/runs", "stage2.epochs=1"]
+    train(build_config("smoke", overrides=run), f"{s3}/bundles/first")
+    changed = [*run, "stage1.learning_rate=0.002"]
+    refused = emotions_cli("train", "--preset", "smoke", "--output", f"{s3}/bundles/second", *changed)
+    assert refused.returncode == 2, refused.stderr
+    assert "stage1.learning_rate: 0.001 -> 0.002" in refused.stderr and "--fresh" in refused.stderr
+    assert "Started a local Ray instance" not in refused.stderr  # refused before Ray
+    fresh = emotions_cli("train", "--preset", "smoke", "--output", f"{s3}/bundles/second", "--fresh",
+                         "--ray-address", local_ray.get_runtime_context().gcs_address, *changed)  # fmt: skip
+    assert fresh.returncode == 0, fresh.stderr
+    second = load_bundle(f"{s3}/bundles/second").metrics
+    assert second["resumed_from"] == [] and len(second["history"]) == 3
+    # The same config (but for a key that may change) resumes the final checkpoint: nothing retrained.
+    third = load_bundle(train(build_config("smoke", overrides=[*changed, "run.max_failures=1"]),
+                              f"{s3}/bundles/third")).metrics  # fmt: skip
+    assert third["resumed_from"] == [{"stage": "stage2", "epoch": 1}]
+    assert third["history"] == second["history"]
 
 
 def test_bucketing_covers_every_row_once_and_pads_less():
