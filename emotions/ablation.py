@@ -12,6 +12,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from emotions import storage
 from emotions.config import TrainConfig, build_config, from_dict, merge, parse_overrides
 
 log = logging.getLogger("emotions.ablation")
@@ -72,14 +73,14 @@ def row_config(base: dict, row: Row, budget: str) -> TrainConfig:
 
 def run_ablation(preset: str, output: str | Path, budget: str = "laptop", overrides: list[str] = (),
                  rows: list[int] | None = None) -> list[dict]:  # fmt: skip
-    """Train every row (or the 1-based ``rows``); write ablation.json and ablation.md into
-    ``output``; return the rows."""
+    """Train every row (or the 1-based ``rows``); write ablation.json, ablation.md and the row
+    bundles into ``output`` (a local folder or a URI); return the rows."""
     from emotions.training import train
 
-    output = Path(output)
+    output = storage.expand(output)
     base = build_config(preset, overrides=list(overrides)).to_dict()
     results = []
-    trained: dict[str, Path] = {}  # rows that differ only in the metric read share one run
+    trained: dict[str, str] = {}  # rows that differ only in the metric read share one run
     for i, row in enumerate(ROWS, 1):
         if rows and i not in rows:
             continue
@@ -87,9 +88,8 @@ def run_ablation(preset: str, output: str | Path, budget: str = "laptop", overri
         key = json.dumps(config.to_dict(), sort_keys=True)
         log.info("ablation row %d/%d: %s", i, len(ROWS), row.name)
         if key not in trained:
-            trained[key] = Path(train(config, output / "bundles" / f"row{i}"))
-        bundle = trained[key]
-        metrics = json.loads((Path(bundle) / "metrics.json").read_text())
+            trained[key] = str(train(config, storage.join(output, "bundles", f"row{i}")))
+        metrics = storage.Folder.from_uri(trained[key]).read_json("metrics.json")
         m = metrics["at_thresholds" if row.thresholds else "at_0.5"]
         results.append({
             "row": row.name, "epochs": f"{config.stage1.epochs}+{config.stage2.epochs if config.stage2.epochs else 0}",
@@ -102,9 +102,9 @@ def run_ablation(preset: str, output: str | Path, budget: str = "laptop", overri
     return results
 
 
-def write_table(results: list[dict], output: Path, preset: str, budget: str) -> None:
-    output.mkdir(parents=True, exist_ok=True)
-    (output / "ablation.json").write_text(json.dumps(results, indent=2) + "\n")
+def write_table(results: list[dict], output: str, preset: str, budget: str) -> None:
+    folder = storage.Folder.from_uri(output)
+    folder.write_text(json.dumps(results, indent=2) + "\n", "ablation.json")
     fmt = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
     lines = [f"Preset `{preset}`, budget `{budget}`; metrics on the validation split; the seed's "
              "columns are its published figures (— where the seed gave none).", "",
@@ -114,4 +114,4 @@ def write_table(results: list[dict], output: Path, preset: str, budget: str) -> 
         lines.append(f"| {r['row']} | {r['epochs']} | {fmt(r['macro_f1'])} | {fmt(r['weighted_f1'])} | "
                      f"{fmt(r['accuracy'])} | {fmt(r['seed_macro_f1'])} | {fmt(r['seed_weighted_f1'])} | "
                      f"{fmt(r['seed_accuracy'])} |")  # fmt: skip
-    (output / "ablation.md").write_text("\n".join(lines) + "\n")
+    folder.write_text("\n".join(lines) + "\n", "ablation.md")

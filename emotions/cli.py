@@ -52,13 +52,14 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="model bundle folder")
     parser.add_argument("--data", default="goemotions:dev",
                         help="labelled data: a file (.tsv/.csv/.jsonl/.parquet), goemotions:dev, hf:NAME")
-    parser.add_argument("--report", help="folder for metrics.json, report.md and per_label_f1.png")
+    parser.add_argument("--report", help="folder or URI (s3://...) for metrics.json, report.md and per_label_f1.png")
     parser.add_argument("--text-column", default="text")
     parser.add_argument("--labels-column", default="labels")
     parser.add_argument("--label-format", default="auto", choices=["auto", "names", "ids", "columns"])
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
+    from emotions import storage
     from emotions.evaluation import evaluate_bundle
     from emotions.metrics import format_summary
 
@@ -66,7 +67,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
                              labels_column=args.labels_column, label_format=args.label_format)  # fmt: skip
     print(format_summary(report))
     if args.report:
-        print(f"report: {args.report}")
+        print(f"report: {storage.join(args.report, 'report.md')}")
     return 0
 
 
@@ -169,17 +170,26 @@ def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--from-bundle", metavar="BUNDLE", default=None,
                         help="head-only sweep: stage-2 settings over this bundle's encoder, which runs once "
                              "(cached features); the bundle's config is the base")
-    parser.add_argument("--output", required=True, help="folder for results, plot and the best bundle")
+    parser.add_argument("--output", required=True,
+                        help="folder or URI (s3://...) for the sweep, results, plot and the best bundle")
     parser.add_argument("--ray-address", default=None)
     parser.add_argument("--no-resume", action="store_true", help="start over even if the sweep exists")
+    parser.add_argument("--max-concurrent-trials", type=int, default=None, metavar="N",
+                        help="trials at once (default: tune.max_concurrent_trials, else as many as the "
+                             "cluster fits at the autoscaler's maximum size)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="e.g. tune.num_samples=4 stage1.epochs=1")
 
 
 def run_tune(args: argparse.Namespace) -> int:
+    from emotions import storage
     from emotions.tuning import build_sweep_config, run_sweep, split_tune_settings
     from emotions.config import from_dict
 
+    if args.max_concurrent_trials is not None and args.max_concurrent_trials < 1:
+        raise ConfigError(f"--max-concurrent-trials {args.max_concurrent_trials}: give 1 or more")
+    if args.max_concurrent_trials:
+        args.overrides = [*args.overrides, f"tune.max_concurrent_trials={args.max_concurrent_trials}"]
     if args.from_bundle:
         from emotions.bundle import load_bundle
         from emotions.head_sweep import build_head_sweep_config, run_head_sweep
@@ -195,7 +205,7 @@ def run_tune(args: argparse.Namespace) -> int:
     else:
         summary = run_sweep(raw, args.output, resume=not args.no_resume)
     print(json.dumps(summary, indent=2))
-    print(f"results: {Path(args.output) / 'results.md'}")
+    print(f"results: {storage.join(args.output, 'results.md')}")
     return 0
 
 
@@ -204,18 +214,20 @@ def add_ablate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget", default="laptop", choices=["tiny", "laptop", "full"],
                         help="laptop: 10,000 examples, 1+6 epochs per row (~35 min on 2 cores); full: all data, "
                              "3+10 epochs; tiny: 300 examples (tests)")
-    parser.add_argument("--output", required=True, help="folder for ablation.md/.json and the row bundles")
+    parser.add_argument("--output", required=True,
+                        help="folder or URI (s3://...) for ablation.md/.json and the row bundles")
     parser.add_argument("--ray-address", default=None)
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="applied to every row")
 
 
 def run_ablate(args: argparse.Namespace) -> int:
+    from emotions import storage
     from emotions.ablation import run_ablation
 
     build_config(args.preset, None, args.overrides)  # refuse bad keys before Ray starts
     connect_ray(args.ray_address)
     run_ablation(args.preset, args.output, args.budget, args.overrides)
-    print((Path(args.output) / "ablation.md").read_text())
+    print(storage.Folder.from_uri(args.output).read_text("ablation.md"))
     return 0
 
 

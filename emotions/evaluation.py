@@ -16,7 +16,7 @@ def evaluate_bundle(model: str | Path, data: str, report_dir: str | Path | None 
                     text_column: str = "text", labels_column: str = "labels",
                     label_format: str = "auto", batch_size: int = 64) -> dict:  # fmt: skip
     """Predict ``data`` with the bundle at ``model``; optionally write metrics.json, report.md and
-    per_label_f1.png into ``report_dir``. Returns the report dict."""
+    per_label_f1.png into ``report_dir`` (a local folder or a URI). Returns the report dict."""
     bundle = load_bundle(model)
     labelled = load_labelled(data, text_column=text_column, labels_column=labels_column,
                              label_format=label_format)  # fmt: skip
@@ -26,6 +26,6 @@ def evaluate_bundle(model: str | Path, data: str, report_dir: str | Path | None 
     report = evaluation_report(labelled.labels, probs, bundle.thresholds, source=labelled.source,
                                model=f"{bundle.path} ({bundle.hash})")  # fmt: skip
     if report_dir is not None:
-        write_report(report, report_dir, title=f"Evaluation of {Path(model).name}")
+        write_report(report, report_dir, title=f"Evaluation of {str(model).rstrip('/').rsplit('/', 1)[-1]}")
     log.info("\n%s", format_summary(report))
     return report

@@ -1,15 +1,17 @@
 """Cheap head sweeps: stage-2 settings over one fixed, trained encoder, on cached features.
 
 Stage 2 freezes the encoder, so every stage-2 trial would encode the same texts with the same
-weights. Here the encoder runs once: the pooled features of the train and validation texts are
-written to ``<run.storage_path>/features/<key>.safetensors`` (the key covers the bundle's hash,
-the data settings and the pooling), put in the object store once, and every trial trains only a
-fresh head on them: seconds per trial instead of an encoder pass. A later sweep over the same
-bundle and data reuses the file. The best head is written into a copy of the source bundle.
+weights. Here the encoder runs once, in a Ray task (on a GPU when the cluster has one): the pooled
+features of the train and validation texts are written to
+``<run.storage_path>/features/<key>.safetensors`` (a local file or an object; the key covers the
+bundle's hash, the data settings and the pooling), put in the object store once, and every trial
+trains only a fresh head on them: seconds per trial instead of an encoder pass. A later sweep over
+the same bundle and data reuses the file. The best head is written into a copy of the source bundle.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -21,22 +23,23 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import ray
+import safetensors.numpy
 import torch
 from ray import tune
-from safetensors.numpy import load_file as load_numpy
-from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from emotions import environment, storage
 from emotions.batching import random_batches
-from emotions.bundle import Bundle, save_bundle
+from emotions.bundle import Bundle, BundleError, load_bundle, save_bundle
 from emotions.config import ConfigError, TrainConfig, from_dict
 from emotions.metrics import compute_metrics, evaluation_report, format_summary
 from emotions.model import build_head
 from emotions.thresholds import fit_thresholds
-from emotions.tuning import (TuneSettings, build_tuner, check_search_keys, check_state_api, load_tune_preset,
-                             merge_over, split_tune_settings, summarize, trial_config)  # fmt: skip
+from emotions.tuning import (TuneSettings, build_tuner, check_search_keys, check_state_api, cluster_resources,
+                             concurrency, export_bundle, load_tune_preset, merge_over, split_tune_settings,
+                             summarize, trial_config)  # fmt: skip
 
 log = logging.getLogger("emotions.head_sweep")
 
@@ -80,28 +83,78 @@ def feature_key(source: Bundle, config: TrainConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def cached_features(source: Bundle, config: TrainConfig, cache_dir: Path) -> tuple[dict[str, np.ndarray], Path]:
+def cached_features(source: Bundle, config: TrainConfig, cache_dir: str) -> tuple[dict[str, np.ndarray], dict]:
     """{train_x [n, hidden], train_y [n, 28], validation_x, validation_y} of the source encoder on
-    the config's data: read from the cache if there, else encoded once and written there."""
+    the config's data, and where they came from ({"file", "reused", "device", "node_id", ...}):
+    read from the cache (a folder or URI) if there, else encoded once by a Ray task and written there."""
     from emotions.training import load_training_data
 
-    path = cache_dir / f"{feature_key(source, config)}.safetensors"
-    if path.is_file():
-        log.info("reusing cached encoder features %s", path)
-        return load_numpy(str(path)), path
+    folder = storage.Folder.from_uri(cache_dir)
+    name = f"{feature_key(source, config)}.safetensors"
+    if folder.is_file(name):
+        log.info("reusing cached encoder features %s", folder.uri_of(name))
+        blob = folder.read_bytes(name)
+        return safetensors.numpy.load(blob), {"file": folder.uri_of(name), "reused": True, **read_metadata(blob)}
     train, validation = load_training_data(config)
-    log.info("encoding %d train and %d validation texts once with the bundle's encoder (%s)",
+    log.info("encoding %d train and %d validation texts once with the bundle's encoder (%s), in a Ray task",
              len(train), len(validation), source.hash)  # fmt: skip
-    start = time.perf_counter()
-    features = {"train_x": source.features(train.texts), "train_y": train.labels.astype(np.float32),
-                "validation_x": source.features(validation.texts),
+    encoded, info = encode_on_ray(source, {"train": train.texts, "validation": validation.texts})
+    features = {"train_x": encoded["train"], "train_y": train.labels.astype(np.float32),
+                "validation_x": encoded["validation"],
                 "validation_y": validation.labels.astype(np.float32)}  # fmt: skip
-    log.info("features ready in %.0fs; cached at %s", time.perf_counter() - start, path)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(f".partial-{os.getpid()}")
-    save_numpy(features, str(partial), metadata={"bundle": source.hash, "source": source.path.as_posix()})
-    partial.rename(path)  # a killed run never leaves a half-written cache behind
-    return features, path
+    log.info("features ready in %.0fs on %s (node %s); cached at %s", info["seconds"], info["device"],
+             info["node_id"], folder.uri_of(name))  # fmt: skip
+    metadata = {"bundle": source.hash, "source": source.path.as_posix(), **info}
+    # One object PUT on S3/GCS; write-then-rename locally: a killed run never leaves half a cache.
+    folder.write_bytes_atomic(safetensors.numpy.save(features, metadata={k: str(v) for k, v in metadata.items()}), name)
+    return features, {"file": folder.uri_of(name), "reused": False, **metadata}
+
+
+def read_metadata(blob: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file's bytes (an 8-byte little-endian header size,
+    then the JSON header)."""
+    size = int.from_bytes(blob[:8], "little")
+    return json.loads(blob[8:8 + size]).get("__metadata__", {})
+
+
+def encode_on_ray(source: Bundle, texts: dict[str, list[str]]) -> tuple[dict[str, np.ndarray], dict]:
+    """{split: [n] texts} -> ({split: [n, hidden] features}, where they were computed), by one Ray
+    task: on a GPU when the cluster has (or can scale to) one, else on the largest node's CPUs.
+    The bundle travels as its files through the object store, so the task may run on a node that
+    cannot read the driver's disk; the task loads them and checks the content hash."""
+    current, maximum = cluster_resources()
+    use_gpu = max(current.get("GPU", 0), (maximum or {}).get("GPU", 0)) > 0
+    files = {p.relative_to(source.path).as_posix(): p.read_bytes() for p in source.path.rglob("*") if p.is_file()}
+    task = encode_texts.options(num_gpus=1, num_cpus=1) if use_gpu else encode_texts.options(num_cpus=node_cpus())
+    return ray.get(task.remote(ray.put(files), source.hash, texts, "cuda" if use_gpu else "cpu"))
+
+
+def node_cpus() -> int:
+    """The CPUs of the largest live node (at least 1: an autoscaler starts a node for the task)."""
+    return max([1, *(int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n["Alive"])])
+
+
+@ray.remote(max_retries=1)
+def encode_texts(files: dict[str, bytes], bundle_hash: str, texts: dict[str, list[str]],
+                 device: str) -> tuple[dict[str, np.ndarray], dict]:  # fmt: skip
+    """Ray task: write the bundle's files to a temporary folder, load it on ``device`` and encode."""
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="emotions-encoder-") as tmp:
+        for name, data in files.items():
+            (Path(tmp) / name).parent.mkdir(parents=True, exist_ok=True)
+            (Path(tmp) / name).write_bytes(data)
+        bundle = load_bundle(tmp, device=device)  # verifies every file against the manifest
+        if bundle.hash != bundle_hash:
+            raise BundleError(f"the encoder task got bundle {bundle.hash}, expected {bundle_hash}")
+        # bf16 on a GPU: features only feed a head trained in float32 (Bundle.features returns float32).
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else contextlib.nullcontext()
+        with autocast:
+            encoded = {split: bundle.features(split_texts) for split, split_texts in texts.items()}
+    context = ray.get_runtime_context()
+    name = f"cuda ({torch.cuda.get_device_name()})" if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    info = {"device": name, "node_id": context.get_node_id(), "worker_id": context.get_worker_id(),
+            "pid": os.getpid(), "seconds": round(time.perf_counter() - start, 1)}  # fmt: skip
+    return encoded, info
 
 
 def train_head(config: TrainConfig, features: dict[str, np.ndarray], report) -> None:
@@ -164,8 +217,9 @@ def run_head_trial(params: dict, base: dict, features: dict[str, np.ndarray]) ->
 
 def run_head_sweep(source: Bundle, raw_config: dict, output: str | Path, resume: bool = True) -> dict:
     """Sweep stage-2 settings over the (loaded) bundle's encoder; write the table, plot, best config
-    and the best bundle (the source bundle with the best head and its thresholds)."""
-    output = Path(output).absolute()
+    and the best bundle (the source bundle with the best head and its thresholds) into ``output``,
+    a local folder or a URI."""
+    output = storage.expand(output)
     check_head_only(raw_config, source)
     base_raw, settings = split_tune_settings(raw_config)
     base = from_dict(base_raw)
@@ -173,15 +227,16 @@ def run_head_sweep(source: Bundle, raw_config: dict, output: str | Path, resume:
                                 "tune-heads")  # fmt: skip
     check_search_keys(base, settings)
     check_state_api()
-    cache = Path(storage.expand(base.run.storage_path)) / "features"
-    features, cache_file = cached_features(source, base, cache)
+    features, origin = cached_features(source, base, storage.join(base.run.storage_path, "features"))
     # with_parameters puts the features in the object store once; trials map them, zero-copy.
+    per_trial = {"CPU": 1}
     trainable = tune.with_resources(tune.with_parameters(run_head_trial, base=base.to_dict(), features=features),
-                                    {"CPU": 1})  # fmt: skip
-    tuner = build_tuner(trainable, str(output / "sweep"), base, settings, max_epochs(base, settings),
-                        settings.max_concurrent_trials or 0, resume)  # fmt: skip
+                                    per_trial)  # fmt: skip
+    at_once = concurrency(per_trial, settings, *cluster_resources())
+    tuner = build_tuner(trainable, storage.join(output, "sweep"), base, settings, max_epochs(base, settings),
+                        at_once, resume)  # fmt: skip
     results = tuner.fit()
-    return write_head_results(results, settings, base, source, features, cache_file, output)
+    return write_head_results(results, settings, base, source, features, origin, output)
 
 
 def max_epochs(base: TrainConfig, settings: TuneSettings) -> int:
@@ -192,14 +247,15 @@ def max_epochs(base: TrainConfig, settings: TuneSettings) -> int:
 
 
 def write_head_results(results, settings: TuneSettings, base: TrainConfig, source: Bundle,
-                       features: dict[str, np.ndarray], cache_file: Path, output: Path) -> dict:  # fmt: skip
-    extra = {"from_bundle": {"path": str(source.path), "hash": source.hash}, "features": str(cache_file)}
+                       features: dict[str, np.ndarray], origin: dict, output: str) -> dict:  # fmt: skip
+    extra = {"from_bundle": {"path": str(source.path), "hash": source.hash}, "features": origin}
     summary = summarize(results, settings, base, output, extra, usable=lambda r: r.checkpoint is not None)
     with summary.best.checkpoint.as_directory() as d:
         head_state = load_file(os.path.join(d, HEAD_FILE))
-    bundle = write_head_bundle(source, summary.config, head_state, features, output / "best_bundle")
+    bundle = export_bundle(storage.join(output, "best_bundle"),
+                           lambda local: write_head_bundle(source, summary.config, head_state, features, local))
     log.info("best head %s: %s = %.4f; bundle %s", summary.best.path, settings.metric, summary.metric, bundle)
-    return summary.as_dict(bundle=str(bundle), features=str(cache_file))
+    return summary.as_dict(bundle=bundle, features=origin["file"])
 
 
 def write_head_bundle(source: Bundle, config: TrainConfig, head_state: dict, features: dict[str, np.ndarray],
@@ -211,7 +267,8 @@ def write_head_bundle(source: Bundle, config: TrainConfig, head_state: dict, fea
     head = build_head(features["train_x"].shape[1], s.head_depth, s.dropout, s.head_hidden)
     head.load_state_dict(head_state)
     split = config.thresholds.split
-    probs = {name: predict(head, torch.from_numpy(features[f"{name}_x"])) for name in ("train", "validation")}
+    # torch.tensor copies: the features may be read-only (from the object store or the cache's bytes).
+    probs = {name: predict(head, torch.tensor(features[f"{name}_x"])) for name in ("train", "validation")}
     thresholds = fit_thresholds(probs[split], features[f"{split}_y"], fallback=config.thresholds.fallback)
     report = evaluation_report(features["validation_y"], probs["validation"], thresholds,
                                source=config.data.validation, model=config.model.encoder)  # fmt: skip

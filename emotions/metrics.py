@@ -6,6 +6,7 @@ column order; a label is predicted when its probability is >= its threshold.
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -106,7 +107,7 @@ def _markdown(report: dict, title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plot_per_label(report: dict, path: Path, title: str) -> None:
+def _plot_per_label(report: dict, title: str) -> bytes:
     """Horizontal bars of F1 at 0.5 and at fitted thresholds; thresholds as markers on a twin axis."""
     # Agg canvas on a bare Figure: no pyplot, so the caller's global backend is left alone.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -132,16 +133,21 @@ def _plot_per_label(report: dict, path: Path, title: str) -> None:
     ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.06), ncol=3, fontsize=9)
     ax.set_title(f"{title}: per-label F1 (support in brackets)", fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, format="png")
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
+    return png.getvalue()
 
 
-def write_report(report: dict, directory: str | Path, title: str = "Evaluation") -> dict[str, Path]:
-    """Write metrics.json, report.md and per_label_f1.png into ``directory``; return their paths."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    paths = {"json": directory / "metrics.json", "markdown": directory / "report.md",
-             "plot": directory / "per_label_f1.png"}  # fmt: skip
-    paths["json"].write_text(json.dumps(report, indent=2) + "\n")
-    paths["markdown"].write_text(_markdown(report, title))
-    _plot_per_label(report, paths["plot"], title)
-    return paths
+def write_report(report: dict, directory: str | Path, title: str = "Evaluation") -> dict[str, Path | str]:
+    """Write metrics.json, report.md and per_label_f1.png into ``directory`` (a local folder or a
+    URI such as s3://bucket/reports/x); return their paths (URIs for a URI)."""
+    from emotions import storage
+
+    folder = storage.Folder.from_uri(directory)
+    folder.write_text(json.dumps(report, indent=2) + "\n", "metrics.json")
+    folder.write_text(_markdown(report, title), "report.md")
+    folder.write_bytes(_plot_per_label(report, title), "per_label_f1.png")
+    names = {"json": "metrics.json", "markdown": "report.md", "plot": "per_label_f1.png"}
+    if storage.is_uri(directory):
+        return {key: folder.uri_of(name) for key, name in names.items()}
+    return {key: Path(folder.path(name)) for key, name in names.items()}

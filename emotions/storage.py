@@ -106,6 +106,16 @@ class Folder:
         with self.fs.open_output_stream(self.path(*parts)) as f:
             f.write(data)
 
+    def write_bytes_atomic(self, data: bytes, *parts: str) -> None:
+        """Write so that readers see the whole file or none: one object PUT on an object store
+        (complete on close), a temporary name then a rename on a local disk."""
+        if not self.is_local:
+            self.write_bytes(data, *parts)
+            return
+        partial = (*parts[:-1], f".{parts[-1]}.partial-{os.getpid()}")
+        self.write_bytes(data, *partial)
+        self.fs.move(self.path(*partial), self.path(*parts))
+
     def read_text(self, *parts: str) -> str:
         return self.read_bytes(*parts).decode()
 

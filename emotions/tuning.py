@@ -8,10 +8,12 @@ a results table (CSV + Markdown), a plot, the best config, and the best trial's 
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
 import re
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,7 @@ from typing import Any
 import ray
 from ray import tune
 
-from emotions import environment
+from emotions import environment, storage
 from emotions.config import ConfigError, TrainConfig, from_dict, merge, parse_overrides
 
 log = logging.getLogger("emotions.tuning")
@@ -39,7 +41,7 @@ class TuneSettings:
     metric: str = "val_macro_f1_tuned"  # per-epoch validation macro-F1 at fitted thresholds
     grace_period: int = 1  # reports (epochs) before ASHA may stop a trial
     reduction_factor: int = 2
-    max_concurrent_trials: int | None = None  # None = as many as the cluster's CPUs/GPUs fit
+    max_concurrent_trials: int | None = None  # None = as many as the cluster's CPUs/GPUs fit at its largest
     seed: int = 0  # the search algorithm's random state: the same seed samples the same trials
     baseline: bool = True  # trial 0 runs the base config's own values: "did the sweep beat it?"
     search: dict = field(default_factory=lambda: dict(DEFAULT_SEARCH))
@@ -127,33 +129,53 @@ def run_trial(params: dict, base: dict) -> None:
     fit(config, name=f"train-{trial}", callbacks=[TuneReportCallback()])
 
 
-def concurrency(config: TrainConfig, settings: TuneSettings) -> int:
-    if settings.max_concurrent_trials:
-        return settings.max_concurrent_trials
-    resources = ray.cluster_resources()
+def trial_resources(config: TrainConfig) -> dict[str, float]:
+    """What one trial's Ray Train workers hold: GPUs with ``scaling.use_gpu``, else CPUs."""
     s = config.scaling
     if s.use_gpu:
-        return max(1, int(resources.get("GPU", 0) // s.num_workers))
-    return max(1, int(resources.get("CPU", 1) // (s.num_workers * s.cpus_per_worker)))
+        return {"GPU": s.num_workers}
+    return {"CPU": s.num_workers * s.cpus_per_worker}
+
+
+def concurrency(per_trial: dict[str, float], settings: TuneSettings, current: dict[str, float],
+                maximum: dict[str, float] | None) -> int:  # fmt: skip
+    """Trials at once: ``tune.max_concurrent_trials`` if set, else how many ``per_trial`` fit in the
+    cluster at its largest, the autoscaler's maximum (``maximum``, None without an autoscaler) or
+    what is there now (``current``), whichever is more. Sizing from ``current`` alone would run one
+    trial at a time, forever, on a cluster whose worker groups start at 0 replicas."""
+    if settings.max_concurrent_trials:
+        return settings.max_concurrent_trials
+    largest = {k: max(current.get(k, 0), (maximum or {}).get(k, 0)) for k in per_trial}
+    return max(1, min((int(largest[k] // v) for k, v in per_trial.items() if v > 0), default=1))
+
+
+def cluster_resources() -> tuple[dict[str, float], dict[str, float] | None]:
+    """(the Ray cluster's resources now, the most its autoscaler may scale to, or None)."""
+    from ray._private.state import state
+
+    # What Ray Train 2.60 itself reads to size elastic worker groups (worker_group.py).
+    return ray.cluster_resources(), state.get_max_resources_from_cluster_config()
 
 
 def run_sweep(raw_config: dict, output: str | Path, resume: bool = True) -> dict:
-    """Run (or resume) a sweep; write results.csv/.md, the plot, best_config.json, best bundle."""
+    """Run (or resume) a sweep; write results.csv/.md, the plot, best_config.json and the best
+    bundle into ``output``, a local folder or a URI (s3://...; the sweep's own state goes there too)."""
     from emotions.training import write_bundle_from_checkpoint
 
-    output = Path(output).absolute()
+    output = storage.expand(output)
     base_raw, settings = split_tune_settings(raw_config)
     base = from_dict(base_raw)  # validates the fixed part now
     environment.log_environment({**base.to_dict(), "tune": settings.__dict__}, "tune")
     check_search_keys(base, settings)
     check_state_api()
-    storage = str(output / "sweep")
     # The driver function only waits on Ray Train: it reserves memory but no CPU, so a trial's
     # CPUs all go to its training workers (a CPU per driver would halve concurrency on small nodes).
     trainable = tune.with_resources(tune.with_parameters(run_trial, base=base.to_dict()),
                                     {"CPU": 0, "memory": 256 * 1024**2})  # fmt: skip
     max_t = sum(s.epochs for s in base.stages) + 1  # one report per epoch, then the final one
-    tuner = build_tuner(trainable, storage, base, settings, max_t, concurrency(base, settings), resume)
+    at_once = concurrency(trial_resources(base), settings, *cluster_resources())
+    log.info("up to %d trials at once", at_once)
+    tuner = build_tuner(trainable, storage.join(output, "sweep"), base, settings, max_t, at_once, resume)
     results = tuner.fit()
     return write_results(results, settings, base, output, write_bundle_from_checkpoint)
 
@@ -164,13 +186,15 @@ def check_search_keys(base: TrainConfig, settings: TuneSettings) -> None:
         trial_config(base.to_dict(), {key: _example(spec)})
 
 
-def build_tuner(trainable, storage: str, base: TrainConfig, settings: TuneSettings, max_t: int,
+def build_tuner(trainable, storage_path: str, base: TrainConfig, settings: TuneSettings, max_t: int,
                 max_concurrent: int, resume: bool) -> tune.Tuner:  # fmt: skip
-    """Restore the sweep in ``storage`` if there is one (and ``resume``), else a new one: trial 0
-    the base config's own values (``tune.baseline``), then seeded samples; ASHA on the metric."""
-    if resume and tune.Tuner.can_restore(f"{storage}/sweep"):
-        log.info("resuming the sweep in %s/sweep (finished trials are kept)", storage)
-        return tune.Tuner.restore(f"{storage}/sweep", trainable=trainable, resume_errored=True)
+    """Restore the sweep in ``storage_path`` (a folder or URI) if there is one (and ``resume``), else
+    a new one: trial 0 the base config's own values (``tune.baseline``), then seeded samples; ASHA
+    on the metric."""
+    experiment = storage.join(storage_path, "sweep")
+    if resume and tune.Tuner.can_restore(experiment):
+        log.info("resuming the sweep in %s (finished trials are kept)", experiment)
+        return tune.Tuner.restore(experiment, trainable=trainable, resume_errored=True)
     space = {key: to_space(key, spec) for key, spec in settings.search.items()}
     points = [{key: base_value(base.to_dict(), key) for key in space}] if settings.baseline else []
     # The generator itself limits concurrency (0: no limit): Tune ignores max_concurrent_trials for it.
@@ -182,7 +206,7 @@ def build_tuner(trainable, storage: str, base: TrainConfig, settings: TuneSettin
         trainable, param_space=space,
         tune_config=tune.TuneConfig(metric=settings.metric, mode="max", scheduler=scheduler,
                                     search_alg=search, num_samples=settings.num_samples),
-        run_config=tune.RunConfig(name="sweep", storage_path=storage),
+        run_config=tune.RunConfig(name="sweep", storage_path=storage_path),
     )  # fmt: skip
 
 
@@ -201,7 +225,10 @@ def check_state_api() -> None:
     from ray.util.state import list_actors
 
     try:
-        list_actors(limit=1, timeout=10, raise_on_missing_output=False)
+        # The connected cluster's own address: without one, the state API guesses among the Ray
+        # instances on this machine and refuses when there are several.
+        list_actors(address=ray.get_runtime_context().gcs_address, limit=1, timeout=10,
+                    raise_on_missing_output=False)  # fmt: skip
     except Exception as error:  # noqa: BLE001 - any failure means the same thing here
         raise RuntimeError(
             "Ray's state API is not reachable, so Ray Train could not free the resources of the "
@@ -231,10 +258,11 @@ class SweepSummary:
                 "trials": self.trials, **extra}  # fmt: skip
 
 
-def summarize(results, settings: TuneSettings, base: TrainConfig, output: Path, extra: dict | None = None,
+def summarize(results, settings: TuneSettings, base: TrainConfig, output: str, extra: dict | None = None,
               usable=lambda result: True) -> SweepSummary:  # fmt: skip
-    """Write results.csv/.md, sweep.png and best_config.json; pick the best finished trial (among
-    those ``usable`` says have what the export needs) and compare it with the baseline trial."""
+    """Write results.csv/.md, sweep.png and best_config.json into ``output`` (a folder or URI);
+    pick the best finished trial (among those ``usable`` says have what the export needs) and
+    compare it with the baseline trial."""
     import pandas as pd
 
     keys, metric = list(settings.search), settings.metric
@@ -260,14 +288,14 @@ def summarize(results, settings: TuneSettings, base: TrainConfig, output: Path, 
             "error": repr(result.error) if result.error else "",
         })  # fmt: skip
     rows.sort(key=lambda r: (r["stopped_early"], -(r["final_" + metric] or 0)))
-    output.mkdir(parents=True, exist_ok=True)
+    folder = storage.Folder.from_uri(output)
     table = pd.DataFrame(rows)
-    table.to_csv(output / "results.csv", index=False)
-    (output / "results.md").write_text(markdown_table(rows))
-    plot_sweep(table, keys, metric, output / "sweep.png")
+    folder.write_text(table.to_csv(index=False), "results.csv")
+    folder.write_text(markdown_table(rows), "results.md")
+    folder.write_bytes(plot_sweep(table, keys, metric), "sweep.png")
     finished = [r for r in results if r.metrics and r.metrics.get("final") and not r.error and usable(r)]
     if not finished:
-        raise RuntimeError(f"no trial finished; see {output / 'results.md'}")
+        raise RuntimeError(f"no trial finished; see {folder.uri_of('results.md')}")
     best = max(finished, key=lambda r: r.metrics[metric])
     params = {k: best.config.get(k) for k in keys}
     baseline = next((r for r in rows if r["baseline"]), None)
@@ -281,19 +309,33 @@ def summarize(results, settings: TuneSettings, base: TrainConfig, output: Path, 
                  " (stopped early)" if comparison["baseline_stopped_early"] else "",
                  comparison["best_minus_baseline"])  # fmt: skip
     config = trial_config(base.to_dict(), params)
-    (output / "best_config.json").write_text(json.dumps({
+    folder.write_text(json.dumps({
         "params": params, metric: best.metrics[metric], "baseline": comparison, **(extra or {}),
-        "config": config.to_dict()}, indent=2) + "\n")  # fmt: skip
+        "config": config.to_dict()}, indent=2) + "\n", "best_config.json")  # fmt: skip
     return SweepSummary(best, params, config, best.metrics[metric], comparison, len(rows))
 
 
-def write_results(results, settings: TuneSettings, base: TrainConfig, output: Path, write_bundle) -> dict:
+def write_results(results, settings: TuneSettings, base: TrainConfig, output: str, write_bundle) -> dict:
     summary = summarize(results, settings, base, output)
-    checkpoint = ray.train.Checkpoint(summary.best.metrics["checkpoint_path"])
+    # Ray Train reports the checkpoint's path inside run.storage_path's filesystem (no s3:// prefix).
+    fs = storage.filesystem(summary.config.run.storage_path)[0]
+    checkpoint = ray.train.Checkpoint(summary.best.metrics["checkpoint_path"], filesystem=fs)
     with checkpoint.as_directory() as final:
-        bundle = write_bundle(Path(final), summary.config, output / "best_bundle")
+        bundle = export_bundle(storage.join(output, "best_bundle"),
+                               lambda local: write_bundle(Path(final), summary.config, local))  # fmt: skip
     log.info("best trial %s: %s = %.4f; bundle %s", summary.best.path, settings.metric, summary.metric, bundle)
     return summary.as_dict(bundle=str(bundle))
+
+
+def export_bundle(uri: str, write) -> str:
+    """``write(local_folder)`` writes a bundle; it ends up at ``uri``: written in place for a local
+    path, else written to a temporary folder and uploaded (manifest last). Returns ``uri``."""
+    from emotions.bundle import publish_bundle
+
+    if not storage.is_uri(uri):
+        return str(write(Path(uri)))
+    with tempfile.TemporaryDirectory(prefix="emotions-bundle-") as tmp:
+        return publish_bundle(write(Path(tmp) / "bundle"), uri)
 
 
 def trial_name(path: str) -> str:
@@ -313,8 +355,8 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_sweep(table, keys: list[str], metric: str, path: Path) -> None:
-    """Validation macro-F1 against stage-1 learning rate, one colour per stage-2 head depth."""
+def plot_sweep(table, keys: list[str], metric: str) -> bytes:
+    """Validation macro-F1 against stage-1 learning rate, one colour per stage-2 head depth (PNG)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -336,4 +378,6 @@ def plot_sweep(table, keys: list[str], metric: str, path: Path) -> None:
         ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
+    return png.getvalue()

@@ -8,11 +8,10 @@ import time
 import pandas as pd
 import pytest
 
-from emotions.bundle import Bundle, load_bundle
-from emotions.config import ConfigError
-from emotions.tuning import build_sweep_config, run_sweep, split_tune_settings
-
-
+from emotions.bundle import load_bundle
+from emotions.config import ConfigError, from_dict
+from emotions.tuning import (TuneSettings, build_sweep_config, concurrency, run_sweep, split_tune_settings,
+                             trial_resources)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +77,35 @@ def test_sweep_table_marks_the_baseline_trial(smoke_sweep):
     assert summary["baseline"] is not None and "best_minus_baseline" in summary["baseline"]
 
 
-def test_head_sweep_encodes_once_and_exports_the_best_head(smoke_bundle, local_ray, tmp_path, monkeypatch):
+def test_concurrency_sizes_for_the_autoscalers_maximum_and_the_flag_wins():
+    base, _ = split_tune_settings(build_sweep_config("smoke"))
+    one_cpu = trial_resources(from_dict(base))  # 1 Ray Train worker x 1 CPU
+    assert one_cpu == {"CPU": 1}
+    # An autoscaling cluster at its start (2 CPUs up) that may grow to 16 CPUs: 16 trials, not 2.
+    assert concurrency(one_cpu, TuneSettings(), {"CPU": 2.0}, {"CPU": 16, "GPU": 0}) == 16
+    assert concurrency(one_cpu, TuneSettings(), {"CPU": 2.0}, None) == 2  # no autoscaler: what is there
+    assert concurrency(one_cpu, TuneSettings(max_concurrent_trials=3), {"CPU": 2.0}, {"CPU": 16}) == 3
+    gpu = {"GPU": 2}  # scaling.use_gpu with 2 workers
+    assert concurrency(gpu, TuneSettings(), {"CPU": 8.0}, {"CPU": 64, "GPU": 8}) == 4
+    assert concurrency(gpu, TuneSettings(), {"CPU": 8.0}, None) == 1  # none now: still one trial
+
+
+def test_tune_flag_max_concurrent_trials_reaches_the_settings(monkeypatch):
+    import emotions.cli as cli
+
+    seen = {}
+    monkeypatch.setattr(cli, "connect_ray", lambda address: None)
+    monkeypatch.setattr("emotions.tuning.run_sweep", lambda raw, output, resume: seen.update(raw=raw) or {})
+    args = cli.build_parser().parse_args(["tune", "--preset", "smoke", "--output", "s3://emo/x",
+                                          "--max-concurrent-trials", "5", "tune.max_concurrent_trials=2"])  # fmt: skip
+    assert cli.run_tune(args) == 0
+    assert split_tune_settings(seen["raw"])[1].max_concurrent_trials == 5  # the flag wins over the override
+    args = cli.build_parser().parse_args(["tune", "--preset", "smoke", "--output", "x", "--max-concurrent-trials", "0"])
+    with pytest.raises(ConfigError, match="--max-concurrent-trials"):
+        cli.run_tune(args)
+
+
+def test_head_sweep_encodes_once_and_exports_the_best_head(smoke_bundle, local_ray, tmp_path):
     import emotions.head_sweep as head_sweep
     from safetensors.torch import load_file
 
@@ -98,11 +125,13 @@ def test_head_sweep_encodes_once_and_exports_the_best_head(smoke_bundle, local_r
     assert best.predict(["thanks a lot!"]) is not None
     # Another sweep over the same bundle and data reads the cached features: the encoder never runs.
     cache = first["features"]
-    monkeypatch.setattr(Bundle, "features", lambda *a: pytest.fail("the encoder ran again"))
+    assert cache.startswith(str(tmp_path / "runs" / "features")) and not list((tmp_path / "runs").rglob("*.partial-*"))
     raw = head_sweep.build_head_sweep_config(source, "heads", overrides=[*overrides[:1], "tune.num_samples=2",
                                                                          "stage2.epochs=2"])  # fmt: skip
     second = head_sweep.run_head_sweep(source, raw, tmp_path / "second")
     assert second["features"] == cache and second["trials"] == 2
+    features = json.loads((tmp_path / "second" / "best_config.json").read_text())["features"]
+    assert features["reused"] is True and features["file"] == cache
 
 
 def test_head_sweep_refuses_encoder_settings(smoke_bundle):
