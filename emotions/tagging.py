@@ -43,8 +43,9 @@ Reads are light next to the encoder, so running them beside the actors costs lit
 
 Tokenizing. On GPU runs a pool of Tokenizer actors (``TOKENIZER_CPUS`` each, one per GPU actor)
 turns text into token ids ahead of the encoder, so GPU actors only run the encoder. On CPU the
-actors tokenize their own batches: the separate stage measured slower on 2 CPUs (see
-benchmarks/tag_throughput.py); ``tokenize_stage=True`` forces it.
+actors tokenize their own batches: on 2 CPUs the separate stage cost throughput (100k rows, smoke
+bundle: 2,001 vs 2,305 rows/s in benchmarks/tag_throughput.py), since the tokenizer's CPU is taken
+from the encoder's and token ids travel through the object store; ``tokenize_stage=True`` forces it.
 
 Schemas. Files may disagree (string vs large_string text, int32 vs int64 ids, extra columns):
 only the needed columns are read, against one pinned schema. A file whose text column is not
