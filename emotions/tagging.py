@@ -34,12 +34,18 @@ moves the files into OUTPUT (a rename locally, copy + delete on object stores), 
 (The manifest's name starts with ``_`` because pyarrow, pandas and Spark read every other file in
 a folder as Parquet.) Row order within a file is not kept; join on the id column.
 
-Actor sizing. Ray Data's file listing runs as a task that asks for 1 whole CPU, and reads ask
-for ``READ_CPUS`` each. A pool that reserves every CPU leaves them unschedulable and the pipeline
-hangs without a word. So by default there is one actor per ``cpus_per_actor`` CPUs (per
-``gpus_per_actor`` GPUs on GPU), each running ``cpus_per_actor`` torch threads, but together they
-*reserve* at most (cluster CPUs - 1): on 2 CPUs, 2 actors x 1 thread that each reserve 0.5 CPU.
-Reads are light next to the encoder, so running them beside the actors costs little.
+Reading. The driver has read every footer already, so it plans the reads itself: one read unit
+per row group, read by a Ray task of ``READ_CPUS`` (``read_units``). ``ray.data.read_parquet``
+is not used: its file listing runs as a task that asks for 1 whole CPU on one node, which a pool
+of actors spread over small nodes (1-CPU pods) never leaves free, and the pipeline hangs.
+
+Actor sizing. Read and merge tasks need ``ROOM_CPUS`` on some node while the actors run; a pool
+that reserves every CPU leaves them unschedulable and the pipeline hangs without a word. So by
+default there is one actor per ``cpus_per_actor`` CPUs (per ``gpus_per_actor`` GPUs on GPU), each
+running ``cpus_per_actor`` torch threads, but each *reserves* only so much that every node keeps
+``ROOM_CPUS`` free when it hosts its share of the pool: on one 2-CPU node, 2 actors x 1 thread
+that reserve 0.75 CPU each; on 1-CPU nodes, one actor each reserving 0.5. Reads and merges are
+light next to the encoder, so running them beside the actors costs little.
 
 Tokenizing. On GPU runs a pool of Tokenizer actors (``TOKENIZER_CPUS`` each, one per GPU actor)
 turns text into token ids ahead of the encoder, so GPU actors only run the encoder. On CPU the
@@ -48,7 +54,8 @@ bundle: 2,001 vs 2,305 rows/s in benchmarks/tag_throughput.py), since the tokeni
 from the encoder's and token ids travel through the object store; ``tokenize_stage=True`` forces it.
 
 Schemas. Files may disagree (string vs large_string text, int32 vs int64 ids, extra columns):
-only the needed columns are read, against one pinned schema. A file whose text column is not
+only the needed columns are read, each file with its own schema, and cast to one type per column
+(``output_schema``) as they are read. A file whose text column is not
 text at all is not sent through Ray Data: a Ray task writes its rows flagged "not a string".
 
 Precision: fp32 (the default, on CPU and GPU), bf16 (autocast to bfloat16) or int8 (CPU: dynamic
@@ -65,6 +72,7 @@ import fnmatch
 import hashlib
 import json
 import logging
+import math
 import os
 import time
 import uuid
@@ -92,9 +100,7 @@ DONE = "_done"  # per-file markers inside the staging folder
 COMMITTING = "_COMMITTING"  # written once every file is staged; the commit may have begun
 SUCCESS = "_SUCCESS"
 MANIFEST = "_manifest.json"  # _-prefixed: pd.read_parquet(OUTPUT) and Spark skip it
-LISTING_CPUS = 1.0  # Ray Data's file-listing task asks for a whole CPU; it cannot be configured
 READ_CPUS = 0.25  # per read task: decoding a few Parquet columns is light next to the encoder
-FOOTER_ACTORS_VARIABLE, FOOTER_ACTORS = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", 1  # Ray's default: 32
 # Rows per encoder pass, after sorting a Ray batch by length. Small on CPU: a 256-row batch in
 # passes of 16 pads to 1.12x its real tokens, in passes of 64 to 1.53x (GoEmotions-like lengths).
 ENCODER_BATCH = {"cpu": 16, "cuda": 256}
@@ -103,6 +109,7 @@ PRECISIONS = ("fp32", "bf16", "int8")
 MAX_F1_CHANGE = 0.005  # bf16/int8 is refused for a bundle whose validation macro-F1 it moves more
 TOKENIZER_CPUS = 1.0  # per Tokenizer actor, when tokenizing is a stage of its own
 MERGE_CPUS = 0.25  # per merge task: reading parts and writing one file is I/O
+ROOM_CPUS = READ_CPUS + MERGE_CPUS  # kept free on every node beside the actors (see Actor sizing)
 ROW_GROUP_ROWS = 65_536  # rows buffered per output file before a row group is written
 FILE_COLUMN = "__file"  # internal: index of the input file a row came from
 TEXT_COLUMN = "__text"  # internal: the text as large_string (null when the column is not text)
@@ -166,6 +173,7 @@ class InputFile:
     rows: int
     bytes: int
     schema: pa.Schema
+    row_groups: tuple[int, ...] = ()  # rows in each row group, from the footer
 
     @property
     def output_name(self) -> str:
@@ -327,23 +335,27 @@ def check_settings(s: TaggingSettings) -> None:
         raise TaggingError("; ".join(errors))
 
 
-def plan_actors(s: TaggingSettings, cluster_cpus: float, cluster_gpus: float) -> ActorPlan:
-    """Actor count and reservations that leave room for Ray Data's listing and read tasks."""
+def plan_actors(s: TaggingSettings, node_cpus: list[float], cluster_gpus: float) -> ActorPlan:
+    """Actor count and reservations that leave ROOM_CPUS on every node for the read and merge
+    tasks, each node hosting its share of the pool (``node_cpus``: the CPUs of each node)."""
+    nodes = [c for c in node_cpus if c > 0] or [1.0]
     if s.gpus_per_actor > 0:
         actors = s.num_actors or max(1, int(cluster_gpus // s.gpus_per_actor))
         if cluster_gpus < actors * s.gpus_per_actor:
             log.warning("the pool asks for %.2f GPUs, the cluster has %.2f now: it waits for the "
                         "autoscaler (or forever)", actors * s.gpus_per_actor, cluster_gpus)  # fmt: skip
     else:
-        actors = s.num_actors or max(1, int(cluster_cpus // s.cpus_per_actor))
+        actors = s.num_actors or max(1, sum(int(c // s.cpus_per_actor) for c in nodes))
     stage = s.gpus_per_actor > 0 if s.tokenize_stage is None else s.tokenize_stage
     tokenizers = actors if stage else 0  # one CPU tokenizer keeps one GPU encoder fed (MiniLM)
-    spare = max(cluster_cpus - LISTING_CPUS, 0.0)
-    share = float(np.floor(100 * spare / (actors + tokenizers)) / 100)
+    members, total = actors + tokenizers, sum(nodes)
+    # A node of c CPUs hosts about members * c / total of the pool (Ray spreads the actors).
+    room = [(c - ROOM_CPUS) / max(1, math.ceil(members * c / total)) for c in nodes if c > ROOM_CPUS]
+    share = max(0.01, float(np.floor(100 * min(room or [0.01])) / 100))
     reserved = min(float(s.cpus_per_actor), share)
-    if actors * s.cpus_per_actor > cluster_cpus:
+    if actors * s.cpus_per_actor > total:
         log.warning("%d actors x %d threads oversubscribe the cluster's %.0f CPUs", actors,
-                    s.cpus_per_actor, cluster_cpus)  # fmt: skip
+                    s.cpus_per_actor, total)  # fmt: skip
     return ActorPlan(actors=actors, cpus_reserved=reserved, gpus=s.gpus_per_actor, threads=s.cpus_per_actor,
                      tokenizers=tokenizers, tokenizer_cpus=min(TOKENIZER_CPUS, share) if tokenizers else 0.0)
 
@@ -444,12 +456,13 @@ def _inspect(fs: pafs.FileSystem, path: str, uri: str, needed: list[str]) -> Inp
         with fs.open_input_file(path) as f:
             parquet = pq.ParquetFile(f)
             rows, schema, size = parquet.metadata.num_rows, parquet.schema_arrow, f.size()
+            groups = tuple(parquet.metadata.row_group(i).num_rows for i in range(parquet.num_row_groups))
     except Exception as error:  # pyarrow raises several types for a damaged file
         return uri, f"not a readable Parquet file ({type(error).__name__}: {error})"
     missing = [c for c in needed if c not in schema.names]
     if missing:
         return uri, f"no column(s) {missing}; columns found: {schema.names}"
-    return InputFile(uri=uri, path=path, rows=rows, bytes=size, schema=schema)
+    return InputFile(uri=uri, path=path, rows=rows, bytes=size, schema=schema, row_groups=groups)
 
 
 def output_schema(files: list[InputFile], s: TaggingSettings) -> tuple[pa.Schema, dict[str, pa.DataType]]:
@@ -613,26 +626,15 @@ def tag_pipeline(input_fs: pafs.FileSystem, files: list[InputFile], staging: Sta
 
     paths = [f.path for f in files]
     needed = list(dict.fromkeys([s.id_column, s.text_column, *s.keep_columns]))
-    # Pinned, so Ray Data neither reads every footer again nor chokes on columns we do not read
-    # that files disagree on (Reddit's `edited` is a bool in some dumps, a timestamp in others).
-    pinned = pa.schema([(c, pa.large_string() if c == s.text_column else column_types[c]) for c in needed])
-    # Listing re-reads every footer on a pool of up to 32 actors (~200 MB each, all at start-up,
-    # more for more files); the footers were read here already, so a small pool keeps memory flat.
-    users = os.environ.get(FOOTER_ACTORS_VARIABLE)  # a value the user set wins
-    os.environ.setdefault(FOOTER_ACTORS_VARIABLE, str(FOOTER_ACTORS))
-    try:  # the knob is read while the read is planned, here on the driver
-        ds = ray.data.read_parquet(paths, filesystem=input_fs, schema=pinned, include_paths=True,
-                                   partitioning=None, file_extensions=None, num_cpus=READ_CPUS)  # fmt: skip
-    finally:
-        if users is None:
-            os.environ.pop(FOOTER_ACTORS_VARIABLE)
-    ds = ds.select_columns([*needed, "path"])
-    ds = ds.map_batches(normalize_block, batch_size=None, batch_format="pyarrow", num_cpus=READ_CPUS,
-                        fn_kwargs={"paths": paths, "text_column": s.text_column,
-                                   "column_types": column_types})  # fmt: skip
-    # Small files arrive as one block and a big file as a few big ones; one block goes to one
-    # actor. Blocks of one Ray batch each let every actor work.
-    ds = ds.repartition(target_num_rows_per_block=s.batch_size)
+    # One read unit per Ray batch of a row group: Ray Data puts all a task yields into one block,
+    # and one block goes to one actor, so a unit per batch lets every actor work.
+    units = [{"file": k, "row_group": g, "batch": b} for k, f in enumerate(files)
+             for g, n in enumerate(f.row_groups) for b in range(math.ceil(n / s.batch_size))]  # fmt: skip
+    ds = ray.data.from_items(units, override_num_blocks=max(1, len(units)))
+    ds = ds.map_batches(read_units, batch_size=1, batch_format="pyarrow", num_cpus=READ_CPUS,
+                        fn_kwargs={"fs": input_fs, "paths": paths, "needed": needed, "rows": s.batch_size,
+                                   "text_column": s.text_column, "column_types": column_types})  # fmt: skip
+    # No repartition: its tasks ask for a whole CPU, which the actors may not leave.
     if plan.tokenizers:
         ds = ds.map_batches(
             Tokenizer, batch_size=s.batch_size, batch_format="pyarrow",
@@ -761,6 +763,20 @@ def write_marker(target: Folder, f: InputFile, reasons: dict[str, int]) -> dict:
 def _is_text(type_: pa.DataType) -> bool:
     type_ = _plain(type_)
     return pa.types.is_string(type_) or pa.types.is_large_string(type_)
+
+
+def read_units(units: pa.Table, fs: pafs.FileSystem, paths: list[str], needed: list[str], rows: int,
+               text_column: str, column_types: dict[str, pa.DataType]):  # fmt: skip
+    """Read units (file index, row group, batch of ``rows`` rows within it) -> normalized blocks,
+    read straight from storage by the Ray task that runs this. (Decoding the row group's earlier
+    batches again is cheap next to the encoder.)"""
+    for k, group, wanted in zip(*(units.column(c).to_pylist() for c in ("file", "row_group", "batch"))):
+        with fs.open_input_file(paths[k]) as handle:
+            batches = pq.ParquetFile(handle).iter_batches(batch_size=rows, row_groups=[group], columns=needed)
+            batch = next(b for i, b in enumerate(batches) if i == wanted)
+        block = pa.Table.from_batches([batch])
+        block = block.append_column("path", pa.array([paths[k]] * block.num_rows, pa.string()))
+        yield normalize_block(block, paths, text_column, column_types)
 
 
 def normalize_block(block: pa.Table, paths: list[str], text_column: str,
@@ -1018,11 +1034,12 @@ def _connect_ray() -> None:
         ray.init(log_to_driver=True)
 
 
-def _cluster_size() -> tuple[float, float]:
+def _cluster_size() -> tuple[list[float], float]:
+    """(CPUs of each alive node, GPUs in the cluster)."""
     import ray
 
-    resources = ray.cluster_resources()
-    return float(resources.get("CPU", 0)), float(resources.get("GPU", 0))
+    cpus = [float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n["Alive"]]
+    return cpus, float(ray.cluster_resources().get("GPU", 0))
 
 
 def _add_counts(dicts) -> dict[str, int]:

@@ -54,12 +54,14 @@ def free_port_range(size: int = 200, start_at: int = 21000) -> tuple[int, int]:
 
 
 def node_command(*, head: bool, num_cpus: int, gcs_port: int | None = None, temp_dir: str | None = None,
-                 object_store_bytes: int = 300_000_000) -> tuple[list[str], int]:  # fmt: skip
+                 object_store_bytes: int = 300_000_000) -> tuple[list[str], int, int | None]:  # fmt: skip
     """`ray start --block` for a head or for a worker node joining the head at ``gcs_port``, every
-    port from one block of its own (see free_port_range). Returns (command, the head's GCS port)."""
+    port from one block of its own (see free_port_range). Returns (command, the head's GCS port,
+    the head's dashboard port or None)."""
     low, _ = free_port_range(120, start_at=23000)
     ports = iter(range(low, low + 20))
     gcs_port = next(ports) if head else gcs_port
+    dashboard_port = low + 19 if head else None
     command = [sys.executable, "-m", "ray.scripts.scripts", "start", "--block", f"--num-cpus={num_cpus}",
                "--num-gpus=0", f"--min-worker-port={low + 20}", f"--max-worker-port={low + 119}",
                f"--node-manager-port={next(ports)}", f"--object-manager-port={next(ports)}",
@@ -68,11 +70,11 @@ def node_command(*, head: bool, num_cpus: int, gcs_port: int | None = None, temp
                f"--object-store-memory={object_store_bytes}", "--disable-usage-stats"]  # fmt: skip
     if head:
         command += ["--head", f"--port={gcs_port}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                    f"--dashboard-port={next(ports)}", f"--ray-client-server-port={next(ports)}",
+                    f"--dashboard-port={dashboard_port}", f"--ray-client-server-port={next(ports)}",
                     f"--temp-dir={temp_dir}"]  # fmt: skip
     else:
         command += [f"--address=127.0.0.1:{gcs_port}"]
-    return command, gcs_port
+    return command, gcs_port, dashboard_port
 
 
 def start_node(command: list[str], env: dict, log_path: Path, hide: Path | None = None) -> subprocess.Popen:

@@ -44,7 +44,7 @@ class Cluster:
 
     def add_worker(self) -> subprocess.Popen:
         """One more 1-CPU worker node, in its own mount namespace with ``hidden`` hidden."""
-        command, _ = node_command(head=False, num_cpus=1, gcs_port=int(self.address.rsplit(":", 1)[1]))
+        command, _, _ = node_command(head=False, num_cpus=1, gcs_port=int(self.address.rsplit(":", 1)[1]))
         log = Path(self.temp_dir) / f"worker-{len(self.workers)}.log"
         node = start_node(command, self.env, log, hide=self.hidden)
         self.workers.append(node)
@@ -61,14 +61,18 @@ def cluster(s3, tmp_path_factory):
     env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
                RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, RAY_USAGE_STATS_ENABLED="0",
                RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")  # fmt: skip
-    command, gcs_port = node_command(head=True, num_cpus=0, temp_dir=temp_dir)
+    command, gcs_port, dashboard_port = node_command(head=True, num_cpus=0, temp_dir=temp_dir)
+    # Ray Train frees a stopped trial's placement group after asking the state API (the dashboard)
+    # about its controller. Found by scanning for GCS processes, it is ambiguous on a machine that
+    # runs local_ray too, so every process of this cluster is told where its own dashboard is.
+    env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"
     cluster = Cluster(f"127.0.0.1:{gcs_port}", env, hidden, temp_dir)
     try:
         cluster.head = start_node(command, env, Path(temp_dir) / "head.log")
         wait_for_nodes(cluster.address, 1, env)
-        for _ in range(2):
+        for count in (2, 3):  # one at a time: nodes on one machine pick their socket names in turn
             cluster.add_worker()
-        wait_for_nodes(cluster.address, 3, env)
+            wait_for_nodes(cluster.address, count, env)
         yield cluster
     finally:
         for node in [*cluster.workers, cluster.head]:

@@ -26,7 +26,7 @@ from emotions import tagging
 from emotions.tagging import (FILE_COLUMN, MANIFEST, MAX_F1_CHANGE, PART_SCHEMA, PARTS, STAGING, SUCCESS,
                               Folder, InputFile, PartLedger, Tagger, TaggingError, TaggingSettings,
                               check_precision, check_texts, merge_parts, normalize_block, output_schema,
-                              plan_actors, resolve_inputs, tag_corpus, write_parts)  # fmt: skip
+                              plan_actors, ROOM_CPUS, resolve_inputs, tag_corpus, write_parts)  # fmt: skip
 
 LONG = "I can't believe how happy this makes me. " * 150  # ~6,000 characters, far over max_length
 HANDMADE = {  # id -> (body, expected error)
@@ -96,7 +96,7 @@ def test_every_row_is_tagged_exactly_once_across_mixed_schemas(corpus, tagged):
     assert sorted(p.name for p in out.glob("*.parquet")) == sorted(i["output"] for i in manifest["inputs"])
     assert all(pq.read_metadata(out / i["output"]).num_rows == i["rows"] for i in manifest["inputs"])
     assert manifest["model"]["hash"] == load_bundle(manifest["model"]["path"]).hash
-    assert manifest["actors"] == {"actors": 2, "cpus_reserved": 0.5, "gpus": 0.0, "threads": 1,
+    assert manifest["actors"] == {"actors": 2, "cpus_reserved": 0.75, "gpus": 0.0, "threads": 1,
                                   "tokenizers": 0, "tokenizer_cpus": 0.0}  # CPU: the actors tokenize
     assert manifest["precision"] == "fp32" and manifest["precision_check"] is None
 
@@ -345,19 +345,27 @@ def test_precision_is_refused_past_the_tolerance_and_recorded_in_the_manifest(sm
     assert "macro_f1_bf16" in check and "within" in check["verdict"]
 
 
-def test_plan_leaves_a_cpu_for_reads_on_two_cpus():
+def test_plan_leaves_room_for_reads_and_merges_on_every_node():
     settings = TaggingSettings(model="m", output="o")
-    plan = plan_actors(settings, cluster_cpus=2, cluster_gpus=0)
-    assert (plan.actors, plan.threads) == (2, 1) and plan.actors * plan.cpus_reserved <= 2 - 1
-    crowded = plan_actors(TaggingSettings(model="m", output="o", num_actors=4), 2, 0)
-    assert crowded.actors == 4 and crowded.actors * crowded.cpus_reserved <= 1
-    big = plan_actors(TaggingSettings(model="m", output="o", cpus_per_actor=4), 64, 0)
-    assert (big.actors, big.cpus_reserved, big.threads) == (16, 3.93, 4)
-    gpu = plan_actors(TaggingSettings(model="m", output="o", gpus_per_actor=1), 32, 4)
+    plan = plan_actors(settings, node_cpus=[2], cluster_gpus=0)
+    assert (plan.actors, plan.threads, plan.cpus_reserved) == (2, 1, 0.75)
+    assert plan.actors * plan.cpus_reserved <= 2 - ROOM_CPUS
+    crowded = plan_actors(TaggingSettings(model="m", output="o", num_actors=4), [2], 0)
+    assert crowded.actors == 4 and crowded.actors * crowded.cpus_reserved <= 2 - ROOM_CPUS
+    # 1-CPU worker pods and a head without CPUs (KubeRay): one actor per pod, each leaving room
+    # on its own pod, since Ray spreads the pool and no pod may be left without room for a read.
+    pods = plan_actors(settings, [0, 1, 1], 0)
+    assert (pods.actors, pods.cpus_reserved) == (2, 0.5) and 1 - pods.cpus_reserved >= ROOM_CPUS
+    uneven = plan_actors(settings, [4, 1], 0)
+    assert uneven.actors == 5 and 1 - uneven.cpus_reserved >= ROOM_CPUS and 4 - 4 * uneven.cpus_reserved >= ROOM_CPUS
+    big = plan_actors(TaggingSettings(model="m", output="o", cpus_per_actor=4), [64], 0)
+    assert (big.actors, big.cpus_reserved, big.threads) == (16, 3.96, 4)
+    gpu = plan_actors(TaggingSettings(model="m", output="o", gpus_per_actor=1), [32], 4)
     assert (gpu.actors, gpu.gpus, gpu.cpus_reserved) == (4, 1.0, 1.0)
     assert (gpu.tokenizers, gpu.tokenizer_cpus) == (4, 1.0)  # GPU actors only run the encoder
-    staged = plan_actors(TaggingSettings(model="m", output="o", tokenize_stage=True), 2, 0)
-    assert staged.tokenizers == 2 and staged.actors * staged.cpus_reserved + 2 * staged.tokenizer_cpus <= 1
+    staged = plan_actors(TaggingSettings(model="m", output="o", tokenize_stage=True), [2], 0)
+    assert staged.tokenizers == 2
+    assert staged.actors * staged.cpus_reserved + 2 * staged.tokenizer_cpus <= 2 - ROOM_CPUS
 
 
 def test_text_checks_name_each_kind_of_junk():
