@@ -6,16 +6,14 @@ opened with pyarrow's filesystems, configured by the standard environment variab
 (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION``;
 ``GOOGLE_APPLICATION_CREDENTIALS`` for gs://).
 
-Writes of whole folders are made locally and uploaded (``upload_folder``), each file as one object,
-with a caller-chosen file last: a reader that waits for that file never sees a partial folder.
+Folders written locally are uploaded with ``Folder.upload``, each file as one object, with a
+caller-chosen file last: a reader that waits for that file never sees a partial folder.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -164,19 +162,3 @@ class Folder:
             raise StorageError(f"{self.uri} does not exist")
         pafs.copy_files(self.root, str(local), source_filesystem=self.fs)
         return Path(local)
-
-
-def write_folder(uri: str | Path, write, last: str | None = None):
-    """Call ``write(local_folder)`` and put what it wrote at ``uri``: in place for a local path,
-    written to a temporary folder and uploaded (``last`` uploaded last) for a URI. Returns what
-    ``write`` returned."""
-    if not is_uri(uri):
-        Path(expand(uri)).mkdir(parents=True, exist_ok=True)
-        return write(Path(expand(uri)))
-    tmp = Path(tempfile.mkdtemp(prefix="emotions-upload-"))
-    try:
-        result = write(tmp)
-        Folder.from_uri(uri).upload(tmp, last=last)
-        return result
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

@@ -503,7 +503,7 @@ def save_frozen_encoder(model: EmotionClassifier, run_dir: str) -> dict:
     sha = hashlib.sha256(data).hexdigest()
     folder, name = storage.Folder.from_uri(storage.join(run_dir, FROZEN_ENCODER_DIR)), f"{sha}.safetensors"
     if folder.fs.get_file_info(folder.path(name)).size != len(data):  # missing, or cut short by a crash
-        folder.write_bytes(data, name)
+        folder.write_bytes_atomic(data, name)  # a crash never leaves a short file under its hash
     return {"uri": folder.uri_of(name), "sha256": sha}
 
 
