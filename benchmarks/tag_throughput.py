@@ -284,6 +284,12 @@ def main() -> None:
         old = drivers["driver_old"]
         print(f"{'old code: peak RSS, MiB':30}{'':14}"
               + "".join(f"{old[n]['driver_hwm_mb']:14.1f}" for n in sizes[1:]))  # fmt: skip
+        print(f"{'old code: rows/s':30}{'':14}" + "".join(f"{old[n]['rows_per_s']:14.1f}" for n in sizes[1:]))
+        ratio = drivers["driver"][sizes[-1]]["rows_per_s"] / old[sizes[-1]]["rows_per_s"]
+        rows["new_vs_old_rows_per_s_largest"] = ratio
+        print(f"{'new / old rows/s':30}{'':14}"
+              + "".join(f"{drivers['driver'][n]['rows_per_s'] / old[n]['rows_per_s']:14.2f}" for n in sizes[1:])
+              + "   >= 1.0")  # fmt: skip
     print(f"\nsame {sizes[0]:,}-row corpus, fresh drivers, best of {args.repeats}")
     if best["old"]:
         print(f"{'old code (driver writes)':44}{best['old']:9.1f}{1.0:8.2f}")

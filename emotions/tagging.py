@@ -20,7 +20,7 @@ nobody wrote). Texts longer than the bundle's ``max_length`` tokens are truncate
 Exactly once. Every input file has one output file whose name derives from the input's URI.
 Tagged rows never travel to the driver (on a cluster of many GPU actors it would be the
 bottleneck): each Tagger actor writes every batch it tags, split by input file, as a part file
-``_staging/parts/<output name>/part-<uuid>.parquet`` and returns one small row per part (file
+``_staging/parts/<output name>/part-<uuid>.arrow`` (Arrow IPC) and returns one small row per part (file
 index, part name, rows, flag counts). The driver adds those rows up per file; when a file's parts
 hold all its rows it launches a Ray task that streams exactly those parts, row group by row
 group, into the file's output file in ``OUTPUT/_staging/`` (readers skip ``_``-prefixed paths),
@@ -34,8 +34,9 @@ moves the files into OUTPUT (a rename locally, copy + delete on object stores), 
 (The manifest's name starts with ``_`` because pyarrow, pandas and Spark read every other file in
 a folder as Parquet.) Row order within a file is not kept; join on the id column.
 
-Reading. The driver has read every footer already, so it plans the reads itself: one read unit
-per row group, read by a Ray task of ``READ_CPUS`` (``read_units``). ``ray.data.read_parquet``
+Reading. The driver has read every footer already, so it plans the reads itself (``plan_reads``):
+row ranges of a row group, whole row groups where there are enough of them to keep every actor
+busy to the end, each read by a Ray task of ``READ_CPUS`` (``read_units``). ``ray.data.read_parquet``
 is not used: its file listing runs as a task that asks for 1 whole CPU on one node, which a pool
 of actors spread over small nodes (1-CPU pods) never leaves free, and the pipeline hangs.
 
@@ -110,12 +111,14 @@ MAX_F1_CHANGE = 0.005  # bf16/int8 is refused for a bundle whose validation macr
 TOKENIZER_CPUS = 1.0  # per Tokenizer actor, when tokenizing is a stage of its own
 MERGE_CPUS = 0.25  # per merge task: reading parts and writing one file is I/O
 ROOM_CPUS = READ_CPUS + MERGE_CPUS  # kept free on every node beside the actors (see Actor sizing)
+READS_PER_ACTOR = 4  # read units per actor at least, so the last ones spread over the pool
+MAX_SLICES = 8  # a row group is read in at most this many units (each decodes up to its slice)
 ROW_GROUP_ROWS = 65_536  # rows buffered per output file before a row group is written
 FILE_COLUMN = "__file"  # internal: index of the input file a row came from
 TEXT_COLUMN = "__text"  # internal: the text as large_string (null when the column is not text)
 ERROR_COLUMN = "__error"  # internal: the flag reason, computed when reading
 IDS_COLUMN = "__ids"  # internal: token ids (list<int32>, empty where flagged), from the Tokenizer stage
-PARTS = "parts"  # inside the staging folder: parts/<output name>/part-<uuid>.parquet
+PARTS = "parts"  # inside the staging folder: parts/<output name>/part-<uuid>.arrow
 # What the Tagger actors return to the driver: one row per part file, no tagged rows.
 PART_SCHEMA = pa.schema([(FILE_COLUMN, pa.int32()), ("part", pa.string()), ("rows", pa.int64()),
                          ("reasons", pa.string())])  # reasons: JSON {reason: rows}  # fmt: skip
@@ -626,13 +629,10 @@ def tag_pipeline(input_fs: pafs.FileSystem, files: list[InputFile], staging: Sta
 
     paths = [f.path for f in files]
     needed = list(dict.fromkeys([s.id_column, s.text_column, *s.keep_columns]))
-    # One read unit per Ray batch of a row group: Ray Data puts all a task yields into one block,
-    # and one block goes to one actor, so a unit per batch lets every actor work.
-    units = [{"file": k, "row_group": g, "batch": b} for k, f in enumerate(files)
-             for g, n in enumerate(f.row_groups) for b in range(math.ceil(n / s.batch_size))]  # fmt: skip
+    units = plan_reads(files, s.batch_size, plan.actors)
     ds = ray.data.from_items(units, override_num_blocks=max(1, len(units)))
     ds = ds.map_batches(read_units, batch_size=1, batch_format="pyarrow", num_cpus=READ_CPUS,
-                        fn_kwargs={"fs": input_fs, "paths": paths, "needed": needed, "rows": s.batch_size,
+                        fn_kwargs={"fs": input_fs, "paths": paths, "needed": needed,
                                    "text_column": s.text_column, "column_types": column_types})  # fmt: skip
     # No repartition: its tasks ask for a whole CPU, which the actors may not leave.
     if plan.tokenizers:
@@ -695,10 +695,12 @@ def write_parts(tagged: pa.Table, staging: Folder, names: list[str], schema: pa.
     report = {name: [] for name in PART_SCHEMA.names}
     for k in np.unique(index):
         rows = tagged.filter(pa.array(index == k)).drop_columns([FILE_COLUMN]).cast(schema)
-        part = f"{names[k]}/part-{uuid.uuid4().hex}.parquet"  # unique: a retried attempt writes anew
+        part = f"{names[k]}/part-{uuid.uuid4().hex}.arrow"  # unique: a retried attempt writes anew
         if staging.is_local:
             staging.make(PARTS, names[k])
-        pq.write_table(rows, staging.path(PARTS, part), filesystem=staging.fs)
+        with (staging.fs.open_output_stream(staging.path(PARTS, part)) as stream,
+              pa.ipc.new_file(stream, schema) as writer):  # fmt: skip
+            writer.write_table(rows)  # Arrow IPC: no encoding here, no decoding in the merge
         reasons = {r["values"]: r["counts"] for r in pc.value_counts(rows.column("error").drop_null()).to_pylist()}
         for name, value in zip(PART_SCHEMA.names, (int(k), part, rows.num_rows, json.dumps(reasons))):
             report[name].append(value)
@@ -715,7 +717,7 @@ def merge_parts(target_uri: str, f: InputFile, parts: list[str], reasons: dict[s
         buffer: list[pa.Table] = []
         for i, part in enumerate(parts):
             with target.fs.open_input_file(target.path(STAGING, PARTS, part)) as handle:
-                buffer.append(pq.read_table(handle))
+                buffer.append(pa.ipc.open_file(handle).read_all())
             if sum(t.num_rows for t in buffer) >= ROW_GROUP_ROWS or i == len(parts) - 1:
                 writer.write_table(pa.concat_tables(buffer))
                 buffer = []
@@ -765,18 +767,50 @@ def _is_text(type_: pa.DataType) -> bool:
     return pa.types.is_string(type_) or pa.types.is_large_string(type_)
 
 
-def read_units(units: pa.Table, fs: pafs.FileSystem, paths: list[str], needed: list[str], rows: int,
-               text_column: str, column_types: dict[str, pa.DataType]):  # fmt: skip
-    """Read units (file index, row group, batch of ``rows`` rows within it) -> normalized blocks,
-    read straight from storage by the Ray task that runs this. (Decoding the row group's earlier
-    batches again is cheap next to the encoder.)"""
-    for k, group, wanted in zip(*(units.column(c).to_pylist() for c in ("file", "row_group", "batch"))):
+def plan_reads(files: list[InputFile], batch_size: int, actors: int) -> list[dict]:
+    """Read units: row ranges [start, stop) of a row group of a file, of about the same number of
+    rows, whole row groups where that leaves every actor READS_PER_ACTOR units or more.
+
+    A read task's output is one block, and one block goes to one actor, so units must be small
+    enough to spread over the pool, but every unit is a Ray task (and part files downstream):
+    1,024-row units cost a third of the throughput of 10,000-row ones on 2 CPUs (smoke bundle).
+    A row group cut into k slices is decoded up to k times over (Parquet cannot seek to a row in
+    a row group), so it is cut into at most MAX_SLICES."""
+    total = sum(f.rows for f in files)
+    target = max(batch_size, math.ceil(total / max(1, actors * READS_PER_ACTOR) / batch_size) * batch_size)
+    units = []
+    for k, f in enumerate(files):
+        for g, n in enumerate(f.row_groups):
+            if n == 0:
+                continue
+            rows = math.ceil(n / min(MAX_SLICES, math.ceil(n / target)))
+            units += [{"file": k, "row_group": g, "start": a, "stop": min(n, a + rows)} for a in range(0, n, rows)]
+    return units
+
+
+def read_units(units: pa.Table, fs: pafs.FileSystem, paths: list[str], needed: list[str], text_column: str,
+               column_types: dict[str, pa.DataType]):  # fmt: skip
+    """Read units (``plan_reads``) -> normalized blocks, read straight from storage by the Ray
+    task that runs this."""
+    for k, group, start, stop in zip(*(units.column(c).to_pylist() for c in ("file", "row_group", "start", "stop"))):
         with fs.open_input_file(paths[k]) as handle:
-            batches = pq.ParquetFile(handle).iter_batches(batch_size=rows, row_groups=[group], columns=needed)
-            batch = next(b for i, b in enumerate(batches) if i == wanted)
-        block = pa.Table.from_batches([batch])
+            batches = pq.ParquetFile(handle).iter_batches(batch_size=stop - start, row_groups=[group], columns=needed)
+            block = _rows(batches, start, stop)
         block = block.append_column("path", pa.array([paths[k]] * block.num_rows, pa.string()))
         yield normalize_block(block, paths, text_column, column_types)
+
+
+def _rows(batches, start: int, stop: int) -> pa.Table:
+    """Rows [start, stop) of a stream of record batches, read no further than ``stop``
+    (start < stop <= the rows in the stream)."""
+    kept, seen = [], 0
+    for batch in batches:
+        if seen + batch.num_rows > start:
+            kept.append(batch.slice(max(0, start - seen), stop - max(seen, start)))
+        seen += batch.num_rows
+        if seen >= stop:
+            break
+    return pa.Table.from_batches(kept)
 
 
 def normalize_block(block: pa.Table, paths: list[str], text_column: str,

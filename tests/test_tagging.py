@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -26,7 +27,8 @@ from emotions import tagging
 from emotions.tagging import (FILE_COLUMN, MANIFEST, MAX_F1_CHANGE, PART_SCHEMA, PARTS, STAGING, SUCCESS,
                               Folder, InputFile, PartLedger, Tagger, TaggingError, TaggingSettings,
                               check_precision, check_texts, merge_parts, normalize_block, output_schema,
-                              plan_actors, ROOM_CPUS, resolve_inputs, tag_corpus, write_parts)  # fmt: skip
+                              plan_actors, plan_reads, read_units, ROOM_CPUS, resolve_inputs, tag_corpus,
+                              write_parts)  # fmt: skip
 
 LONG = "I can't believe how happy this makes me. " * 150  # ~6,000 characters, far over max_length
 HANDMADE = {  # id -> (body, expected error)
@@ -107,7 +109,7 @@ def test_tagged_files_are_written_by_workers_and_never_by_the_driver(tagged):
     writers = [i["written_by"] for i in manifest["inputs"]]
     assert len(writers) == 6 and all(w["node"] for w in writers)
     assert os.getpid() not in {w["pid"] for w in writers}  # this process was the driver
-    assert not list(out.rglob("part-*.parquet"))  # every part was merged and deleted
+    assert not list(out.rglob("part-*"))  # every part was merged and deleted
 
 
 def test_only_reported_parts_are_counted_and_merged(local_ray, tmp_path):
@@ -120,7 +122,7 @@ def test_only_reported_parts_are_counted_and_merged(local_ray, tmp_path):
                            [f.output_name], schema)
                for n, ids in ((2, ["a", "b"]), (2, ["a", "b"]), (1, ["c"]))]  # the 2nd: a retried attempt  # fmt: skip
     assert all(r.schema == PART_SCHEMA for r in reports)
-    assert len(list((tmp_path / "out" / STAGING / PARTS / f.output_name).glob("part-*.parquet"))) == 3
+    assert len(list((tmp_path / "out" / STAGING / PARTS / f.output_name).glob("part-*.arrow"))) == 3
     ledger = PartLedger([f])
     assert ledger.add(reports[0]) == []
     ((k, parts, reasons),) = ledger.add(reports[2])  # the driver was told of parts 1 and 3 only
@@ -366,6 +368,29 @@ def test_plan_leaves_room_for_reads_and_merges_on_every_node():
     staged = plan_actors(TaggingSettings(model="m", output="o", tokenize_stage=True), [2], 0)
     assert staged.tokenizers == 2
     assert staged.actors * staged.cpus_reserved + 2 * staged.tokenizer_cpus <= 2 - ROOM_CPUS
+
+
+def test_reads_cover_every_row_once_in_whole_row_groups_where_there_are_enough(tmp_path):
+    schema = pa.schema([("id", pa.string()), ("body", pa.string())])
+    many = [InputFile(uri=f"{k}", path=f"{k}", rows=30_000, bytes=1, schema=schema, row_groups=(10_000,) * 3)
+            for k in range(20)]  # fmt: skip
+    assert [(u["start"], u["stop"]) for u in plan_reads(many, 1024, actors=2)[:3]] == [(0, 10_000)] * 3
+    # One file of one big row group on 4 actors: cut into slices, never more than 8.
+    one = [InputFile(uri="a", path="a", rows=1_000_000, bytes=1, schema=schema, row_groups=(1_000_000, 0))]
+    units = plan_reads(one, 1024, actors=4)
+    assert len(units) == 8 and {u["row_group"] for u in units} == {0}  # the empty group has no unit
+    assert units[0]["start"] == 0 and units[-1]["stop"] == 1_000_000
+    assert all(a["stop"] == b["start"] for a, b in zip(units, units[1:]))
+    # Read back, the slices hold each row once, in any row-group layout.
+    ids = [str(i) for i in range(2_500)]
+    pq.write_table(pa.table({"id": ids, "body": ids}), tmp_path / "f.parquet", row_group_size=1_000)
+    f = InputFile(uri="f", path=str(tmp_path / "f.parquet"), rows=2_500, bytes=1, schema=schema,
+                  row_groups=(1_000, 1_000, 500))  # fmt: skip
+    units = plan_reads([f], 100, actors=8)
+    assert len(units) == 8 + 8 + 5
+    blocks = read_units(pa.Table.from_pylist(units), pafs.LocalFileSystem(), [f.path], ["id", "body"], "body",
+                        {"id": pa.string()})  # fmt: skip
+    assert sorted(sum((b.column("id").to_pylist() for b in blocks), [])) == sorted(ids)
 
 
 def test_text_checks_name_each_kind_of_junk():
