@@ -10,6 +10,11 @@
 
 No pickles, and loading never executes code from the bundle: the architecture is rebuilt from
 JSON with built-in transformers classes, and weights come from safetensors.
+
+Integrity. A bundle is exactly the files its manifest lists: ``load_bundle`` refuses a folder with
+a file missing or one the manifest does not list (named, with the fix), recomputes every file's
+sha256 from the bytes it loads and the content hash from those, and refuses any difference. The
+content hash (``Bundle.hash``) is therefore the hash of what was loaded, never a copied string.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors, save_file
 from transformers import AutoTokenizer
 
 from emotions import storage
@@ -117,13 +122,25 @@ class Bundle:
 
 def publish_bundle(local: Path, output: str) -> str:
     """Upload a finished local bundle to a URI; the manifest goes last so a reader never sees a
-    partial bundle as complete."""
-    storage.Folder.from_uri(output).upload(local, last="manifest.json")
+    partial bundle as complete. An earlier bundle there is deleted first, as ``save_bundle``
+    replaces a local one: a file it left behind would not be in the new manifest, and
+    ``load_bundle`` would refuse the bundle."""
+    target = storage.Folder.from_uri(output)
+    if target.exists("manifest.json"):
+        target.delete("manifest.json")  # first: no reader takes the half-deleted folder for a bundle
+        target.delete()
+    target.upload(local, last="manifest.json")
     return output
 
 
 def load_bundle(path: str | Path, device: str = "cpu", verify: bool = True) -> Bundle:
-    """Read a bundle folder (local, or a URI that pyarrow understands: it is downloaded first)."""
+    """Read a bundle folder (local, or a URI that pyarrow understands: it is downloaded first).
+
+    The folder must hold exactly the files its manifest lists. With ``verify`` (the default) each
+    file's sha256 is computed from the bytes read here, weights included, and the content hash is
+    recomputed from them and compared with the manifest's: the weights that are loaded are the
+    bytes that were checked, read once. (The tokenizer's few small files are read a second time
+    by ``AutoTokenizer``.) ``verify=False`` skips the hashing and trusts the manifest's hash."""
     if storage.is_uri(path):
         path = storage.Folder.from_uri(path).download(tempfile.mkdtemp(prefix="emotions-bundle-"))
     path = Path(path)
@@ -133,46 +150,98 @@ def load_bundle(path: str | Path, device: str = "cpu", verify: bool = True) -> B
     if missing:
         raise BundleError(f"model bundle {path} is incomplete: missing {missing}. "
                           "Copy the whole bundle folder, or retrain with `emotions train`.")  # fmt: skip
-    manifest = json.loads((path / "manifest.json").read_text())
-    if verify:
-        found = _file_hashes(path)
-        changed = sorted(k for k in manifest["files"] if found.get(k) != manifest["files"][k])
-        if changed:
-            raise BundleError(f"model bundle {path} was altered after it was written: {changed} "
-                              "do not match manifest.json. Use an unmodified copy of the bundle.")  # fmt: skip
-    meta = json.loads((path / "bundle.json").read_text())
+    manifest = read_manifest(path)
+    check_file_set(path, manifest["files"])
+    blobs = {name: (path / name).read_bytes() for name in manifest["files"]}
+    content_hash = check_hashes(path, blobs, manifest) if verify else manifest["hash"]
+    meta = json.loads(blobs["bundle.json"])
     if meta.get("format") != FORMAT:
         raise BundleError(f"{path}/bundle.json is not an emotions bundle (format={meta.get('format')!r})")
     check_same_labels(meta["labels"], f"model bundle {path}")
+    # Deserialised before the model exists and the file's bytes dropped at once: at most two copies
+    # of the weights in memory (these tensors, then the model's), as with safetensors' load_file.
+    weights = load_safetensors(blobs.pop("model.safetensors"))
     head = meta["head"]
-    encoder = encoder_from_config(json.loads((path / "encoder_config.json").read_text()))
+    encoder = encoder_from_config(json.loads(blobs["encoder_config.json"]))
     model = EmotionClassifier(encoder, build_head(encoder.config.hidden_size, head["depth"],
                                                   head["dropout"], head.get("hidden")),
                               head["pooling"])  # fmt: skip
-    model.load_state_dict(load_file(str(path / "model.safetensors")))
+    model.load_state_dict(weights)
+    del weights
     model.to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(path / "tokenizer"), trust_remote_code=False)
     return Bundle(
         path=path, model=model, tokenizer=tokenizer,
         thresholds=np.array([meta["thresholds"][name] for name in EMOTIONS], dtype=np.float32),
-        max_length=meta["max_length"], hash=manifest["hash"],
-        config=json.loads((path / "config.json").read_text()),
-        metrics=json.loads((path / "metrics.json").read_text()),
+        max_length=meta["max_length"], hash=content_hash,
+        config=json.loads(blobs["config.json"]), metrics=json.loads(blobs["metrics.json"]),
     )  # fmt: skip
+
+
+def read_manifest(path: Path) -> dict:
+    """manifest.json: ``files`` (relative path -> sha256) and ``hash`` (the content hash)."""
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+    except ValueError as error:
+        raise BundleError(f"{path}/manifest.json is not JSON ({error}). Use an unmodified copy of the "
+                          "bundle, or retrain with `emotions train`.") from error  # fmt: skip
+    if not (isinstance(manifest, dict) and isinstance(manifest.get("files"), dict)
+            and isinstance(manifest.get("hash"), str)):  # fmt: skip
+        raise BundleError(f"{path}/manifest.json is not a bundle manifest (expected 'files' and 'hash'). "
+                          "Use an unmodified copy of the bundle, or retrain with `emotions train`.")  # fmt: skip
+    return manifest
+
+
+def check_file_set(path: Path, listed: dict[str, str]) -> None:
+    """Refuse a folder whose files are not exactly the manifest's: a file the manifest does not
+    list was never checked and could be read by a loader (a tokenizer picks up extra files)."""
+    found = set(_bundle_files(path))
+    extra, missing = sorted(found - set(listed)), sorted(set(listed) - found)
+    problems = []
+    if missing:
+        problems.append(f"missing {missing}, which manifest.json lists: copy the whole bundle folder again")
+    if extra:
+        problems.append(f"holds {extra}, which manifest.json does not list: delete them, or copy the "
+                        "bundle again into an empty folder (a bundle is changed only by writing a new one)")
+    if problems:
+        raise BundleError(f"model bundle {path} does not match its manifest: " + "; ".join(problems) + ".")
+
+
+def check_hashes(path: Path, blobs: dict[str, bytes], manifest: dict) -> str:
+    """Recompute every file's sha256 and the content hash from ``blobs`` (the bytes just read);
+    refuse the bundle if either differs from the manifest. Returns the recomputed content hash."""
+    found = {name: hashlib.sha256(data).hexdigest() for name, data in blobs.items()}
+    changed = sorted(name for name, digest in found.items() if digest != manifest["files"][name])
+    if changed:
+        raise BundleError(f"model bundle {path} was altered after it was written: the sha256 of {changed} "
+                          "does not match manifest.json. Use an unmodified copy of the bundle, or retrain "
+                          "with `emotions train`.")  # fmt: skip
+    content_hash = _content_hash(found)
+    if content_hash != manifest["hash"]:
+        raise BundleError(f"model bundle {path} was altered after it was written: manifest.json gives the "
+                          f"content hash {manifest['hash']}, but its files hash to {content_hash}. Use an "
+                          "unmodified copy of the bundle, or retrain with `emotions train`.")  # fmt: skip
+    return content_hash
 
 
 def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
 
 
+def _bundle_files(root: Path) -> list[str]:
+    """Every file under ``root`` but the manifest, as sorted relative POSIX paths."""
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
+                  if p.is_file() and p.relative_to(root).as_posix() != "manifest.json")  # fmt: skip
+
+
 def _file_hashes(root: Path) -> dict[str, str]:
     hashes = {}
-    for file in sorted(p for p in root.rglob("*") if p.is_file() and p.name != "manifest.json"):
+    for name in _bundle_files(root):
         digest = hashlib.sha256()
-        with open(file, "rb") as f:
+        with open(root / name, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
-        hashes[file.relative_to(root).as_posix()] = digest.hexdigest()
+        hashes[name] = digest.hexdigest()
     return hashes
 
 
