@@ -23,12 +23,13 @@ import torch
 from emotions.bundle import load_bundle
 from emotions.corpus import make_corpus
 from emotions.labels import EKMAN, EMOTIONS, SENTIMENT, roll_up
-from emotions import tagging
-from emotions.tagging import (FILE_COLUMN, MANIFEST, MAX_F1_CHANGE, PART_SCHEMA, PARTS, STAGING, SUCCESS,
-                              Folder, InputFile, PartLedger, Tagger, TaggingError, TaggingSettings,
-                              check_precision, check_texts, merge_parts, normalize_block, output_schema,
-                              plan_actors, plan_reads, read_units, ROOM_CPUS, resolve_inputs, tag_corpus,
-                              write_parts)  # fmt: skip
+from emotions.storage import Folder
+from emotions.tagging import MANIFEST, MAX_F1_CHANGE, SUCCESS, TaggingError, TaggingSettings, inference, tag_corpus
+from emotions.tagging.inference import check_precision
+from emotions.tagging.inputs import (FILE_COLUMN, InputFile, check_texts, normalize_block, output_schema, plan_reads,
+                                     read_units, resolve_inputs)  # fmt: skip
+from emotions.tagging.pipeline import ROOM_CPUS, Tagger, flag_file, plan_actors
+from emotions.tagging.staging import PART_SCHEMA, PARTS, STAGING, PartLedger, merge_parts, write_parts
 
 LONG = "I can't believe how happy this makes me. " * 150  # ~6,000 characters, far over max_length
 HANDMADE = {  # id -> (body, expected error)
@@ -37,6 +38,10 @@ HANDMADE = {  # id -> (body, expected error)
     "h-rem": (" [removed] ", "[removed]"), "h-long": (LONG, None),
     "h-url": ("https://www.reddit.com/r/aww/comments/abc123/", None), "h-emoji": ("😂😂🔥", None),
     "h-ok": ("Thank you so much, this is wonderful!", None),
+}  # fmt: skip
+BYTES = {  # id -> (body as bytes, expected error): some exporters write text as binary
+    "b-ok": ("Thank you, that made my day!".encode(), None), "b-emoji": ("😂🔥".encode(), None),
+    "b-bad": (b"caf\xe9 latin-1, not UTF-8", "invalid UTF-8"), "b-null": (None, "null text"),
 }  # fmt: skip
 
 
@@ -49,20 +54,33 @@ def read_inputs(folder) -> pa.Table:
     tables = []
     for file in sorted(Path(folder).glob("*.parquet")):
         t = pq.read_table(file)
-        body = t.column("body") if pa.types.is_string(t.schema.field("body").type) or \
-            pa.types.is_large_string(t.schema.field("body").type) else pa.nulls(t.num_rows)  # fmt: skip
+        body = t.column("body")
+        if pa.types.is_binary(body.type):
+            body = pa.array([_utf8_or_none(b) for b in body.to_pylist()], pa.string())
+        elif not pa.types.is_string(body.type) and not pa.types.is_large_string(body.type):
+            body = pa.nulls(t.num_rows)
         tables.append(pa.table({"id": t.column("id"), "body": body.cast(pa.large_string()),
                                 "subreddit": t.column("subreddit").cast(pa.string())}))  # fmt: skip
     return pa.concat_tables(tables)
 
 
+def _utf8_or_none(value: bytes | None) -> str | None:
+    try:
+        return value.decode()
+    except (AttributeError, UnicodeDecodeError):
+        return None
+
+
 def write_handmade(folder: Path) -> None:
-    """A hand-written file with one row of each junk kind, and one whose body is not text."""
+    """A hand-written file with one row of each junk kind, one whose body is bytes (valid and
+    invalid UTF-8), and one whose body is not text."""
     ids = list(HANDMADE)
     pq.write_table(pa.table({"id": ids, "body": pa.array([HANDMADE[i][0] for i in ids], pa.large_string()),
                              "subreddit": ["test"] * len(ids)}), folder / "handmade.parquet")  # fmt: skip
     pq.write_table(pa.table({"id": ["n-1", "n-2"], "body": pa.array([7, None], pa.int64()),
                              "subreddit": ["test", "test"]}), folder / "numbers.parquet")  # fmt: skip
+    pq.write_table(pa.table({"id": list(BYTES), "body": pa.array([b for b, _ in BYTES.values()], pa.binary()),
+                             "subreddit": ["test"] * len(BYTES)}), folder / "bytes.parquet")  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -89,12 +107,12 @@ def test_every_row_is_tagged_exactly_once_across_mixed_schemas(corpus, tagged):
     assert "controversiality" in pq.read_schema(corpus / "comments-00002.parquet").names
     inputs = read_inputs(corpus)
     table = read_output(out)
-    assert summary.rows_in == summary.rows_out == inputs.num_rows == table.num_rows == 811
+    assert summary.rows_in == summary.rows_out == inputs.num_rows == table.num_rows == 815
     assert sorted(table.column("id").to_pylist()) == sorted(inputs.column("id").to_pylist())
     assert len(set(table.column("id").to_pylist())) == table.num_rows
     manifest = json.loads((out / MANIFEST).read_text())
     assert (out / SUCCESS).exists() and not (out / STAGING).exists()
-    assert manifest["rows_in"] == manifest["rows_out"] == 811
+    assert manifest["rows_in"] == manifest["rows_out"] == 815
     assert sorted(p.name for p in out.glob("*.parquet")) == sorted(i["output"] for i in manifest["inputs"])
     assert all(pq.read_metadata(out / i["output"]).num_rows == i["rows"] for i in manifest["inputs"])
     assert manifest["model"]["hash"] == load_bundle(manifest["model"]["path"]).hash
@@ -107,7 +125,7 @@ def test_tagged_files_are_written_by_workers_and_never_by_the_driver(tagged):
     _, out = tagged
     manifest = json.loads((out / MANIFEST).read_text())
     writers = [i["written_by"] for i in manifest["inputs"]]
-    assert len(writers) == 6 and all(w["node"] for w in writers)
+    assert len(writers) == 7 and all(w["node"] for w in writers)
     assert os.getpid() not in {w["pid"] for w in writers}  # this process was the driver
     assert not list(out.rglob("part-*"))  # every part was merged and deleted
 
@@ -170,7 +188,7 @@ def test_tagging_reads_and_writes_s3(smoke_bundle, s3):
 def test_junk_rows_are_flagged_with_their_reason_and_never_dropped(corpus, tagged):
     summary, out = tagged
     rows = {r["id"]: r for r in read_output(out).to_pylist()}
-    for row_id, (_, reason) in HANDMADE.items():
+    for row_id, (_, reason) in {**HANDMADE, **BYTES}.items():
         assert rows[row_id]["error"] == reason, row_id
     assert rows["n-1"]["error"] == "not a string" and rows["n-2"]["error"] == "null text"
     for row in rows.values():
@@ -181,13 +199,26 @@ def test_junk_rows_are_flagged_with_their_reason_and_never_dropped(corpus, tagge
     # Generated junk: the reason follows from the input text alone.
     for row_id, body in zip(*read_inputs(corpus).select(["id", "body"]).to_pydict().values()):
         if body is None:
-            assert rows[row_id]["error"] in ("null text", "not a string")
+            assert rows[row_id]["error"] in ("null text", "not a string", "invalid UTF-8")
         elif body.strip() in ("", "[deleted]", "[removed]"):
             assert rows[row_id]["error"] is not None
         else:
             assert rows[row_id]["error"] is None
     flagged = sum(r["error"] is not None for r in rows.values())
     assert summary.rows_flagged == flagged and flagged > 100  # 20% junk, most of it flagged
+
+
+def test_bytes_are_text_where_they_are_utf8_even_in_a_file_of_their_own(smoke_bundle, corpus, tagged, tmp_path):
+    """One rule for a binary text column, beside string files or alone: valid UTF-8 is tagged."""
+    alone = tag_corpus(smoke_bundle, corpus / "bytes.parquet", tmp_path / "out", keep_columns=["body"])
+    rows = {r["id"]: r for r in read_output(tmp_path / "out").to_pylist()}
+    together = {r["id"]: r for r in read_output(tagged[1]).to_pylist()}
+    assert alone.rows_out == len(BYTES) and alone.rows_flagged == 2
+    for row_id, (body, reason) in BYTES.items():
+        assert rows[row_id]["error"] == together[row_id]["error"] == reason, row_id
+        assert (rows[row_id]["top_emotion"] is None) == (reason is not None)
+        assert rows[row_id]["emotions"] == together[row_id]["emotions"]
+        assert rows[row_id]["body"] == (body.decode() if reason is None else None)
 
 
 def test_output_columns_types_and_consistency(smoke_bundle, corpus, tagged):
@@ -328,7 +359,7 @@ def test_precision_is_checked_on_the_validation_split_and_stays_close_to_fp32(sm
 
 def test_precision_is_refused_past_the_tolerance_and_recorded_in_the_manifest(smoke_bundle, corpus, tmp_path,
                                                                               monkeypatch):  # fmt: skip
-    monkeypatch.setattr(tagging, "MAX_F1_CHANGE", -1.0)  # no change is small enough
+    monkeypatch.setattr(inference, "MAX_F1_CHANGE", -1.0)  # no change is small enough
     with pytest.raises(TaggingError, match=r"bf16 moves validation macro-F1 .* more than .*--precision fp32"):
         tag_corpus(smoke_bundle, corpus / "handmade.parquet", tmp_path / "refused", precision="bf16")
     assert not (tmp_path / "refused").exists()  # refused before anything was written
@@ -337,7 +368,7 @@ def test_precision_is_refused_past_the_tolerance_and_recorded_in_the_manifest(sm
     with pytest.raises(TaggingError, match="int8 quantization is for CPU"):
         tag_corpus(smoke_bundle, corpus, tmp_path / "gpu", int8=True, gpus_per_actor=1)
 
-    monkeypatch.setattr(tagging, "MAX_F1_CHANGE", 1.0)  # any change passes
+    monkeypatch.setattr(inference, "MAX_F1_CHANGE", 1.0)  # any change passes
     out = tmp_path / "bf16"
     summary = tag_corpus(smoke_bundle, corpus / "handmade.parquet", out, precision="bf16", num_actors=1)
     manifest = json.loads((out / MANIFEST).read_text())
@@ -401,6 +432,23 @@ def test_text_checks_name_each_kind_of_junk():
                                   None, "whitespace only"]  # fmt: skip
     _, reason = check_texts(pa.chunked_array([pa.array([1.5, None])]))
     assert reason.to_pylist() == ["not a string", "null text"]
+    text, reason = check_texts(pa.chunked_array([pa.array([b"ok", b"\xff", None, b" "], pa.binary())]))
+    assert text.to_pylist() == ["ok", None, None, " "]
+    assert reason.to_pylist() == [None, "invalid UTF-8", "null text", "whitespace only"]
+
+
+def test_the_all_flagged_path_never_writes_an_unflagged_row(tmp_path):
+    """flag_file writes tags from no probabilities: even given text, every row must be flagged."""
+    pq.write_table(pa.table({"id": ["a", "b"], "body": ["real text", None]}), tmp_path / "in.parquet")
+    f = InputFile(uri=str(tmp_path / "in.parquet"), path=str(tmp_path / "in.parquet"), rows=2, bytes=1,
+                  schema=pq.read_schema(tmp_path / "in.parquet"))  # fmt: skip
+    settings = TaggingSettings(model="m", output=str(tmp_path / "out"))
+    schema, column_types = output_schema([f], settings)
+    (tmp_path / "out" / STAGING / "_done").mkdir(parents=True)
+    marker = flag_file(str(tmp_path / "out"), f, column_types, schema, settings, "hash")
+    table = pq.read_table(tmp_path / "out" / STAGING / f.output_name)
+    assert table.column("error").null_count == 0 and table.column("top_emotion").null_count == 2
+    assert marker["flagged"] == marker["rows_out"] == 2
 
 
 def test_inputs_resolve_from_folders_globs_and_lists(tmp_path):

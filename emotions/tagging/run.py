@@ -1,0 +1,159 @@
+"""``tag_corpus``: one tagging run, from the inputs to the committed output folder."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pyarrow as pa
+
+from emotions import environment, storage
+from emotions.storage import Folder
+from emotions.tagging.inference import check_precision
+from emotions.tagging.inputs import InputFile, inspect_inputs, output_schema, resolve_inputs
+from emotions.tagging.pipeline import ActorPlan, cluster_size, plan_actors, write_outputs
+from emotions.tagging.settings import TaggingError, TaggingSettings, check_settings
+from emotions.tagging.staging import FORMAT, MANIFEST, Staging, check_output
+
+log = logging.getLogger("emotions.tagging")
+
+
+@dataclass(frozen=True)
+class TagSummary:
+    rows_in: int
+    rows_out: int
+    rows_flagged: int
+    seconds: float
+    rows_per_s: float  # rows tagged by this run (resumed files excluded) per second of it
+    output: str
+    manifest: str
+    files: int = 0
+    files_resumed: int = 0
+    files_skipped: tuple[str, ...] = ()  # unreadable inputs left out (on_bad_file="skip")
+
+    def line(self) -> str:
+        skipped = f", {len(self.files_skipped)} bad files skipped" if self.files_skipped else ""
+        resumed = f", {self.files_resumed} files resumed" if self.files_resumed else ""
+        return (f"tagged {self.rows_out:,} rows ({self.rows_flagged:,} flagged) from {self.files} "
+                f"files in {self.seconds:.1f}s, {self.rows_per_s:,.0f} rows/s{resumed}{skipped} "
+                f"-> {self.output}")  # fmt: skip
+
+
+
+def tag_corpus(model: str | Path, inputs: str | Path | list, output: str | Path, *,
+               text_column: str = "body", id_column: str = "id", keep_columns=(),
+               probabilities: bool = False, overwrite: bool = False, num_actors: int | None = None,
+               batch_size: int = 1024, cpus_per_actor: int = 1, gpus_per_actor: float = 0,
+               precision: str | None = None, int8: bool = False, tokenize_stage: bool | None = None,
+               on_bad_file: str = "fail") -> TagSummary:  # fmt: skip
+    """Tag every row of the Parquet ``inputs`` (file, folder, glob, or a list; local or a pyarrow
+    URI) with the bundle at ``model``; write the committed output folder ``output``.
+    ``precision`` is fp32 (default), bf16 or int8; ``int8=True`` means ``precision="int8"``.
+
+    ``model`` is read by every actor: on a multi-node cluster, a URI (s3://...) or a shared
+    folder. Raises TaggingError (or BundleError) before any work for anything a user can fix."""
+    start = time.perf_counter()
+    if isinstance(keep_columns, str):
+        keep_columns = keep_columns.split(",")
+    if int8 and precision not in (None, "int8"):
+        raise TaggingError(f"--int8 is --precision int8, but --precision {precision} was also given; pass one")
+    settings = TaggingSettings(
+        model=storage.expand(str(model)), output=str(output),
+        text_column=text_column, id_column=id_column,
+        keep_columns=tuple(dict.fromkeys(c for c in keep_columns if c != id_column)),
+        probabilities=probabilities, overwrite=overwrite, num_actors=num_actors,
+        batch_size=batch_size, cpus_per_actor=cpus_per_actor, gpus_per_actor=float(gpus_per_actor),
+        precision="int8" if int8 else precision or "fp32", tokenize_stage=tokenize_stage,
+        on_bad_file=on_bad_file,
+    )  # fmt: skip
+    check_settings(settings)
+    target = Folder.from_uri(settings.output)
+    check_output(target, overwrite)
+    input_fs, paths = resolve_inputs(inputs, exclude=target)
+    files, bad = inspect_inputs(input_fs, paths, settings)
+    from emotions.bundle import load_bundle  # torch: imported here, not by Ray Data's read tasks
+
+    bundle = load_bundle(settings.model)
+    model_hash, max_length = bundle.hash, bundle.max_length
+    precision_check = check_precision(bundle, settings.precision) if settings.precision != "fp32" else None
+    if precision_check and not precision_check["allowed"]:
+        raise TaggingError(precision_check["verdict"])
+    del bundle  # the actors load their own copy; the driver only needed to check it
+    schema, column_types = output_schema(files, settings)
+    inspected = time.perf_counter()
+
+    _connect_ray()
+    record = environment.log_environment(asdict(settings), "tag")
+    plan = plan_actors(settings, *cluster_size())
+    log.info("%d input files, %d rows; %d actors x %d threads (%.2f CPU, %.2f GPU reserved each), "
+             "%s, %d tokenizer actors", len(files), sum(f.rows for f in files), plan.actors, plan.threads,
+             plan.cpus_reserved, plan.gpus, settings.precision, plan.tokenizers)  # fmt: skip
+    staging = Staging.open(target, settings.output_key(model_hash))
+    pending = [f for f in files if staging.finished(f) is None]
+    resumed = {f.output_name for f in files} - {f.output_name for f in pending}
+    if len(pending) < len(files):
+        log.info("resuming: %d of %d files were finished by an earlier run", len(resumed), len(files))
+    startup_s = write_outputs(input_fs, pending, staging, schema, column_types, settings, plan, model_hash,
+                              max_length)  # fmt: skip
+    tagged = time.perf_counter()
+
+    markers = staging.check_finished(files)  # rows in == rows out, file by file, or no commit
+    manifest = build_manifest(files, markers, bad, resumed, settings, plan, staging.run_id, model_hash,
+                              max_length, schema, record, inspect_s=inspected - start,
+                              tag_s=tagged - inspected, startup_s=startup_s)  # fmt: skip
+    manifest["precision"] = settings.precision  # the thresholds were checked for this precision
+    manifest["precision_check"] = precision_check  # None for fp32, the thresholds' own precision
+    staging.commit([f.output_name for f in files], manifest)
+    seconds = time.perf_counter() - start
+    summary = TagSummary(rows_in=manifest["rows_in"], rows_out=manifest["rows_out"],
+                         rows_flagged=manifest["rows_flagged"], seconds=seconds,
+                         rows_per_s=sum(f.rows for f in pending) / max(seconds, 1e-9),
+                         output=target.uri, manifest=target.uri_of(MANIFEST), files=len(files),
+                         files_resumed=len(resumed), files_skipped=tuple(uri for uri, _ in bad))  # fmt: skip
+    log.info("%s", summary.line())
+    return summary
+
+
+
+def build_manifest(files: list[InputFile], markers: list[dict], bad: list[tuple[str, str]],
+                   resumed: set[str], settings: TaggingSettings, plan: ActorPlan, run_id: str,
+                   model_hash: str, max_length: int, schema: pa.Schema, environment_record: dict,
+                   inspect_s: float, tag_s: float, startup_s: float | None) -> dict:  # fmt: skip
+    tagged_rows = sum(f.rows for f in files if f.output_name not in resumed)
+    return {
+        "format": FORMAT, "version": 1, "run_id": run_id,
+        "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "model": {"path": settings.model, "hash": model_hash, "max_length": max_length},
+        "settings": asdict(settings), "actors": asdict(plan),
+        "inputs": [{"path": f.uri, "rows": f.rows, "bytes": f.bytes, "output": f.output_name,
+                    "rows_out": m["rows_out"], "flagged": m["flagged"], "resumed": f.output_name in resumed,
+                    "written_by": m.get("written_by")}
+                   for f, m in zip(files, markers)],
+        "skipped_files": [{"path": uri, "reason": reason} for uri, reason in bad],
+        "rows_in": sum(f.rows for f in files), "rows_out": sum(m["rows_out"] for m in markers),
+        "rows_flagged": sum(m["flagged"] for m in markers),
+        "flag_reasons": _add_counts(m["reasons"] for m in markers),
+        "output_schema": schema.to_string(show_schema_metadata=False).splitlines(),
+        "timings": {"inspect_s": inspect_s, "tag_s": tag_s, "startup_s": startup_s},  # to the first rows
+        "rows_per_s": tagged_rows / max(tag_s, 1e-9),  # this run's rows over its tagging time
+        "environment": environment_record,
+    }  # fmt: skip
+
+
+
+def _connect_ray() -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(log_to_driver=True)
+
+
+
+def _add_counts(dicts) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for d in dicts:
+        for key, n in d.items():
+            total[key] = total.get(key, 0) + n
+    return dict(sorted(total.items()))
