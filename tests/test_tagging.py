@@ -130,7 +130,7 @@ def test_tagged_files_are_written_by_workers_and_never_by_the_driver(tagged):
     assert not list(out.rglob("part-*"))  # every part was merged and deleted
 
 
-def test_only_reported_parts_are_counted_and_merged(local_ray, tmp_path):
+def test_only_reported_parts_are_counted_and_merged(tmp_path):
     """A part written by an attempt Ray retried is never reported: it must not reach the output."""
     target = Folder.from_uri(tmp_path / "out")
     schema = pa.schema([("id", pa.string()), ("error", pa.string())])
