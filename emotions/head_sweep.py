@@ -32,10 +32,11 @@ from torch import nn
 
 from emotions import environment, storage
 from emotions.batching import random_batches
-from emotions.bundle import Bundle, BundleError, load_bundle, save_bundle
+from emotions.bundle import Bundle, BundleError, load_bundle
 from emotions.config import ConfigError, TrainConfig, from_dict
 from emotions.metrics import compute_metrics, evaluation_report, format_summary
 from emotions.model import build_head
+from emotions.tagging.inference import save_checked_bundle
 from emotions.thresholds import fit_thresholds
 from emotions.tuning import (TuneSettings, build_tuner, check_search_keys, check_state_api, cluster_resources,
                              concurrency, export_bundle, load_tune_preset, merge_over, split_tune_settings,
@@ -276,9 +277,9 @@ def write_head_bundle(source: Bundle, config: TrainConfig, head_state: dict, fea
     report["head_sweep"] = {"from_bundle": source.hash}
     weights = {k: v for k, v in source.model.state_dict().items() if not k.startswith("head.")}
     weights.update({f"head.{k}": v for k, v in head_state.items()})
-    path = save_bundle(output, weights=weights,
-                       encoder_config=json.loads((source.path / "encoder_config.json").read_text()),
-                       head=describe_head(head, config.model.pooling), tokenizer=source.tokenizer,
-                       thresholds=thresholds, config=config.to_dict(), metrics=report)  # fmt: skip
+    path = save_checked_bundle(output, weights=weights,
+                               encoder_config=json.loads((source.path / "encoder_config.json").read_text()),
+                               head=describe_head(head, config.model.pooling), tokenizer=source.tokenizer,
+                               thresholds=thresholds, config=config.to_dict(), metrics=report)  # fmt: skip
     log.info("validation metrics of the best head:\n%s", format_summary(report))
     return path

@@ -25,7 +25,7 @@ import logging
 import math
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -41,11 +41,13 @@ from torch import nn
 
 from emotions import bundle, environment, storage
 from emotions.batching import TokenizedSet, bucket_batches, collate, random_batches, sorted_batches, tokenize
-from emotions.config import ConfigError, StageConfig, TrainConfig, config_changes, config_hash, from_dict
+from emotions.config import (AUTO, ConfigError, StageConfig, TrainConfig, config_changes, config_hash,
+                             from_dict, resolve_scaling)  # fmt: skip
 from emotions.data import LabelledData, expand_by_concatenation, load_labelled
 from emotions.metrics import compute_metrics, evaluation_report, format_summary
 from emotions.model import EmotionClassifier, build_head, load_encoder, load_tokenizer
 from emotions.progress import Progress
+from emotions.tagging.inference import save_checked_bundle
 from emotions.thresholds import fit_thresholds
 
 log = logging.getLogger("emotions.training")
@@ -91,6 +93,7 @@ def fit(config: TrainConfig, name: str, callbacks: list | None = None,
         data: tuple | None = None) -> ray.train.Result:  # fmt: skip
     """The Ray Train run itself: data to the object store, TorchTrainer, fit. The result's
     checkpoint is the final one (weights + gathered predictions)."""
+    config = resolve_layout(config)
     environment.log_environment(config.to_dict(), "train")
     prepare_run(config, name)
     tokenizer = load_tokenizer(config.model.encoder)
@@ -125,6 +128,32 @@ def fit(config: TrainConfig, name: str, callbacks: list | None = None,
         ),
     )
     return trainer.fit()
+
+
+def resolve_layout(config: TrainConfig) -> TrainConfig:
+    """``config`` with its Ray Train layout in numbers (``scaling.*: auto`` resolved against the
+    connected cluster's nodes by ``config.resolve_scaling``), logged in one line. Checkpoints and
+    the bundle's metrics record the resolved values, so resuming a run on a cluster that resolves
+    to another worker count is refused (``prepare_run``) rather than silently re-sharded."""
+    nodes = cluster_nodes() if config.scaling.num_workers == AUTO else ([], None)
+    scaling, how = resolve_scaling(config.scaling, *nodes)
+    log.info("Ray Train layout: %s", how)
+    return replace(config, scaling=scaling)
+
+
+def cluster_nodes() -> tuple[list[dict[str, float]], list[dict[str, float]] | None]:
+    """(the resources of each node up now, of each node the autoscaler may run at its largest, or
+    None without an autoscaler or with an unbounded node group)."""
+    from ray._private.state import state
+
+    up = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+    try:  # the autoscaler's node groups, as Ray Train reads them to size elastic worker groups
+        groups = state.get_cluster_config()
+    except Exception:  # noqa: BLE001 - no autoscaler state: size from the nodes up now
+        groups = None
+    if groups is None or not groups.node_group_configs or any(g.max_count < 0 for g in groups.node_group_configs):
+        return up, None
+    return up, [dict(g.resources) for g in groups.node_group_configs for _ in range(g.max_count)]
 
 
 def prepare_run(config: TrainConfig, name: str) -> None:
@@ -177,7 +206,8 @@ def write_bundle_from_checkpoint(final: Path, config: TrainConfig, output: Path)
     report["resumed_from"] = state.get("resumed_from", [])
     report["shards"] = state.get("shards", [])
     report["stage_seconds"] = state.get("stage_seconds", {})
-    path = bundle.save_bundle(
+    report["layout"] = state.get("config", {}).get("scaling", {})  # as resolved when the run started
+    path = save_checked_bundle(  # the int8 gate, recorded in the bundle: tagging on CPU reads it
         output,
         weights=checkpoint_weights(final),
         encoder_config=state["encoder_config"],

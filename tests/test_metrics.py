@@ -98,3 +98,20 @@ def test_write_report_writes_three_readable_files(tmp_path) -> None:
     assert [r.split("|")[1].strip(" *") for r in rows] == list(EMOTIONS)
     assert md.count("| **") == 4  # the four lowest-F1 labels are marked
     assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_heldout_halves_are_stratified_and_paired_change_sees_a_real_loss():
+    from emotions.evaluation import heldout_halves, paired_change
+
+    rng = np.random.default_rng(0)
+    labels = (rng.random((600, NUM_LABELS)) < np.linspace(0.005, 0.2, NUM_LABELS)).astype(int)
+    a, b = heldout_halves(labels, seed=1)
+    assert sorted(np.concatenate([a, b]).tolist()) == list(range(600)) and abs(len(a) - len(b)) <= 1
+    enough = labels.sum(0) >= 2
+    assert (labels[a].sum(0)[enough] > 0).all() and (labels[b].sum(0)[enough] > 0).all()
+    probs = np.clip(labels * 0.6 + rng.random(labels.shape) * 0.5, 0, 1)
+    same = paired_change(labels, probs, probs, resamples=200)
+    assert same["change"] == 0 and same["interval_95"] == [0, 0] and same["rows_changed"] == 0
+    noisy = np.clip(probs + rng.normal(0, 0.3, probs.shape), 0, 1)  # a much worse candidate
+    worse = paired_change(labels, probs, noisy, resamples=200)
+    assert worse["interval_95"][1] < 0 and worse["rows_changed"] > 0.5

@@ -1,5 +1,7 @@
 """The staging and commit protocol alone, without Ray: staged files, markers, resume and commit."""
 
+import os
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -36,7 +38,7 @@ def test_a_commit_moves_every_staged_file_and_writes_success_last(tmp_path):
     staging = Staging.open(target, key="k1")
     stage(staging, files)
     markers = staging.check_finished(files)
-    assert [m["rows_out"] for m in markers] == [3, 2] and all(m["written_by"]["node"] is None for m in markers)
+    assert [m["rows_out"] for m in markers] == [3, 2] and all(m["written_by"]["pid"] == os.getpid() for m in markers)
     staging.commit([f.output_name for f in files], {"rows_out": 5})
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
         [f.output_name for f in files] + [MANIFEST, SUCCESS])  # no staging, no parts left

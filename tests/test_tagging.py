@@ -24,8 +24,8 @@ from emotions.bundle import load_bundle
 from emotions.corpus import make_corpus
 from emotions.labels import EKMAN, EMOTIONS, SENTIMENT, roll_up
 from emotions.storage import Folder
-from emotions.tagging import MANIFEST, MAX_F1_CHANGE, SUCCESS, TaggingError, TaggingSettings, inference, tag_corpus
-from emotions.tagging.inference import check_precision
+from emotions.tagging import MANIFEST, MAX_F1_LOSS, SUCCESS, TaggingError, TaggingSettings, inference, tag_corpus
+from emotions.tagging.inference import check_precision, prepare_model
 from emotions.tagging.inputs import (FILE_COLUMN, InputFile, check_texts, normalize_block, output_schema, plan_reads,
                                      read_units, resolve_inputs)  # fmt: skip
 from emotions.tagging.pipeline import ROOM_CPUS, Tagger, flag_file, plan_actors
@@ -118,7 +118,11 @@ def test_every_row_is_tagged_exactly_once_across_mixed_schemas(corpus, tagged):
     assert manifest["model"]["hash"] == load_bundle(manifest["model"]["path"]).hash
     assert manifest["actors"] == {"actors": 2, "cpus_reserved": 0.75, "gpus": 0.0, "threads": 1,
                                   "tokenizers": 0, "tokenizer_cpus": 0.0}  # CPU: the actors tokenize
-    assert manifest["precision"] == "fp32" and manifest["precision_check"] is None
+    # auto: int8 on CPU when the check recorded in the bundle at training time passed, else fp32.
+    recorded = load_bundle(manifest["model"]["path"]).metrics["precision_checks"]["int8"]
+    assert manifest["precision_requested"] == "auto"
+    assert manifest["precision"] == ("int8" if recorded["allowed"] else "fp32")
+    assert manifest["precision_check"]["interval_95"] == recorded["interval_95"]  # read, not run again
 
 
 def test_tagged_files_are_written_by_workers_and_never_by_the_driver(tagged):
@@ -248,10 +252,13 @@ def test_probabilities_match_the_bundle_and_long_texts_are_truncated(smoke_bundl
     _, out = tagged
     rows = {r["id"]: r for r in read_output(out).to_pylist()}
     bundle = load_bundle(smoke_bundle)
+    precision = json.loads((out / MANIFEST).read_text())["precision"]  # auto: fp32 or int8
+    bundle.model = prepare_model(bundle.model, precision)
     ids = ["h-long", "h-url", "h-emoji", "h-ok"]
     expected = bundle.predict_proba([HANDMADE[i][0] for i in ids])  # the tokenizer truncates
     got = np.array([[rows[i][f"p_{name}"] for name in EMOTIONS] for i in ids])
-    np.testing.assert_allclose(got, expected, atol=1e-5)
+    # int8 quantizes activations per batch, and the actors' batches hold other rows
+    np.testing.assert_allclose(got, expected, atol=1e-5 if precision == "fp32" else 0.05)
 
 
 def test_committed_output_is_refused_and_replaced_only_with_overwrite(smoke_bundle, corpus, tagged, tmp_path):
@@ -338,8 +345,10 @@ def test_precision_is_checked_on_the_validation_split_and_stays_close_to_fp32(sm
     bundle = load_bundle(smoke_bundle)
     check = check_precision(bundle, precision)  # one gate for every precision
     assert check["precision"] == precision and check["examples"] == 128  # the smoke preset's validation cap
-    assert check["macro_f1_fp32"] > 0 and check["change"] == check[f"macro_f1_{precision}"] - check["macro_f1_fp32"]
-    assert check["allowed"] == (abs(check["change"]) <= MAX_F1_CHANGE)
+    low, high = check["interval_95"]
+    assert check["heldout_macro_f1_reference"] > 0 and low <= check["change"] <= high
+    assert check["change"] == pytest.approx(check["heldout_macro_f1_candidate"] - check["heldout_macro_f1_reference"])
+    assert check["allowed"] == (low > -MAX_F1_LOSS) and 0 <= check["rows_changed"] <= 1
     # The actor's own code path, called in this process: same batch, fp32 and the other precision.
     block = pq.read_table(corpus / "handmade.parquet").append_column("path", pa.array(["h"] * len(HANDMADE)))
     batch = normalize_block(block, ["h"], "body", {"id": pa.string()})
@@ -359,8 +368,8 @@ def test_precision_is_checked_on_the_validation_split_and_stays_close_to_fp32(sm
 
 def test_precision_is_refused_past_the_tolerance_and_recorded_in_the_manifest(smoke_bundle, corpus, tmp_path,
                                                                               monkeypatch):  # fmt: skip
-    monkeypatch.setattr(inference, "MAX_F1_CHANGE", -1.0)  # no change is small enough
-    with pytest.raises(TaggingError, match=r"bf16 moves validation macro-F1 .* more than .*--precision fp32"):
+    monkeypatch.setattr(inference, "MAX_F1_LOSS", -1.0)  # no interval rules out every loss
+    with pytest.raises(TaggingError, match=r"bf16 vs fp32 .* held-out .* is not ruled out: tag in fp32"):
         tag_corpus(smoke_bundle, corpus / "handmade.parquet", tmp_path / "refused", precision="bf16")
     assert not (tmp_path / "refused").exists()  # refused before anything was written
     with pytest.raises(TaggingError, match="--int8 is --precision int8"):
@@ -368,14 +377,14 @@ def test_precision_is_refused_past_the_tolerance_and_recorded_in_the_manifest(sm
     with pytest.raises(TaggingError, match="int8 quantization is for CPU"):
         tag_corpus(smoke_bundle, corpus, tmp_path / "gpu", int8=True, gpus_per_actor=1)
 
-    monkeypatch.setattr(inference, "MAX_F1_CHANGE", 1.0)  # any change passes
+    monkeypatch.setattr(inference, "MAX_F1_LOSS", 1.0)  # any change passes
     out = tmp_path / "bf16"
     summary = tag_corpus(smoke_bundle, corpus / "handmade.parquet", out, precision="bf16", num_actors=1)
     manifest = json.loads((out / MANIFEST).read_text())
     assert summary.rows_out == len(HANDMADE) and manifest["settings"]["precision"] == manifest["precision"] == "bf16"
     check = manifest["precision_check"]
-    assert check["precision"] == "bf16" and check["allowed"] and check["max_change"] == 1.0
-    assert "macro_f1_bf16" in check and "within" in check["verdict"]
+    assert check["precision"] == "bf16" and check["allowed"] and check["max_loss"] == 1.0
+    assert "interval_95" in check and "is ruled out" in check["verdict"]
 
 
 def test_plan_leaves_room_for_reads_and_merges_on_every_node():
@@ -491,3 +500,24 @@ def test_nightly_job_fills_the_date_placeholders():
     assert len(job.yesterday_utc()) == 10
     with pytest.raises(SystemExit):
         job.build_parser().parse_args([*argv[:6], "--date", "25/11/2026"])
+
+
+def test_auto_precision_follows_the_check_recorded_in_the_bundle(smoke_bundle):
+    bundle = load_bundle(smoke_bundle)
+    recorded = bundle.metrics["precision_checks"]["int8"]
+    assert recorded["kernels"] == inference.kernels() and "interval_95" in recorded  # written by training
+    for allowed in (True, False):
+        bundle.metrics["precision_checks"]["int8"] = {**recorded, "allowed": allowed}
+        precision, check = inference.resolve_precision(bundle, "auto", gpu=False)
+        assert precision == ("int8" if allowed else "fp32") and check["allowed"] == allowed
+        assert check["source"] == "the bundle's metrics.json"
+    assert inference.resolve_precision(bundle, "auto", gpu=True) == ("fp32", None)
+    bundle.metrics["precision_checks"]["int8"] = {**recorded, "allowed": False}
+    with pytest.raises(TaggingError, match="int8"):  # asked for explicitly: refused, not downgraded
+        inference.resolve_precision(bundle, "int8", gpu=False)
+    bundle.metrics["precision_checks"]["int8"] = {**recorded, "kernels": "torch 0.0, other"}  # another machine's
+    try:  # the gate runs now: on the smoke bundle's 128 examples it may go either way
+        precision, check = inference.resolve_precision(bundle, "int8", gpu=False)
+        assert precision == "int8" and check["source"] == "checked now" and check["kernels"] == inference.kernels()
+    except TaggingError as error:
+        assert "is not ruled out" in str(error)

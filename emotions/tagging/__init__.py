@@ -20,11 +20,11 @@ tagging them would count "neutral" for text nobody wrote). Texts longer than the
 ``max_length`` tokens are truncated, not rejected.
 """
 
-from emotions.tagging.inference import MAX_F1_CHANGE, check_precision
+from emotions.tagging.inference import MAX_F1_LOSS, check_precision
 from emotions.tagging.inputs import resolve_inputs
 from emotions.tagging.run import TagSummary, tag_corpus
 from emotions.tagging.settings import PRECISIONS, TaggingError, TaggingSettings
 from emotions.tagging.staging import MANIFEST, SUCCESS
 
-__all__ = ["MANIFEST", "MAX_F1_CHANGE", "PRECISIONS", "SUCCESS", "TagSummary", "TaggingError", "TaggingSettings",
+__all__ = ["MANIFEST", "MAX_F1_LOSS", "PRECISIONS", "SUCCESS", "TagSummary", "TaggingError", "TaggingSettings",
            "check_precision", "resolve_inputs", "tag_corpus"]  # fmt: skip

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import pyarrow as pa
 
 from emotions import environment, storage
 from emotions.storage import Folder
-from emotions.tagging.inference import check_precision
+from emotions.tagging.inference import resolve_precision
 from emotions.tagging.inputs import InputFile, inspect_inputs, output_schema, resolve_inputs
 from emotions.tagging.pipeline import ActorPlan, cluster_size, plan_actors, write_outputs
 from emotions.tagging.settings import TaggingError, TaggingSettings, check_settings
@@ -50,7 +50,8 @@ def tag_corpus(model: str | Path, inputs: str | Path | list, output: str | Path,
                on_bad_file: str = "fail") -> TagSummary:  # fmt: skip
     """Tag every row of the Parquet ``inputs`` (file, folder, glob, or a list; local or a pyarrow
     URI) with the bundle at ``model``; write the committed output folder ``output``.
-    ``precision`` is fp32 (default), bf16 or int8; ``int8=True`` means ``precision="int8"``.
+    ``precision`` is auto (default: int8 on CPU when the bundle's recorded check allows it, else
+    fp32), fp32, bf16 or int8; ``int8=True`` means ``precision="int8"``.
 
     ``model`` is read by every actor: on a multi-node cluster, a URI (s3://...) or a shared
     folder. Raises TaggingError (or BundleError) before any work for anything a user can fix."""
@@ -65,7 +66,7 @@ def tag_corpus(model: str | Path, inputs: str | Path | list, output: str | Path,
         keep_columns=tuple(dict.fromkeys(c for c in keep_columns if c != id_column)),
         probabilities=probabilities, overwrite=overwrite, num_actors=num_actors,
         batch_size=batch_size, cpus_per_actor=cpus_per_actor, gpus_per_actor=float(gpus_per_actor),
-        precision="int8" if int8 else precision or "fp32", tokenize_stage=tokenize_stage,
+        precision="int8" if int8 else precision or "auto", tokenize_stage=tokenize_stage,
         on_bad_file=on_bad_file,
     )  # fmt: skip
     check_settings(settings)
@@ -77,9 +78,9 @@ def tag_corpus(model: str | Path, inputs: str | Path | list, output: str | Path,
 
     bundle = load_bundle(settings.model)
     model_hash, max_length = bundle.hash, bundle.max_length
-    precision_check = check_precision(bundle, settings.precision) if settings.precision != "fp32" else None
-    if precision_check and not precision_check["allowed"]:
-        raise TaggingError(precision_check["verdict"])
+    requested = settings.precision
+    precision, precision_check = resolve_precision(bundle, requested, gpu=settings.gpus_per_actor > 0)
+    settings = replace(settings, precision=precision)  # the output's key names the precision used
     del bundle  # the actors load their own copy; the driver only needed to check it
     schema, column_types = output_schema(files, settings)
     inspected = time.perf_counter()
@@ -104,7 +105,8 @@ def tag_corpus(model: str | Path, inputs: str | Path | list, output: str | Path,
                               max_length, schema, record, inspect_s=inspected - start,
                               tag_s=tagged - inspected, startup_s=startup_s)  # fmt: skip
     manifest["precision"] = settings.precision  # the thresholds were checked for this precision
-    manifest["precision_check"] = precision_check  # None for fp32, the thresholds' own precision
+    manifest["precision_requested"] = requested
+    manifest["precision_check"] = precision_check  # None for fp32 (the thresholds' own) unless auto refused int8
     staging.commit([f.output_name for f in files], manifest)
     seconds = time.perf_counter() - start
     summary = TagSummary(rows_in=manifest["rows_in"], rows_out=manifest["rows_out"],

@@ -34,7 +34,7 @@ class TaggingSettings:
     batch_size: int = 1024  # rows per actor call; sorted by length into ENCODER_BATCH passes
     cpus_per_actor: int = 1  # torch threads per actor
     gpus_per_actor: float = 0.0
-    precision: str = "fp32"  # fp32 | bf16 (autocast) | int8 (dynamic quantization of nn.Linear, CPU)
+    precision: str = "auto"  # auto (int8 on CPU if the bundle passed its check) | fp32 | bf16 | int8
     tokenize_stage: bool | None = None  # None: a Tokenizer stage on GPU runs, in the actors on CPU
     on_bad_file: str = "fail"  # fail | skip: an unreadable input file stops the job, or is listed
 
@@ -59,8 +59,8 @@ def check_settings(s: TaggingSettings) -> None:
         errors.append(f"cpus_per_actor={s.cpus_per_actor!r} must be a whole number >= 1 (--cpus-per-actor)")
     if s.gpus_per_actor < 0:
         errors.append(f"gpus_per_actor={s.gpus_per_actor} must be >= 0 (--gpus-per-actor)")
-    if s.precision not in PRECISIONS:
-        errors.append(f"precision={s.precision!r} is not one of {list(PRECISIONS)} (--precision)")
+    if s.precision not in ("auto", *PRECISIONS):
+        errors.append(f"precision={s.precision!r} is not one of {['auto', *PRECISIONS]} (--precision)")
     if s.precision == "int8" and s.gpus_per_actor > 0:
         errors.append("int8 quantization is for CPU inference: use --precision bf16 or fp32 on GPUs, "
                       "or drop --gpus-per-actor")  # fmt: skip
