@@ -247,7 +247,7 @@ def run_report(args: argparse.Namespace) -> int:
     summary = write_report(args.tagged, args.baseline)
     print(summary.line())
     print(f"report: {summary.report}")
-    print(f"called out: {', '.join(summary.called_out) or 'none'}" if summary.baselines else "called out: - (no baseline)")
+    print(summary.called_out_line())
     return 0
 
 
