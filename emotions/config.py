@@ -7,6 +7,7 @@ bad value is reported at once, by name, before any cluster time is spent.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import json
@@ -67,11 +68,19 @@ class ThresholdConfig:
     fallback: float = 0.5  # for labels with no positive example in the split
 
 
+AUTO = "auto"  # a scaling value resolved from the cluster when the run starts (resolve_scaling)
+
+
 @dataclass(frozen=True)
 class ScalingSettings:
-    num_workers: int = 2
+    # Ray Train workers. auto, on CPU: as many as the CPU nodes hold at cpus_per_worker each, so
+    # with cpus_per_worker auto one worker per node (DDP across nodes, all of a node's cores in
+    # one process: what a plain loop does); on GPU: one per GPU.
+    num_workers: int | str = AUTO
     use_gpu: bool = False
-    cpus_per_worker: int = 1  # also the torch thread count of each worker
+    # CPUs of each worker, also its torch thread count. auto: with num_workers auto, a whole node
+    # (the smallest CPU node's count; on GPU, the smallest node's CPUs per GPU); else 1.
+    cpus_per_worker: int | str = AUTO
     bf16: bool = True  # autocast to bfloat16 on GPU (ignored on CPU)
 
 
@@ -146,6 +155,8 @@ def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return [f"{k}: {show(before, k)} -> {show(after, k)}" for k in sorted(before.keys() | after.keys())
             if k not in RESUMABLE_KEYS and before.get(k, ...) != after.get(k, ...)]  # fmt: skip
 
+
+_AUTO_KEYS = ("scaling.num_workers", "scaling.cpus_per_worker")  # an int, or AUTO
 
 _CHOICES = {
     "data.label_format": ("auto", "names", "ids", "columns"),
@@ -270,8 +281,11 @@ def _coerce(value: Any, hint: Any, key: str, errors: list[str]) -> Any:
             return float(value)
         except ValueError:
             pass
+    if key in _AUTO_KEYS and value == AUTO:
+        return value
     if not isinstance(value, base) or (base is int and isinstance(value, bool)):
-        errors.append(f"{key}: expected {base.__name__}, got {value!r}")
+        expected = f"{base.__name__} or {AUTO!r}" if key in _AUTO_KEYS else base.__name__
+        errors.append(f"{key}: expected {expected}, got {value!r}")
     return value
 
 
@@ -304,5 +318,96 @@ def _check(config: TrainConfig, errors: list[str]) -> None:
         errors.append("stage1.epochs and stage2.epochs are both 0: nothing to train")
     if config.stage1.epochs > 0 and not config.stage1.train_encoder:
         errors.append("stage1.train_encoder must be true: stage 1 fine-tunes the encoder")
-    if config.scaling.num_workers < 1 or config.scaling.cpus_per_worker < 1:
-        errors.append("scaling.num_workers and scaling.cpus_per_worker must be >= 1")
+    for key in ("num_workers", "cpus_per_worker"):
+        value = getattr(config.scaling, key)
+        if isinstance(value, int) and value < 1:  # other strings: reported by _coerce
+            errors.append(f"scaling.{key}: {value} must be >= 1, or auto")
+
+
+# ----------------------------------------------------------------------------- Ray Train layout
+
+
+def resolve_scaling(
+    scaling: ScalingSettings, nodes_up: list[dict[str, float]], nodes_at_max: list[dict[str, float]] | None = None
+) -> tuple[ScalingSettings, str]:
+    """``scaling`` with every ``auto`` replaced by a number, and one line saying how it was chosen.
+
+    ``nodes_up``: the resources of each node up now (``{"CPU": 8, "GPU": 1}``); ``nodes_at_max``:
+    each node the autoscaler may run at its largest (None without an autoscaler). Of the two, the
+    one that holds more workers is used. CPU training counts the nodes without GPUs (all nodes
+    with CPUs if every node has a GPU). Explicit values are kept as given; ``cpus_per_worker``
+    auto beside an explicit ``num_workers`` is 1, as it always was. ConfigError if auto finds no
+    node to train on."""
+    if scaling.num_workers != AUTO:
+        cpus = 1 if scaling.cpus_per_worker == AUTO else scaling.cpus_per_worker
+        resolved = dataclasses.replace(scaling, cpus_per_worker=cpus)
+        return resolved, f"{describe_layout(resolved)}: scaling.num_workers={scaling.num_workers} as given"
+    choices = [("up now", nodes_up)] + ([("at the autoscaler's maximum", nodes_at_max)] if nodes_at_max else [])
+    best = None
+    for where, nodes in choices:
+        layout = _layout_on(scaling, nodes)
+        if layout and (best is None or layout[0] > best[0][0]):
+            best = layout, where, nodes
+    if best is None:
+        raise ConfigError(_no_node_message(scaling, nodes_up, nodes_at_max))
+    (workers, cpus, how), where, nodes = best
+    resolved = dataclasses.replace(scaling, num_workers=workers, cpus_per_worker=cpus)
+    return resolved, (f"{describe_layout(resolved)}: scaling.num_workers=auto, {how} "
+                      f"(nodes {where}: {_describe_nodes(nodes)})")  # fmt: skip
+
+
+def describe_layout(scaling: ScalingSettings) -> str:
+    """``2 workers x 1 CPU (1 torch thread each), CPU`` for concrete settings."""
+    n, c = scaling.num_workers, scaling.cpus_per_worker
+    device = "1 GPU each" if scaling.use_gpu else "CPU"
+    return (f"{n} worker{'s' * (n != 1)} x {c} CPU{'s' * (c != 1)} "
+            f"({c} torch thread{'s' * (c != 1)} each), {device}")  # fmt: skip
+
+
+def _layout_on(scaling: ScalingSettings, nodes: list[dict[str, float]]) -> tuple[int, int, str] | None:
+    """(workers, CPUs per worker, how) for ``num_workers: auto`` on these nodes; None if none fits."""
+    auto_cpus = scaling.cpus_per_worker == AUTO
+    if scaling.use_gpu:
+        hosts = [n for n in nodes if n.get("GPU", 0) >= 1]
+        if not hosts:
+            return None
+        per_gpu = min(max(1, int(n.get("CPU", 0) // n["GPU"])) for n in hosts)  # a node's CPUs per GPU
+        cpus = per_gpu if auto_cpus else scaling.cpus_per_worker
+        return sum(int(n["GPU"]) for n in hosts), cpus, f"one worker per GPU on {len(hosts)} GPU node(s)"
+    hosts = [n for n in nodes if n.get("CPU", 0) >= 1 and not n.get("GPU")] or \
+            [n for n in nodes if n.get("CPU", 0) >= 1]  # fmt: skip
+    counts = sorted(int(n["CPU"]) for n in hosts)
+    if not counts:
+        return None
+    if auto_cpus:
+        how = "one worker per CPU node"
+        if counts[0] != counts[-1]:
+            how += (f"; the CPU nodes have {counts[0]} to {counts[-1]} CPUs and each worker takes the "
+                    f"smallest's {counts[0]} (set scaling.cpus_per_worker to choose)")  # fmt: skip
+        return len(counts), counts[0], how
+    workers = sum(c // scaling.cpus_per_worker for c in counts)
+    how = f"as many {scaling.cpus_per_worker}-CPU workers as the {len(counts)} CPU node(s) hold"
+    return (workers, scaling.cpus_per_worker, how) if workers else None
+
+
+def _describe_nodes(nodes: list[dict[str, float]]) -> str:
+    """``1 x (CPU 0), 2 x (CPU 8, GPU 1)``: how many nodes of each size."""
+    sizes = collections.Counter(f"CPU {n.get('CPU', 0):g}" + (f", GPU {n['GPU']:g}" if n.get("GPU") else "")
+                                for n in nodes)  # fmt: skip
+    return ", ".join(f"{count} x ({size})" for size, count in sizes.items()) or "none"
+
+
+def _no_node_message(scaling: ScalingSettings, nodes_up: list, nodes_at_max: list | None) -> str:
+    seen = (f"nodes up now: {_describe_nodes(nodes_up)}; autoscaler's maximum: "
+            f"{_describe_nodes(nodes_at_max) if nodes_at_max else 'no autoscaler'}")  # fmt: skip
+    if scaling.use_gpu:
+        return (f"scaling.num_workers=auto with scaling.use_gpu=true found no GPU on this cluster ({seen}). "
+                "Set scaling.use_gpu=false to train on CPUs, or scaling.num_workers=N to wait for N GPU "
+                "workers.")  # fmt: skip
+    if scaling.cpus_per_worker != AUTO:
+        return (f"scaling.num_workers=auto found no node with scaling.cpus_per_worker={scaling.cpus_per_worker} "
+                f"CPUs ({seen}). Lower scaling.cpus_per_worker, set it to auto (a whole node each), or set "
+                "scaling.num_workers=N to wait for N workers.")  # fmt: skip
+    return (f"scaling.num_workers=auto found no node with CPUs to train on ({seen}). Add CPU nodes (or "
+            "connect to the cluster that has them: RAY_ADDRESS), or set scaling.num_workers=N and "
+            "scaling.cpus_per_worker=C to wait for N workers of C CPUs.")  # fmt: skip

@@ -245,3 +245,18 @@ def test_bundle_published_to_a_uri_loads_back(smoke_bundle, tmp_path):
     assert (tmp_path / "store" / "bundle" / "manifest.json").exists()
     texts = ["what a lovely surprise", "I am so sorry for your loss"]
     np.testing.assert_array_equal(load_bundle(uri).predict_proba(texts), load_bundle(smoke_bundle).predict_proba(texts))
+
+
+def test_auto_layout_resolves_against_the_connected_cluster(local_ray):
+    from emotions.training import resolve_layout
+
+    resolved = resolve_layout(build_config("default"))  # num_workers and cpus_per_worker: auto
+    cpus = int(local_ray.cluster_resources()["CPU"])  # one node: the session's local Ray
+    assert (resolved.scaling.num_workers, resolved.scaling.cpus_per_worker) == (1, cpus)
+    assert resolve_layout(build_config("smoke")).scaling == build_config("smoke").scaling  # explicit: kept
+
+
+def test_bundle_metrics_record_the_layout_that_ran(smoke_bundle):
+    layout = metrics_of(smoke_bundle)["layout"]
+    assert (layout["num_workers"], layout["cpus_per_worker"], layout["use_gpu"]) == (2, 1, False)
+    assert len(metrics_of(smoke_bundle)["shards"]) == layout["num_workers"]
