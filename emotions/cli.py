@@ -241,9 +241,12 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_report(args: argparse.Namespace) -> int:
+    import os
+
     from emotions.report import write_report
 
-    connect_ray(args.ray_address)
+    if args.ray_address:  # write_report joins Ray itself, once the folders are checked, if it must count
+        os.environ["RAY_ADDRESS"] = args.ray_address
     summary = write_report(args.tagged, args.baseline)
     print(summary.line())
     print(f"report: {summary.report}")
