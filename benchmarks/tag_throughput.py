@@ -31,6 +31,7 @@ precision >= 4x the naive loop; at 20x the rows, the driver's peak <= 1.1x and t
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import shutil
@@ -150,7 +151,7 @@ def ray_documented(model: str, corpus: Path, output: Path) -> float:
 def tagged(model: str, corpus: Path, output: Path, **kwargs) -> tuple[float, object]:
     """(rows/s end to end, summary) of one tag_corpus run; (None, reason) when it is refused."""
     try:
-        summary = tagging.tag_corpus(model, corpus, output, overwrite=True, **kwargs)
+        summary = tagging.tag_corpus(model, corpus, output, overwrite=True, report=False, **kwargs)
     except tagging.TaggingError as error:
         print(f"  refused: {error}", flush=True)
         return None, str(error)
@@ -234,8 +235,9 @@ def probe(model: str, corpus: str, output: str) -> None:
     """``--probe``: this process is the driver of one tag_corpus run on its own local Ray; prints
     one JSON line with its rows/s, its own peak memory and its Ray processes' summed peak."""
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    new = "report" in inspect.signature(tagging.tag_corpus).parameters  # older checkouts write no report
     with PeakRSS() as rss:
-        summary = tagging.tag_corpus(model, corpus, output, overwrite=True)
+        summary = tagging.tag_corpus(model, corpus, output, overwrite=True, **({"report": False} if new else {}))
     ray.shutdown()
     print(json.dumps({"code": tagging.__file__, "rows": summary.rows_out, "rows_per_s": summary.rows_per_s,
                       "driver_hwm_mb": peak_rss_mb(), "workers_peak_mb": rss.workers / 2**20}))  # fmt: skip

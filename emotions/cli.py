@@ -94,6 +94,11 @@ def add_tag_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--int8", action="store_true", help="same as --precision int8")
     parser.add_argument("--skip-bad-files", action="store_true",
                         help="skip unreadable input files (listed in _manifest.json) instead of failing")
+    parser.add_argument("--baseline", action="append", default=[], metavar="DIR",
+                        help="an earlier committed output to compare label shares with in the report "
+                             "(repeatable)")
+    parser.add_argument("--no-report", action="store_true",
+                        help="do not write _report.md / _report.json / _report/*.png into the output")
     parser.add_argument("--ray-address", default=None,
                         help="Ray cluster to use (default: RAY_ADDRESS, else a local Ray)")
 
@@ -111,10 +116,13 @@ def run_tag(args: argparse.Namespace) -> int:
         probabilities=args.probabilities, overwrite=args.overwrite, num_actors=args.actors,
         batch_size=args.batch_size, cpus_per_actor=args.cpus_per_actor,
         gpus_per_actor=args.gpus_per_actor, precision=args.precision, int8=args.int8,
-        on_bad_file="skip" if args.skip_bad_files else "fail",
+        on_bad_file="skip" if args.skip_bad_files else "fail", report=not args.no_report,
+        baselines=args.baseline,
     )  # fmt: skip
     print(summary.line())
     print(f"manifest: {summary.manifest}")
+    if summary.report:
+        print(f"report: {summary.report}")
     return 0
 
 

@@ -24,12 +24,20 @@ from emotions.bundle import load_bundle
 from emotions.corpus import make_corpus
 from emotions.labels import EKMAN, EMOTIONS, SENTIMENT, roll_up
 from emotions.storage import Folder
-from emotions.tagging import MANIFEST, MAX_F1_LOSS, SUCCESS, TaggingError, TaggingSettings, inference, tag_corpus
+from emotions.tagging import MANIFEST, MAX_F1_LOSS, SUCCESS, TaggingError, TaggingSettings, inference
+from emotions.tagging import tag_corpus as tag_and_report
 from emotions.tagging.inference import check_precision, prepare_model
 from emotions.tagging.inputs import (FILE_COLUMN, InputFile, check_texts, normalize_block, output_schema, plan_reads,
                                      read_units, resolve_inputs)  # fmt: skip
 from emotions.tagging.pipeline import ROOM_CPUS, Tagger, flag_file, plan_actors
 from emotions.tagging.staging import PART_SCHEMA, PARTS, STAGING, PartLedger, merge_parts, write_parts
+
+
+
+def tag_corpus(*args, report: bool = False, **kwargs):
+    """tag_corpus without the report, which one test checks (the ``tagged`` fixture's)."""
+    return tag_and_report(*args, report=report, **kwargs)
+
 
 LONG = "I can't believe how happy this makes me. " * 150  # ~6,000 characters, far over max_length
 HANDMADE = {  # id -> (body, expected error)
@@ -96,7 +104,8 @@ def corpus(tmp_path_factory) -> Path:
 def tagged(smoke_bundle, corpus, tmp_path_factory):
     """The corpus tagged once with the default actor pool, probabilities and two kept columns."""
     out = tmp_path_factory.mktemp("tagged") / "out"
-    summary = tag_corpus(smoke_bundle, corpus, out, probabilities=True, keep_columns=["subreddit", "body"])
+    summary = tag_corpus(smoke_bundle, corpus, out, probabilities=True, keep_columns=["subreddit", "body"],
+                         report=True)  # fmt: skip
     return summary, out
 
 
@@ -114,6 +123,7 @@ def test_every_row_is_tagged_exactly_once_across_mixed_schemas(corpus, tagged):
     assert (out / SUCCESS).exists() and not (out / STAGING).exists()
     assert manifest["rows_in"] == manifest["rows_out"] == 815
     assert sorted(p.name for p in out.glob("*.parquet")) == sorted(i["output"] for i in manifest["inputs"])
+    assert summary.report == str(out / "_report.md") and (out / "_report.json").exists()  # by default
     assert all(pq.read_metadata(out / i["output"]).num_rows == i["rows"] for i in manifest["inputs"])
     assert manifest["model"]["hash"] == load_bundle(manifest["model"]["path"]).hash
     assert manifest["actors"] == {"actors": 2, "cpus_reserved": 0.75, "gpus": 0.0, "threads": 1,

@@ -32,6 +32,7 @@ class TagSummary:
     files: int = 0
     files_resumed: int = 0
     files_skipped: tuple[str, ...] = ()  # unreadable inputs left out (on_bad_file="skip")
+    report: str | None = None  # the output's _report.md, when one was written
 
     def line(self) -> str:
         skipped = f", {len(self.files_skipped)} bad files skipped" if self.files_skipped else ""
@@ -47,14 +48,18 @@ def tag_corpus(model: str | Path, inputs: str | Path | list, output: str | Path,
                probabilities: bool = False, overwrite: bool = False, num_actors: int | None = None,
                batch_size: int = 1024, cpus_per_actor: int = 1, gpus_per_actor: float = 0,
                precision: str | None = None, int8: bool = False, tokenize_stage: bool | None = None,
-               on_bad_file: str = "fail") -> TagSummary:  # fmt: skip
+               on_bad_file: str = "fail", report: bool = True, baselines=()) -> TagSummary:  # fmt: skip
     """Tag every row of the Parquet ``inputs`` (file, folder, glob, or a list; local or a pyarrow
     URI) with the bundle at ``model``; write the committed output folder ``output``.
     ``precision`` is auto (default: int8 on CPU when the bundle's recorded check allows it, else
     fp32), fp32, bf16 or int8; ``int8=True`` means ``precision="int8"``.
 
     ``model`` is read by every actor: on a multi-node cluster, a URI (s3://...) or a shared
-    folder. Raises TaggingError (or BundleError) before any work for anything a user can fix."""
+    folder. Raises TaggingError (or BundleError) before any work for anything a user can fix.
+
+    ``report``: once committed, the output gets its report (``emotions.report.write_report``:
+    ``_report.md``, ``_report/*.png``, ``_report.json``), with drift against the committed
+    ``baselines`` (earlier outputs). A report that fails is logged; the output stays committed."""
     start = time.perf_counter()
     if isinstance(keep_columns, str):
         keep_columns = keep_columns.split(",")
@@ -115,9 +120,22 @@ def tag_corpus(model: str | Path, inputs: str | Path | list, output: str | Path,
                          output=target.uri, manifest=target.uri_of(MANIFEST), files=len(files),
                          files_resumed=len(resumed), files_skipped=tuple(uri for uri, _ in bad))  # fmt: skip
     log.info("%s", summary.line())
+    if report:
+        summary = replace(summary, report=write_report_safely(target.uri, baselines))
     return summary
 
 
+def write_report_safely(output: str, baselines) -> str | None:
+    """The report of a committed output -> where it went; None (logged) if it could not be made."""
+    from emotions.report import write_report
+
+    try:
+        written = write_report(output, list(baselines))
+    except Exception:  # the tags are committed and correct; the report is a view of them
+        log.exception("the report of %s could not be written; `emotions report %s` retries", output, output)
+        return None
+    log.info("%s; %s", written.line(), written.called_out_line())
+    return written.report
 
 def build_manifest(files: list[InputFile], markers: list[dict], bad: list[tuple[str, str]],
                    resumed: set[str], settings: TaggingSettings, plan: ActorPlan, run_id: str,
