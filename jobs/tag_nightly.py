@@ -1,68 +1,141 @@
-"""Nightly tagging of one day's comment dump as a Ray job. Same flags as `emotions tag`, plus
-``--date YYYY-MM-DD`` (default: yesterday, UTC), which fills every ``{date}`` in --input/--output.
+"""Nightly tagging of date-partitioned comment dumps as a Ray job: every date under the input
+root that has a dump and no committed output, oldest first, up to --max-dates (the same flags as
+`emotions tag`, with {date} in --input and --output; the logic is emotions.nightly.tag_nightly).
 
-Submit to a cluster (from the repository root), e.g. from cron or a scheduler at 02:00 UTC:
+Submit to a cluster that runs the project's image (the RayCronJob in
+cluster/kuberay/raycronjob-tag-nightly.yaml does this every night):
 
-    ray job submit --address http://HEAD:8265 --working-dir . -- \
-        python jobs/tag_nightly.py --model s3://BUCKET/emotions/bundles/default \
-        --input 's3://BUCKET/dumps/dt={date}/' --output 's3://BUCKET/tagged/dt={date}/' \
-        --keep-columns subreddit,created_utc
+    ray job submit --address http://HEAD:8265 -- \
+        python /home/ray/app/jobs/tag_nightly.py --model s3://BUCKET/emotions/bundles/bert-base-v1 \
+        --input 's3://BUCKET/emotions/dumps/dt={date}/' --output 's3://BUCKET/emotions/tagged/dt={date}/'
 
-A day that is already committed is refused (exit 2); a run that died part-way is finished by
-running the same command again (files already tagged are skipped). Backfill with --date.
-Exits non-zero with a one-line reason on failure.
+Re-running is always safe: a date already committed is a success with nothing to do, a date
+another run holds a lease on is skipped, a date a killed run left half done is finished.
+--dry-run lists the dates a run would tag and the `emotions tag` command each amounts to.
+--date YYYY-MM-DD tags that one date (with --overwrite: again, though it is committed).
+Exit status: 0 when no date failed (nothing to do included), 1 when a date failed (the others
+are still tagged), 2 with a one-line reason when the run cannot start.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
+import os
+import shlex
 import sys
 
-from emotions.cli import add_tag_arguments, main as emotions_main
+from emotions.cli import add_tag_arguments
+from emotions.nightly import LEASE_TTL_S, MAX_DATES, SETTLE_S, parse_date, yesterday_utc
+
+# Flags of this job that `emotions tag` does not have, and whether each takes a value.
+NIGHTLY_FLAGS = {"--date": True, "--max-dates": True, "--since": True, "--until": True, "--dry-run": False,
+                 "--lease-ttl": True, "--lease-settle": True}  # fmt: skip
 
 
-def parse_date(text: str) -> str:
+def date_flag(text: str) -> str:
+    date = parse_date(text)
+    if date is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a date like 2026-11-25")
+    return date
+
+
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of 1 or more")
+    return int(text)
+
+
+def positive_seconds(text: str) -> float:
     try:
-        return dt.date.fromisoformat(text).isoformat()
+        value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--date {text!r} is not a date like 2026-11-25") from None
-
-
-def yesterday_utc() -> str:
-    return (dt.datetime.now(dt.timezone.utc).date() - dt.timedelta(days=1)).isoformat()
+        value = -1.0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds above 0")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tag_nightly.py", description=__doc__.splitlines()[0])
     add_tag_arguments(parser)
-    parser.add_argument("--date", type=parse_date, default=None,
-                        help="day to tag, YYYY-MM-DD; fills {date} in --input/--output "
-                             "(default: yesterday, UTC)")  # fmt: skip
+    parser.add_argument("--date", type=date_flag, default=None,
+                        help="tag this one date, YYYY-MM-DD (default: every untagged date, see --max-dates)")
+    parser.add_argument("--max-dates", type=positive_int, default=MAX_DATES,
+                        help=f"dates tagged per run at most, oldest first (default: {MAX_DATES})")
+    parser.add_argument("--since", type=date_flag, default=None, help="oldest date to look at (default: all)")
+    parser.add_argument("--until", type=date_flag, default=None,
+                        help="newest date to look at (default: yesterday, UTC: today's dump may be incomplete)")
+    parser.add_argument("--dry-run", action="store_true", help="list the dates a run would tag; tag nothing")
+    parser.add_argument("--lease-ttl", type=positive_seconds, default=LEASE_TTL_S, metavar="SECONDS",
+                        help=f"a killed run's date is free again after this (default: {LEASE_TTL_S:.0f})")
+    parser.add_argument("--lease-settle", type=positive_seconds, default=SETTLE_S, metavar="SECONDS",
+                        help=f"wait between writing a lease and reading it back (default: {SETTLE_S:.0f})")
     return parser
 
 
 def fill_date(argv: list[str], date: str) -> list[str]:
-    """``argv`` without --date, with every ``{date}`` replaced by ``date``."""
+    """The `emotions tag` arguments that tag ``date``: ``argv`` without this job's own flags,
+    with every ``{date}`` filled in."""
     out, skip = [], False
     for arg in argv:
+        name = arg.split("=", 1)[0]
         if skip:
             skip = False
-        elif arg == "--date":
-            skip = True
-        elif not arg.startswith("--date="):
+        elif name in NIGHTLY_FLAGS:
+            skip = NIGHTLY_FLAGS[name] and "=" not in arg
+        else:
             out.append(arg.replace("{date}", date))
     return out
 
 
+def check_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Refuse flag combinations that cannot mean what the user wants (exits 2, names the flag)."""
+    if args.date and (args.since or args.until):
+        parser.error("--since/--until bound the search for untagged dates; --date names one date: give one")
+    if args.overwrite and not args.date:
+        parser.error("--overwrite re-tags a committed date: name it with --date")
+    missing = [flag for flag, value in (("--output", args.output), *(("--input", i) for i in args.input))
+               if "{date}" not in value]  # fmt: skip
+    if missing:
+        parser.error(f"{' and '.join(sorted(set(missing)))} must contain {{date}}, e.g. "
+                     "--input 's3://b/dumps/dt={date}/' --output 's3://b/tagged/dt={date}/'")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser().parse_args(argv)  # --help, and bad flags exit 2 here
-    date = args.date or yesterday_utc()
-    if "{date}" not in args.output:
-        print(f"tag_nightly: warning: --output {args.output} has no {{date}}: every night writes "
-              "the same folder", file=sys.stderr)  # fmt: skip
-    return emotions_main(["tag", *fill_date(argv, date)])
+    parser = build_parser()
+    args = parser.parse_args(argv)  # --help, and bad flags exit 2 here
+    check_flags(args, parser)
+
+    from emotions.environment import setup_logging
+    from emotions.nightly import NightlyError, tag_nightly
+    from emotions.storage import StorageError
+    from emotions.tagging import TaggingError
+
+    setup_logging()
+    if args.ray_address:  # tag_corpus starts or joins Ray itself, once a date's inputs are checked
+        os.environ["RAY_ADDRESS"] = args.ray_address
+    try:
+        report = tag_nightly(
+            args.model, args.input, args.output, date=args.date, max_dates=args.max_dates,
+            since=args.since, until=args.until, overwrite=args.overwrite, dry_run=args.dry_run,
+            lease_ttl_s=args.lease_ttl, settle_s=args.lease_settle,
+            text_column=args.text_column, id_column=args.id_column,
+            keep_columns=[c.strip() for c in args.keep_columns.split(",") if c.strip()],
+            probabilities=args.probabilities, num_actors=args.actors, batch_size=args.batch_size,
+            cpus_per_actor=args.cpus_per_actor, gpus_per_actor=args.gpus_per_actor,
+            precision=args.precision, int8=args.int8, on_bad_file="skip" if args.skip_bad_files else "fail",
+        )  # fmt: skip
+    except (NightlyError, TaggingError, StorageError, FileNotFoundError) as exc:  # a bad model fails per date
+        print(f"tag_nightly: error: {exc}", file=sys.stderr)
+        return 2
+    for line in report.lines():
+        print(line)
+    for date in report.planned:
+        print(f"  emotions tag {shlex.join(fill_date(argv, date))}")
+    if args.until is None and not args.date:
+        print(f"(dates up to {yesterday_utc()}, yesterday in UTC)")
+    return 0 if report.ok else 1
 
 
 if __name__ == "__main__":

@@ -151,21 +151,21 @@ def test_training_job_writes_a_bundle_that_predicts(training_job):
     assert any((runs / "jobs-smoke").glob("checkpoint_*")), "no Ray Train checkpoint under run.storage_path"
 
 
-def test_tagging_job_tags_a_night_once(ray_head_process, training_job, tmp_path):
-    if not (ROOT / "jobs" / "tag_nightly.py").is_file():
-        pytest.skip("jobs/tag_nightly.py does not exist yet: the nightly tagging job is not run")
+def test_nightly_job_tags_the_untagged_night_and_a_rerun_changes_nothing(ray_head_process, training_job,
+                                                                         tmp_path):  # fmt: skip
     status, logs, bundle_dir, _, runtime_env = training_job
     if status != "SUCCEEDED":
         pytest.fail("the training job failed, so there is no bundle to tag with (see the training test)")
-    check_tagging_job(ray_head_process, runtime_env, bundle_dir, tmp_path)
+    check_nightly_job(ray_head_process, runtime_env, bundle_dir, tmp_path)
 
 
-def check_tagging_job(head: HeadAPI, runtime_env: dict, bundle_dir: Path, tmp_path: Path) -> None:
-    """One night of tagging on a tiny dump; a second run of the committed date is refused."""
+def check_nightly_job(head: HeadAPI, runtime_env: dict, bundle_dir: Path, tmp_path: Path) -> None:
+    """A dump root with two nights, one already committed: the job (no --date) tags the other;
+    a second run finds nothing to do, exits 0 and leaves the output as it was."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    day = "2026-01-15"
+    committed, day = "2026-01-14", "2026-01-15"
     dump = tmp_path / "dumps" / f"dt={day}"
     dump.mkdir(parents=True)
     texts = ["I love this so much", "why would you do that", "thanks, that helps", "meh", "[deleted]"]
@@ -173,23 +173,31 @@ def check_tagging_job(head: HeadAPI, runtime_env: dict, bundle_dir: Path, tmp_pa
         rows = texts * (part + 2)
         pq.write_table(pa.table({"id": [f"{part}-{i}" for i in range(len(rows))], "body": rows}),
                        dump / f"part-{part}.parquet")  # fmt: skip
+    (tmp_path / "dumps" / f"dt={committed}").mkdir()
+    pq.write_table(pa.table({"id": ["x"], "body": ["an earlier night"]}),
+                   tmp_path / "dumps" / f"dt={committed}" / "part-0.parquet")  # fmt: skip
+    (tmp_path / "tagged" / f"dt={committed}").mkdir(parents=True)
+    (tmp_path / "tagged" / f"dt={committed}" / "_SUCCESS").write_text('{"run_id": "an earlier night"}')
     rows_in = 2 * len(texts) + 3 * len(texts)
     tagged = tmp_path / "tagged" / f"dt={day}"
     entrypoint = (f"python jobs/tag_nightly.py --model {bundle_dir} --input '{tmp_path}/dumps/dt={{date}}/' "
-                  f"--output '{tmp_path}/tagged/dt={{date}}/' --date {day}")  # fmt: skip
+                  f"--output '{tmp_path}/tagged/dt={{date}}/' --lease-settle 0.5")  # fmt: skip
 
     status, logs = run_job(head, entrypoint, runtime_env)
     assert status == "SUCCEEDED", f"tagging job {status}; its logs:\n{logs[-8000:]}"
+    assert f"tagged {day}: tagged {rows_in} rows" in logs and "1 already committed" in logs, logs[-4000:]
     assert (tagged / "_SUCCESS").exists(), f"no _SUCCESS in {sorted(p.name for p in tagged.iterdir())}"
     manifest = json.loads((tagged / "_manifest.json").read_text())
     files = sorted(tagged.glob("*.parquet"))
     assert len(files) == 2 and sum(pq.read_metadata(f).num_rows for f in files) == rows_in
     assert manifest["rows_in"] == manifest["rows_out"] == rows_in
     assert manifest["rows_flagged"] == 5  # the "[deleted]" rows keep their id, get no labels
+    assert not (tmp_path / "tagged" / f"dt={committed}" / "_manifest.json").exists()  # never re-tagged
 
-    # A retry of a committed night (what backoffLimit in the RayCronJob does after a late failure)
-    # is refused and leaves the output as it was.
-    before = {f.name: f.stat().st_mtime_ns for f in tagged.iterdir()}
+    # The next night (or a retry after a late failure) finds nothing to do: a success that
+    # rewrites nothing and leaves no lease behind.
+    before = {str(f): f.stat().st_mtime_ns for f in (tmp_path / "tagged").rglob("*")}
     status, logs = run_job(head, entrypoint, runtime_env)
-    assert status == "FAILED" and "_SUCCESS" in logs, f"re-running a committed date: {status}\n{logs[-4000:]}"
-    assert {f.name: f.stat().st_mtime_ns for f in tagged.iterdir()} == before
+    assert status == "SUCCEEDED", f"re-running a tagged root: {status}\n{logs[-4000:]}"
+    assert "nightly: tagged 0 date(s), 0 failed, 2 already committed" in logs, logs[-4000:]
+    assert {str(f): f.stat().st_mtime_ns for f in (tmp_path / "tagged").rglob("*")} == before
