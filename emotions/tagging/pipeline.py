@@ -12,8 +12,9 @@ light next to the encoder, so running them beside the actors costs little.
 Tokenizing. On GPU runs a pool of Tokenizer actors (``TOKENIZER_CPUS`` each, one per GPU actor)
 turns text into token ids ahead of the encoder, so GPU actors only run the encoder. On CPU the
 actors tokenize their own batches: on 2 CPUs a separate stage takes the tokenizer's CPU from the
-encoder's and sends token ids through the object store (benchmarks/tag_throughput.py measures
-both); ``tokenize_stage=True`` forces it.
+encoder's and sends token ids through the object store, and was slower (100k rows, smoke bundle,
+fresh drivers: 3,108-3,812 vs 4,642-5,098 rows/s, in the previous version of
+benchmarks/tag_throughput.py); ``tokenize_stage=True`` forces it.
 
 A file whose text column holds no text at all (no rows, or a type that is neither string nor
 bytes) is not sent through Ray Data: a Ray task (``flag_file``) writes its rows, every one flagged.
