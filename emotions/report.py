@@ -28,9 +28,9 @@ least ``SHARE_RATIO`` either way *and* by at least ``MIN_Z`` standard errors (se
 for why both). ``top_score``'s distribution is compared with the population stability index
 (PSI) over ten bins, the setting that index's usual thresholds were made for.
 
-Files. Every name starts with ``_``: pyarrow, pandas, Spark and Ray Data skip ``_``- and
-``.``-prefixed files when they read a folder, so the report never reaches a reader of the
-tagged rows. The report is written after ``_SUCCESS`` (it needs the committed rows), each file
+Files. Every name starts with ``_``: pyarrow, pandas and Spark skip ``_``- and ``.``-prefixed
+files and folders when they read a folder as Parquet (Ray Data reads only ``*.parquet``), so
+the report never reaches a reader of the tagged rows. The report is written after ``_SUCCESS`` (it needs the committed rows), each file
 whole or not at all, and the next commit into the folder deletes it with the previous output.
 """
 
