@@ -434,4 +434,5 @@ def tag_date(model: str, inputs: list[DateTemplate], output: DateTemplate, date:
         first_line = (str(error).splitlines() or [""])[0]
         report.failed.append((date, f"{type(error).__name__}: {first_line}"))
         return
-    report.committed.append((date, summary.line()))
+    report_note = f"; report: {summary.report}" if summary.report else ""
+    report.committed.append((date, summary.line() + report_note))

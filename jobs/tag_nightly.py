@@ -125,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             probabilities=args.probabilities, num_actors=args.actors, batch_size=args.batch_size,
             cpus_per_actor=args.cpus_per_actor, gpus_per_actor=args.gpus_per_actor,
             precision=args.precision, int8=args.int8, on_bad_file="skip" if args.skip_bad_files else "fail",
+            report=not args.no_report, baselines=args.baseline,
         )  # fmt: skip
     except (NightlyError, TaggingError, StorageError, FileNotFoundError) as exc:  # a bad model fails per date
         print(f"tag_nightly: error: {exc}", file=sys.stderr)

@@ -193,6 +193,7 @@ def check_nightly_job(head: HeadAPI, runtime_env: dict, bundle_dir: Path, tmp_pa
     assert manifest["rows_in"] == manifest["rows_out"] == rows_in
     assert manifest["rows_flagged"] == 5  # the "[deleted]" rows keep their id, get no labels
     assert not (tmp_path / "tagged" / f"dt={committed}" / "_manifest.json").exists()  # never re-tagged
+    assert (tagged / "_report.md").exists() and f"report: {tagged}/_report.md" in logs  # tag_corpus's default
 
     # The next night (or a retry after a late failure) finds nothing to do: a success that
     # rewrites nothing and leaves no lease behind.
