@@ -59,6 +59,7 @@ SUCCESS = "_SUCCESS"  # = tagging.SUCCESS, written last by a commit (not importe
 LEASE_TTL_S = 600.0  # a dead run's date is free again after this; renewed every TTL / 3
 SETTLE_S = 5.0  # wait between writing a claim and reading the claims back
 MAX_DATES = 7  # dates tagged (or failed) per run, oldest first
+BASELINE_NIGHTS = 7  # a night's report compares it with this many earlier committed nights, pooled
 
 
 class NightlyError(ValueError):
@@ -416,6 +417,13 @@ def tag_nightly(model: str, inputs: list[str], output: str, *, date: str | None 
     return report
 
 
+def earlier_nights(output: DateTemplate, date: str, count: int = BASELINE_NIGHTS) -> list[str]:
+    """The committed outputs of the ``count`` latest dates before ``date``: its report's baselines
+    (a week pooled: steadier than one night, and weekly patterns average out)."""
+    earlier = [d for d in output.dates() if d < date and is_committed(output, d)]
+    return [output.fill(d) for d in earlier[-count:]]
+
+
 def tag_date(model: str, inputs: list[DateTemplate], output: DateTemplate, date: str, overwrite: bool,
              tagger, tag_options: dict, report: NightlyReport) -> None:  # fmt: skip
     """Tag one leased date into ``report``: committed, already committed, or failed."""
@@ -426,6 +434,8 @@ def tag_date(model: str, inputs: list[DateTemplate], output: DateTemplate, date:
         report.already.append(date)
         return
     log.info("%s: tagging %s -> %s", date, ", ".join(t.fill(date) for t in inputs), output.fill(date))
+    if not tag_options.get("baselines") and tag_options.get("report", True):
+        tag_options = {**tag_options, "baselines": earlier_nights(output, date)}
     try:
         summary = tagger(model, [t.fill(date) for t in inputs], output.fill(date), overwrite=overwrite,
                          **tag_options)  # fmt: skip

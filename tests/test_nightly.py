@@ -244,3 +244,28 @@ def test_two_runs_started_together_commit_each_date_exactly_once(smoke_bundle, l
         assert manifest["rows_in"] == manifest["rows_out"] == 8 and success["run_id"] == manifest["run_id"]
     skipped = [d for r in reports.values() for d in r.already + [d for d, _ in r.leased]]
     assert set(skipped) <= set(days)  # the other run saw each date leased or already committed
+
+
+def test_a_nights_report_is_compared_with_the_committed_nights_before_it(tmp_path):
+    from emotions.nightly import earlier_nights
+
+    days = [f"2026-02-{d:02d}" for d in range(1, 12)]
+    for day in days:
+        if day != "2026-02-09":  # a night that never committed is no baseline
+            commit_marker(str(tmp_path), day)
+    output = DateTemplate.parse(f"{tmp_path}/dt={{date}}/", "--output")
+    assert earlier_nights(output, "2026-02-11") == [f"{tmp_path}/dt={d}/" for d in
+                                                    ("2026-02-03", "2026-02-04", "2026-02-05", "2026-02-06",
+                                                     "2026-02-07", "2026-02-08", "2026-02-10")]  # fmt: skip
+    assert earlier_nights(output, "2026-02-01") == []  # the first night has none
+
+
+def test_each_night_writes_its_report_against_the_nights_before(smoke_bundle, local_ray, tmp_path):
+    dumps, tagged = tmp_path / "dumps", tmp_path / "tagged"
+    for day in ("2026-03-01", "2026-03-02"):
+        write_dump(str(dumps), day)
+    report = tag_nightly(str(smoke_bundle), [f"{dumps}/dt={{date}}/"], f"{tagged}/dt={{date}}/", num_actors=1,
+                         settle_s=0.1)  # the report is on by default  # fmt: skip
+    assert [d for d, _ in report.committed] == ["2026-03-01", "2026-03-02"]
+    first, second = (json.loads((tagged / f"dt={d}" / "_report.json").read_text()) for d in ("2026-03-01", "2026-03-02"))
+    assert first["baselines"] == [] and [b["output"] for b in second["baselines"]] == [f"{tagged}/dt=2026-03-01"]

@@ -134,7 +134,6 @@ def write_report_safely(output: str, baselines) -> str | None:
     except Exception:  # the tags are committed and correct; the report is a view of them
         log.exception("the report of %s could not be written; `emotions report %s` retries", output, output)
         return None
-    log.info("%s; %s", written.line(), written.called_out_line())
     return written.report
 
 def build_manifest(files: list[InputFile], markers: list[dict], bad: list[tuple[str, str]],
