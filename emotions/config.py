@@ -79,7 +79,9 @@ class ScalingSettings:
     num_workers: int | str = AUTO
     use_gpu: bool = False
     # CPUs of each worker, also its torch thread count. auto: with num_workers auto, a whole node
-    # (the smallest CPU node's count; on GPU, the smallest node's CPUs per GPU); else 1.
+    # (the smallest CPU node's count; on GPU, the smallest node's CPUs per GPU); else 1. On a node
+    # whose cores other busy processes share, multi-threaded workers slow down far more than
+    # 1-thread ones (2-core machine at load 10-16: 1 x 2 ran at 0.22x of 2 x 1): set 1 there.
     cpus_per_worker: int | str = AUTO
     bf16: bool = True  # autocast to bfloat16 on GPU (ignored on CPU)
 
