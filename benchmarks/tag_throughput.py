@@ -371,6 +371,7 @@ def main() -> None:
                              "tags the memory corpora too")
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--work", default="/tmp/emotions-tag-bench")
+    parser.add_argument("--results", type=Path, default=RESULTS, help=f"JSON written at the end (default: {RESULTS})")
     parser.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)  # one fresh-driver run
     parser.add_argument("--corpus", help=argparse.SUPPRESS)
     parser.add_argument("--output", help=argparse.SUPPRESS)
@@ -401,9 +402,9 @@ def main() -> None:
         verdicts += print_memory(results["memory"])
     results["goals_met"] = all(verdicts)
     print(f"\ngoals: {sum(verdicts)} of {len(verdicts)} met")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2, default=str) + "\n")
-    print(f"written to {RESULTS}")
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    print(f"written to {args.results}")
 
 
 if __name__ == "__main__":
