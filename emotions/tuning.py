@@ -8,6 +8,7 @@ a results table (CSV + Markdown), a plot, the best config, and the best trial's 
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -22,7 +23,7 @@ import ray
 from ray import tune
 
 from emotions import environment, storage
-from emotions.config import ConfigError, TrainConfig, from_dict, merge, parse_overrides
+from emotions.config import AUTO, ConfigError, TrainConfig, from_dict, merge, parse_overrides
 
 log = logging.getLogger("emotions.tuning")
 
@@ -129,6 +130,17 @@ def run_trial(params: dict, base: dict) -> None:
     fit(config, name=f"train-{trial}", callbacks=[TuneReportCallback()])
 
 
+def trial_scaling(config: TrainConfig) -> TrainConfig:
+    """Trials share the cluster, so ``auto`` (a whole node per worker) means 1 for them: a trial
+    is 1 worker x 1 CPU unless the sweep's config says otherwise."""
+    s = config.scaling
+    fixed = {k: 1 for k in ("num_workers", "cpus_per_worker") if getattr(s, k) == AUTO}
+    if fixed:
+        log.info("sweep trials: scaling %s (auto is for a run that has the cluster to itself)",
+                 ", ".join(f"{k}={v}" for k, v in fixed.items()))  # fmt: skip
+    return dataclasses.replace(config, scaling=dataclasses.replace(s, **fixed)) if fixed else config
+
+
 def trial_resources(config: TrainConfig) -> dict[str, float]:
     """What one trial's Ray Train workers hold: GPUs with ``scaling.use_gpu``, else CPUs."""
     s = config.scaling
@@ -164,7 +176,7 @@ def run_sweep(raw_config: dict, output: str | Path, resume: bool = True) -> dict
 
     output = storage.expand(output)
     base_raw, settings = split_tune_settings(raw_config)
-    base = from_dict(base_raw)  # validates the fixed part now
+    base = trial_scaling(from_dict(base_raw))  # validates the fixed part now
     environment.log_environment({**base.to_dict(), "tune": settings.__dict__}, "tune")
     check_search_keys(base, settings)
     check_state_api()

@@ -144,3 +144,13 @@ def test_head_sweep_refuses_encoder_settings(smoke_bundle):
         head_sweep.check_head_only(raw, source)
     with pytest.raises(ConfigError, match="keeps the bundle's encoder"):
         head_sweep.build_head_sweep_config(source, "heads", overrides=["model.pooling=cls"])
+
+
+def test_sweep_trials_turn_auto_scaling_into_one_worker_of_one_cpu():
+    from emotions.config import build_config
+    from emotions.tuning import trial_resources, trial_scaling
+
+    trial = trial_scaling(build_config("default"))  # auto: a whole node per worker, for a single run
+    assert (trial.scaling.num_workers, trial.scaling.cpus_per_worker) == (1, 1)
+    assert trial_resources(trial) == {"CPU": 1}
+    assert trial_scaling(build_config("smoke")).scaling == build_config("smoke").scaling  # explicit: kept
