@@ -334,7 +334,7 @@ def memory(args, work: Path) -> dict:
 
 def print_memory(results: dict) -> list[bool]:
     sizes = sorted(results["new"])
-    print(f"\n{'fresh driver per corpus (smoke bundle)':40}" + "".join(f"{f'{n:,} rows':>14}" for n in sizes)
+    print(f"\n{'fresh driver per corpus (smoke bundle)':40}" + "".join(f"{f'{n:,} rows':>16}" for n in sizes)
           + f"{'ratio':>8}   goal")  # fmt: skip
     verdicts = []
     for side in ("new", "old"):
@@ -344,14 +344,14 @@ def print_memory(results: dict) -> list[bool]:
             if not results[side]:
                 continue
             values = [results[side][n][key] for n in sizes]
-            line = f"{(side + ' code: ' if results['old'] else '') + label:40}" + "".join(f"{v:14.1f}" for v in values)
+            line = f"{(side + ' code: ' if results['old'] else '') + label:40}" + "".join(f"{v:16.1f}" for v in values)
             if goal and side == "new":
                 ok = values[-1] <= GOALS[goal] * values[0]
                 verdicts.append(ok)
                 line += f"{values[-1] / values[0]:8.2f}   <= {GOALS[goal]}: {'ok' if ok else 'FAIL'}"
             print(line)
     if results["old"]:
-        print(f"{'new / old rows/s':40}" + "".join(f"{results['new'][n]['rows_per_s'] / results['old'][n]['rows_per_s']:14.2f}"
+        print(f"{'new / old rows/s':40}" + "".join(f"{results['new'][n]['rows_per_s'] / results['old'][n]['rows_per_s']:16.2f}"
                                             for n in sizes) + "   >= 1.0")  # fmt: skip
     return verdicts
 
