@@ -126,8 +126,10 @@ def encode_on_ray(source: Bundle, texts: dict[str, list[str]]) -> tuple[dict[str
     current, maximum = cluster_resources()
     use_gpu = max(current.get("GPU", 0), (maximum or {}).get("GPU", 0)) > 0
     files = {p.relative_to(source.path).as_posix(): p.read_bytes() for p in source.path.rglob("*") if p.is_file()}
-    task = encode_texts.options(num_gpus=1, num_cpus=1) if use_gpu else encode_texts.options(num_cpus=node_cpus())
-    return ray.get(task.remote(ray.put(files), source.hash, texts, "cuda" if use_gpu else "cpu"))
+    # One CPU reserved, the largest node's CPUs as threads: asking Ray for the whole node waits
+    # forever while any other actor holds a fraction of it.
+    task = encode_texts.options(num_gpus=1, num_cpus=1) if use_gpu else encode_texts.options(num_cpus=1)
+    return ray.get(task.remote(ray.put(files), source.hash, texts, "cuda" if use_gpu else "cpu", node_cpus()))
 
 
 def node_cpus() -> int:
@@ -137,9 +139,11 @@ def node_cpus() -> int:
 
 @ray.remote(max_retries=1)
 def encode_texts(files: dict[str, bytes], bundle_hash: str, texts: dict[str, list[str]],
-                 device: str) -> tuple[dict[str, np.ndarray], dict]:  # fmt: skip
-    """Ray task: write the bundle's files to a temporary folder, load it on ``device`` and encode."""
+                 device: str, threads: int = 1) -> tuple[dict[str, np.ndarray], dict]:  # fmt: skip
+    """Ray task: write the bundle's files to a temporary folder, load it on ``device`` and encode
+    (``threads`` torch threads on CPU)."""
     start = time.perf_counter()
+    torch.set_num_threads(max(1, threads))
     with tempfile.TemporaryDirectory(prefix="emotions-encoder-") as tmp:
         for name, data in files.items():
             (Path(tmp) / name).parent.mkdir(parents=True, exist_ok=True)
