@@ -92,7 +92,7 @@ def dev_quality(bundle_path: str, device: str) -> dict:
     through the tagging actors' own encoder loop."""
     from emotions.bundle import load_bundle
     from emotions.data import load_labelled
-    from emotions.metrics import compute_metrics
+    from emotions.evaluation import compute_metrics
     from emotions.tagging.inference import ENCODER_BATCH, predict_tokens, tokenize_texts
 
     bundle = load_bundle(bundle_path, device=device)

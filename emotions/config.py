@@ -44,6 +44,11 @@ class ModelConfig:
     encoder: str = "minilm"
     pooling: str = "mean"  # mean | cls
     freeze_embeddings: bool = False  # keep the word-embedding matrix fixed in stage 1
+    # Which stage's head the bundle keeps, of the heads trained over its final encoder (stage 1's
+    # and stage 2's when stage 2 freezes the encoder): "heldout" = the best on held-out macro-F1
+    # (a later stage's only if it is strictly better); "last" = the last stage's (the seed study's
+    # two-stage design).
+    head_choice: str = "heldout"
 
 
 @dataclass(frozen=True)
@@ -60,6 +65,9 @@ class StageConfig:
     head_depth: int = 1  # 1 = Linear; 2 = Linear-GELU-Dropout-Linear
     head_hidden: int | None = None  # width of the 2-layer head's hidden layer; None = encoder width
     dropout: float = 0.1
+    # Imbalance: each label's positives weigh ((negatives / positives) in the training data) ** this
+    # in the BCE loss. 0 = plain BCE; 0.5 = the square root (grief x22, neutral x1.4); 1 = balanced.
+    pos_weight_power: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -129,7 +137,7 @@ class TrainConfig:
 RESUMABLE_KEYS = frozenset({
     "run.max_failures", "run.checkpoints_to_keep", "run.resume", "run.storage_path",
     "scaling.use_gpu", "scaling.cpus_per_worker", "scaling.bf16",
-    "thresholds.split", "thresholds.fallback",
+    "thresholds.split", "thresholds.fallback", "model.head_choice",
 })  # fmt: skip
 
 
@@ -163,6 +171,7 @@ _AUTO_KEYS = ("scaling.num_workers", "scaling.cpus_per_worker")  # an int, or AU
 _CHOICES = {
     "data.label_format": ("auto", "names", "ids", "columns"),
     "model.pooling": ("mean", "cls"),
+    "model.head_choice": ("heldout", "last"),
     "schedule": ("linear", "constant"),
     "head_depth": (1, 2),
     "thresholds.split": ("validation", "train"),
@@ -300,6 +309,7 @@ def _check(config: TrainConfig, errors: list[str]) -> None:
 
     choice("data.label_format", config.data.label_format)
     choice("model.pooling", config.model.pooling)
+    choice("model.head_choice", config.model.head_choice)
     choice("thresholds.split", config.thresholds.split)
     if not 0.0 <= config.data.concat_fraction <= 1.0:
         errors.append(f"data.concat_fraction: {config.data.concat_fraction} must be in [0, 1]")
@@ -314,6 +324,8 @@ def _check(config: TrainConfig, errors: list[str]) -> None:
             errors.append(f"{stage.name}: epochs must be >= 0 and batch_size >= 1")
         if stage.learning_rate <= 0 or not 0.0 <= stage.dropout < 1.0:
             errors.append(f"{stage.name}: learning_rate must be > 0 and dropout in [0, 1)")
+        if not 0.0 <= stage.pos_weight_power <= 1.0:
+            errors.append(f"{stage.name}.pos_weight_power: {stage.pos_weight_power} must be in [0, 1]")
         if not 0.0 <= stage.warmup_ratio < 1.0:
             errors.append(f"{stage.name}.warmup_ratio: {stage.warmup_ratio} must be in [0, 1)")
     if config.stage1.epochs == 0 and config.stage2.epochs == 0:

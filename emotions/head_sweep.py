@@ -34,10 +34,10 @@ from emotions import environment, storage
 from emotions.batching import random_batches
 from emotions.bundle import Bundle, BundleError, load_bundle
 from emotions.config import ConfigError, TrainConfig, from_dict
-from emotions.metrics import compute_metrics, evaluation_report, format_summary
+from emotions.evaluation import compute_metrics, evaluation_report, fit_thresholds, heldout_macro_f1
+from emotions.metrics import format_summary
 from emotions.model import build_head
 from emotions.tagging.inference import save_checked_bundle
-from emotions.thresholds import fit_thresholds
 from emotions.tuning import (TuneSettings, build_tuner, check_search_keys, check_state_api, cluster_resources,
                              concurrency, export_bundle, load_tune_preset, merge_over, split_tune_settings,
                              summarize, trial_config)  # fmt: skip
@@ -174,11 +174,11 @@ def train_head(config: TrainConfig, features: dict[str, np.ndarray], report) -> 
     head = build_head(x.shape[1], stage.head_depth, stage.dropout, stage.head_hidden)
     optimizer = torch.optim.AdamW(head.parameters(), lr=stage.head_learning_rate or stage.learning_rate,
                                   weight_decay=stage.weight_decay)  # fmt: skip
-    from emotions.training import build_scheduler
+    from emotions.training import bce_loss, build_scheduler
 
     steps = math.ceil(len(x) / stage.batch_size)
     scheduler = build_scheduler(optimizer, stage, steps)
-    loss_fn = nn.BCEWithLogitsLoss()
+    loss_fn = bce_loss(stage, features["train_y"].mean(0))
     for epoch in range(stage.epochs):
         head.train()
         start, losses = time.perf_counter(), []
@@ -190,10 +190,12 @@ def train_head(config: TrainConfig, features: dict[str, np.ndarray], report) -> 
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss.item())
         probs = predict(head, vx)
-        tuned = fit_thresholds(probs, vy, fallback=config.thresholds.fallback)
+        fallback = config.thresholds.fallback
+        tuned = fit_thresholds(probs, vy, fallback=fallback)
         metrics = {"stage": "stage2", "epoch": epoch + 1, "train_loss": float(np.mean(losses)),
+                   "val_macro_f1_heldout": heldout_macro_f1(vy, probs, fallback=fallback),
                    "val_macro_f1": compute_metrics(vy, probs, 0.5)["macro_f1"],
-                   "val_macro_f1_tuned": compute_metrics(vy, probs, tuned)["macro_f1"],
+                   "val_macro_f1_in_sample": compute_metrics(vy, probs, tuned)["macro_f1"],
                    "epoch_seconds": time.perf_counter() - start, "final": epoch + 1 == stage.epochs}  # fmt: skip
         report(metrics, head, epoch + 1 == stage.epochs)
 
@@ -276,7 +278,8 @@ def write_head_bundle(source: Bundle, config: TrainConfig, head_state: dict, fea
     probs = {name: predict(head, torch.tensor(features[f"{name}_x"])) for name in ("train", "validation")}
     thresholds = fit_thresholds(probs[split], features[f"{split}_y"], fallback=config.thresholds.fallback)
     report = evaluation_report(features["validation_y"], probs["validation"], thresholds,
-                               source=config.data.validation, model=config.model.encoder)  # fmt: skip
+                               in_sample=split == "validation", source=config.data.validation,
+                               model=config.model.encoder, fallback=config.thresholds.fallback)  # fmt: skip
     report["thresholds_fitted_on"] = split
     report["head_sweep"] = {"from_bundle": source.hash}
     weights = {k: v for k, v in source.model.state_dict().items() if not k.startswith("head.")}

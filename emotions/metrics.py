@@ -1,8 +1,6 @@
-"""Multi-label metrics for the 28 emotions, and the report written beside every evaluation.
-
-Every function takes ``labels`` [n, 28] (0/1) and ``probs`` [n, 28] (in [0, 1]) in ``EMOTIONS``
-column order; a label is predicted when its probability is >= its threshold.
-"""
+"""How an evaluation report (``evaluation.evaluation_report``) is shown: a terminal table, and
+metrics.json, report.md and per_label_f1.png beside every evaluation. The numbers themselves
+come from ``emotions.evaluation``."""
 
 from __future__ import annotations
 
@@ -11,73 +9,35 @@ import json
 from pathlib import Path
 
 import numpy as np
-from sklearn.metrics import accuracy_score, precision_recall_fscore_support
 
 from emotions.labels import EMOTIONS, NUM_LABELS
 
 SUMMARY_KEYS = (("macro_f1", "macro-F1"), ("weighted_f1", "weighted-F1"),
                 ("micro_f1", "micro-F1"), ("accuracy", "accuracy"))  # fmt: skip
-SETTINGS = (("at_0.5", "threshold 0.5"), ("at_thresholds", "fitted thresholds"))
 N_WORST = 4  # lowest-F1 labels marked in report.md
 
 
-def _check_inputs(labels: np.ndarray, probs: np.ndarray, thresholds) -> np.ndarray:
-    """Validate shapes; return thresholds broadcast to [28]."""
-    labels, probs = np.asarray(labels), np.asarray(probs)
-    if labels.shape != probs.shape or labels.ndim != 2 or labels.shape[1] != NUM_LABELS:
-        raise ValueError(
-            f"labels has shape {labels.shape} and probs has shape {probs.shape}; both must be "
-            f"[n_examples, {NUM_LABELS}] with columns in EMOTIONS order."
-        )
-    th = np.asarray(thresholds, dtype=float)
-    if th.ndim == 0:
-        th = np.full(NUM_LABELS, float(th))
-    if th.shape != (NUM_LABELS,):
-        raise ValueError(f"thresholds has shape {th.shape}; pass a scalar or shape ({NUM_LABELS},).")
-    return th
-
-
-def compute_metrics(labels: np.ndarray, probs: np.ndarray, thresholds: np.ndarray | float) -> dict:
-    """F1/precision/recall (macro, weighted, micro), exact-match accuracy and per-label scores."""
-    th = _check_inputs(labels, probs, thresholds)
-    y_true = np.asarray(labels).astype(int)
-    y_pred = (np.asarray(probs) >= th[None, :]).astype(int)  # [n, 28] >= [1, 28]
-    out: dict = {}
-    for avg in ("macro", "weighted", "micro"):
-        p, r, f, _ = precision_recall_fscore_support(y_true, y_pred, average=avg, zero_division=0)
-        out[f"{avg}_f1"] = float(f)
-        if avg == "macro":
-            out["macro_precision"], out["macro_recall"] = float(p), float(r)
-    out["accuracy"] = float(accuracy_score(y_true, y_pred))  # whole label set must match
-    p, r, f, s = precision_recall_fscore_support(y_true, y_pred, average=None, zero_division=0,
-                                                 labels=list(range(NUM_LABELS)))  # fmt: skip
-    out["per_label"] = {
-        name: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
-               "support": int(s[i]), "threshold": float(th[i])}
-        for i, name in enumerate(EMOTIONS)
-    }  # fmt: skip
-    return out
-
-
-def evaluation_report(labels: np.ndarray, probs: np.ndarray, thresholds: np.ndarray, *,
-                      source: str = "", model: str = "") -> dict:  # fmt: skip
-    """Metrics at the default 0.5 cut-off and at the fitted per-label thresholds."""
-    return {
-        "source": source,
-        "model": model,
-        "n_examples": int(np.asarray(labels).shape[0]),
-        "at_0.5": compute_metrics(labels, probs, 0.5),
-        "at_thresholds": compute_metrics(labels, probs, thresholds),
-    }
+def settings(report: dict) -> list[tuple[str, str]]:
+    """(key, title) of the report's rows, the held-out estimate first; the row at the fitted
+    thresholds is labelled in-sample where they were fitted on these rows. Reports written before
+    the held-out protocol (no "heldout") show their two rows as before."""
+    fitted = report.get("thresholds_in_sample")
+    title = {True: "fitted thresholds, in-sample", False: "bundle's thresholds, unseen data",
+             None: "fitted thresholds"}[fitted]  # fmt: skip
+    rows = [("heldout", "held-out halves")] if "heldout" in report else []
+    return rows + [("at_0.5", "threshold 0.5"), ("at_thresholds", title)]
 
 
 def format_summary(report: dict) -> str:
-    """A plain-text table for a terminal: one row per threshold setting."""
-    width = max(len(title) for _, title in SETTINGS)
+    """A plain-text table for a terminal: one row per setting, the held-out estimate first."""
+    rows = settings(report)
+    width = max(len(title) for _, title in rows)
     lines = [" " * width + "".join(f"  {head:>11}" for _, head in SUMMARY_KEYS)]
-    for key, title in SETTINGS:
+    for key, title in rows:
         lines.append(f"{title:<{width}}" + "".join(
             f"  {report[key][metric]:>11.4f}" for metric, _ in SUMMARY_KEYS))  # fmt: skip
+    if report.get("labels_absent"):
+        lines.append(f"left out of macro averages (no positive example): {', '.join(report['labels_absent'])}")
     return "\n".join(lines)
 
 
@@ -87,10 +47,17 @@ def _markdown(report: dict, title: str) -> str:
     worst = set(sorted(EMOTIONS, key=lambda name: hi[name]["f1"])[:N_WORST])
     lines = [f"# {title}", "",
              f"- source: {report['source'] or '-'}", f"- model: {report['model'] or '-'}",
-             f"- examples: {report['n_examples']}", "",
-             "| setting | " + " | ".join(head for _, head in SUMMARY_KEYS) + " |",
-             "|---|" + "---:|" * len(SUMMARY_KEYS)]  # fmt: skip
-    for key, name in SETTINGS:
+             f"- examples: {report['n_examples']}"]  # fmt: skip
+    if "heldout" in report:
+        lines.append("- held-out halves: thresholds fitted on one half of these examples and scored on the "
+                     "other, both ways, averaged (the number to compare models by)")  # fmt: skip
+    if report.get("thresholds_in_sample"):
+        lines.append("- the fitted thresholds were fitted on these examples: their row is in-sample and flatters")
+    if report.get("labels_absent"):
+        lines.append(f"- left out of macro averages (no positive example): {', '.join(report['labels_absent'])}")
+    lines += ["", "| setting | " + " | ".join(head for _, head in SUMMARY_KEYS) + " |",
+              "|---|" + "---:|" * len(SUMMARY_KEYS)]  # fmt: skip
+    for key, name in settings(report):
         lines.append(f"| {name} | " + " | ".join(
             f"{report[key][metric]:.4f}" for metric, _ in SUMMARY_KEYS) + " |")  # fmt: skip
     lines += ["", f"Per label; **bold** marks the {N_WORST} lowest F1 at fitted thresholds.", "",

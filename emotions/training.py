@@ -7,7 +7,9 @@ metrics with a checkpoint every epoch; after a failure Ray restarts them and the
 last checkpoint.
 
 Stage 1 fine-tunes encoder + head. Stage 2 freezes the encoder, builds a fresh head, computes the
-pooled features once and trains the head on them (no encoder pass per epoch).
+pooled features once and trains the head on them (no encoder pass per epoch). Both heads then sit
+over the same final encoder, and the bundle keeps the one with the better held-out macro-F1
+(stage 2's only if it wins; ``model.head_choice: last`` keeps stage 2's, as the seed study did).
 
 Checkpoints (one per epoch, kept under ``run.storage_path/<run name>/``) hold the trainable
 weights, the AdamW moments by parameter name and ``state.json`` (progress, and the config they
@@ -44,11 +46,11 @@ from emotions.batching import TokenizedSet, bucket_batches, collate, random_batc
 from emotions.config import (AUTO, ConfigError, StageConfig, TrainConfig, config_changes, config_hash,
                              from_dict, resolve_scaling)  # fmt: skip
 from emotions.data import LabelledData, expand_by_concatenation, load_labelled
-from emotions.metrics import compute_metrics, evaluation_report, format_summary
+from emotions.evaluation import compute_metrics, evaluation_report, fit_thresholds, heldout_macro_f1
+from emotions.metrics import format_summary
 from emotions.model import EmotionClassifier, build_head, load_encoder, load_tokenizer
 from emotions.progress import Progress
 from emotions.tagging.inference import save_checked_bundle
-from emotions.thresholds import fit_thresholds
 
 log = logging.getLogger("emotions.training")
 
@@ -56,6 +58,7 @@ STATE_FILE = "state.json"
 WEIGHTS_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 PREDICTIONS_FILE = "predictions.safetensors"
+HEADS_FILE = "heads.safetensors"  # the heads a later stage competes with: "<stage>/head.*", "<stage>/validation_probs"
 FROZEN_ENCODER_DIR = "frozen-encoder"  # in the run's folder: <sha256>.safetensors, encoder.* weights
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train's list of the run's checkpoints
 EVAL_BATCH = 128
@@ -199,9 +202,11 @@ def write_bundle_from_checkpoint(final: Path, config: TrainConfig, output: Path)
     split = config.thresholds.split
     thresholds = fit_thresholds(predictions[f"{split}_probs"], predictions[f"{split}_labels"],
                                 fallback=config.thresholds.fallback)  # fmt: skip
-    report = evaluation_report(predictions["validation_labels"], predictions["validation_probs"],
-                               thresholds, source=val_source, model=config.model.encoder)  # fmt: skip
+    report = evaluation_report(predictions["validation_labels"], predictions["validation_probs"], thresholds,
+                               in_sample=split == "validation", source=val_source, model=config.model.encoder,
+                               fallback=config.thresholds.fallback)  # fmt: skip
     report["thresholds_fitted_on"] = split
+    report["head_choice"] = state.get("head_choice", {})
     report["history"] = state["history"]
     report["resumed_from"] = state.get("resumed_from", [])
     report["shards"] = state.get("shards", [])
@@ -238,6 +243,18 @@ class WorkerState:
     frozen_encoder: dict | None = None  # {"uri", "sha256"} while a frozen stage runs: head-only checkpoints
     config: dict = field(default_factory=dict)  # the config the checkpoint was made with
     config_hash: str = ""  # config.config_hash(config): what prepare_run compares
+    head_choice: dict = field(default_factory=dict)  # the heads' held-out scores and the one kept
+    # Each finished stage's head over the current encoder: {stage: Candidate}. Saved in HEADS_FILE.
+    candidates: dict = field(default_factory=dict)
+
+
+@dataclass
+class Candidate:
+    """A finished stage's head, and its (gathered) validation probabilities."""
+
+    weights: dict[str, torch.Tensor]  # the head's state_dict, on the CPU
+    description: dict  # describe_head
+    validation_probs: np.ndarray
 
 
 @dataclass
@@ -249,6 +266,7 @@ class Shards:
     rank: int
     world: int
     validation_source: str = ""
+    positive_rates: np.ndarray | None = None  # [28] share of training rows with each label (all ranks' rows)
 
 
 def train_worker(loop_config: dict) -> None:
@@ -258,11 +276,13 @@ def train_worker(loop_config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(config.scaling.cpus_per_worker)
     torch.manual_seed(config.seed)
+    train_set = ray.get(loop_config["train"])
     shards = Shards(
-        train=ray.get(loop_config["train"]).shard(rank, world, equal=True),
+        train=train_set.shard(rank, world, equal=True),
         validation=ray.get(loop_config["validation"]).shard(rank, world, equal=False),
         pad_id=loop_config["pad_id"], device=ray.train.torch.get_device(), rank=rank, world=world,
         validation_source=loop_config.get("validation_source", ""),
+        positive_rates=train_set.labels.mean(0),
     )  # fmt: skip
     model = EmotionClassifier(load_encoder(config.model.encoder, config.seed),
                               nn.Identity(), config.model.pooling).to(shards.device)  # fmt: skip
@@ -270,7 +290,10 @@ def train_worker(loop_config: dict) -> None:
     state.shards = describe_shards(shards)
     state.config, state.config_hash = loop_config["config"], config_hash(loop_config["config"])
     order = [s.name for s in config.stages]
-    val_probs = None
+    if state.head_choice and checkpoint is not None:  # restarted after the final report: finish again
+        weights = checkpoint_weights(checkpoint, str(shards.device))
+        model.load_state_dict({k: v for k, v in weights.items() if k.startswith("encoder.")}, strict=False)
+        return finish(model, shards, config, state)
     for stage in config.stages:
         if state.stage and order.index(stage.name) < order.index(state.stage):
             continue  # finished before the restart; its weights are in the checkpoint
@@ -286,8 +309,12 @@ def train_worker(loop_config: dict) -> None:
         stores_encoder = not stage.train_encoder and shards.rank == 0
         state.frozen_encoder = save_frozen_encoder(model, loop_config["run_dir"]) if stores_encoder else None
         val_probs = run_stage(stage, model, shards, config, state, checkpoint, start)
+        if stage.train_encoder:  # heads over an earlier encoder no longer fit it
+            state.candidates.clear()
+        state.candidates[stage.name] = Candidate({k: v.detach().cpu().clone() for k, v in model.head.state_dict().items()},
+                                                 describe_head(model.head, model.pooling), val_probs)  # fmt: skip
         checkpoint = None  # later stages start fresh
-    finish(model, shards, config, state, val_probs)
+    finish(model, shards, config, state)
 
 
 def run_stage(stage: StageConfig, model: EmotionClassifier, shards: Shards, config: TrainConfig,
@@ -315,7 +342,7 @@ def run_stage(stage: StageConfig, model: EmotionClassifier, shards: Shards, conf
         load_optimizer_state(optimizer, model, checkpoint / OPTIMIZER_FILE, shards.device)
         for _ in range(start_epoch * steps_per_epoch):
             scheduler.step()
-    loss_fn = nn.BCEWithLogitsLoss()
+    loss_fn = bce_loss(stage, shards.positive_rates, shards.device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16,
                               enabled=config.scaling.use_gpu and config.scaling.bf16)  # fmt: skip
     val_probs = None
@@ -349,9 +376,9 @@ def run_stage(stage: StageConfig, model: EmotionClassifier, shards: Shards, conf
         metrics = epoch_metrics(stage, epoch, losses, val_probs, val_labels, elapsed, shards, config)
         if shards.rank == 0:
             log.info("%s epoch %d/%d done in %.0fs: train_loss %.4f, val_loss %.4f, val macro-F1 "
-                     "%.4f at 0.5, %.4f at fitted thresholds", stage.name, epoch + 1, stage.epochs,
-                     elapsed, metrics["train_loss"], metrics["val_loss"], metrics["val_macro_f1"],
-                     metrics["val_macro_f1_tuned"])  # fmt: skip
+                     "%.4f held out (%.4f at 0.5, %.4f in-sample)", stage.name, epoch + 1, stage.epochs,
+                     elapsed, metrics["train_loss"], metrics["val_loss"], metrics["val_macro_f1_heldout"],
+                     metrics["val_macro_f1"], metrics["val_macro_f1_in_sample"])  # fmt: skip
         state.stage, state.epoch = stage.name, epoch + 1
         state.stage_seconds[stage.name] = state.stage_seconds.get(stage.name, 0.0) + (
             time.perf_counter() - stage_start)
@@ -361,6 +388,17 @@ def run_stage(stage: StageConfig, model: EmotionClassifier, shards: Shards, conf
     if val_probs is None:  # stage already complete at restore: predictions for the next step
         val_probs, _ = predict_validation(model, shards, val_x if frozen else None)
     return val_probs
+
+
+def bce_loss(stage: StageConfig, positive_rates: np.ndarray, device=None) -> nn.BCEWithLogitsLoss:
+    """BCE over the 28 labels; with ``stage.pos_weight_power`` p > 0 each label's positives weigh
+    ((1 - rate) / rate) ** p, ``rate`` its share of the training rows (a label without any: 1)."""
+    if stage.pos_weight_power <= 0:
+        return nn.BCEWithLogitsLoss()
+    rates = np.asarray(positive_rates, dtype=np.float64)
+    odds = np.where(rates > 0, (1 - rates) / np.maximum(rates, 1e-12), 1.0)
+    weight = torch.tensor(odds**stage.pos_weight_power, dtype=torch.float32, device=device)
+    return nn.BCEWithLogitsLoss(pos_weight=weight)
 
 
 def build_optimizer(model: EmotionClassifier, stage: StageConfig, frozen: bool) -> torch.optim.AdamW:
@@ -434,17 +472,17 @@ def epoch_metrics(stage: StageConfig, epoch: int, losses: list[float], probs: np
                   labels: np.ndarray, elapsed: float, shards: Shards, config: TrainConfig) -> dict:  # fmt: skip
     eps = 1e-7
     val_loss = float(-np.mean(labels * np.log(probs + eps) + (1 - labels) * np.log(1 - probs + eps)))
-    at_half = compute_metrics(labels, probs, 0.5)
-    tuned = fit_thresholds(probs, labels, fallback=config.thresholds.fallback)
-    at_tuned = compute_metrics(labels, probs, tuned)
+    fallback = config.thresholds.fallback
+    at_tuned = compute_metrics(labels, probs, fit_thresholds(probs, labels, fallback=fallback))
     samples = len(losses) * stage.batch_size * shards.world
     metrics = {
         "stage": stage.name,
         "epoch": epoch + 1,
         "train_loss": float(np.mean(losses)) if losses else float("nan"),
         "val_loss": val_loss,
-        "val_macro_f1": at_half["macro_f1"],
-        "val_macro_f1_tuned": at_tuned["macro_f1"],
+        "val_macro_f1_heldout": heldout_macro_f1(labels, probs, fallback=fallback),  # what runs are compared by
+        "val_macro_f1": compute_metrics(labels, probs, 0.5)["macro_f1"],  # at 0.5
+        "val_macro_f1_in_sample": at_tuned["macro_f1"],  # at thresholds fitted on these rows: flatters
         "samples_per_s": samples / max(elapsed, 1e-9),
         "epoch_seconds": elapsed,
     }
@@ -468,7 +506,11 @@ def save_and_report(metrics: dict, model: EmotionClassifier, optimizer, state: W
                 save_optimizer_state(optimizer, model, d / OPTIMIZER_FILE)
             if predictions is not None:
                 save_numpy(predictions, str(d / PREDICTIONS_FILE))
-            payload = {**state.__dict__, "validation_source": shards.validation_source,
+            if state.candidates:
+                save_candidates(state.candidates, d / HEADS_FILE)
+            payload = {**{k: v for k, v in state.__dict__.items() if k != "candidates"},
+                       "candidates": {name: c.description for name, c in state.candidates.items()},
+                       "validation_source": shards.validation_source,
                        "encoder_config": model.encoder.config.to_dict(),
                        "head": describe_head(model.head, model.pooling)}  # fmt: skip
             (d / STATE_FILE).write_text(json.dumps(payload, default=str))
@@ -476,9 +518,10 @@ def save_and_report(metrics: dict, model: EmotionClassifier, optimizer, state: W
         ray.train.report(metrics, checkpoint=checkpoint)
 
 
-def finish(model: EmotionClassifier, shards: Shards, config: TrainConfig, state: WorkerState,
-           val_probs: np.ndarray) -> None:  # fmt: skip
-    """Final checkpoint: weights plus the gathered predictions the driver fits thresholds on."""
+def finish(model: EmotionClassifier, shards: Shards, config: TrainConfig, state: WorkerState) -> None:
+    """Final checkpoint: the kept head's weights plus the gathered predictions the driver fits
+    thresholds on."""
+    val_probs = choose_head(model, shards, config, state)
     predictions = {"validation_probs": val_probs,
                    "validation_labels": gather_rows(shards.validation.labels, shards.validation.index, shards)}
     if config.thresholds.split == "train":
@@ -488,6 +531,31 @@ def finish(model: EmotionClassifier, shards: Shards, config: TrainConfig, state:
     last = state.history[-1] if state.history else {}
     metrics = {**last, "final": True}
     save_and_report(metrics, model, None, state, shards, predictions)
+
+
+def choose_head(model: EmotionClassifier, shards: Shards, config: TrainConfig, state: WorkerState) -> np.ndarray:
+    """Put the kept head (``model.head_choice``) on the model, record the candidates' held-out
+    macro-F1 and the choice in ``state.head_choice``; return the kept head's validation probs.
+    Every rank computes the same choice from the same gathered predictions."""
+    labels = gather_rows(shards.validation.labels, shards.validation.index, shards)
+    scores = {name: heldout_macro_f1(labels, c.validation_probs, fallback=config.thresholds.fallback)
+              for name, c in state.candidates.items()}  # fmt: skip
+    names = list(state.candidates)
+    kept = names[-1]
+    if config.model.head_choice == "heldout":
+        kept = names[0]
+        for name in names[1:]:  # a later stage's head must win outright
+            kept = name if scores[name] > scores[kept] else kept
+    state.head_choice = {"rule": config.model.head_choice, "heldout_macro_f1": scores, "kept": kept}
+    chosen = state.candidates[kept]
+    d = chosen.description
+    model.head = build_head(model.hidden_size, d["depth"], d["dropout"], d["hidden"]).to(shards.device)
+    model.head.load_state_dict(chosen.weights)
+    if shards.rank == 0 and len(names) > 1:
+        log.info("heads over the final encoder, held-out macro-F1: %s; the bundle keeps %s's (%s)",
+                 ", ".join(f"{n} {v:.4f}" for n, v in scores.items()), kept,
+                 "the best" if config.model.head_choice == "heldout" else "the last stage's")  # fmt: skip
+    return state.candidates[kept].validation_probs
 
 
 def describe_shards(shards: Shards) -> list[dict]:
@@ -519,10 +587,29 @@ def restore_state() -> tuple[WorkerState, Path | None]:
     saved = json.loads((local / STATE_FILE).read_text())
     state = WorkerState(saved["stage"], saved["epoch"], saved["history"], saved.get("resumed_from", []),
                         stage_seconds=saved.get("stage_seconds", {}),
-                        frozen_encoder=saved.get("frozen_encoder"))  # fmt: skip
+                        frozen_encoder=saved.get("frozen_encoder"), head_choice=saved.get("head_choice", {}))  # fmt: skip
+    if (local / HEADS_FILE).exists():
+        state.candidates = load_candidates(local / HEADS_FILE, saved.get("candidates", {}))
     state.resumed_from.append({"stage": state.stage, "epoch": state.epoch})
     log.warning("resuming from checkpoint: %s epoch %d done", state.stage, state.epoch)
     return state, local
+
+
+def save_candidates(candidates: dict[str, Candidate], path: Path) -> None:
+    tensors = {}
+    for name, c in candidates.items():
+        tensors.update({f"{name}/head.{k}": v.contiguous() for k, v in c.weights.items()})
+        tensors[f"{name}/validation_probs"] = torch.from_numpy(np.ascontiguousarray(c.validation_probs))
+    save_file(tensors, str(path))
+
+
+def load_candidates(path: Path, descriptions: dict[str, dict]) -> dict[str, Candidate]:
+    tensors = load_file(str(path))
+    out = {}
+    for name, description in descriptions.items():  # JSON keeps the stages' order
+        weights = {k.split("/head.", 1)[1]: v for k, v in tensors.items() if k.startswith(f"{name}/head.")}
+        out[name] = Candidate(weights, description, tensors[f"{name}/validation_probs"].numpy())
+    return out
 
 
 def save_frozen_encoder(model: EmotionClassifier, run_dir: str) -> dict:

@@ -39,7 +39,7 @@ DEFAULT_SEARCH: dict[str, Any] = {
 @dataclass(frozen=True)
 class TuneSettings:
     num_samples: int = 8
-    metric: str = "val_macro_f1_tuned"  # per-epoch validation macro-F1 at fitted thresholds
+    metric: str = "val_macro_f1_heldout"  # per-epoch held-out validation macro-F1 (evaluation.heldout_macro_f1)
     grace_period: int = 1  # reports (epochs) before ASHA may stop a trial
     reduction_factor: int = 2
     max_concurrent_trials: int | None = None  # None = as many as the cluster's CPUs/GPUs fit at its largest
@@ -294,6 +294,7 @@ def summarize(results, settings: TuneSettings, base: TrainConfig, output: str, e
             "final_" + metric: result.metrics.get(metric),
             "best_" + metric: best_f1,
             "val_macro_f1_at_0.5": result.metrics.get("val_macro_f1"),
+            "val_macro_f1_in_sample": result.metrics.get("val_macro_f1_in_sample"),  # flatters: not for choosing
             "stopped_early": not result.metrics.get("final", False),
             "minutes": round(result.metrics.get("time_total_s", math.nan) / 60, 2),
             "ended": result.metrics.get("timestamp"),  # unix seconds of the last report

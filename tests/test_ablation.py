@@ -11,12 +11,15 @@ from emotions.config import build_config
 def test_rows_are_the_seed_table():
     base = build_config("quickstart").to_dict()
     configs = {row.name: row_config(base, row, "laptop") for row in ROWS}
-    assert len(ROWS) == 9
+    assert len(ROWS) == 10
     one = configs["DenseLayer(1) + dynamic lr"]
     assert one.stage2.epochs == 0 and one.stage1.schedule == "linear"
     fixed = configs["DenseLayer(1) + fixed lr 5e-5"]
     assert fixed.stage1.schedule == "constant" and fixed.stage1.learning_rate == 5e-5
     assert configs["+ two-stage"].stage2.epochs > 0
+    # The seed's rows keep stage 2's head always; the last row keeps it only if it wins held out.
+    assert configs["+ two-stage"].model.head_choice == "last"
+    assert configs["+ stage 2's head only if it wins held out"].model.head_choice == "heldout"
     assert configs["+ expanded dataset"].data.concat_fraction > 0
     assert configs["DenseLayer(2), dropout 0.2"].stage2.head_depth == 2
     assert configs["DenseLayer(2), dropout 0.2"].stage2.dropout == 0.2
@@ -34,6 +37,9 @@ def test_ablation_runs_rows_and_writes_the_table(local_ray, runs_dir, tmp_path):
     # Rows 4 and 5 share one training run; thresholds (fitted on train) change the numbers.
     assert len(list((tmp_path / "bundles").iterdir())) == 1
     assert results[1]["macro_f1"] != results[0]["macro_f1"]
+    # One run: one held-out number (thresholds refitted on validation halves), whichever column is read.
+    assert results[0]["heldout_macro_f1"] == results[1]["heldout_macro_f1"] is not None
+    assert results[0]["head_kept"] == "stage2"  # the seed's rows keep stage 2's head
     table = (tmp_path / "ablation.md").read_text()
     assert "| + threshold optimisation |" in table and "0.380" in table
     assert json.loads((tmp_path / "ablation.json").read_text()) == results

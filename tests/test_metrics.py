@@ -1,4 +1,5 @@
-"""Tests for emotions.metrics: the arithmetic against hand-computed values, and the written report."""
+"""Tests for emotions.evaluation's metrics and held-out protocol (the arithmetic against
+hand-computed values) and for the written report (emotions.metrics)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import numpy as np
 import pytest
 
 from emotions.labels import EMOTIONS, LABEL_TO_ID, NUM_LABELS
-from emotions.metrics import compute_metrics, evaluation_report, format_summary, write_report
+from emotions.evaluation import (compute_metrics, evaluation_report, fit_thresholds, heldout_halves,
+                                 heldout_macro_f1, heldout_metrics, macro_f1)
+from emotions.metrics import format_summary, write_report
 
 ADM, ANGER, ANNOY, JOY, NEUTRAL = (LABEL_TO_ID[n] for n in
                                    ("admiration", "anger", "annoyance", "joy", "neutral"))  # fmt: skip
@@ -44,10 +47,12 @@ def test_hand_computed_small_case() -> None:
     labels, probs = _small_case()
     m = compute_metrics(labels, probs, 0.5)
     # Per-label F1: admiration 1 (support 2), joy 1 (1), anger 1 (1), neutral 2/3 (2: tp 1, fn 1),
-    # annoyance 0 (1 fp, support 0); the other 23 labels 0. Macro divides by all 28.
-    assert m["macro_f1"] == pytest.approx((3 + 2 / 3) / 28)
-    assert m["macro_precision"] == pytest.approx(4 / 28)  # neutral's precision is 1
-    assert m["macro_recall"] == pytest.approx(3.5 / 28)  # neutral's recall is 1/2
+    # annoyance 0 (1 fp, support 0); 24 labels have no positive example: macro averages leave them
+    # out (annoyance's false positive still costs micro-F1 and accuracy) and divide by 4.
+    assert m["macro_f1"] == pytest.approx((3 + 2 / 3) / 4)
+    assert m["macro_precision"] == pytest.approx(4 / 4)  # neutral's precision is 1
+    assert m["macro_recall"] == pytest.approx(3.5 / 4)  # neutral's recall is 1/2
+    assert len(m["labels_absent"]) == 24 and "annoyance" in m["labels_absent"] and "joy" not in m["labels_absent"]
     assert m["weighted_f1"] == pytest.approx((2 * 1 + 1 + 1 + 2 * 2 / 3) / 6)  # = 8/9
     assert m["micro_f1"] == pytest.approx(5 / 6)  # tp 5, fp 1, fn 1
     assert m["accuracy"] == pytest.approx(3 / 5)  # examples 0, 3, 4 match exactly
@@ -83,10 +88,14 @@ def test_shape_mismatch_names_both_shapes() -> None:
 def test_write_report_writes_three_readable_files(tmp_path) -> None:
     labels, probs = _small_case()
     thresholds = np.linspace(0.2, 0.8, NUM_LABELS)
-    report = evaluation_report(labels, probs, thresholds, source="dev.parquet", model="tiny")
+    report = evaluation_report(labels, probs, thresholds, in_sample=True, source="dev.parquet", model="tiny")
     assert report["n_examples"] == 5
     summary = format_summary(report)
-    assert "threshold 0.5" in summary and "fitted thresholds" in summary
+    assert summary.splitlines()[1].startswith("held-out halves")  # the number to compare by comes first
+    assert "threshold 0.5" in summary and "fitted thresholds, in-sample" in summary
+    assert "left out of macro averages" in summary
+    unseen = format_summary(evaluation_report(labels, probs, thresholds, in_sample=False))
+    assert "unseen data" in unseen and "in-sample" not in unseen
     assert f"{report['at_0.5']['macro_f1']:.4f}" in summary
 
     paths = write_report(report, tmp_path / "out", title="Dev")
@@ -97,6 +106,7 @@ def test_write_report_writes_three_readable_files(tmp_path) -> None:
             if line.startswith("| ") and line.split("|")[1].strip(" *") in EMOTIONS]  # fmt: skip
     assert [r.split("|")[1].strip(" *") for r in rows] == list(EMOTIONS)
     assert md.count("| **") == 4  # the four lowest-F1 labels are marked
+    assert "| held-out halves |" in md and "in-sample" in md
     assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -115,3 +125,34 @@ def test_heldout_halves_are_stratified_and_paired_change_sees_a_real_loss():
     noisy = np.clip(probs + rng.normal(0, 0.3, probs.shape), 0, 1)  # a much worse candidate
     worse = paired_change(labels, probs, noisy, resamples=200)
     assert worse["interval_95"][1] < 0 and worse["rows_changed"] > 0.5
+
+
+def test_macro_f1_leaves_out_absent_labels_so_subsets_compare():
+    """A perfect model scores 1.0 on any subset, however many labels the subset happens to lack."""
+    rng = np.random.default_rng(3)
+    labels = (rng.random((400, NUM_LABELS)) < np.linspace(0.002, 0.2, NUM_LABELS)).astype(int)
+    subset = labels[:40]
+    assert (subset.sum(0) == 0).any()  # some rare labels are absent from the subset
+    for rows in (labels, subset):
+        m = compute_metrics(rows, rows.astype(float), 0.5)
+        assert m["macro_f1"] == 1.0 and m["labels_absent"] == [EMOTIONS[j] for j in np.flatnonzero(rows.sum(0) == 0)]
+        assert macro_f1(rows, rows)[0] == pytest.approx(1.0)
+    # The vectorised macro_f1 and compute_metrics agree on a noisy model.
+    probs = np.clip(labels * 0.5 + rng.random(labels.shape) * 0.6, 0, 1)
+    assert macro_f1(labels, probs >= 0.5)[0] == pytest.approx(compute_metrics(labels, probs, 0.5)["macro_f1"])
+
+
+def test_heldout_metrics_never_score_rows_their_thresholds_were_fitted_on():
+    """Noise that in-sample thresholds can fit: the held-out estimate sees through it."""
+    rng = np.random.default_rng(4)
+    labels = (rng.random((600, NUM_LABELS)) < 0.03).astype(int)
+    probs = rng.random(labels.shape)  # no signal at all
+    in_sample = compute_metrics(labels, probs, fit_thresholds(probs, labels))["macro_f1"]
+    held = heldout_metrics(labels, probs)
+    assert held["macro_f1"] < in_sample - 0.01  # in-sample thresholds flatter pure noise
+    assert held["macro_f1"] == pytest.approx(heldout_macro_f1(labels, probs))
+    # By hand: each half's thresholds scored on the other half.
+    a, b = heldout_halves(labels)
+    by_hand = np.mean([compute_metrics(labels[s], probs[s], fit_thresholds(probs[f], labels[f]))["macro_f1"]
+                       for f, s in ((a, b), (b, a))])  # fmt: skip
+    assert held["macro_f1"] == pytest.approx(by_hand)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from sklearn.metrics import f1_score
 
-from emotions.thresholds import fit_thresholds
+from emotions.evaluation import fit_thresholds
 
 
 def test_thresholds_beat_half_for_under_confident_labels():

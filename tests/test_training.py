@@ -58,6 +58,22 @@ def test_two_workers_train_on_different_shards(smoke_bundle):
     assert len(expected[0]) + len(expected[1]) == len(data)
 
 
+def test_the_bundle_keeps_the_head_that_wins_held_out(smoke_bundle):
+    """Stage 1's head and stage 2's sit over the same encoder; the bundle keeps stage 2's only if
+    its held-out macro-F1 is higher, and its metrics are that head's."""
+    metrics = metrics_of(smoke_bundle)
+    choice = metrics["head_choice"]
+    scores = choice["heldout_macro_f1"]
+    assert choice["rule"] == "heldout" and set(scores) == {"stage1", "stage2"}
+    assert choice["kept"] == ("stage2" if scores["stage2"] > scores["stage1"] else "stage1")
+    # The bundle's validation metrics are the kept head's: the same held-out protocol, the same number.
+    assert metrics["heldout"]["macro_f1"] == pytest.approx(scores[choice["kept"]])
+    head = json.loads((smoke_bundle / "bundle.json").read_text())["head"]
+    assert head["depth"] == (2 if choice["kept"] == "stage2" else 1)  # smoke: stage 1 depth 1, stage 2 depth 2
+    # The per-epoch history reports the held-out number, and the in-sample one under its own name.
+    assert all(0 <= h["val_macro_f1_heldout"] <= 1 and 0 <= h["val_macro_f1_in_sample"] <= 1 for h in metrics["history"])
+
+
 def test_fitted_thresholds_beat_half(smoke_bundle):
     metrics = metrics_of(smoke_bundle)
     assert metrics["at_thresholds"]["macro_f1"] > metrics["at_0.5"]["macro_f1"]
@@ -85,7 +101,7 @@ def test_bundle_round_trip_gives_identical_predictions(smoke_bundle, tmp_path):
 
 def test_bundle_reproduces_validation_metrics(smoke_bundle):
     """Predictions made in this process match what the Ray workers measured."""
-    from emotions.metrics import compute_metrics
+    from emotions.evaluation import compute_metrics
 
     bundle = load_bundle(smoke_bundle)
     config = build_config("smoke")
@@ -144,6 +160,8 @@ def test_workers_killed_in_each_stage_resume_from_checkpoints(local_ray, runs_di
     metrics = metrics_of(result["path"])
     assert [r["stage"] for r in metrics["resumed_from"]] == ["stage1", "stage2"], metrics["resumed_from"]
     assert metrics["resumed_from"][0]["epoch"] == 1 and 1 <= metrics["resumed_from"][1]["epoch"] < 8
+    # Stage 1's head came back from the stage-2 checkpoint (heads.safetensors) to compete at the end.
+    assert set(metrics["head_choice"]["heldout_macro_f1"]) == {"stage1", "stage2"}
     epochs = [(h["stage"], h["epoch"]) for h in metrics["history"]]
     assert epochs == [("stage1", 1), ("stage1", 2)] + [("stage2", e) for e in range(1, 9)]
     # The restored stage-2 worker had the stage-1 encoder back bit for bit: storing it again at the
@@ -173,8 +191,12 @@ def test_frozen_stage_checkpoints_hold_the_head_only(smoke_bundle, runs_dir):
         for checkpoint in checkpoints:
             state = json.loads((checkpoint / "state.json").read_text())
             assert state["stage"] == "stage2" and state["frozen_encoder"]["uri"] == str(encoder)
-            assert sorted(safetensors_keys(checkpoint / "model.safetensors")) == sorted(
-                k for k in bundle if k.startswith("head."))  # fmt: skip
+            keys = safetensors_keys(checkpoint / "model.safetensors")
+            assert keys and all(k.startswith("head.") for k in keys)
+            if state["head_choice"]:  # the final checkpoint: the head the bundle keeps
+                assert sorted(keys) == sorted(k for k in bundle if k.startswith("head."))
+            # Stage 2's checkpoints carry stage 1's head, which stage 2's competes with at the end.
+            assert set(state["candidates"]) == ({"stage1", "stage2"} if state["head_choice"] else {"stage1"})
             # Each checkpoint says what it was made with (prepare_run compares the hash).
             assert state["config"]["stage2"]["epochs"] == 2 and len(state["config_hash"]) == 16
         # The bundle is whole: the stored encoder plus the final checkpoint's head.
@@ -263,3 +285,14 @@ def test_bundle_metrics_record_the_layout_that_ran(smoke_bundle):
     layout = metrics_of(smoke_bundle)["layout"]
     assert (layout["num_workers"], layout["cpus_per_worker"], layout["use_gpu"]) == (2, 1, False)
     assert len(metrics_of(smoke_bundle)["shards"]) == layout["num_workers"]
+
+
+def test_positive_weights_lift_rare_labels_by_their_odds():
+    from emotions.training import bce_loss
+
+    rates = np.array([0.5, 0.01, 0.0] + [0.1] * 25)
+    weighted = bce_loss(build_config("smoke", overrides=["stage1.pos_weight_power=0.5"]).stage1, rates)
+    assert weighted.pos_weight[0].item() == pytest.approx(1.0)  # as many positives as negatives
+    assert weighted.pos_weight[1].item() == pytest.approx(99**0.5, rel=1e-5)  # 1 in 100: x sqrt(99)
+    assert weighted.pos_weight[2].item() == 1.0  # a label the training data lacks is left alone
+    assert bce_loss(build_config("smoke").stage1, rates).pos_weight is None  # the default: plain BCE
