@@ -59,6 +59,10 @@ ROWS = (
     Row("+ stage 2's head only if it wins held out", ("stage2.epochs=STAGE2", "model.head_choice=heldout", *FIXED,
                                                       "stage1.dropout=0.1", "stage2.head_depth=2", "stage2.dropout=0.1",
                                                       "data.concat_fraction=0.3"), True),
+    Row("+ positive weights (square root of each label's odds)",
+        ("stage2.epochs=STAGE2", "model.head_choice=heldout", *FIXED, "stage1.dropout=0.1", "stage2.head_depth=2",
+         "stage2.dropout=0.1", "data.concat_fraction=0.3", "stage1.pos_weight_power=0.5",
+         "stage2.pos_weight_power=0.5"), True),
 )  # fmt: skip
 
 BUDGETS = {  # train examples, stage-1 epochs, stage-2 epochs, validation examples

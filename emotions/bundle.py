@@ -140,7 +140,7 @@ def load_bundle(path: str | Path, device: str = "cpu", verify: bool = True) -> B
     file's sha256 and the content hash are recomputed and compared with the manifest's;
     ``verify=False`` skips the hashing and trusts the manifest's hash."""
     if storage.is_uri(path):
-        path = storage.Folder.from_uri(path).download(tempfile.mkdtemp(prefix="emotions-bundle-"))
+        path = download_bundle(str(path))
     path = Path(path)
     if not path.is_dir():
         raise BundleError(f"model bundle {path} does not exist (expected a folder made by `emotions train`)")
@@ -172,6 +172,47 @@ def load_bundle(path: str | Path, device: str = "cpu", verify: bool = True) -> B
     )  # fmt: skip
 
 
+def download_bundle(uri: str) -> Path:
+    """A local copy of the bundle at ``uri``, in ``bundle_cache()/<content hash>``: one copy per
+    distinct bundle however often it is loaded (a nightly job, every tagging actor), instead of
+    a new temporary folder each time. The copy is made beside it and renamed into place, so a
+    crash never leaves a half copy under the hash; load_bundle then checks it file by file."""
+    import pyarrow.fs as pafs
+
+    source = storage.Folder.from_uri(uri)
+    try:
+        manifest = json.loads(source.read_bytes("manifest.json"))
+        content_hash, listed = manifest["hash"], dict(manifest["files"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise BundleError(f"{uri} has no readable manifest.json ({error}): is it a bundle written by "
+                          "`emotions train`?") from error  # fmt: skip
+    infos = source.fs.get_file_info(pafs.FileSelector(source.root, recursive=True))
+    found = {i.path[len(source.root):].lstrip("/") for i in infos if i.type == pafs.FileType.File}
+    check_file_set(uri, listed, found - {"manifest.json"})  # a cached copy must not hide a changed remote
+    if not all(c in "0123456789abcdef" for c in content_hash) or not content_hash:
+        raise BundleError(f"{uri}/manifest.json: hash {content_hash!r} is not a hex digest")
+    cache = bundle_cache()
+    target = cache / content_hash
+    if (target / "manifest.json").is_file():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{content_hash}-", dir=cache))
+    source.download(partial)
+    try:
+        partial.rename(target)
+    except OSError:  # another process put its copy there first
+        shutil.rmtree(partial, ignore_errors=True)
+    return target
+
+
+def bundle_cache() -> Path:
+    """Where bundles loaded from URIs are copied: $EMOTIONS_BUNDLE_CACHE, else a folder in the
+    temporary directory."""
+    import os
+
+    return Path(os.environ.get("EMOTIONS_BUNDLE_CACHE") or Path(tempfile.gettempdir()) / "emotions-bundles")
+
+
 def read_manifest(path: Path) -> dict:
     """manifest.json: ``files`` (relative path -> sha256) and ``hash`` (the content hash)."""
     try:
@@ -186,10 +227,11 @@ def read_manifest(path: Path) -> dict:
     return manifest
 
 
-def check_file_set(path: Path, listed: dict[str, str]) -> None:
-    """Refuse a folder whose files are not exactly the manifest's: a file the manifest does not
-    list was never checked and could be read by a loader (a tokenizer picks up extra files)."""
-    found = set(_bundle_files(path))
+def check_file_set(path: Path | str, listed: dict[str, str], found: set[str] | None = None) -> None:
+    """Refuse a folder whose files (``found``: relative paths but the manifest; by default those
+    under the local ``path``) are not exactly the manifest's: a file the manifest does not list
+    was never checked and could be read by a loader (a tokenizer picks up extra files)."""
+    found = set(_bundle_files(Path(path))) if found is None else found
     extra, missing = sorted(found - set(listed)), sorted(set(listed) - found)
     problems = []
     if missing:

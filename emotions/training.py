@@ -529,7 +529,10 @@ def finish(model: EmotionClassifier, shards: Shards, config: TrainConfig, state:
         predictions["train_probs"] = gather_rows(train_probs, shards.train.index, shards)
         predictions["train_labels"] = gather_rows(shards.train.labels, shards.train.index, shards)
     last = state.history[-1] if state.history else {}
-    metrics = {**last, "final": True}
+    # The final report scores the head the bundle keeps: what Tune picks the best trial by.
+    kept = state.head_choice["kept"]
+    metrics = {**last, "final": True, "head_kept": kept,
+               "val_macro_f1_heldout": state.head_choice["heldout_macro_f1"][kept]}  # fmt: skip
     save_and_report(metrics, model, None, state, shards, predictions)
 
 

@@ -11,7 +11,8 @@ from emotions.config import build_config
 def test_rows_are_the_seed_table():
     base = build_config("quickstart").to_dict()
     configs = {row.name: row_config(base, row, "laptop") for row in ROWS}
-    assert len(ROWS) == 10
+    assert len(ROWS) == 11
+    assert configs["+ positive weights (square root of each label's odds)"].stage1.pos_weight_power == 0.5
     one = configs["DenseLayer(1) + dynamic lr"]
     assert one.stage2.epochs == 0 and one.stage1.schedule == "linear"
     fixed = configs["DenseLayer(1) + fixed lr 5e-5"]

@@ -76,3 +76,17 @@ def test_bundle_on_s3_is_checked_and_republishing_removes_stale_files(smoke_bund
     publish_bundle(smoke_bundle, uri)  # replaces the earlier bundle whole
     assert not folder.exists("tokenizer", "vocab.txt")
     assert load_bundle(uri).hash == json.loads((smoke_bundle / "manifest.json").read_text())["hash"]
+
+
+def test_a_bundle_on_s3_is_copied_once_per_content_hash(smoke_bundle, s3, tmp_path, monkeypatch):
+    """Loading a bundle from a URI again (every night, every actor) reuses one local copy."""
+    monkeypatch.setenv("EMOTIONS_BUNDLE_CACHE", str(tmp_path / "cache"))
+    uri = storage.join(s3, "bundle-cache", "bundle")
+    publish_bundle(smoke_bundle, uri)
+    first, second = load_bundle(uri), load_bundle(uri)
+    assert first.path == second.path == tmp_path / "cache" / first.hash
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [first.hash]  # no temporary folders left
+    # The remote is still checked against its manifest before the copy is used.
+    storage.Folder.from_uri(uri).write_text("left over\n", "tokenizer", "vocab.txt")
+    with pytest.raises(BundleError, match="which manifest.json does not list"):
+        load_bundle(uri)
