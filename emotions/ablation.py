@@ -102,8 +102,8 @@ def run_ablation(preset: str, output: str | Path, budget: str = "laptop", overri
         m = metrics["at_thresholds" if row.thresholds else "at_0.5"]
         results.append({
             "row": row.name, "epochs": f"{config.stage1.epochs}+{config.stage2.epochs if config.stage2.epochs else 0}",
-            "heldout_macro_f1": metrics.get("heldout", {}).get("macro_f1"),
-            "head_kept": metrics.get("head_choice", {}).get("kept"),
+            "heldout_macro_f1": (metrics.get("heldout") or {}).get("macro_f1"),
+            "head_kept": (metrics.get("head_choice") or {}).get("kept"),
             "macro_f1": m["macro_f1"], "weighted_f1": m["weighted_f1"], "accuracy": m["accuracy"],
             "seed_macro_f1": row.seed[0] if row.seed else None,
             "seed_weighted_f1": row.seed[1] if row.seed else None,

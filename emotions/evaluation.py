@@ -136,14 +136,18 @@ def heldout_halves(labels: np.ndarray, seed: int = HELDOUT_SEED) -> tuple[np.nda
 
 
 def heldout_metrics(labels: np.ndarray, probs: np.ndarray, *, fallback: float = 0.5,
-                    seed: int = HELDOUT_SEED) -> dict:  # fmt: skip
+                    seed: int = HELDOUT_SEED) -> dict | None:  # fmt: skip
     """The held-out estimate: thresholds fitted on one half of these rows, the metrics scored on
     the other, both ways, averaged (``SUMMARY`` keys), with each fold's thresholds' source rows
-    never among its scored rows. ``labels_absent``: labels absent from either scored half."""
+    never among its scored rows. ``labels_absent``: labels absent from either scored half.
+    None for a set too small to halve (a half would be empty)."""
     labels, probs = np.asarray(labels), np.asarray(probs)
     _check_inputs(labels, probs, 0.5)
+    halves = _folds(labels, seed)
+    if not all(len(half) for half in halves[0]):
+        return None
     folds = []
-    for fit, scored in _folds(labels, seed):
+    for fit, scored in halves:
         thresholds = fit_thresholds(probs[fit], labels[fit], fallback=fallback)
         folds.append(compute_metrics(labels[scored], probs[scored], thresholds))
     out = {key: float(np.mean([fold[key] for fold in folds])) for key in SUMMARY}
@@ -158,8 +162,11 @@ def heldout_macro_f1(labels: np.ndarray, probs: np.ndarray, *, fallback: float =
     """``heldout_metrics``' macro-F1 alone, without sklearn: what epochs, trials and the choice of
     a stage's head compare."""
     labels, probs = np.asarray(labels).astype(bool), np.asarray(probs)
+    halves = _folds(labels, seed)
+    if not all(len(half) for half in halves[0]):
+        return float("nan")  # too few rows to halve
     score = 0.0
-    for fit, scored in _folds(labels, seed):
+    for fit, scored in halves:
         thresholds = fit_thresholds(probs[fit], labels[fit], fallback=fallback)
         score += float(macro_f1(labels[scored], probs[scored] >= thresholds)[0]) / 2
     return score

@@ -24,7 +24,7 @@ def settings(report: dict) -> list[tuple[str, str]]:
     fitted = report.get("thresholds_in_sample")
     title = {True: "fitted thresholds, in-sample", False: "bundle's thresholds, unseen data",
              None: "fitted thresholds"}[fitted]  # fmt: skip
-    rows = [("heldout", "held-out halves")] if "heldout" in report else []
+    rows = [("heldout", "held-out halves")] if report.get("heldout") else []
     return rows + [("at_0.5", "threshold 0.5"), ("at_thresholds", title)]
 
 
@@ -48,7 +48,7 @@ def _markdown(report: dict, title: str) -> str:
     lines = [f"# {title}", "",
              f"- source: {report['source'] or '-'}", f"- model: {report['model'] or '-'}",
              f"- examples: {report['n_examples']}"]  # fmt: skip
-    if "heldout" in report:
+    if report.get("heldout"):
         lines.append("- held-out halves: thresholds fitted on one half of these examples and scored on the "
                      "other, both ways, averaged (the number to compare models by)")  # fmt: skip
     if report.get("thresholds_in_sample"):

@@ -39,7 +39,9 @@ def test_evaluate_writes_report(smoke_bundle, tmp_path):
     ]))  # fmt: skip
     result = emotions("evaluate", "--model", str(smoke_bundle), "--data", str(data), "--report", str(tmp_path / "r"))
     assert result.returncode == 0, result.stderr
-    assert "fitted thresholds" in result.stdout
+    # Data the bundle's thresholds never saw: its row is the true test, and says so. (Three rows
+    # with three different labels cannot be halved with positives on both sides: no held-out row.)
+    assert "bundle's thresholds, unseen data" in result.stdout and "held-out" not in result.stdout
     report = json.loads((tmp_path / "r" / "metrics.json").read_text())
     assert report["n_examples"] == 3 and set(report) >= {"at_0.5", "at_thresholds"}
     assert (tmp_path / "r" / "report.md").exists()

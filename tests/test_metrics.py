@@ -156,3 +156,10 @@ def test_heldout_metrics_never_score_rows_their_thresholds_were_fitted_on():
     by_hand = np.mean([compute_metrics(labels[s], probs[s], fit_thresholds(probs[f], labels[f]))["macro_f1"]
                        for f, s in ((a, b), (b, a))])  # fmt: skip
     assert held["macro_f1"] == pytest.approx(by_hand)
+
+
+def test_a_set_too_small_to_halve_has_no_heldout_row():
+    labels, probs = _small_case()
+    assert heldout_metrics(labels[:1], probs[:1]) is None and np.isnan(heldout_macro_f1(labels[:1], probs[:1]))
+    report = evaluation_report(labels[:1], probs[:1], 0.5, in_sample=False)
+    assert report["heldout"] is None and "held-out" not in format_summary(report)
