@@ -61,7 +61,7 @@ def main() -> None:
             rows.append({"variant": f"int8 {scale}", "batch": batch, "rows_per_s": speed, **change,
                          "passes": change["interval_95"][0] > -MAX_F1_LOSS})  # fmt: skip
     print(f"\n{len(tokens):,} texts of {validation.source}, bundle {bundle.hash}, {torch.get_num_threads()} threads")
-    print(f"{'variant':20}{'pass':>6}{'rows/s':>9}{'x fp32':>8}{'change':>9}  95% interval        rows changed  gate")
+    print(f"{'variant':20}{'batch':>6}{'rows/s':>9}{'x fp32':>8}{'change':>9}  95% interval        rows changed  gate")
     for r in rows:
         if r["variant"] == "fp32":
             print(f"{'fp32':20}{r['batch']:>6}{r['rows_per_s']:9.1f}{1:8.2f}")
