@@ -164,10 +164,17 @@ def test_workers_killed_in_each_stage_resume_from_checkpoints(local_ray, runs_di
     assert set(metrics["head_choice"]["heldout_macro_f1"]) == {"stage1", "stage2"}
     epochs = [(h["stage"], h["epoch"]) for h in metrics["history"]]
     assert epochs == [("stage1", 1), ("stage1", 2)] + [("stage2", e) for e in range(1, 9)]
-    # The restored stage-2 worker had the stage-1 encoder back bit for bit: storing it again at the
-    # restart found the same sha256, so there is one copy. The bundle's encoder is that copy.
-    # (A worker killed while writing it leaves a hidden .<name>.partial-<pid>, never read.)
-    (encoder,) = [p for p in (storage / "kill" / "frozen-encoder").iterdir() if not p.name.startswith(".")]
+    # The restored stage-2 worker had the stage-1 encoder back bit for bit: every stage-2 checkpoint,
+    # before and after its restart, refers to the same stored encoder, and the bundle's encoder is
+    # that file. (A kill that lands after the first attempt already began stage 2 leaves that
+    # attempt's encoder file behind, unreferenced; a worker killed while writing one leaves a hidden
+    # .<name>.partial-<pid>. Neither is ever read.)
+    states = [json.loads((c / "state.json").read_text()) for c in (storage / "kill").glob("checkpoint_*")
+              if (c / "state.json").exists()]  # fmt: skip
+    referenced = {s["frozen_encoder"]["sha256"] for s in states if s.get("stage") == "stage2"}
+    assert len(referenced) == 1 and any(s["resumed_from"][-1]["stage"] == "stage2" for s in states
+                                        if s.get("stage") == "stage2")  # fmt: skip
+    encoder = storage / "kill" / "frozen-encoder" / f"{referenced.pop()}.safetensors"
     bundle = load_file(str(result["path"] / "model.safetensors"))
     for name, tensor in load_file(str(encoder)).items():
         np.testing.assert_array_equal(bundle[name], tensor)
