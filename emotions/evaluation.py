@@ -159,17 +159,10 @@ def heldout_metrics(labels: np.ndarray, probs: np.ndarray, *, fallback: float = 
 
 def heldout_macro_f1(labels: np.ndarray, probs: np.ndarray, *, fallback: float = 0.5,
                      seed: int = HELDOUT_SEED) -> float:  # fmt: skip
-    """``heldout_metrics``' macro-F1 alone, without sklearn: what epochs, trials and the choice of
-    a stage's head compare."""
-    labels, probs = np.asarray(labels).astype(bool), np.asarray(probs)
-    halves = _folds(labels, seed)
-    if not all(len(half) for half in halves[0]):
-        return float("nan")  # too few rows to halve
-    score = 0.0
-    for fit, scored in halves:
-        thresholds = fit_thresholds(probs[fit], labels[fit], fallback=fallback)
-        score += float(macro_f1(labels[scored], probs[scored] >= thresholds)[0]) / 2
-    return score
+    """``heldout_metrics``' macro-F1 alone (nan for a set too small to halve): what epochs, trials
+    and the choice of a stage's head compare."""
+    metrics = heldout_metrics(labels, probs, fallback=fallback, seed=seed)
+    return float("nan") if metrics is None else metrics["macro_f1"]
 
 
 def _folds(labels: np.ndarray, seed: int) -> tuple[tuple[np.ndarray, np.ndarray], ...]:

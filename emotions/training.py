@@ -521,9 +521,8 @@ def save_and_report(metrics: dict, model: EmotionClassifier, optimizer, state: W
 def finish(model: EmotionClassifier, shards: Shards, config: TrainConfig, state: WorkerState) -> None:
     """Final checkpoint: the kept head's weights plus the gathered predictions the driver fits
     thresholds on."""
-    val_probs = choose_head(model, shards, config, state)
-    predictions = {"validation_probs": val_probs,
-                   "validation_labels": gather_rows(shards.validation.labels, shards.validation.index, shards)}
+    labels = gather_rows(shards.validation.labels, shards.validation.index, shards)
+    predictions = {"validation_probs": choose_head(model, shards, config, state, labels), "validation_labels": labels}
     if config.thresholds.split == "train":
         train_probs = predict_probs(model, shards.train, shards)
         predictions["train_probs"] = gather_rows(train_probs, shards.train.index, shards)
@@ -536,11 +535,12 @@ def finish(model: EmotionClassifier, shards: Shards, config: TrainConfig, state:
     save_and_report(metrics, model, None, state, shards, predictions)
 
 
-def choose_head(model: EmotionClassifier, shards: Shards, config: TrainConfig, state: WorkerState) -> np.ndarray:
+def choose_head(model: EmotionClassifier, shards: Shards, config: TrainConfig, state: WorkerState,
+                labels: np.ndarray) -> np.ndarray:  # fmt: skip
     """Put the kept head (``model.head_choice``) on the model, record the candidates' held-out
-    macro-F1 and the choice in ``state.head_choice``; return the kept head's validation probs.
-    Every rank computes the same choice from the same gathered predictions."""
-    labels = gather_rows(shards.validation.labels, shards.validation.index, shards)
+    macro-F1 (on the gathered validation ``labels``) and the choice in ``state.head_choice``;
+    return the kept head's validation probs. Every rank computes the same choice from the same
+    gathered predictions."""
     scores = {name: heldout_macro_f1(labels, c.validation_probs, fallback=config.thresholds.fallback)
               for name, c in state.candidates.items()}  # fmt: skip
     names = list(state.candidates)
