@@ -68,6 +68,20 @@ class StageConfig:
     # Imbalance: each label's positives weigh ((negatives / positives) in the training data) ** this
     # in the BCE loss. 0 = plain BCE; 0.5 = the square root (grief x22, neutral x1.4); 1 = balanced.
     pos_weight_power: float = 0.0
+    # Asymmetric loss (Ridnik et al., 2021) on top of the weights above: negatives' terms scaled by
+    # p ** gamma_neg after shifting p down by neg_clip (easy negatives drop out), positives' by
+    # (1 - p) ** gamma_pos. All 0 = BCE; gamma_neg = gamma_pos, neg_clip 0 = focal loss.
+    gamma_neg: float = 0.0
+    gamma_pos: float = 0.0
+    neg_clip: float = 0.0
+    # Layer-wise learning-rate decay (stages that train the encoder): the top encoder layer trains
+    # at learning_rate, each layer below at this factor times the one above, the embeddings below
+    # the bottom layer. 1 = one rate for the whole encoder.
+    layer_lr_decay: float = 1.0
+    # An exponential moving average of the trained weights (decay per step, warmed up as
+    # min(ema_decay, (1 + step) / (10 + step))): validation scores it, and the stage ends with it
+    # as the model's weights. 0 = off.
+    ema_decay: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -326,6 +340,15 @@ def _check(config: TrainConfig, errors: list[str]) -> None:
             errors.append(f"{stage.name}: learning_rate must be > 0 and dropout in [0, 1)")
         if not 0.0 <= stage.pos_weight_power <= 1.0:
             errors.append(f"{stage.name}.pos_weight_power: {stage.pos_weight_power} must be in [0, 1]")
+        for key in ("gamma_neg", "gamma_pos"):
+            if not 0.0 <= getattr(stage, key) <= 8.0:
+                errors.append(f"{stage.name}.{key}: {getattr(stage, key)} must be in [0, 8]")
+        if not 0.0 <= stage.neg_clip < 0.5:
+            errors.append(f"{stage.name}.neg_clip: {stage.neg_clip} must be in [0, 0.5)")
+        if not 0.0 < stage.layer_lr_decay <= 1.0:
+            errors.append(f"{stage.name}.layer_lr_decay: {stage.layer_lr_decay} must be in (0, 1]")
+        if not 0.0 <= stage.ema_decay < 1.0:
+            errors.append(f"{stage.name}.ema_decay: {stage.ema_decay} must be in [0, 1) (0 = off)")
         if not 0.0 <= stage.warmup_ratio < 1.0:
             errors.append(f"{stage.name}.warmup_ratio: {stage.warmup_ratio} must be in [0, 1)")
     if config.stage1.epochs == 0 and config.stage2.epochs == 0:

@@ -174,11 +174,11 @@ def train_head(config: TrainConfig, features: dict[str, np.ndarray], report) -> 
     head = build_head(x.shape[1], stage.head_depth, stage.dropout, stage.head_hidden)
     optimizer = torch.optim.AdamW(head.parameters(), lr=stage.head_learning_rate or stage.learning_rate,
                                   weight_decay=stage.weight_decay)  # fmt: skip
-    from emotions.training import bce_loss, build_scheduler
+    from emotions.training import build_scheduler, loss_function
 
     steps = math.ceil(len(x) / stage.batch_size)
     scheduler = build_scheduler(optimizer, stage, steps)
-    loss_fn = bce_loss(stage, features["train_y"].mean(0))
+    loss_fn = loss_function(stage, features["train_y"].mean(0))
     for epoch in range(stage.epochs):
         head.train()
         start, losses = time.perf_counter(), []

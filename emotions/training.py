@@ -21,10 +21,12 @@ that is started again under its name resumes from its latest checkpoint, unless 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import math
+import re
 import tempfile
 import time
 from dataclasses import dataclass, field, replace
@@ -58,6 +60,7 @@ STATE_FILE = "state.json"
 WEIGHTS_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 PREDICTIONS_FILE = "predictions.safetensors"
+EMA_FILE = "ema.safetensors"  # a stage's weight average (WeightAverage), while it runs
 HEADS_FILE = "heads.safetensors"  # the heads a later stage competes with: "<stage>/head.*", "<stage>/validation_probs"
 FROZEN_ENCODER_DIR = "frozen-encoder"  # in the run's folder: <sha256>.safetensors, encoder.* weights
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train's list of the run's checkpoints
@@ -338,11 +341,15 @@ def run_stage(stage: StageConfig, model: EmotionClassifier, shards: Shards, conf
     optimizer = build_optimizer(model, stage, frozen)
     steps_per_epoch = math.ceil(len(shards.train) / stage.batch_size)
     scheduler = build_scheduler(optimizer, stage, steps_per_epoch)
+    average = WeightAverage(model, stage.ema_decay) if stage.ema_decay else None
     if checkpoint is not None and start_epoch > 0 and (checkpoint / OPTIMIZER_FILE).exists():
         load_optimizer_state(optimizer, model, checkpoint / OPTIMIZER_FILE, shards.device)
         for _ in range(start_epoch * steps_per_epoch):
             scheduler.step()
-    loss_fn = bce_loss(stage, shards.positive_rates, shards.device)
+        if average is not None:
+            average.load(checkpoint / EMA_FILE)
+    scored = average.swapped_in if average is not None else contextlib.nullcontext
+    loss_fn = loss_function(stage, shards.positive_rates, shards.device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16,
                               enabled=config.scaling.use_gpu and config.scaling.bf16)  # fmt: skip
     val_probs = None
@@ -369,10 +376,13 @@ def run_stage(stage: StageConfig, model: EmotionClassifier, shards: Shards, conf
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            if average is not None:
+                average.update()
             losses.append(loss.item())
             progress.step(loss=losses[-1])
         elapsed = time.perf_counter() - t0
-        val_probs, val_labels = predict_validation(model, shards, val_x if frozen else None)
+        with scored():  # the weight average, when the stage keeps one
+            val_probs, val_labels = predict_validation(model, shards, val_x if frozen else None)
         metrics = epoch_metrics(stage, epoch, losses, val_probs, val_labels, elapsed, shards, config)
         if shards.rank == 0:
             log.info("%s epoch %d/%d done in %.0fs: train_loss %.4f, val_loss %.4f, val macro-F1 "
@@ -384,30 +394,125 @@ def run_stage(stage: StageConfig, model: EmotionClassifier, shards: Shards, conf
             time.perf_counter() - stage_start)
         stage_start = time.perf_counter()
         state.history.append(metrics)
-        save_and_report(metrics, model, optimizer, state, shards)
+        save_and_report(metrics, model, optimizer, state, shards, average=average)
+    if average is not None:  # the stage ends with the averaged weights: later stages and the bundle use them
+        average.apply()
     if val_probs is None:  # stage already complete at restore: predictions for the next step
         val_probs, _ = predict_validation(model, shards, val_x if frozen else None)
     return val_probs
 
 
-def bce_loss(stage: StageConfig, positive_rates: np.ndarray, device=None) -> nn.BCEWithLogitsLoss:
-    """BCE over the 28 labels; with ``stage.pos_weight_power`` p > 0 each label's positives weigh
-    ((1 - rate) / rate) ** p, ``rate`` its share of the training rows (a label without any: 1)."""
-    if stage.pos_weight_power <= 0:
-        return nn.BCEWithLogitsLoss()
-    rates = np.asarray(positive_rates, dtype=np.float64)
-    odds = np.where(rates > 0, (1 - rates) / np.maximum(rates, 1e-12), 1.0)
-    weight = torch.tensor(odds**stage.pos_weight_power, dtype=torch.float32, device=device)
+def loss_function(stage: StageConfig, positive_rates: np.ndarray, device=None) -> nn.Module:
+    """The stage's loss over the 28 labels: BCE, with each label's positives weighted by
+    ((1 - rate) / rate) ** ``stage.pos_weight_power`` (``rate``: its share of the training rows; a
+    label without any: 1), and asymmetric focusing when ``stage.gamma_neg``, ``gamma_pos`` or
+    ``neg_clip`` is set (``AsymmetricLoss``)."""
+    weight = None
+    if stage.pos_weight_power > 0:
+        rates = np.asarray(positive_rates, dtype=np.float64)
+        odds = np.where(rates > 0, (1 - rates) / np.maximum(rates, 1e-12), 1.0)
+        weight = torch.tensor(odds**stage.pos_weight_power, dtype=torch.float32, device=device)
+    if stage.gamma_neg or stage.gamma_pos or stage.neg_clip:
+        return AsymmetricLoss(stage.gamma_neg, stage.gamma_pos, stage.neg_clip, weight)
     return nn.BCEWithLogitsLoss(pos_weight=weight)
 
 
+class AsymmetricLoss(nn.Module):
+    """Ridnik et al. 2021, averaged over rows and labels like BCE:
+    -[w y (1-p)^g+ log p + (1-y) q^g- log(1-q)], q = max(p - clip, 0). With every knob at 0 it is
+    BCE (``w``: the positives' weights)."""
+
+    def __init__(self, gamma_neg: float, gamma_pos: float, clip: float, pos_weight: torch.Tensor | None = None):
+        super().__init__()
+        self.gamma_neg, self.gamma_pos, self.clip = gamma_neg, gamma_pos, clip
+        self.pos_weight = pos_weight
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        p = torch.sigmoid(logits)
+        log_p = nn.functional.logsigmoid(logits)
+        if self.clip:
+            q = (p - self.clip).clamp(min=0)
+            log_not_q = torch.log1p(-q.clamp(max=1 - 1e-6))
+        else:
+            q, log_not_q = p, nn.functional.logsigmoid(-logits)
+        pos = log_p * (1 - p).pow(self.gamma_pos) if self.gamma_pos else log_p
+        if self.pos_weight is not None:
+            pos = pos * self.pos_weight
+        neg = log_not_q * q.pow(self.gamma_neg) if self.gamma_neg else log_not_q
+        return -(targets * pos + (1 - targets) * neg).mean()
+
+
 def build_optimizer(model: EmotionClassifier, stage: StageConfig, frozen: bool) -> torch.optim.AdamW:
+    """AdamW: the head at ``head_learning_rate``; unless ``frozen``, the encoder's trainable weights
+    at ``learning_rate``, scaled by ``layer_lr_decay`` ** (layers above theirs) when below 1."""
     head_lr = stage.head_learning_rate or stage.learning_rate
     groups = [{"params": [p for p in model.head.parameters()], "lr": head_lr}]
     if not frozen:
-        groups.append({"params": [p for p in model.encoder.parameters() if p.requires_grad],
-                       "lr": stage.learning_rate})  # fmt: skip
+        by_depth: dict[int, list] = {}
+        for name, param in model.encoder.named_parameters():
+            if param.requires_grad:
+                by_depth.setdefault(layers_above(name, model.encoder.config.num_hidden_layers), []).append(param)
+        for depth, params in sorted(by_depth.items()):
+            groups.append({"params": params, "lr": stage.learning_rate * stage.layer_lr_decay**depth})
     return torch.optim.AdamW(groups, weight_decay=stage.weight_decay)
+
+
+def layers_above(name: str, num_layers: int) -> int:
+    """How many transformer layers sit above an encoder parameter: 0 for the top layer (and for
+    anything after the layers, such as a final norm), ``num_layers`` for the embeddings."""
+    match = re.search(r"(?:^|\.)layers?\.(\d+)\.", name)
+    if match:
+        return num_layers - 1 - int(match.group(1))
+    return num_layers if "embed" in name else 0
+
+
+class WeightAverage:
+    """An exponential moving average of a model's trainable weights (float32 copies), kept beside
+    the model: ``update`` after each optimizer step, ``swapped_in`` to score it, ``apply`` to end a
+    stage with it. Saved in checkpoints as EMA_FILE (with its step count) so a resumed stage
+    carries on averaging."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay, self.steps = decay, 0
+        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
+        params = dict(model.named_parameters())
+        self.average = {n: params[n].detach().float().clone() for n in self.names}
+        self._params = [params[n] for n in self.names]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        decay = min(self.decay, (1 + self.steps) / (10 + self.steps))
+        self.steps += 1
+        torch._foreach_lerp_(list(self.average.values()), [p.detach().float() for p in self._params], 1 - decay)
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        for p, avg in zip(self._params, self.average.values()):
+            p.copy_(avg)
+
+    @contextlib.contextmanager
+    def swapped_in(self):
+        saved = [p.detach().clone() for p in self._params]
+        self.apply()
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, s in zip(self._params, saved):
+                    p.copy_(s)
+
+    def save(self, path: Path) -> None:
+        save_file({n: t.contiguous().cpu() for n, t in self.average.items()}, str(path),
+                  metadata={"steps": str(self.steps)})  # fmt: skip
+
+    def load(self, path: Path) -> None:
+        with safe_open(str(path), "pt") as f:
+            self.steps = int((f.metadata() or {}).get("steps", 0))
+        saved = load_file(str(path))
+        if sorted(saved) != sorted(self.names):
+            raise RuntimeError(f"weight average {path} is for other parameters; start the run over with --fresh")
+        for n in self.names:
+            self.average[n].copy_(saved[n])
 
 
 def build_scheduler(optimizer, stage: StageConfig, steps_per_epoch: int):
@@ -491,8 +596,8 @@ def epoch_metrics(stage: StageConfig, epoch: int, losses: list[float], probs: np
     return metrics
 
 
-def save_and_report(metrics: dict, model: EmotionClassifier, optimizer, state: WorkerState,
-                    shards: Shards, predictions: dict | None = None) -> None:  # fmt: skip
+def save_and_report(metrics: dict, model: EmotionClassifier, optimizer, state: WorkerState, shards: Shards,
+                    predictions: dict | None = None, average: WeightAverage | None = None) -> None:  # fmt: skip
     """Every rank reports; rank 0 attaches the checkpoint (weights, optimizer, state). While the
     encoder is frozen (``state.frozen_encoder``) the weights are the head's only."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -504,6 +609,8 @@ def save_and_report(metrics: dict, model: EmotionClassifier, optimizer, state: W
             save_file(weights, str(d / WEIGHTS_FILE))
             if optimizer is not None:
                 save_optimizer_state(optimizer, model, d / OPTIMIZER_FILE)
+            if average is not None:
+                average.save(d / EMA_FILE)
             if predictions is not None:
                 save_numpy(predictions, str(d / PREDICTIONS_FILE))
             if state.candidates:

@@ -11,8 +11,16 @@ from emotions.config import build_config
 def test_rows_are_the_seed_table():
     base = build_config("quickstart").to_dict()
     configs = {row.name: row_config(base, row, "laptop") for row in ROWS}
-    assert len(ROWS) == 11
+    assert len(ROWS) == 16
     assert configs["+ positive weights (square root of each label's odds)"].stage1.pos_weight_power == 0.5
+    # The levers each change one thing over the positive-weights row.
+    assert configs["+ weight average (EMA 0.999)"].stage1.ema_decay == 0.999
+    assert configs["+ layer-wise lr decay 0.8"].stage1.layer_lr_decay == 0.8
+    focal = configs["+ focal loss (gamma 2)"]
+    assert (focal.stage1.gamma_neg, focal.stage2.gamma_pos, focal.stage1.pos_weight_power) == (2, 2, 0.5)
+    asymmetric = configs["asymmetric loss (gamma- 4, clip 0.05) instead of positive weights"]
+    assert (asymmetric.stage2.gamma_neg, asymmetric.stage1.neg_clip, asymmetric.stage1.pos_weight_power) == (4, 0.05, 0)
+    assert configs["+ max_length 32 (faster epochs)"].data.max_length == 32
     one = configs["DenseLayer(1) + dynamic lr"]
     assert one.stage2.epochs == 0 and one.stage1.schedule == "linear"
     fixed = configs["DenseLayer(1) + fixed lr 5e-5"]

@@ -148,7 +148,9 @@ def test_workers_killed_in_each_stage_resume_from_checkpoints(local_ray, runs_di
     storage = runs_dir / "kill"
     config = build_config("smoke", overrides=[f"run.storage_path={storage}", "run.name=kill",
                                               "stage1.epochs=2", "stage2.epochs=8",
-                                              "data.max_train_examples=1024"])  # fmt: skip
+                                              "data.max_train_examples=1024",
+                                              # resumed too: the weight average and per-layer rates
+                                              "stage1.ema_decay=0.99", "stage1.layer_lr_decay=0.8"])  # fmt: skip
     result: dict = {}
     thread = threading.Thread(target=lambda: result.update(path=train(config, tmp_path / "bundle")))
     thread.start()
@@ -295,11 +297,77 @@ def test_bundle_metrics_record_the_layout_that_ran(smoke_bundle):
 
 
 def test_positive_weights_lift_rare_labels_by_their_odds():
-    from emotions.training import bce_loss
+    from emotions.training import loss_function
 
     rates = np.array([0.5, 0.01, 0.0] + [0.1] * 25)
-    weighted = bce_loss(build_config("smoke", overrides=["stage1.pos_weight_power=0.5"]).stage1, rates)
+    weighted = loss_function(build_config("smoke", overrides=["stage1.pos_weight_power=0.5"]).stage1, rates)
     assert weighted.pos_weight[0].item() == pytest.approx(1.0)  # as many positives as negatives
     assert weighted.pos_weight[1].item() == pytest.approx(99**0.5, rel=1e-5)  # 1 in 100: x sqrt(99)
     assert weighted.pos_weight[2].item() == 1.0  # a label the training data lacks is left alone
-    assert bce_loss(build_config("smoke").stage1, rates).pos_weight is None  # the default: plain BCE
+    assert loss_function(build_config("smoke").stage1, rates).pos_weight is None  # the default: plain BCE
+
+
+def test_asymmetric_loss_is_bce_at_zero_and_drops_easy_negatives():
+    import torch
+    from torch import nn
+
+    from emotions.training import AsymmetricLoss
+
+    torch.manual_seed(0)
+    logits, targets, weight = torch.randn(16, 28), (torch.rand(16, 28) < 0.2).float(), torch.rand(28) + 0.5
+    plain = nn.BCEWithLogitsLoss(pos_weight=weight)(logits, targets)
+    assert AsymmetricLoss(0, 0, 0, weight)(logits, targets).item() == pytest.approx(plain.item(), rel=1e-5)
+    easy = torch.full((1, 28), -4.0)  # p = 0.018: a confident negative
+    negatives = torch.zeros(1, 28)
+    assert AsymmetricLoss(4, 0, 0.05)(easy, negatives).item() == 0.0  # clipped away entirely
+    focal, bce = AsymmetricLoss(2, 2, 0)(easy, negatives), nn.BCEWithLogitsLoss()(easy, negatives)
+    assert 0 < focal.item() < bce.item() * 0.001  # scaled by p ** 2
+    config = build_config("smoke", overrides=["stage1.gamma_neg=4", "stage1.neg_clip=0.05"]).stage1
+    from emotions.training import loss_function
+
+    assert isinstance(loss_function(config, np.full(28, 0.1)), AsymmetricLoss)
+
+
+def test_layer_lr_decay_gives_lower_layers_smaller_rates():
+    from torch import nn
+
+    from emotions.model import EmotionClassifier, build_head, load_encoder
+    from emotions.training import build_optimizer
+
+    model = EmotionClassifier(load_encoder("tiny-random"), build_head(32, 1, 0.1), "mean")
+    stage = build_config("smoke", overrides=["stage1.layer_lr_decay=0.5", "stage1.learning_rate=1e-3",
+                                             "stage1.head_learning_rate=1e-2"]).stage1  # fmt: skip
+    groups = build_optimizer(model, stage, frozen=False).param_groups
+    rate = {id(p): g["lr"] for g in groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert rate[id(named["head.1.weight"])] == 1e-2
+    assert rate[id(named["encoder.encoder.layer.1.output.dense.weight"])] == 1e-3  # the top of 2 layers
+    assert rate[id(named["encoder.encoder.layer.0.output.dense.weight"])] == 5e-4
+    assert rate[id(named["encoder.embeddings.word_embeddings.weight"])] == 2.5e-4
+    assert len(rate) == len(named)  # every trainable weight, once
+    assert isinstance(model.head, nn.Sequential)
+
+
+def test_weight_average_tracks_steps_and_survives_a_checkpoint(tmp_path):
+    import torch
+    from torch import nn
+
+    from emotions.training import WeightAverage
+
+    model = nn.Linear(3, 2)
+    average = WeightAverage(model, decay=0.5)
+    start = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    average.update()  # first step: decay min(0.5, 1/10) = 0.1
+    np.testing.assert_allclose(average.average["weight"], start + 0.9, rtol=1e-6)
+    with average.swapped_in():
+        np.testing.assert_allclose(model.weight.detach(), start + 0.9, rtol=1e-6)
+    np.testing.assert_allclose(model.weight.detach(), start + 1.0, rtol=1e-6)  # the trained weights back
+    average.save(tmp_path / "ema.safetensors")
+    again = WeightAverage(model, decay=0.5)
+    again.load(tmp_path / "ema.safetensors")
+    assert again.steps == 1
+    np.testing.assert_allclose(again.average["weight"], start + 0.9, rtol=1e-6)
+    again.apply()
+    np.testing.assert_allclose(model.weight.detach(), start + 0.9, rtol=1e-6)
