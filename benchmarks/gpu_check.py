@@ -87,23 +87,26 @@ def tag_part(bundle: str, corpus: Path, out: Path, precision: str, gpus: float) 
             "precision_check": manifest.get("precision_check")}  # fmt: skip
 
 
-def dev_quality(bundle_path: str, device: str) -> dict:
-    """Macro-F1 at the bundle's thresholds on the whole dev split, fp32 vs bf16, on ``device``,
-    through the tagging actors' own encoder loop."""
+def dev_quality(bundle_path: str, device: str, examples: int | None = None) -> dict:
+    """bf16 against fp32 on GoEmotions dev (or a seeded ``examples`` of it), on ``device``, through
+    the loop tagging's actors run (``inference.run_rows``): held-out macro-F1 of each (thresholds
+    fitted on one half of dev, scored on the other, both ways) and the paired change with its 95%
+    bootstrap interval (``evaluation.paired_change``, what the tagging gate compares)."""
     from emotions.bundle import load_bundle
     from emotions.data import load_labelled
-    from emotions.evaluation import compute_metrics
+    from emotions.evaluation import paired_change
     from emotions.tagging.inference import ENCODER_BATCH, predict_tokens, tokenize_texts
 
     bundle = load_bundle(bundle_path, device=device)
-    dev = load_labelled("goemotions:dev")
+    dev = load_labelled("goemotions:dev").take(examples, 0)
     tokens = tokenize_texts(dev.texts, bundle.tokenizer, bundle.max_length)
     pad_id = bundle.tokenizer.pad_token_id or 0
     batch = ENCODER_BATCH["cuda" if device == "cuda" else "cpu"]
-    f1 = {p: compute_metrics(dev.labels, predict_tokens(bundle.model, tokens, pad_id, batch, p, device),
-                             bundle.thresholds)["macro_f1"] for p in ("fp32", "bf16")}  # fmt: skip
-    return {"examples": len(dev), "macro_f1_fp32": f1["fp32"], "macro_f1_bf16": f1["bf16"],
-            "change": f1["bf16"] - f1["fp32"], "note": "dev is what the thresholds were fitted on"}  # fmt: skip
+    probs = {p: predict_tokens(bundle.model, tokens, pad_id, batch, p, device) for p in ("fp32", "bf16")}
+    check = paired_change(dev.labels, probs["fp32"], probs["bf16"])
+    return {"examples": len(dev), "heldout_macro_f1_fp32": check["heldout_macro_f1_reference"],
+            "heldout_macro_f1_bf16": check["heldout_macro_f1_candidate"], "change": check["change"],
+            "interval_95": check["interval_95"], "rows_changed": check["rows_changed"]}  # fmt: skip
 
 
 def random_bert(folder: Path, tiny: bool) -> dict:
@@ -195,8 +198,9 @@ def run(args: argparse.Namespace) -> dict:
     print(f"(c) {rows:,} rows: fp32 {runs['fp32'].get('rows_per_s', 0):.0f} rows/s, bf16 "
           f"{runs['bf16'].get('rows_per_s', 0):.0f} rows/s ({speed:.2f}x)"
           + (f" [bf16 refused: {runs['bf16']['refused']}]" if "refused" in runs["bf16"] else "")
-          + f"; dev macro-F1 fp32 {quality['macro_f1_fp32']:.4f} vs bf16 {quality['macro_f1_bf16']:.4f} "
-          f"({quality['change']:+.4f})")  # fmt: skip
+          + f"; dev held-out macro-F1 fp32 {quality['heldout_macro_f1_fp32']:.4f} vs bf16 "
+          f"{quality['heldout_macro_f1_bf16']:.4f} ({quality['change']:+.4f}, 95% interval "
+          f"{quality['interval_95'][0]:+.4f} to {quality['interval_95'][1]:+.4f})")  # fmt: skip
     return record
 
 

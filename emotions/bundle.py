@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 
 from emotions import storage
-from emotions.batching import sorted_batches, tokenize, collate
+from emotions.batching import tokenize
 from emotions.labels import EMOTIONS, check_same_labels
 from emotions.model import EmotionClassifier, build_head, encoder_from_config
 
@@ -90,29 +90,23 @@ class Bundle:
     def labels(self) -> tuple[str, ...]:
         return EMOTIONS
 
-    def _batches(self, texts: list[str], batch_size: int):
-        """(rows, input_ids, attention_mask) on the model's device, the texts sorted by length."""
-        device = next(self.model.parameters()).device
+    def run(self, texts: list[str], batch_size: int = 64, precision: str = "fp32", output: str = "probs") -> np.ndarray:
+        """[n] texts -> ``inference.run_rows`` on the model's device: [n, 28] probabilities or
+        [n, hidden] pooled features (float32)."""
+        from emotions.inference import run_rows
+
         data = tokenize(texts, np.zeros((len(texts), len(EMOTIONS))), self.tokenizer, self.max_length)
-        for rows in sorted_batches(data.lengths, batch_size):
-            ids, mask, _ = collate(data, rows, self.tokenizer.pad_token_id or 0)
-            yield rows, ids.to(device), mask.to(device)
+        device = next(self.model.parameters()).device
+        return run_rows(self.model, data, self.tokenizer.pad_token_id or 0, batch_size=batch_size, device=device,
+                        precision=precision, output=output).cpu().numpy()  # fmt: skip
 
-    @torch.inference_mode()
-    def predict_proba(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
+    def predict_proba(self, texts: list[str], batch_size: int = 64, precision: str = "fp32") -> np.ndarray:
         """[n] texts -> [n, 28] probabilities (float32)."""
-        out = np.zeros((len(texts), len(EMOTIONS)), dtype=np.float32)
-        for rows, ids, mask in self._batches(texts, batch_size):
-            out[rows] = torch.sigmoid(self.model(ids, mask)).float().cpu().numpy()
-        return out
+        return self.run(texts, batch_size, precision)
 
-    @torch.inference_mode()
-    def features(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
+    def features(self, texts: list[str], batch_size: int = 64, precision: str = "fp32") -> np.ndarray:
         """[n] texts -> [n, hidden] pooled encoder features (float32): what a stage-2 head reads."""
-        out = np.zeros((len(texts), self.model.hidden_size), dtype=np.float32)
-        for rows, ids, mask in self._batches(texts, batch_size):
-            out[rows] = self.model.features(ids, mask).float().cpu().numpy()
-        return out
+        return self.run(texts, batch_size, precision, output="features")
 
     def predict(self, texts: list[str]) -> list[list[str]]:
         """Label names over their thresholds, for each text."""

@@ -165,6 +165,20 @@ def heldout_macro_f1(labels: np.ndarray, probs: np.ndarray, *, fallback: float =
     return float("nan") if metrics is None else metrics["macro_f1"]
 
 
+def validation_scores(labels: np.ndarray, probs: np.ndarray, *, fallback: float = 0.5) -> dict[str, float]:
+    """What every epoch reports, in training and in the head sweep: the validation loss and
+    macro-F1 three ways. ``val_macro_f1_heldout`` (thresholds fitted on one half, scored on the
+    other) is what runs are compared by; the one at 0.5 needs no thresholds; the in-sample one
+    (thresholds fitted on the rows scored) flatters and chooses nothing."""
+    eps = 1e-7
+    loss = float(-np.mean(labels * np.log(probs + eps) + (1 - labels) * np.log(1 - probs + eps)))
+    in_sample = compute_metrics(labels, probs, fit_thresholds(probs, labels, fallback=fallback))
+    return {"val_loss": loss,
+            "val_macro_f1_heldout": heldout_macro_f1(labels, probs, fallback=fallback),
+            "val_macro_f1": compute_metrics(labels, probs, 0.5)["macro_f1"],
+            "val_macro_f1_in_sample": in_sample["macro_f1"]}  # fmt: skip
+
+
 def _folds(labels: np.ndarray, seed: int) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
     halves = heldout_halves(labels, seed)
     return halves, halves[::-1]

@@ -11,7 +11,6 @@ the same bundle and data reuses the file. The best head is written into a copy o
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -31,10 +30,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from emotions import environment, storage
-from emotions.batching import random_batches
 from emotions.bundle import Bundle, BundleError, load_bundle
 from emotions.config import ConfigError, TrainConfig, from_dict
-from emotions.evaluation import compute_metrics, evaluation_report, fit_thresholds, heldout_macro_f1
+from emotions.evaluation import evaluation_report, fit_thresholds, validation_scores
+from emotions.inference import head_probs
 from emotions.metrics import format_summary
 from emotions.model import build_head
 from emotions.tagging.inference import save_checked_bundle
@@ -152,9 +151,8 @@ def encode_texts(files: dict[str, bytes], bundle_hash: str, texts: dict[str, lis
         if bundle.hash != bundle_hash:
             raise BundleError(f"the encoder task got bundle {bundle.hash}, expected {bundle_hash}")
         # bf16 on a GPU: features only feed a head trained in float32 (Bundle.features returns float32).
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else contextlib.nullcontext()
-        with autocast:
-            encoded = {split: bundle.features(split_texts) for split, split_texts in texts.items()}
+        precision = "bf16" if device == "cuda" else "fp32"
+        encoded = {split: bundle.features(split_texts, precision=precision) for split, split_texts in texts.items()}
     context = ray.get_runtime_context()
     name = f"cuda ({torch.cuda.get_device_name()})" if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     info = {"device": name, "node_id": context.get_node_id(), "worker_id": context.get_worker_id(),
@@ -163,47 +161,36 @@ def encode_texts(files: dict[str, bytes], bundle_hash: str, texts: dict[str, lis
 
 
 def train_head(config: TrainConfig, features: dict[str, np.ndarray], report) -> None:
-    """Stage 2 on cached features: a fresh head, ``stage2.epochs`` epochs; after each epoch
-    ``report(metrics, head, last)`` (Tune's report in a trial)."""
+    """Stage 2 on cached features, through the loop training's frozen stage runs
+    (``training.feature_inputs`` and ``train_epoch``): a fresh head, ``stage2.epochs`` epochs, the
+    stage's loss, rates and weight average; after each epoch ``report(metrics, head, last)``
+    (Tune's report in a trial)."""
+    from emotions.training import (WeightAverage, build_optimizer, build_scheduler, epoch_seed, feature_inputs,
+                                   loss_function, scored, train_epoch)  # fmt: skip
+
     stage = config.stage2
-    torch.manual_seed(config.seed + 1)
+    torch.manual_seed(config.seed + 1)  # as training seeds stage 2's head
     with warnings.catch_warnings():  # object-store arrays are read-only; nothing here writes to them
         warnings.simplefilter("ignore", UserWarning)
-        x, y = torch.from_numpy(features["train_x"]), torch.from_numpy(features["train_y"])
-        vx, vy = torch.from_numpy(features["validation_x"]), features["validation_y"]
+        x, vx = torch.from_numpy(features["train_x"]), torch.from_numpy(features["validation_x"])
     head = build_head(x.shape[1], stage.head_depth, stage.dropout, stage.head_hidden)
-    optimizer = torch.optim.AdamW(head.parameters(), lr=stage.head_learning_rate or stage.learning_rate,
-                                  weight_decay=stage.weight_decay)  # fmt: skip
-    from emotions.training import build_scheduler, loss_function
-
-    steps = math.ceil(len(x) / stage.batch_size)
-    scheduler = build_scheduler(optimizer, stage, steps)
+    inputs = feature_inputs(head, x, features["train_y"], stage.batch_size, vx)
+    optimizer = build_optimizer(stage, head)
+    scheduler = build_scheduler(optimizer, stage, math.ceil(len(x) / stage.batch_size))
     loss_fn = loss_function(stage, features["train_y"].mean(0))
+    average = WeightAverage(head, stage.ema_decay) if stage.ema_decay else None
     for epoch in range(stage.epochs):
-        head.train()
-        start, losses = time.perf_counter(), []
-        for rows in random_batches(len(x), stage.batch_size, config.seed * 1000 + epoch):
-            loss = loss_fn(head(x[rows]), y[rows])
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-        probs = predict(head, vx)
-        fallback = config.thresholds.fallback
-        tuned = fit_thresholds(probs, vy, fallback=fallback)
+        start = time.perf_counter()
+        losses = train_epoch(head, inputs, epoch_seed(config, epoch), loss_fn, optimizer, scheduler, average)
+        with scored(average):
+            probs = head_probs(head, vx)
+        last = epoch + 1 == stage.epochs
+        if last and average is not None:
+            average.apply()  # the head reported (and exported) is the average, as in training
         metrics = {"stage": "stage2", "epoch": epoch + 1, "train_loss": float(np.mean(losses)),
-                   "val_macro_f1_heldout": heldout_macro_f1(vy, probs, fallback=fallback),
-                   "val_macro_f1": compute_metrics(vy, probs, 0.5)["macro_f1"],
-                   "val_macro_f1_in_sample": compute_metrics(vy, probs, tuned)["macro_f1"],
-                   "epoch_seconds": time.perf_counter() - start, "final": epoch + 1 == stage.epochs}  # fmt: skip
-        report(metrics, head, epoch + 1 == stage.epochs)
-
-
-@torch.inference_mode()
-def predict(head: nn.Module, x: torch.Tensor) -> np.ndarray:
-    head.eval()
-    return torch.sigmoid(head(x)).numpy()
+                   **validation_scores(features["validation_y"], probs, fallback=config.thresholds.fallback),
+                   "epoch_seconds": time.perf_counter() - start, "final": last}  # fmt: skip
+        report(metrics, head, last)
 
 
 def run_head_trial(params: dict, base: dict, features: dict[str, np.ndarray]) -> None:
@@ -275,7 +262,7 @@ def write_head_bundle(source: Bundle, config: TrainConfig, head_state: dict, fea
     head.load_state_dict(head_state)
     split = config.thresholds.split
     # torch.tensor copies: the features may be read-only (from the object store or the cache's bytes).
-    probs = {name: predict(head, torch.tensor(features[f"{name}_x"])) for name in ("train", "validation")}
+    probs = {name: head_probs(head, torch.tensor(features[f"{name}_x"])) for name in ("train", "validation")}
     thresholds = fit_thresholds(probs[split], features[f"{split}_y"], fallback=config.thresholds.fallback)
     report = evaluation_report(features["validation_y"], probs["validation"], thresholds,
                                in_sample=split == "validation", source=config.data.validation,

@@ -16,6 +16,7 @@ from emotions.labels import NUM_LABELS
 
 MINILM = "minilm"
 TINY_RANDOM = "tiny-random"
+TINY_LAYERS = 2
 
 
 def minilm_path() -> Path:
@@ -41,7 +42,7 @@ def load_encoder(name: str, seed: int = 0) -> nn.Module:
     if name == TINY_RANDOM:
         torch.manual_seed(seed)
         vocab = load_tokenizer(name).vocab_size
-        config = BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2,
+        config = BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=TINY_LAYERS,
                             num_attention_heads=2, intermediate_size=64,
                             max_position_embeddings=128)  # fmt: skip
         return BertModel(config, add_pooling_layer=False)
@@ -53,6 +54,13 @@ def load_encoder(name: str, seed: int = 0) -> nn.Module:
             "a local folder with config.json and weights, or a hub name on a machine with access."
         ) from exc
     return drop_pooler(encoder)
+
+
+def encoder_layers(name: str) -> int:
+    """The number of transformer layers of an encoder, from its config alone (no weights loaded)."""
+    if name == TINY_RANDOM:
+        return TINY_LAYERS
+    return AutoConfig.from_pretrained(resolve_encoder(name)).num_hidden_layers
 
 
 def drop_pooler(encoder: nn.Module) -> nn.Module:

@@ -29,6 +29,7 @@ import math
 import re
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -44,13 +45,14 @@ from safetensors.torch import load as load_bytes, load_file, save as save_bytes,
 from torch import nn
 
 from emotions import bundle, environment, storage
-from emotions.batching import TokenizedSet, bucket_batches, collate, random_batches, sorted_batches, tokenize
+from emotions.batching import TokenizedSet, bucket_batches, collate, random_batches, tokenize
 from emotions.config import (AUTO, ConfigError, StageConfig, TrainConfig, config_changes, config_hash,
                              from_dict, resolve_scaling)  # fmt: skip
 from emotions.data import LabelledData, expand_by_concatenation, load_labelled
-from emotions.evaluation import compute_metrics, evaluation_report, fit_thresholds, heldout_macro_f1
+from emotions.evaluation import evaluation_report, fit_thresholds, heldout_macro_f1, validation_scores
 from emotions.metrics import format_summary
-from emotions.model import EmotionClassifier, build_head, load_encoder, load_tokenizer
+from emotions.inference import head_probs, run_rows
+from emotions.model import EmotionClassifier, build_head, encoder_layers, load_encoder, load_tokenizer
 from emotions.progress import Progress
 from emotions.tagging.inference import save_checked_bundle
 
@@ -102,6 +104,10 @@ def fit(config: TrainConfig, name: str, callbacks: list | None = None,
     config = resolve_layout(config)
     environment.log_environment(config.to_dict(), "train")
     prepare_run(config, name)
+    layers = encoder_layers(config.model.encoder)
+    if config.model.freeze_layers >= layers:
+        raise ConfigError(f"model.freeze_layers={config.model.freeze_layers} would freeze all {layers} layers of "
+                          f"{config.model.encoder}; stage 1 must train some (at most {layers - 1})")  # fmt: skip
     tokenizer = load_tokenizer(config.model.encoder)
     train_data, val_data = data or load_training_data(config)
     log.info("data: %d train examples (%s), %d validation examples (%s)",
@@ -175,6 +181,8 @@ def prepare_run(config: TrainConfig, name: str) -> None:
     saved = latest_checkpoint_state(run)
     if saved is None or saved.get("config_hash") == config_hash(config.to_dict()):
         return
+    if "config" in saved and not config_changes(saved["config"], config.to_dict()):
+        return  # the same settings; the checkpoint predates keys added since (at their defaults)
     fix = (f"Start it over with --fresh (or run.resume=false), which deletes {run.uri}; or give "
            "this run a new run.name.")  # fmt: skip
     if "config" not in saved:
@@ -270,6 +278,7 @@ class Shards:
     world: int
     validation_source: str = ""
     positive_rates: np.ndarray | None = None  # [28] share of training rows with each label (all ranks' rows)
+    precision: str = "fp32"  # "bf16": autocast on a GPU (scaling.bf16), in training and inference passes
 
 
 def train_worker(loop_config: dict) -> None:
@@ -287,6 +296,7 @@ def train_worker(loop_config: dict) -> None:
         validation_source=loop_config.get("validation_source", ""),
         positive_rates=train_set.labels.mean(0),
     )  # fmt: skip
+    shards.precision = "bf16" if shards.device.type == "cuda" and config.scaling.bf16 else "fp32"
     model = EmotionClassifier(load_encoder(config.model.encoder, config.seed),
                               nn.Identity(), config.model.pooling).to(shards.device)  # fmt: skip
     state, checkpoint = restore_state()
@@ -323,22 +333,13 @@ def train_worker(loop_config: dict) -> None:
 def run_stage(stage: StageConfig, model: EmotionClassifier, shards: Shards, config: TrainConfig,
               state: WorkerState, checkpoint: Path | None, start_epoch: int):  # fmt: skip
     """Train one stage for ``stage.epochs`` epochs (from ``start_epoch``), reporting each epoch.
-    Returns the last validation probabilities (all workers' rows, in validation order)."""
+    Returns the last validation probabilities (all workers' rows, in validation order). What the
+    stage trains and reads is ``stage_inputs``' answer; the loop itself is the same for both."""
     stage_start = time.perf_counter()
-    frozen = not stage.train_encoder
-    model.encoder.requires_grad_(not frozen)
-    if not frozen and config.model.freeze_embeddings:
-        model.encoder.get_input_embeddings().requires_grad_(False)
-    if frozen:
-        # Pooled features once, for this worker's shard: [n, hidden]. Each epoch reuses them.
-        train_x = encode_features(model, shards.train, shards)
-        val_x = encode_features(model, shards.validation, shards)
-        trained: nn.Module = model.head
-    else:
-        trained = model
-    ddp = ray.train.torch.prepare_model(trained, parallel_strategy_kwargs={"find_unused_parameters": False}) \
-        if shards.world > 1 else trained
-    optimizer = build_optimizer(model, stage, frozen)
+    inputs = stage_inputs(stage, model, shards, config)
+    net = ray.train.torch.prepare_model(inputs.trained, parallel_strategy_kwargs={"find_unused_parameters": False}) \
+        if shards.world > 1 else inputs.trained
+    optimizer = build_optimizer(stage, model.head, model.encoder if stage.train_encoder else None)
     steps_per_epoch = math.ceil(len(shards.train) / stage.batch_size)
     scheduler = build_scheduler(optimizer, stage, steps_per_epoch)
     average = WeightAverage(model, stage.ema_decay) if stage.ema_decay else None
@@ -348,42 +349,21 @@ def run_stage(stage: StageConfig, model: EmotionClassifier, shards: Shards, conf
             scheduler.step()
         if average is not None:
             average.load(checkpoint / EMA_FILE)
-    scored = average.swapped_in if average is not None else contextlib.nullcontext
     loss_fn = loss_function(stage, shards.positive_rates, shards.device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16,
-                              enabled=config.scaling.use_gpu and config.scaling.bf16)  # fmt: skip
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=shards.precision == "bf16")
     val_probs = None
     for epoch in range(start_epoch, stage.epochs):
         progress = Progress(f"{stage.name} epoch {epoch + 1}/{stage.epochs}", steps_per_epoch,
                             enabled=shards.rank == 0, unit_scale=stage.batch_size * shards.world)  # fmt: skip
-        ddp.train()
-        seed = config.seed * 1000 + epoch * 10 + shards.rank
-        losses = []
         t0 = time.perf_counter()
-        # Features have no length: plain shuffled batches. Tokens: length-bucketed.
-        batches = (random_batches(len(shards.train), stage.batch_size, seed) if frozen
-                   else bucket_batches(shards.train.lengths, stage.batch_size, seed))  # fmt: skip
-        for rows in batches:
-            y = torch.from_numpy(shards.train.labels[rows]).to(shards.device)
-            with autocast:
-                if frozen:
-                    logits = ddp(train_x[rows])
-                else:
-                    ids, mask, _ = collate(shards.train, rows, shards.pad_id)
-                    logits = ddp(ids.to(shards.device), mask.to(shards.device))
-                loss = loss_fn(logits.float(), y)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            if average is not None:
-                average.update()
-            losses.append(loss.item())
-            progress.step(loss=losses[-1])
+        losses = train_epoch(net, inputs, epoch_seed(config, epoch, shards.rank), loss_fn, optimizer, scheduler,
+                             average, autocast, progress)  # fmt: skip
         elapsed = time.perf_counter() - t0
-        with scored():  # the weight average, when the stage keeps one
-            val_probs, val_labels = predict_validation(model, shards, val_x if frozen else None)
+        with scored(average):
+            val_probs, val_labels = predict_validation(model, shards, inputs.validation_features)
         metrics = epoch_metrics(stage, epoch, losses, val_probs, val_labels, elapsed, shards, config)
+        if average is not None:
+            metrics["ema_steps"] = average.steps  # the steps averaged so far (a resumed stage carries on)
         if shards.rank == 0:
             log.info("%s epoch %d/%d done in %.0fs: train_loss %.4f, val_loss %.4f, val macro-F1 "
                      "%.4f held out (%.4f at 0.5, %.4f in-sample)", stage.name, epoch + 1, stage.epochs,
@@ -398,8 +378,81 @@ def run_stage(stage: StageConfig, model: EmotionClassifier, shards: Shards, conf
     if average is not None:  # the stage ends with the averaged weights: later stages and the bundle use them
         average.apply()
     if val_probs is None:  # stage already complete at restore: predictions for the next step
-        val_probs, _ = predict_validation(model, shards, val_x if frozen else None)
+        val_probs, _ = predict_validation(model, shards, inputs.validation_features)
     return val_probs
+
+
+@dataclass
+class StageInputs:
+    """What a stage trains and reads: the stage as data, so one loop (``train_epoch``) serves a
+    stage that fine-tunes the encoder, a frozen-encoder stage and the head sweep's trials."""
+
+    trained: nn.Module  # what the optimizer steps and DDP wraps: the whole classifier, or its head
+    batches: Callable[[int], list[np.ndarray]]  # seed -> batches of training row numbers
+    logits: Callable[[nn.Module, np.ndarray], torch.Tensor]  # (trained or its DDP wrapper, rows) -> [b, 28]
+    labels: np.ndarray  # [n, 28] of the training rows
+    validation_features: torch.Tensor | None = None  # pooled once while the encoder is frozen
+
+
+def stage_inputs(stage: StageConfig, model: EmotionClassifier, shards: Shards, config: TrainConfig) -> StageInputs:
+    """A stage that trains the encoder reads token batches of similar length; a frozen stage pools
+    this worker's rows once (``feature_inputs``) and trains the head on those features."""
+    model.encoder.requires_grad_(stage.train_encoder)
+    if not stage.train_encoder:
+        return feature_inputs(model.head, encode_features(model, shards.train, shards), shards.train.labels,
+                              stage.batch_size, encode_features(model, shards.validation, shards))  # fmt: skip
+    if config.model.freeze_embeddings:
+        model.encoder.get_input_embeddings().requires_grad_(False)
+    layers = model.encoder.config.num_hidden_layers
+    for name, param in model.encoder.named_parameters():  # the bottom layers and the embeddings
+        if config.model.freeze_layers and layers_above(name, layers) >= layers - config.model.freeze_layers:
+            param.requires_grad_(False)
+    train, device = shards.train, shards.device
+
+    def logits(net: nn.Module, rows: np.ndarray) -> torch.Tensor:
+        ids, mask, _ = collate(train, rows, shards.pad_id)
+        return net(ids.to(device), mask.to(device))
+
+    return StageInputs(model, lambda seed: bucket_batches(train.lengths, stage.batch_size, seed), logits, train.labels)
+
+
+def feature_inputs(head: nn.Module, features: torch.Tensor, labels: np.ndarray, batch_size: int,
+                   validation_features: torch.Tensor | None = None) -> StageInputs:  # fmt: skip
+    """A head trained on pooled features [n, hidden]: shuffled batches (features have no length)."""
+    return StageInputs(head, lambda seed: random_batches(len(features), batch_size, seed),
+                       lambda net, rows: net(features[rows]), labels, validation_features)  # fmt: skip
+
+
+def train_epoch(net: nn.Module, inputs: StageInputs, seed: int, loss_fn: nn.Module, optimizer, scheduler,
+                average: WeightAverage | None = None, autocast=None, progress: Progress | None = None) -> list[float]:  # fmt: skip
+    """One pass over ``inputs``' batches: a step of the optimizer (and scheduler, and weight
+    average) per batch. Returns the batches' losses."""
+    net.train()
+    losses = []
+    for rows in inputs.batches(seed):
+        with autocast or contextlib.nullcontext():
+            logits = inputs.logits(net, rows)
+            loss = loss_fn(logits.float(), torch.from_numpy(inputs.labels[rows]).to(logits.device))
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if average is not None:
+            average.update()
+        losses.append(loss.item())
+        if progress is not None:
+            progress.step(loss=losses[-1])
+    return losses
+
+
+def epoch_seed(config: TrainConfig, epoch: int, rank: int = 0) -> int:
+    """The shuffling seed of an epoch's batches on a worker."""
+    return config.seed * 1000 + epoch * 10 + rank
+
+
+def scored(average: WeightAverage | None):
+    """While validating: the weight average swapped in, when the stage keeps one."""
+    return average.swapped_in() if average is not None else contextlib.nullcontext()
 
 
 def loss_function(stage: StageConfig, positive_rates: np.ndarray, device=None) -> nn.Module:
@@ -428,30 +481,30 @@ class AsymmetricLoss(nn.Module):
         self.pos_weight = pos_weight
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        p = torch.sigmoid(logits)
-        log_p = nn.functional.logsigmoid(logits)
+        log_p, log_not_p = nn.functional.logsigmoid(logits), nn.functional.logsigmoid(-logits)
         if self.clip:
-            q = (p - self.clip).clamp(min=0)
+            q = (torch.sigmoid(logits) - self.clip).clamp(min=0)
             log_not_q = torch.log1p(-q.clamp(max=1 - 1e-6))
-        else:
-            q, log_not_q = p, nn.functional.logsigmoid(-logits)
-        pos = log_p * (1 - p).pow(self.gamma_pos) if self.gamma_pos else log_p
+            neg_scale = q.pow(self.gamma_neg) if self.gamma_neg else None
+        else:  # the focusing factors in log space: finite gradients where p rounds to 0 or 1
+            log_not_q = log_not_p
+            neg_scale = torch.exp(self.gamma_neg * log_p) if self.gamma_neg else None
+        pos = log_p * torch.exp(self.gamma_pos * log_not_p) if self.gamma_pos else log_p
         if self.pos_weight is not None:
             pos = pos * self.pos_weight
-        neg = log_not_q * q.pow(self.gamma_neg) if self.gamma_neg else log_not_q
+        neg = log_not_q * neg_scale if neg_scale is not None else log_not_q
         return -(targets * pos + (1 - targets) * neg).mean()
 
 
-def build_optimizer(model: EmotionClassifier, stage: StageConfig, frozen: bool) -> torch.optim.AdamW:
-    """AdamW: the head at ``head_learning_rate``; unless ``frozen``, the encoder's trainable weights
-    at ``learning_rate``, scaled by ``layer_lr_decay`` ** (layers above theirs) when below 1."""
-    head_lr = stage.head_learning_rate or stage.learning_rate
-    groups = [{"params": [p for p in model.head.parameters()], "lr": head_lr}]
-    if not frozen:
+def build_optimizer(stage: StageConfig, head: nn.Module, encoder: nn.Module | None = None) -> torch.optim.AdamW:
+    """AdamW: the head at ``head_learning_rate``; with an ``encoder`` (a stage that trains it), its
+    trainable weights at ``learning_rate``, scaled by ``layer_lr_decay`` ** (layers above theirs)."""
+    groups = [{"params": list(head.parameters()), "lr": stage.head_learning_rate or stage.learning_rate}]
+    if encoder is not None:
         by_depth: dict[int, list] = {}
-        for name, param in model.encoder.named_parameters():
+        for name, param in encoder.named_parameters():
             if param.requires_grad:
-                by_depth.setdefault(layers_above(name, model.encoder.config.num_hidden_layers), []).append(param)
+                by_depth.setdefault(layers_above(name, encoder.config.num_hidden_layers), []).append(param)
         for depth, params in sorted(by_depth.items()):
             groups.append({"params": params, "lr": stage.learning_rate * stage.layer_lr_decay**depth})
     return torch.optim.AdamW(groups, weight_decay=stage.weight_decay)
@@ -529,27 +582,16 @@ def build_scheduler(optimizer, stage: StageConfig, steps_per_epoch: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-@torch.inference_mode()
 def encode_features(model: EmotionClassifier, data: TokenizedSet, shards: Shards) -> torch.Tensor:
     """Pooled encoder features [n, hidden] float32 for every row of ``data``, in row order."""
-    model.eval()
-    out = torch.empty(len(data), model.hidden_size, device=shards.device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=shards.device.type == "cuda")
-    for rows in sorted_batches(data.lengths, EVAL_BATCH):
-        ids, mask, _ = collate(data, rows, shards.pad_id)
-        with autocast:
-            feats = model.features(ids.to(shards.device), mask.to(shards.device))
-        out[torch.from_numpy(rows).to(shards.device)] = feats.float()
-    return out
+    return run_rows(model, data, shards.pad_id, batch_size=EVAL_BATCH, device=shards.device,
+                    precision=shards.precision, output="features")  # fmt: skip
 
 
-@torch.inference_mode()
 def predict_probs(model: EmotionClassifier, data: TokenizedSet, shards: Shards,
                   features: torch.Tensor | None = None) -> np.ndarray:  # fmt: skip
     """Sigmoid probabilities [n, 28] for this worker's rows of ``data``."""
-    model.eval()
-    feats = features if features is not None else encode_features(model, data, shards)
-    return torch.sigmoid(model.head(feats).float()).cpu().numpy()
+    return head_probs(model.head, features if features is not None else encode_features(model, data, shards))
 
 
 def gather_rows(local: np.ndarray, index: np.ndarray, shards: Shards) -> np.ndarray:
@@ -575,19 +617,12 @@ def predict_validation(model, shards: Shards, features: torch.Tensor | None):
 
 def epoch_metrics(stage: StageConfig, epoch: int, losses: list[float], probs: np.ndarray,
                   labels: np.ndarray, elapsed: float, shards: Shards, config: TrainConfig) -> dict:  # fmt: skip
-    eps = 1e-7
-    val_loss = float(-np.mean(labels * np.log(probs + eps) + (1 - labels) * np.log(1 - probs + eps)))
-    fallback = config.thresholds.fallback
-    at_tuned = compute_metrics(labels, probs, fit_thresholds(probs, labels, fallback=fallback))
     samples = len(losses) * stage.batch_size * shards.world
     metrics = {
         "stage": stage.name,
         "epoch": epoch + 1,
         "train_loss": float(np.mean(losses)) if losses else float("nan"),
-        "val_loss": val_loss,
-        "val_macro_f1_heldout": heldout_macro_f1(labels, probs, fallback=fallback),  # what runs are compared by
-        "val_macro_f1": compute_metrics(labels, probs, 0.5)["macro_f1"],  # at 0.5
-        "val_macro_f1_in_sample": at_tuned["macro_f1"],  # at thresholds fitted on these rows: flatters
+        **validation_scores(labels, probs, fallback=config.thresholds.fallback),
         "samples_per_s": samples / max(elapsed, 1e-9),
         "epoch_seconds": elapsed,
     }

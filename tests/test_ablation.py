@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import json
 
-from emotions.ablation import ROWS, row_config, run_ablation
+from emotions.ablation import ROWS, ablation_base, row_config, run_ablation
 from emotions.config import build_config
 
 
 def test_rows_are_the_seed_table():
-    base = build_config("quickstart").to_dict()
+    base = ablation_base("quickstart")
     configs = {row.name: row_config(base, row, "laptop") for row in ROWS}
-    assert len(ROWS) == 16
+    assert len(ROWS) == 17
     assert configs["+ positive weights (square root of each label's odds)"].stage1.pos_weight_power == 0.5
     # The levers each change one thing over the positive-weights row.
     assert configs["+ weight average (EMA 0.999)"].stage1.ema_decay == 0.999
@@ -21,8 +21,14 @@ def test_rows_are_the_seed_table():
     asymmetric = configs["asymmetric loss (gamma- 4, clip 0.05) instead of positive weights"]
     assert (asymmetric.stage2.gamma_neg, asymmetric.stage1.neg_clip, asymmetric.stage1.pos_weight_power) == (4, 0.05, 0)
     assert configs["+ max_length 32 (faster epochs)"].data.max_length == 32
+    assert configs["+ bottom 2 layers frozen (faster epochs)"].model.freeze_layers == 2
     one = configs["DenseLayer(1) + dynamic lr"]
     assert one.stage2.epochs == 0 and one.stage1.schedule == "linear"
+    # The seed's rows train with plain BCE even over a preset that weights positives (quickstart),
+    # unless the user's overrides say otherwise.
+    assert build_config("quickstart").stage1.pos_weight_power > 0 and one.stage1.pos_weight_power == 0
+    assert configs["+ stage 2's head only if it wins held out"].stage2.pos_weight_power == 0
+    assert ablation_base("quickstart", ["stage1.pos_weight_power=0.3"])["stage1"]["pos_weight_power"] == 0.3
     fixed = configs["DenseLayer(1) + fixed lr 5e-5"]
     assert fixed.stage1.schedule == "constant" and fixed.stage1.learning_rate == 5e-5
     assert configs["+ two-stage"].stage2.epochs > 0

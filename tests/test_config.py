@@ -115,3 +115,15 @@ def test_scaling_values_are_an_int_or_auto():
         build_config("smoke", overrides=["scaling.num_workers=0", "scaling.cpus_per_worker=most"])
     assert "scaling.num_workers: 0 must be >= 1, or auto" in str(err.value)
     assert "scaling.cpus_per_worker: expected int or 'auto', got 'most'" in str(err.value)
+
+
+def test_a_setting_added_since_a_checkpoint_is_no_change_at_its_default():
+    from emotions.config import config_changes
+
+    new = build_config("smoke").to_dict()
+    old = {**new, "stage1": {k: v for k, v in new["stage1"].items() if k != "ema_decay"}}  # an older version's
+    assert config_changes(old, new) == []
+    ema = build_config("smoke", overrides=["stage1.ema_decay=0.99"]).to_dict()
+    assert config_changes(old, ema) == ["stage1.ema_decay: (absent) -> 0.99"]
+    assert config_changes(new, build_config("smoke", overrides=["stage1.epochs=3"]).to_dict()) == [
+        "stage1.epochs: 2 -> 3"]

@@ -6,8 +6,6 @@ import hashlib
 import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 
@@ -166,6 +164,8 @@ def test_workers_killed_in_each_stage_resume_from_checkpoints(local_ray, runs_di
     assert set(metrics["head_choice"]["heldout_macro_f1"]) == {"stage1", "stage2"}
     epochs = [(h["stage"], h["epoch"]) for h in metrics["history"]]
     assert epochs == [("stage1", 1), ("stage1", 2)] + [("stage2", e) for e in range(1, 9)]
+    # The weight average came back with the stage-1 checkpoint and went on averaging.
+    assert metrics["history"][1]["ema_steps"] == 2 * metrics["history"][0]["ema_steps"] > 0
     # The restored stage-2 worker had the stage-1 encoder back bit for bit: every stage-2 checkpoint,
     # before and after its restart, refers to the same stored encoder, and the bundle's encoder is
     # that file. (A kill that lands after the first attempt already began stage 2 leaves that
@@ -236,23 +236,21 @@ def test_optimizer_state_is_restored_by_parameter_name(tmp_path):
                              tmp_path / "optimizer.safetensors", torch.device("cpu"))  # fmt: skip
 
 
-def emotions_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "emotions.cli", *args], capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
+def test_resuming_under_another_config_is_refused_and_fresh_starts_over(local_ray, s3, capsys, monkeypatch):
+    """All on S3: the run's checkpoints, the bundles, and the driver's check of the snapshot. The
+    `emotions train` command runs in this process (``cli.main``), on the session's Ray."""
+    from emotions import cli
 
-
-def test_resuming_under_another_config_is_refused_and_fresh_starts_over(local_ray, s3):
-    """All on S3: the run's checkpoints, the bundles, and the driver's check of the snapshot."""
     run = ["run.name=resume", f"run.storage_path={s3}/runs", "stage1.epochs=1", "stage2.epochs=1"]
     train(build_config("smoke", overrides=run), f"{s3}/bundles/first")
     changed = [*run, "stage1.learning_rate=0.002"]
-    refused = emotions_cli("train", "--preset", "smoke", "--output", f"{s3}/bundles/second", *changed)
-    assert refused.returncode == 2, refused.stderr
-    assert "stage1.learning_rate: 0.001 -> 0.002" in refused.stderr and "--fresh" in refused.stderr
-    assert "Started a local Ray instance" not in refused.stderr  # refused before Ray
-    fresh = emotions_cli("train", "--preset", "smoke", "--output", f"{s3}/bundles/second", "--fresh",
-                         "--ray-address", local_ray.get_runtime_context().gcs_address, *changed)  # fmt: skip
-    assert fresh.returncode == 0, fresh.stderr
+    with monkeypatch.context() as patch:  # refused before Ray: connecting would fail the test
+        patch.setattr(cli, "connect_ray", lambda address: pytest.fail("Ray was reached"))
+        code = cli.main(["train", "--preset", "smoke", "--output", f"{s3}/bundles/second", *changed])
+    stderr = capsys.readouterr().err
+    assert code == 2, stderr
+    assert "stage1.learning_rate: 0.001 -> 0.002" in stderr and "--fresh" in stderr
+    assert cli.main(["train", "--preset", "smoke", "--output", f"{s3}/bundles/second", "--fresh", *changed]) == 0
     second = load_bundle(f"{s3}/bundles/second").metrics
     assert second["resumed_from"] == [] and len(second["history"]) == 2
     # The same config (but for a key that may change) resumes the final checkpoint: nothing retrained.
@@ -322,6 +320,12 @@ def test_asymmetric_loss_is_bce_at_zero_and_drops_easy_negatives():
     assert AsymmetricLoss(4, 0, 0.05)(easy, negatives).item() == 0.0  # clipped away entirely
     focal, bce = AsymmetricLoss(2, 2, 0)(easy, negatives), nn.BCEWithLogitsLoss()(easy, negatives)
     assert 0 < focal.item() < bce.item() * 0.001  # scaled by p ** 2
+    for gamma in (0.5, 2.0):  # finite gradients where the sigmoid rounds to 0 or 1, both targets
+        for value in (-110.0, -20.0, 20.0, 110.0):
+            for target in (0.0, 1.0):
+                x = torch.full((1, 28), value, requires_grad=True)
+                AsymmetricLoss(gamma, gamma, 0)(x, torch.full((1, 28), target)).backward()
+                assert torch.isfinite(x.grad).all(), (gamma, value, target)
     config = build_config("smoke", overrides=["stage1.gamma_neg=4", "stage1.neg_clip=0.05"]).stage1
     from emotions.training import loss_function
 
@@ -337,7 +341,7 @@ def test_layer_lr_decay_gives_lower_layers_smaller_rates():
     model = EmotionClassifier(load_encoder("tiny-random"), build_head(32, 1, 0.1), "mean")
     stage = build_config("smoke", overrides=["stage1.layer_lr_decay=0.5", "stage1.learning_rate=1e-3",
                                              "stage1.head_learning_rate=1e-2"]).stage1  # fmt: skip
-    groups = build_optimizer(model, stage, frozen=False).param_groups
+    groups = build_optimizer(stage, model.head, model.encoder).param_groups
     rate = {id(p): g["lr"] for g in groups for p in g["params"]}
     named = dict(model.named_parameters())
     assert rate[id(named["head.1.weight"])] == 1e-2
@@ -371,3 +375,26 @@ def test_weight_average_tracks_steps_and_survives_a_checkpoint(tmp_path):
     np.testing.assert_allclose(again.average["weight"], start + 0.9, rtol=1e-6)
     again.apply()
     np.testing.assert_allclose(model.weight.detach(), start + 0.9, rtol=1e-6)
+
+
+def test_frozen_bottom_layers_get_no_gradients_and_no_optimizer_slot():
+    import torch
+
+    from emotions.model import EmotionClassifier, build_head, load_encoder
+    from emotions.training import Shards, build_optimizer, stage_inputs
+
+    config = build_config("smoke", overrides=["model.freeze_layers=1"])
+    tokens = tokenize(["so happy for you", "this is awful", "ok"], np.zeros((3, 28), np.float32),
+                      load_tokenizer("tiny-random"), 32)  # fmt: skip
+    shards = Shards(train=tokens, validation=tokens, pad_id=0, device=torch.device("cpu"), rank=0, world=1)
+    model = EmotionClassifier(load_encoder("tiny-random"), build_head(32, 1, 0.1), "mean")
+    inputs = stage_inputs(config.stage1, model, shards, config)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert not any(n.startswith(("encoder.embeddings.", "encoder.encoder.layer.0.")) for n in trainable)
+    assert any(n.startswith("encoder.encoder.layer.1.") for n in trainable) and "head.1.weight" in trainable
+    optimizer = build_optimizer(config.stage1, model.head, model.encoder)
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(trainable)
+    loss = inputs.logits(model, np.arange(3)).sum()
+    loss.backward()
+    assert model.encoder.encoder.layer[0].output.dense.weight.grad is None
+    assert model.encoder.encoder.layer[1].output.dense.weight.grad is not None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import time
 
@@ -105,33 +106,54 @@ def test_tune_flag_max_concurrent_trials_reaches_the_settings(monkeypatch):
         cli.run_tune(args)
 
 
-def test_head_sweep_encodes_once_and_exports_the_best_head(smoke_bundle, local_ray, tmp_path):
+def test_head_sweep_encodes_once_in_a_ray_task_and_exports_the_best_head(smoke_bundle, local_ray, s3, tmp_path,
+                                                                          monkeypatch):  # fmt: skip
+    """All on S3: the feature cache, the sweep's outputs and the best bundle."""
+    import os
+    import uuid
+
     import emotions.head_sweep as head_sweep
     from safetensors.torch import load_file
 
+    from emotions import storage
+
+    monkeypatch.chdir(tmp_path)
+    root = f"{s3}/heads-{uuid.uuid4().hex[:8]}"
     source = load_bundle(smoke_bundle)
-    overrides = [f"run.storage_path={tmp_path / 'runs'}", "tune.num_samples=4", "stage2.epochs=3",
-                 "tune.grace_period=1"]  # fmt: skip
+    overrides = [f"run.storage_path={root}/runs", "tune.num_samples=4", "stage2.epochs=3", "tune.grace_period=1"]
     raw = head_sweep.build_head_sweep_config(source, "heads", overrides=overrides)
-    first = head_sweep.run_head_sweep(source, raw, tmp_path / "first")
-    table = pd.read_csv(tmp_path / "first" / "results.csv")
+    first = head_sweep.run_head_sweep(source, raw, f"{root}/first")
+    out = storage.Folder.from_uri(f"{root}/first")
+    table = pd.read_csv(io.BytesIO(out.read_bytes("results.csv")))
     assert len(table) == 4 and table["baseline"].sum() == 1 and table["stage2.dropout"].nunique() > 1
-    best = load_bundle(tmp_path / "first" / "best_bundle")
+    assert first["bundle"] == f"{root}/first/best_bundle"
+    best = load_bundle(first["bundle"])  # downloaded from S3, manifest verified
     assert best.config["stage2"]["head_depth"] == first["best_params"]["stage2.head_depth"]
     assert best.metrics["head_sweep"]["from_bundle"] == source.hash
     weights = {n: load_file(str(b / "model.safetensors")) for n, b in (("source", source.path), ("best", best.path))}
     encoder = [k for k in weights["source"] if k.startswith("encoder.")]
     assert encoder and all((weights["source"][k] == weights["best"][k]).all() for k in encoder)  # untouched
     assert best.predict(["thanks a lot!"]) is not None
-    # Another sweep over the same bundle and data reads the cached features: the encoder never runs.
+    # The features were computed once, by a Ray task (not this driver), and cached as one object.
     cache = first["features"]
-    assert cache.startswith(str(tmp_path / "runs" / "features")) and not list((tmp_path / "runs").rglob("*.partial-*"))
+    assert cache.startswith(f"{root}/runs/features/") and cache.endswith(".safetensors")
+    fs, path, _ = storage.filesystem(cache)
+    stored = fs.open_input_stream(path).read()
+    meta = head_sweep.read_metadata(stored)
+    driver = local_ray.get_runtime_context()
+    assert meta["bundle"] == source.hash and meta["device"].startswith("cpu")
+    assert meta["worker_id"] != driver.get_worker_id() and int(meta["pid"]) != os.getpid()
+    info = out.read_json("best_config.json")["features"]
+    assert info["file"] == cache and info["reused"] is False and info["worker_id"] == meta["worker_id"]
+    # Another sweep over the same bundle and data reads the cached object: the encoder never runs.
     raw = head_sweep.build_head_sweep_config(source, "heads", overrides=[*overrides[:1], "tune.num_samples=2",
                                                                          "stage2.epochs=2"])  # fmt: skip
-    second = head_sweep.run_head_sweep(source, raw, tmp_path / "second")
+    second = head_sweep.run_head_sweep(source, raw, f"{root}/second")
     assert second["features"] == cache and second["trials"] == 2
-    features = json.loads((tmp_path / "second" / "best_config.json").read_text())["features"]
-    assert features["reused"] is True and features["file"] == cache
+    info = storage.Folder.from_uri(f"{root}/second").read_json("best_config.json")["features"]
+    assert info["reused"] is True and info["file"] == cache and info["worker_id"] == meta["worker_id"]
+    assert fs.open_input_stream(path).read() == stored
+    assert not (tmp_path / "s3:").exists()
 
 
 def test_head_sweep_refuses_encoder_settings(smoke_bundle):

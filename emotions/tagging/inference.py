@@ -11,14 +11,12 @@ are applied to the precision they were checked for.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 import warnings
 
 import numpy as np
 
-from emotions.labels import EMOTIONS
 from emotions.storage import Folder
 from emotions.tagging.settings import PRECISIONS, TaggingError
 
@@ -57,20 +55,12 @@ def tokenize_texts(texts: list[str], tokenizer, max_length: int):
 
 
 def predict_tokens(model, data, pad_id: int, batch_size: int, precision: str, device: str) -> np.ndarray:
-    """[n] tokenized texts -> [n, 28] probabilities (float32), in passes of ``batch_size`` rows
-    sorted by length. bf16 runs under autocast; an int8 model comes quantized (prepare_model)."""
-    import torch
+    """[n] tokenized texts -> [n, 28] probabilities (float32): ``inference.run_rows``, the loop
+    evaluation and training score with, at the tagging run's precision and device. An int8 model
+    comes quantized (``prepare_model``)."""
+    from emotions.inference import run_rows  # torch: not imported by Ray Data's read tasks
 
-    from emotions.batching import collate, sorted_batches
-
-    out = np.zeros((len(data), len(EMOTIONS)), dtype=np.float32)
-    autocast = torch.autocast(device, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
-    with torch.inference_mode(), autocast:
-        for rows in sorted_batches(data.lengths, batch_size):
-            ids, mask, _ = collate(data, rows, pad_id)
-            logits = model(ids.to(device), mask.to(device))  # [pass, 28]
-            out[rows] = torch.sigmoid(logits.float()).cpu().numpy()
-    return out
+    return run_rows(model, data, pad_id, batch_size=batch_size, device=device, precision=precision).cpu().numpy()
 
 
 
