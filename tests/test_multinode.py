@@ -102,14 +102,10 @@ def s3_exists(uri: str) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
-def read_bytes(uri: str) -> bytes:
+def read_json(uri: str) -> dict:
     fs, path = pafs.FileSystem.from_uri(uri)
     with fs.open_input_stream(path) as f:
-        return f.read()
-
-
-def read_json(uri: str) -> dict:
-    return json.loads(read_bytes(uri))
+        return json.loads(f.read())
 
 
 @pytest.fixture(scope="module")
@@ -162,21 +158,15 @@ def test_sweep_trials_train_on_the_worker_nodes_and_export_to_s3(cluster, s3, tm
     from emotions.bundle import load_bundle
 
     out = f"{s3}/mn/sweep"
-    args = ["tune", "--preset", "smoke", "--output", out, f"run.storage_path={s3}/mn/tune", "tune.num_samples=2",
-            "stage1.epochs=1", "stage2.epochs=1"]  # fmt: skip
-    emotions(cluster, tmp_path, *args)
+    emotions(cluster, tmp_path, "tune", "--preset", "smoke", "--output", out, f"run.storage_path={s3}/mn/tune",
+             "tune.num_samples=2", "stage1.epochs=1", "stage2.epochs=1")  # fmt: skip
     for name in ("results.csv", "results.md", "sweep.png", "best_config.json"):
         assert s3_exists(f"{out}/{name}"), name
     assert load_bundle(f"{out}/best_bundle").predict(["thanks!"]) is not None
-    # Tune's experiment itself lives on S3; the same command again restores it: no trial runs again.
+    # Tune's experiment itself lives on S3, each trial's results beside it (what a re-run restores).
     trials = [i.path for i in s3_fs().get_file_info(pafs.FileSelector("emo/mn/sweep/sweep/sweep"))
               if i.type == pafs.FileType.Directory]  # fmt: skip
-    assert len(trials) == 2
-    reports = {t: read_bytes(f"s3://{t}/result.json") for t in trials}
-    best = read_json(f"{out}/best_config.json")
-    emotions(cluster, tmp_path, *args)
-    assert {t: read_bytes(f"s3://{t}/result.json") for t in trials} == reports  # none reported again
-    assert read_json(f"{out}/best_config.json")["params"] == best["params"]
+    assert len(trials) == 2 and all(s3_exists(f"s3://{t}/result.json") for t in trials)
 
 
 def test_head_sweep_caches_features_on_s3(cluster, bundle, s3, tmp_path):
