@@ -104,8 +104,8 @@ def fit(config: TrainConfig, name: str, callbacks: list | None = None,
     config = resolve_layout(config)
     environment.log_environment(config.to_dict(), "train")
     prepare_run(config, name)
-    layers = encoder_layers(config.model.encoder)
-    if config.model.freeze_layers >= layers:
+    layers = encoder_layers(config.model.encoder) if config.model.freeze_layers else 0  # a hub config: only when asked
+    if config.model.freeze_layers and config.model.freeze_layers >= layers:
         raise ConfigError(f"model.freeze_layers={config.model.freeze_layers} would freeze all {layers} layers of "
                           f"{config.model.encoder}; stage 1 must train some (at most {layers - 1})")  # fmt: skip
     tokenizer = load_tokenizer(config.model.encoder)
