@@ -21,7 +21,9 @@ attempt (which finds that attempt's lease still live) finishes its dates in the 
 What a lease guarantees. pyarrow gives no create-if-absent on object stores, so acquiring is
 write, wait ``settle_s``, read back: a run holds the date if its claim is the first live claim,
 ordered by when each claim was first written by the storage's own clock (the object's
-modification time as listed, kept in the claim through renewals), then by owner name.
+modification time as listed, kept in the claim through renewals), then by owner name. A run
+that finds live claims already there also waits ``settle_s`` and reads again before it skips the
+date and names the holder: a claim ordered before the ones it saw may still be on its way.
 S3 reads and lists are strongly consistent, so a run that wrote its claim before another run
 read back sees it and withdraws. Two runs can both hold a date only if one claim's write takes
 longer than ``settle_s`` minus the storage clock's resolution (S3: 1 s) to become visible, or if a
@@ -228,6 +230,11 @@ class DateLease:
         now = time.time()
         claims = self.claims()
         live = [c for c in claims if c.expires > now and c.owner != self.owner]
+        if live:  # held or being claimed. A claim ordered before these may not be visible yet:
+            time.sleep(self.settle_s)  # after settle_s it is, and the first live claim holds
+            now = time.time()
+            claims = self.claims()
+            live = [c for c in claims if c.expires > now and c.owner != self.owner]
         if live:
             self.holder = min(live, key=lambda c: c.order)
             return False

@@ -134,7 +134,17 @@ class Folder:
         self.write_text(json.dumps(data, indent=2, default=str) + "\n", *parts)
 
     def list(self, *parts: str) -> list[pafs.FileInfo]:
-        return self.fs.get_file_info(pafs.FileSelector(self.path(*parts), allow_not_found=True))
+        """The folder's entries; none if it is not there. On a local disk pyarrow fails the whole
+        listing when an entry vanishes between reading the folder and its stat (another process
+        renaming a temporary file into place): that listing is taken again."""
+        selector = pafs.FileSelector(self.path(*parts), allow_not_found=True)
+        for attempt in range(10):
+            try:
+                return self.fs.get_file_info(selector)
+            except FileNotFoundError:
+                if attempt == 9 or not self.is_local:
+                    raise
+        raise AssertionError("unreachable")
 
     def delete(self, *parts: str) -> None:
         """Remove a file or a folder (with everything in it); nothing if it is not there."""

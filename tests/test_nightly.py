@@ -104,12 +104,13 @@ def test_runs_racing_for_a_date_leave_exactly_one_holder(kind, tmp_path, request
         leases = [DateLease(folder, f"2026-01-0{race + 1}", new_owner(), ttl_s=30, settle_s=0.3)
                   for _ in range(4)]  # fmt: skip
 
-        def run(lease: DateLease) -> None:
+        def run(lease: DateLease, late_s: float) -> None:
             start.wait()
+            time.sleep(late_s)  # the later runs find claims already written, some still settling
             if lease.acquire():
                 held.append(lease)
 
-        threads = [threading.Thread(target=run, args=(lease,)) for lease in leases]
+        threads = [threading.Thread(target=run, args=(lease, 0.03 * i)) for i, lease in enumerate(leases)]
         [t.start() for t in threads]
         [t.join() for t in threads]
         assert len(held) == 1, f"race {race}: {len(held)} runs hold the date"
