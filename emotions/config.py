@@ -82,10 +82,13 @@ class StageConfig:
     # the bottom layer. 1 = one rate for the whole encoder.
     layer_lr_decay: float = 1.0
     # An exponential moving average of the trained weights (decay per step, warmed up as
-    # min(ema_decay, (1 + step) / (10 + step))): validation scores it, and the stage ends with it
-    # as the model's weights. 0 = off. The warm-up holds the decay below 0.999 until step 8,991, so
-    # on shorter stages every setting from 0.999 up averages the same steps (about the last ninth).
+    # min(ema_decay, (1 + step) / (ema_warmup + step))): validation scores it, and the stage ends
+    # with it as the model's weights. 0 = off.
     ema_decay: float = 0.0
+    # The warm-up constant c: until the decay reaches ema_decay the average spans about the last
+    # 1 / (c - 1) of the steps so far (10: a ninth; 4: a third). With c = 10 the decay stays below
+    # 0.999 until step 8,991, so on shorter stages c, not ema_decay, sets the span.
+    ema_warmup: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -356,6 +359,8 @@ def _check(config: TrainConfig, errors: list[str]) -> None:
             errors.append(f"{stage.name}.layer_lr_decay: {stage.layer_lr_decay} must be in (0, 1]")
         if not 0.0 <= stage.ema_decay < 1.0:
             errors.append(f"{stage.name}.ema_decay: {stage.ema_decay} must be in [0, 1) (0 = off)")
+        if not stage.ema_warmup > 1.0:
+            errors.append(f"{stage.name}.ema_warmup: {stage.ema_warmup} must be over 1 (10 = the usual warm-up)")
         if not 0.0 <= stage.warmup_ratio < 1.0:
             errors.append(f"{stage.name}.warmup_ratio: {stage.warmup_ratio} must be in [0, 1)")
     if config.model.freeze_layers < 0:

@@ -342,7 +342,7 @@ def run_stage(stage: StageConfig, model: EmotionClassifier, shards: Shards, conf
     optimizer = build_optimizer(stage, model.head, model.encoder if stage.train_encoder else None)
     steps_per_epoch = math.ceil(len(shards.train) / stage.batch_size)
     scheduler = build_scheduler(optimizer, stage, steps_per_epoch)
-    average = WeightAverage(model, stage.ema_decay) if stage.ema_decay else None
+    average = WeightAverage(model, stage.ema_decay, stage.ema_warmup) if stage.ema_decay else None
     if checkpoint is not None and start_epoch > 0 and (checkpoint / OPTIMIZER_FILE).exists():
         load_optimizer_state(optimizer, model, checkpoint / OPTIMIZER_FILE, shards.device)
         for _ in range(start_epoch * steps_per_epoch):
@@ -525,8 +525,8 @@ class WeightAverage:
     stage with it. Saved in checkpoints as EMA_FILE (with its step count) so a resumed stage
     carries on averaging."""
 
-    def __init__(self, model: nn.Module, decay: float):
-        self.decay, self.steps = decay, 0
+    def __init__(self, model: nn.Module, decay: float, warmup: float = 10.0):
+        self.decay, self.warmup, self.steps = decay, warmup, 0
         self.names = [n for n, p in model.named_parameters() if p.requires_grad]
         params = dict(model.named_parameters())
         self.average = {n: params[n].detach().float().clone() for n in self.names}
@@ -534,7 +534,7 @@ class WeightAverage:
 
     @torch.no_grad()
     def update(self) -> None:
-        decay = min(self.decay, (1 + self.steps) / (10 + self.steps))
+        decay = min(self.decay, (1 + self.steps) / (self.warmup + self.steps))
         self.steps += 1
         torch._foreach_lerp_(list(self.average.values()), [p.detach().float() for p in self._params], 1 - decay)
 

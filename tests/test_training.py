@@ -375,6 +375,13 @@ def test_weight_average_tracks_steps_and_survives_a_checkpoint(tmp_path):
     np.testing.assert_allclose(again.average["weight"], start + 0.9, rtol=1e-6)
     again.apply()
     np.testing.assert_allclose(model.weight.detach(), start + 0.9, rtol=1e-6)
+    # The warm-up constant sets the span: with 4, the first step keeps 1/4 of the old average
+    wide = WeightAverage(model, decay=0.999, warmup=4.0)
+    before = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    wide.update()
+    np.testing.assert_allclose(wide.average["weight"], before + 0.75, rtol=1e-6)
 
 
 def test_frozen_bottom_layers_get_no_gradients_and_no_optimizer_slot():
