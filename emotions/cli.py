@@ -241,9 +241,7 @@ def row_numbers(text: str) -> list[int]:
 
 def run_ablate(args: argparse.Namespace) -> int:
     from emotions import storage
-    from emotions.ablation import run_ablation
-
-    from emotions.ablation import ROWS
+    from emotions.ablation import ROWS, run_ablation
 
     build_config(args.preset, None, args.overrides)  # refuse bad keys (and rows) before Ray starts
     unknown = sorted(set(args.rows or ()) - set(range(1, len(ROWS) + 1)))

@@ -178,7 +178,7 @@ def train_head(config: TrainConfig, features: dict[str, np.ndarray], report) -> 
     optimizer = build_optimizer(stage, head)
     scheduler = build_scheduler(optimizer, stage, math.ceil(len(x) / stage.batch_size))
     loss_fn = loss_function(stage, features["train_y"].mean(0))
-    average = WeightAverage(head, stage.ema_decay, stage.ema_warmup) if stage.ema_decay else None
+    average = WeightAverage.for_stage(head, stage)
     for epoch in range(stage.epochs):
         start = time.perf_counter()
         losses = train_epoch(head, inputs, epoch_seed(config, epoch), loss_fn, optimizer, scheduler, average)

@@ -225,16 +225,17 @@ class DateLease:
             out.append(Claim(info.base_name, owner, expires, order))
         return out
 
+    def _read(self) -> tuple[float, list[Claim], list[Claim]]:
+        """(now, this date's claims, the other runs' live claims among them)."""
+        now, claims = time.time(), self.claims()
+        return now, claims, [c for c in claims if c.expires > now and c.owner != self.owner]
+
     def acquire(self) -> bool:
         """Claim the date unless another run holds it; True if this run now holds it."""
-        now = time.time()
-        claims = self.claims()
-        live = [c for c in claims if c.expires > now and c.owner != self.owner]
+        now, claims, live = self._read()
         if live:  # held or being claimed. A claim ordered before these may not be visible yet:
             time.sleep(self.settle_s)  # after settle_s it is, and the first live claim holds
-            now = time.time()
-            claims = self.claims()
-            live = [c for c in claims if c.expires > now and c.owner != self.owner]
+            now, claims, live = self._read()
         if live:
             self.holder = min(live, key=lambda c: c.order)
             return False

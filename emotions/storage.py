@@ -138,13 +138,13 @@ class Folder:
         listing when an entry vanishes between reading the folder and its stat (another process
         renaming a temporary file into place): that listing is taken again."""
         selector = pafs.FileSelector(self.path(*parts), allow_not_found=True)
-        for attempt in range(10):
+        for _ in range(9):
             try:
                 return self.fs.get_file_info(selector)
             except FileNotFoundError:
-                if attempt == 9 or not self.is_local:
+                if not self.is_local:
                     raise
-        raise AssertionError("unreachable")
+        return self.fs.get_file_info(selector)  # a tenth time, and its error
 
     def delete(self, *parts: str) -> None:
         """Remove a file or a folder (with everything in it); nothing if it is not there."""

@@ -288,15 +288,15 @@ def train_worker(loop_config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(config.scaling.cpus_per_worker)
     torch.manual_seed(config.seed)
-    train_set = ray.get(loop_config["train"])
+    train_set, device = ray.get(loop_config["train"]), ray.train.torch.get_device()
     shards = Shards(
         train=train_set.shard(rank, world, equal=True),
         validation=ray.get(loop_config["validation"]).shard(rank, world, equal=False),
-        pad_id=loop_config["pad_id"], device=ray.train.torch.get_device(), rank=rank, world=world,
+        pad_id=loop_config["pad_id"], device=device, rank=rank, world=world,
         validation_source=loop_config.get("validation_source", ""),
         positive_rates=train_set.labels.mean(0),
+        precision="bf16" if device.type == "cuda" and config.scaling.bf16 else "fp32",
     )  # fmt: skip
-    shards.precision = "bf16" if shards.device.type == "cuda" and config.scaling.bf16 else "fp32"
     model = EmotionClassifier(load_encoder(config.model.encoder, config.seed),
                               nn.Identity(), config.model.pooling).to(shards.device)  # fmt: skip
     state, checkpoint = restore_state()
@@ -342,7 +342,7 @@ def run_stage(stage: StageConfig, model: EmotionClassifier, shards: Shards, conf
     optimizer = build_optimizer(stage, model.head, model.encoder if stage.train_encoder else None)
     steps_per_epoch = math.ceil(len(shards.train) / stage.batch_size)
     scheduler = build_scheduler(optimizer, stage, steps_per_epoch)
-    average = WeightAverage(model, stage.ema_decay, stage.ema_warmup) if stage.ema_decay else None
+    average = WeightAverage.for_stage(model, stage)
     if checkpoint is not None and start_epoch > 0 and (checkpoint / OPTIMIZER_FILE).exists():
         load_optimizer_state(optimizer, model, checkpoint / OPTIMIZER_FILE, shards.device)
         for _ in range(start_epoch * steps_per_epoch):
@@ -531,6 +531,11 @@ class WeightAverage:
         params = dict(model.named_parameters())
         self.average = {n: params[n].detach().float().clone() for n in self.names}
         self._params = [params[n] for n in self.names]
+
+    @classmethod
+    def for_stage(cls, model: nn.Module, stage: StageConfig) -> WeightAverage | None:
+        """The stage's average of ``model``'s trainable weights; None when ``ema_decay`` is 0."""
+        return cls(model, stage.ema_decay, stage.ema_warmup) if stage.ema_decay else None
 
     @torch.no_grad()
     def update(self) -> None:
