@@ -63,6 +63,9 @@ class StageConfig:
     head_learning_rate: float | None = None  # None = learning_rate
     schedule: str = "linear"  # linear (warm-up then linear decay) | constant
     warmup_ratio: float = 0.06
+    # The linear schedule decays to this fraction of the learning rates, not to 0. With a weight
+    # average (ema_decay) the last steps then still move, and the average smooths them.
+    lr_floor: float = 0.0
     weight_decay: float = 0.01
     batch_size: int = 32  # per worker
     head_depth: int = 1  # 1 = Linear; 2 = Linear-GELU-Dropout-Linear
@@ -361,6 +364,8 @@ def _check(config: TrainConfig, errors: list[str]) -> None:
             errors.append(f"{stage.name}.ema_decay: {stage.ema_decay} must be in [0, 1) (0 = off)")
         if not stage.ema_warmup > 1.0:
             errors.append(f"{stage.name}.ema_warmup: {stage.ema_warmup} must be over 1 (10 = the usual warm-up)")
+        if not 0.0 <= stage.lr_floor < 1.0:
+            errors.append(f"{stage.name}.lr_floor: {stage.lr_floor} must be in [0, 1) (0 = decay to 0)")
         if not 0.0 <= stage.warmup_ratio < 1.0:
             errors.append(f"{stage.name}.warmup_ratio: {stage.warmup_ratio} must be in [0, 1)")
     if config.model.freeze_layers < 0:

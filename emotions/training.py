@@ -582,7 +582,8 @@ def build_scheduler(optimizer, stage: StageConfig, steps_per_epoch: int):
             return 1.0
         if step < warmup:
             return (step + 1) / warmup
-        return max(0.0, (total - step) / max(1, total - warmup))
+        left = max(0.0, (total - step) / max(1, total - warmup))
+        return stage.lr_floor + (1.0 - stage.lr_floor) * left
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
