@@ -115,7 +115,11 @@ class ScalingSettings:
     # whose cores other busy processes share, multi-threaded workers slow down far more than
     # 1-thread ones (2-core machine at load 10-16: 1 x 2 ran at 0.22x of 2 x 1): set 1 there.
     cpus_per_worker: int | str = AUTO
-    bf16: bool = True  # autocast to bfloat16 on GPU (ignored on CPU)
+    bf16: bool = True  # autocast to bfloat16 on GPU, in training and inference passes
+    # Training steps on CPU workers under autocast to bfloat16 (validation, thresholds and tagging
+    # stay float32): auto = where the CPU computes bfloat16 natively (AVX512-BF16 or AMX; 1.3x
+    # faster steps on the 2-core test machine: benchmarks/cpu_bf16.py) and off elsewhere; true; false.
+    cpu_bf16: bool | str = False
 
 
 @dataclass(frozen=True)
@@ -160,7 +164,7 @@ class TrainConfig:
 # after training on the final predictions). Any other change is refused on resume.
 RESUMABLE_KEYS = frozenset({
     "run.max_failures", "run.checkpoints_to_keep", "run.resume", "run.storage_path",
-    "scaling.use_gpu", "scaling.cpus_per_worker", "scaling.bf16",
+    "scaling.use_gpu", "scaling.cpus_per_worker", "scaling.bf16", "scaling.cpu_bf16",
     "thresholds.split", "thresholds.fallback", "model.head_choice",
 })  # fmt: skip
 
@@ -193,7 +197,7 @@ def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
             if k not in RESUMABLE_KEYS and before.get(k, defaults.get(k, ...)) != after.get(k, defaults.get(k, ...))]  # fmt: skip
 
 
-_AUTO_KEYS = ("scaling.num_workers", "scaling.cpus_per_worker")  # an int, or AUTO
+_AUTO_KEYS = ("scaling.num_workers", "scaling.cpus_per_worker", "scaling.cpu_bf16")  # a value, or AUTO
 
 _CHOICES = {
     "data.label_format": ("auto", "names", "ids", "columns"),

@@ -32,11 +32,22 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX, as oneDNN sees it). On a
+    CPU without it, autocast to bfloat16 emulates the arithmetic and is slower than float32."""
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch build without oneDNN
+        return False
+
+
 def devices() -> dict[str, object]:
     import torch
 
     info: dict[str, object] = {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                               "cuda": torch.cuda.is_available()}  # fmt: skip
+                               "cuda": torch.cuda.is_available(), "cpu_bf16": cpu_has_bf16()}  # fmt: skip
     if torch.cuda.is_available():
         info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     return info

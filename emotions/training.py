@@ -278,7 +278,24 @@ class Shards:
     world: int
     validation_source: str = ""
     positive_rates: np.ndarray | None = None  # [28] share of training rows with each label (all ranks' rows)
-    precision: str = "fp32"  # "bf16": autocast on a GPU (scaling.bf16), in training and inference passes
+    precision: str = "fp32"  # inference passes: "bf16" = autocast on a GPU (scaling.bf16)
+    train_precision: str = "fp32"  # training steps: "bf16" also on a CPU with scaling.cpu_bf16
+
+
+def train_precision(config: TrainConfig, device: torch.device, rank: int = 0) -> str:
+    """"bf16" or "fp32" for this worker's training steps (see ScalingSettings.cpu_bf16)."""
+    if device.type == "cuda":
+        return "bf16" if config.scaling.bf16 else "fp32"
+    wanted = config.scaling.cpu_bf16
+    native = environment.cpu_has_bf16()
+    if wanted == AUTO:
+        wanted = native
+    if wanted and not native and rank == 0:
+        log.warning("scaling.cpu_bf16 is on but this CPU has no native bfloat16 (AVX512-BF16 or AMX): "
+                    "its training steps will be slower than in float32; set scaling.cpu_bf16=auto")
+    if rank == 0 and wanted:
+        log.info("training steps under autocast to bfloat16 on CPU (scaling.cpu_bf16=%s)", config.scaling.cpu_bf16)
+    return "bf16" if wanted else "fp32"
 
 
 def train_worker(loop_config: dict) -> None:
@@ -296,6 +313,7 @@ def train_worker(loop_config: dict) -> None:
         validation_source=loop_config.get("validation_source", ""),
         positive_rates=train_set.labels.mean(0),
         precision="bf16" if device.type == "cuda" and config.scaling.bf16 else "fp32",
+        train_precision=train_precision(config, device, rank),
     )  # fmt: skip
     model = EmotionClassifier(load_encoder(config.model.encoder, config.seed),
                               nn.Identity(), config.model.pooling).to(shards.device)  # fmt: skip
@@ -350,7 +368,7 @@ def run_stage(stage: StageConfig, model: EmotionClassifier, shards: Shards, conf
         if average is not None:
             average.load(checkpoint / EMA_FILE)
     loss_fn = loss_function(stage, shards.positive_rates, shards.device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=shards.precision == "bf16")
+    autocast = torch.autocast(shards.device.type, dtype=torch.bfloat16, enabled=shards.train_precision == "bf16")
     val_probs = None
     for epoch in range(start_epoch, stage.epochs):
         progress = Progress(f"{stage.name} epoch {epoch + 1}/{stage.epochs}", steps_per_epoch,
@@ -634,6 +652,7 @@ def epoch_metrics(stage: StageConfig, epoch: int, losses: list[float], probs: np
     }
     # Stage names in the keys, so a results table keeps both stages apart.
     metrics.update({f"{stage.name}/{k}": v for k, v in list(metrics.items())[2:]})
+    metrics["train_precision"] = shards.train_precision  # what the steps ran in (scaling.cpu_bf16 on CPU)
     return metrics
 
 

@@ -384,6 +384,31 @@ def test_weight_average_tracks_steps_and_survives_a_checkpoint(tmp_path):
     np.testing.assert_allclose(wide.average["weight"], before + 0.75, rtol=1e-6)
 
 
+def test_linear_schedule_warms_up_then_decays_to_its_floor():
+    import torch
+
+    from emotions.training import build_scheduler
+
+    def rates(floor: float) -> list[float]:
+        stage = build_config("smoke", overrides=["stage1.epochs=2", "stage1.warmup_ratio=0.1",
+                                                 f"stage1.lr_floor={floor}"]).stage1  # fmt: skip
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        scheduler, seen = build_scheduler(optimizer, stage, steps_per_epoch=50), []
+        for _ in range(100):
+            seen.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        return seen
+
+    plain, floored = rates(0.0), rates(0.3)
+    assert plain[:10] == floored[:10] and plain[9] == 1.0  # the same warm-up
+    assert plain[-1] < 0.02 and abs(floored[-1] - 0.3) < 0.01  # down to 0, or to the floor
+    assert all(a >= b for a, b in zip(floored[9:], floored[10:]))  # decaying all the way
+    assert floored[55] > plain[55]
+    with pytest.raises(ValueError, match=r"stage1.lr_floor: 1.0 must be in \[0, 1\)"):
+        rates(1.0)
+
+
 def test_frozen_bottom_layers_get_no_gradients_and_no_optimizer_slot():
     import torch
 
