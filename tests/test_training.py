@@ -409,6 +409,41 @@ def test_linear_schedule_warms_up_then_decays_to_its_floor():
         rates(1.0)
 
 
+def test_cpu_bf16_steps_train_in_bfloat16_and_keep_float32_weights(monkeypatch):
+    import torch
+
+    from emotions import environment
+    from emotions.model import EmotionClassifier, build_head, load_encoder
+    from emotions.training import (Shards, build_optimizer, build_scheduler, loss_function, stage_inputs,
+                                   train_epoch, train_precision)  # fmt: skip
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    config = build_config("smoke", overrides=["scaling.cpu_bf16=auto"])
+    for native, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(environment, "cpu_has_bf16", lambda native=native: native)
+        assert train_precision(config, cpu) == expected
+    assert train_precision(build_config("smoke"), cpu) == "fp32"  # off unless asked for
+    assert train_precision(build_config("smoke", overrides=["scaling.cpu_bf16=false"]), gpu) == "bf16"  # GPU: scaling.bf16
+
+    tokens = tokenize(["so happy for you", "this is awful", "ok", "thanks a lot"] * 4,
+                      np.eye(28, dtype=np.float32)[[0, 1, 27, 15] * 4], load_tokenizer("tiny-random"), 32)  # fmt: skip
+    shards = Shards(train=tokens, validation=tokens, pad_id=0, device=cpu, rank=0, world=1, train_precision="bf16")
+    model = EmotionClassifier(load_encoder("tiny-random"), build_head(32, 1, 0.1), "mean")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    inputs = stage_inputs(config.stage1, model, shards, config)
+    optimizer = build_optimizer(config.stage1, model.head, model.encoder)
+    seen = []
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16)
+    with autocast:
+        seen.append(inputs.logits(model, np.arange(4)).dtype)
+    losses = train_epoch(model, inputs, 0, loss_function(config.stage1, tokens.labels.mean(0), cpu), optimizer,
+                         build_scheduler(optimizer, config.stage1, 2), autocast=autocast)  # fmt: skip
+    assert seen == [torch.bfloat16] and np.isfinite(losses).all()
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert not torch.equal(before["encoder.encoder.layer.0.output.dense.weight"],
+                           model.encoder.encoder.layer[0].output.dense.weight)  # fmt: skip
+
+
 def test_frozen_bottom_layers_get_no_gradients_and_no_optimizer_slot():
     import torch
 
