@@ -117,8 +117,8 @@ class ScalingSettings:
     cpus_per_worker: int | str = AUTO
     bf16: bool = True  # autocast to bfloat16 on GPU, in training and inference passes
     # Training steps on CPU workers under autocast to bfloat16 (validation, thresholds and tagging
-    # stay float32): auto = where the CPU computes bfloat16 natively (AVX512-BF16 or AMX; 1.3x
-    # faster steps on the 2-core test machine: benchmarks/cpu_bf16.py) and off elsewhere; true; false.
+    # stay float32): auto = where the CPU computes bfloat16 natively (AVX512-BF16 or AMX; the
+    # default run's epochs 1.5x faster on the 2-core machine, README) and off elsewhere; true; false.
     cpu_bf16: bool | str = False
 
 
