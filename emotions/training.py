@@ -298,6 +298,11 @@ def train_precision(config: TrainConfig, device: torch.device, rank: int = 0) ->
     return "bf16" if wanted else "fp32"
 
 
+def step_autocast(shards: Shards) -> torch.autocast:
+    """The autocast the training steps of ``shards``' worker run under (``train_precision``)."""
+    return torch.autocast(shards.device.type, dtype=torch.bfloat16, enabled=shards.train_precision == "bf16")
+
+
 def train_worker(loop_config: dict) -> None:
     config = from_dict(loop_config["config"])
     environment.setup_logging()
@@ -306,14 +311,14 @@ def train_worker(loop_config: dict) -> None:
     torch.set_num_threads(config.scaling.cpus_per_worker)
     torch.manual_seed(config.seed)
     train_set, device = ray.get(loop_config["train"]), ray.train.torch.get_device()
+    steps = train_precision(config, device, rank)
     shards = Shards(
         train=train_set.shard(rank, world, equal=True),
         validation=ray.get(loop_config["validation"]).shard(rank, world, equal=False),
         pad_id=loop_config["pad_id"], device=device, rank=rank, world=world,
         validation_source=loop_config.get("validation_source", ""),
         positive_rates=train_set.labels.mean(0),
-        precision="bf16" if device.type == "cuda" and config.scaling.bf16 else "fp32",
-        train_precision=train_precision(config, device, rank),
+        precision=steps if device.type == "cuda" else "fp32", train_precision=steps,  # CPU: inference in float32
     )  # fmt: skip
     model = EmotionClassifier(load_encoder(config.model.encoder, config.seed),
                               nn.Identity(), config.model.pooling).to(shards.device)  # fmt: skip
@@ -368,7 +373,7 @@ def run_stage(stage: StageConfig, model: EmotionClassifier, shards: Shards, conf
         if average is not None:
             average.load(checkpoint / EMA_FILE)
     loss_fn = loss_function(stage, shards.positive_rates, shards.device)
-    autocast = torch.autocast(shards.device.type, dtype=torch.bfloat16, enabled=shards.train_precision == "bf16")
+    autocast = step_autocast(shards)
     val_probs = None
     for epoch in range(start_epoch, stage.epochs):
         progress = Progress(f"{stage.name} epoch {epoch + 1}/{stage.epochs}", steps_per_epoch,

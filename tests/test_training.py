@@ -415,7 +415,7 @@ def test_cpu_bf16_steps_train_in_bfloat16_and_keep_float32_weights(monkeypatch):
     from emotions import environment
     from emotions.model import EmotionClassifier, build_head, load_encoder
     from emotions.training import (Shards, build_optimizer, build_scheduler, loss_function, stage_inputs,
-                                   train_epoch, train_precision)  # fmt: skip
+                                   step_autocast, train_epoch, train_precision)  # fmt: skip
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     config = build_config("smoke", overrides=["scaling.cpu_bf16=auto"])
@@ -433,7 +433,7 @@ def test_cpu_bf16_steps_train_in_bfloat16_and_keep_float32_weights(monkeypatch):
     inputs = stage_inputs(config.stage1, model, shards, config)
     optimizer = build_optimizer(config.stage1, model.head, model.encoder)
     seen = []
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16)
+    autocast = step_autocast(shards)
     with autocast:
         seen.append(inputs.logits(model, np.arange(4)).dtype)
     losses = train_epoch(model, inputs, 0, loss_function(config.stage1, tokens.labels.mean(0), cpu), optimizer,
