@@ -370,6 +370,9 @@ def _check(config: TrainConfig, errors: list[str]) -> None:
             errors.append(f"{stage.name}.ema_warmup: {stage.ema_warmup} must be over 1 (10 = the usual warm-up)")
         if not 0.0 <= stage.lr_floor < 1.0:
             errors.append(f"{stage.name}.lr_floor: {stage.lr_floor} must be in [0, 1) (0 = decay to 0)")
+        elif stage.lr_floor > 0 and stage.schedule == "constant":
+            errors.append(f"{stage.name}.lr_floor: {stage.lr_floor} needs {stage.name}.schedule=linear "
+                          f"(a constant schedule has no decay to floor); set one or the other")
         if not 0.0 <= stage.warmup_ratio < 1.0:
             errors.append(f"{stage.name}.warmup_ratio: {stage.warmup_ratio} must be in [0, 1)")
     if config.model.freeze_layers < 0:

@@ -407,6 +407,8 @@ def test_linear_schedule_warms_up_then_decays_to_its_floor():
     assert floored[55] > plain[55]
     with pytest.raises(ValueError, match=r"stage1.lr_floor: 1.0 must be in \[0, 1\)"):
         rates(1.0)
+    with pytest.raises(ValueError, match=r"stage1.lr_floor: 0.3 needs stage1.schedule=linear"):
+        build_config("smoke", overrides=["stage1.lr_floor=0.3", "stage1.schedule=constant"])
 
 
 def test_cpu_bf16_steps_train_in_bfloat16_and_keep_float32_weights(monkeypatch):
