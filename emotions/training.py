@@ -92,18 +92,24 @@ def train(config: TrainConfig, output: str | Path, data: tuple | None = None) ->
             return bundle.publish_bundle(local, str(output))
     output = Path(output)
     name = config.run.name or f"{output.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    result = fit(config, name, data=data)
+    result = fit(config, name, data=data, reuse_final=True)
     with result.checkpoint.as_directory() as final:
         return write_bundle_from_checkpoint(Path(final), config, output)
 
 
 def fit(config: TrainConfig, name: str, callbacks: list | None = None,
-        data: tuple | None = None) -> ray.train.Result:  # fmt: skip
+        data: tuple | None = None, reuse_final: bool = False) -> ray.train.Result:  # fmt: skip
     """The Ray Train run itself: data to the object store, TorchTrainer, fit. The result's
-    checkpoint is the final one (weights + gathered predictions)."""
+    checkpoint is the final one (weights + gathered predictions). ``reuse_final``: a run that
+    already finished under this name and config returns its final checkpoint without starting
+    any worker (a re-submitted job republishes its bundle in seconds)."""
     config = resolve_layout(config)
     environment.log_environment(config.to_dict(), "train")
     prepare_run(config, name)
+    if reuse_final and (final := final_checkpoint(config, name)) is not None:
+        log.info("run %r finished before: the bundle is written from its final checkpoint %s, nothing is "
+                 "trained (--fresh, or run.resume=false, trains it again)", name, final.path)  # fmt: skip
+        return ray.train.Result(metrics=None, checkpoint=final, error=None, path=final.path)
     layers = encoder_layers(config.model.encoder) if config.model.freeze_layers else 0  # a hub config: only when asked
     if config.model.freeze_layers and config.model.freeze_layers >= layers:
         raise ConfigError(f"model.freeze_layers={config.model.freeze_layers} would freeze all {layers} layers of "
@@ -178,7 +184,8 @@ def prepare_run(config: TrainConfig, name: str) -> None:
             log.warning("run.resume=false: deleting the earlier run %s", run.uri)
             run.delete()
         return
-    saved = latest_checkpoint_state(run)
+    latest = latest_checkpoint(run)
+    saved = latest[1] if latest else None
     if saved is None or saved.get("config_hash") == config_hash(config.to_dict()):
         return
     if "config" in saved and not config_changes(saved["config"], config.to_dict()):
@@ -195,13 +202,21 @@ def prepare_run(config: TrainConfig, name: str) -> None:
                           f"\n{fix}")  # fmt: skip
 
 
-def latest_checkpoint_state(run: storage.Folder) -> dict | None:
-    """state.json of the run's latest checkpoint (per Ray Train's snapshot); None if it has none."""
+def latest_checkpoint(run: storage.Folder) -> tuple[str, dict] | None:
+    """(folder name, state.json) of the run's latest checkpoint per Ray Train's snapshot; None if
+    it has none."""
     snapshot = run.read_json(SNAPSHOT_FILE) or {}
     latest = (snapshot.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
-    if not latest:
+    return (latest, run.read_json(latest, STATE_FILE) or {}) if latest else None
+
+
+def final_checkpoint(config: TrainConfig, name: str) -> ray.train.Checkpoint | None:
+    """The run's latest checkpoint if it is its final one (the kept head chosen), else None."""
+    run = storage.Folder.from_uri(storage.join(config.run.storage_path, name))
+    latest = latest_checkpoint(run)
+    if latest is None or not latest[1].get("head_choice"):
         return None
-    return run.read_json(latest, STATE_FILE) or {}
+    return ray.train.Checkpoint(run.path(latest[0]), filesystem=run.fs)
 
 
 def write_bundle_from_checkpoint(final: Path, config: TrainConfig, output: Path) -> Path:

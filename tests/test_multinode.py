@@ -6,8 +6,8 @@ temporary root is an empty tmpfs: a worker cannot see anything the driver wrote 
 that hands a driver-local path to a task fails here as it would on Kubernetes. Every path the
 commands get is an s3:// URI on the session's moto server; the drivers are the real `emotions`
 CLI in subprocesses on the "head" side, with their working and temporary folders in the hidden
-root. The last test kills a worker node mid-training, starts a replacement (as KubeRay replaces a
-pod), and the run resumes from its last checkpoint on S3.
+root. The one training run that the other tests use has a worker node killed under it, and a
+replacement started (as KubeRay replaces a pod); it resumes from its last checkpoint on S3.
 """
 
 from __future__ import annotations
@@ -108,13 +108,49 @@ def read_json(uri: str) -> dict:
         return json.loads(f.read())
 
 
+@dataclass
+class KilledRun:
+    uri: str  # the bundle
+    log: str  # the driver's output
+
+
 @pytest.fixture(scope="module")
-def bundle(cluster, s3, tmp_path_factory) -> str:
-    """The smoke preset trained on the two worker nodes; bundle and checkpoints on S3."""
+def killed_run(cluster, s3, tmp_path_factory) -> KilledRun:
+    """The smoke preset trained on the two worker nodes, bundle and checkpoints on S3. Once the
+    run has a checkpoint there, a worker node is killed mid-stage-1 and a replacement joins (as
+    KubeRay replaces a pod); the run goes on from that checkpoint. The bundle serves the later
+    tests, which then run on the replacement and the surviving node."""
+    cwd = tmp_path_factory.mktemp("train")
+    (cwd / "tmp").mkdir()
+    env = {**cluster.env, "RAY_ADDRESS": cluster.address, "TMPDIR": str(cwd / "tmp")}
     uri = f"{s3}/mn/bundle"
-    emotions(cluster, tmp_path_factory.mktemp("train"), "train", "--preset", "smoke", "--output", uri,
-             f"run.storage_path={s3}/mn/runs", "run.name=mn-smoke")  # fmt: skip
-    return uri
+    args = ["train", "--preset", "smoke", "--output", uri, f"run.storage_path={s3}/mn/runs",
+            "run.name=mn-smoke", "stage1.epochs=4", "data.max_train_examples=1024"]  # fmt: skip
+    log = open(cwd / "train.log", "w")
+    driver = subprocess.Popen([sys.executable, "-m", "emotions.cli", *args], cwd=cwd, env=env,
+                              stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        deadline = time.monotonic() + COMMAND_TIMEOUT_S
+        while not s3_exists(f"{s3}/mn/runs/mn-smoke/checkpoint_manager_snapshot.json"):
+            assert driver.poll() is None, (cwd / "train.log").read_text()[-6000:]
+            assert time.monotonic() < deadline, "no checkpoint was registered"
+            time.sleep(0.5)
+        kill_node(cluster.workers[0])  # a training worker's node dies mid-stage-1
+        cluster.add_worker()  # ... and is replaced, as KubeRay replaces a pod
+        driver.wait(timeout=COMMAND_TIMEOUT_S)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+        log.close()
+    output = (cwd / "train.log").read_text()
+    assert driver.returncode == 0, output[-6000:]
+    assert not (cwd / "s3:").exists(), "an s3:// URI was written to a local folder named s3:"
+    return KilledRun(uri, output)
+
+
+@pytest.fixture(scope="module")
+def bundle(killed_run) -> str:
+    return killed_run.uri
 
 
 def test_training_runs_on_the_worker_nodes_with_everything_on_s3(bundle, s3):
@@ -180,34 +216,11 @@ def test_head_sweep_caches_features_on_s3(cluster, bundle, s3, tmp_path):
     assert load_bundle(f"{out}/best_bundle").predict(["thanks!"]) is not None
 
 
-def test_training_resumes_after_a_worker_node_dies(cluster, s3, tmp_path):
-    """A worker node is killed once the run has a checkpoint on S3; a replacement node joins and
-    the run finishes from that checkpoint."""
+def test_training_resumes_after_a_worker_node_dies(killed_run):
+    """The killed node's run finished from its checkpoint on S3, not from scratch."""
     from emotions.bundle import load_bundle
 
-    (tmp_path / "tmp").mkdir()
-    env = {**cluster.env, "RAY_ADDRESS": cluster.address, "TMPDIR": str(tmp_path / "tmp")}
-    args = ["train", "--preset", "smoke", "--output", f"{s3}/mn/killed", f"run.storage_path={s3}/mn/runs",
-            "run.name=mn-kill", "stage1.epochs=4", "data.max_train_examples=1024"]  # fmt: skip
-    log = open(tmp_path / "train.log", "w")
-    driver = subprocess.Popen([sys.executable, "-m", "emotions.cli", *args], cwd=tmp_path, env=env,
-                              stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
-    try:
-        deadline = time.monotonic() + COMMAND_TIMEOUT_S
-        while not s3_exists(f"{s3}/mn/runs/mn-kill/checkpoint_manager_snapshot.json"):
-            assert driver.poll() is None, (tmp_path / "train.log").read_text()[-6000:]
-            assert time.monotonic() < deadline, "no checkpoint was registered"
-            time.sleep(0.5)
-        kill_node(cluster.workers[0])  # a training worker's node dies mid-stage-1
-        cluster.add_worker()  # ... and is replaced, as KubeRay replaces a pod
-        driver.wait(timeout=COMMAND_TIMEOUT_S)
-    finally:
-        if driver.poll() is None:
-            driver.kill()
-        log.close()
-    output = (tmp_path / "train.log").read_text()
-    assert driver.returncode == 0, output[-6000:]
-    metrics = load_bundle(f"{s3}/mn/killed").metrics
+    metrics = load_bundle(killed_run.uri).metrics
     assert metrics["resumed_from"], "the run restarted from scratch instead of its checkpoint"
     assert metrics["resumed_from"][0]["stage"] == "stage1"
     epochs = [(h["stage"], h["epoch"]) for h in metrics["history"]]

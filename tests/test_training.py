@@ -253,11 +253,17 @@ def test_resuming_under_another_config_is_refused_and_fresh_starts_over(local_ra
     assert cli.main(["train", "--preset", "smoke", "--output", f"{s3}/bundles/second", "--fresh", *changed]) == 0
     second = load_bundle(f"{s3}/bundles/second").metrics
     assert second["resumed_from"] == [] and len(second["history"]) == 2
-    # The same config (but for a key that may change) resumes the final checkpoint: nothing retrained.
-    third = load_bundle(train(build_config("smoke", overrides=[*changed, "run.max_failures=1"]),
-                              f"{s3}/bundles/third")).metrics  # fmt: skip
-    assert third["resumed_from"] == [{"stage": "stage2", "epoch": 1}]
-    assert third["history"] == second["history"]
+    # The same config (but for a key that may change) finds the run finished: the bundle comes
+    # from its final checkpoint on S3, and no worker group starts.
+    from emotions import training
+
+    with monkeypatch.context() as patch:
+        patch.setattr(training.ray.train.torch, "TorchTrainer", lambda *a, **k: pytest.fail("workers were started"))
+        third = load_bundle(train(build_config("smoke", overrides=[*changed, "run.max_failures=1"]),
+                                  f"{s3}/bundles/third"))  # fmt: skip
+    assert third.metrics["resumed_from"] == [] and third.metrics["history"] == second["history"]
+    texts = ["what a lovely surprise", "I am so sorry for your loss"]
+    np.testing.assert_array_equal(third.predict_proba(texts), load_bundle(f"{s3}/bundles/second").predict_proba(texts))
 
 
 def test_bucketing_covers_every_row_once_and_pads_less():
