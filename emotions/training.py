@@ -211,10 +211,15 @@ def latest_checkpoint(run: storage.Folder) -> tuple[str, dict] | None:
 
 
 def final_checkpoint(config: TrainConfig, name: str) -> ray.train.Checkpoint | None:
-    """The run's latest checkpoint if it is its final one (the kept head chosen), else None."""
+    """The run's latest checkpoint if it is its final one (the kept head chosen) and holds the
+    predictions this config fits thresholds on (``thresholds.split`` may change on resume; a
+    final checkpoint made for the validation split has no training-split predictions), else None:
+    then the workers start and finish again."""
     run = storage.Folder.from_uri(storage.join(config.run.storage_path, name))
     latest = latest_checkpoint(run)
     if latest is None or not latest[1].get("head_choice"):
+        return None
+    if latest[1].get("config", {}).get("thresholds", {}).get("split") != config.thresholds.split:
         return None
     return ray.train.Checkpoint(run.path(latest[0]), filesystem=run.fs)
 
