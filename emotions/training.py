@@ -105,8 +105,8 @@ def fit(config: TrainConfig, name: str, callbacks: list | None = None,
     any worker (a re-submitted job republishes its bundle in seconds)."""
     config = resolve_layout(config)
     environment.log_environment(config.to_dict(), "train")
-    prepare_run(config, name)
-    if reuse_final and (final := final_checkpoint(config, name)) is not None:
+    latest = prepare_run(config, name)
+    if reuse_final and (final := final_checkpoint(config, name, latest)) is not None:
         log.info("run %r finished before: the bundle is written from its final checkpoint %s, nothing is "
                  "trained (--fresh, or run.resume=false, trains it again)", name, final.path)  # fmt: skip
         return ray.train.Result(metrics=None, checkpoint=final, error=None, path=final.path)
@@ -174,22 +174,23 @@ def cluster_nodes() -> tuple[list[dict[str, float]], list[dict[str, float]] | No
     return up, [dict(g.resources) for g in groups.node_group_configs for _ in range(g.max_count)]
 
 
-def prepare_run(config: TrainConfig, name: str) -> None:
+def prepare_run(config: TrainConfig, name: str) -> tuple[str, dict] | None:
     """Before any training, on the driver: with ``run.resume`` false, delete the run's folder (its
     checkpoints); else, if the run has checkpoints, refuse (ConfigError) to resume them under a
-    config that differs outside ``config.RESUMABLE_KEYS``. Idempotent."""
+    config that differs outside ``config.RESUMABLE_KEYS``. Idempotent. Returns the run's latest
+    checkpoint as ``latest_checkpoint`` reads it (None after a deletion)."""
     run = storage.Folder.from_uri(storage.join(config.run.storage_path, name))
     if not config.run.resume:
         if run.exists():
             log.warning("run.resume=false: deleting the earlier run %s", run.uri)
             run.delete()
-        return
+        return None
     latest = latest_checkpoint(run)
     saved = latest[1] if latest else None
     if saved is None or saved.get("config_hash") == config_hash(config.to_dict()):
-        return
+        return latest
     if "config" in saved and not config_changes(saved["config"], config.to_dict()):
-        return  # the same settings; the checkpoint predates keys added since (at their defaults)
+        return latest  # the same settings; the checkpoint predates keys added since (at their defaults)
     fix = (f"Start it over with --fresh (or run.resume=false), which deletes {run.uri}; or give "
            "this run a new run.name.")  # fmt: skip
     if "config" not in saved:
@@ -210,17 +211,17 @@ def latest_checkpoint(run: storage.Folder) -> tuple[str, dict] | None:
     return (latest, run.read_json(latest, STATE_FILE) or {}) if latest else None
 
 
-def final_checkpoint(config: TrainConfig, name: str) -> ray.train.Checkpoint | None:
-    """The run's latest checkpoint if it is its final one (the kept head chosen) and holds the
-    predictions this config fits thresholds on (``thresholds.split`` may change on resume; a
-    final checkpoint made for the validation split has no training-split predictions), else None:
-    then the workers start and finish again."""
-    run = storage.Folder.from_uri(storage.join(config.run.storage_path, name))
-    latest = latest_checkpoint(run)
+def final_checkpoint(config: TrainConfig, name: str,
+                     latest: tuple[str, dict] | None) -> ray.train.Checkpoint | None:  # fmt: skip
+    """The run's latest checkpoint (``latest``, as ``prepare_run`` returns it) if it is its final
+    one (the kept head chosen) and holds the predictions this config fits thresholds on
+    (``thresholds.split`` may change on resume; a final checkpoint made for the validation split
+    has no training-split predictions), else None: then the workers start and finish again."""
     if latest is None or not latest[1].get("head_choice"):
         return None
     if latest[1].get("config", {}).get("thresholds", {}).get("split") != config.thresholds.split:
         return None
+    run = storage.Folder.from_uri(storage.join(config.run.storage_path, name))
     return ray.train.Checkpoint(run.path(latest[0]), filesystem=run.fs)
 
 
