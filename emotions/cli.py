@@ -31,12 +31,14 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from emotions.bundle import check_output_folder
     from emotions.storage import is_uri
     from emotions.metrics import format_summary
     from emotions.training import load_training_data, prepare_run, train
 
     fresh = ["run.resume=false"] if args.fresh else []
     config = build_config(args.preset, args.config, [*args.overrides, *fresh])
+    check_output_folder(args.output)  # a folder of the user's files is refused before anything is deleted;
     data = load_training_data(config)  # config and data are checked before Ray starts,
     if config.run.name:  # and so is a named run's earlier checkpoints' config (or they are deleted)
         prepare_run(config, config.run.name)
@@ -138,8 +140,11 @@ def run_quickstart(args: argparse.Namespace) -> int:
     from emotions.metrics import format_summary
     from emotions.training import train
 
+    from emotions.bundle import check_output_folder
+
     out = Path(args.output)
     config = build_config("quickstart", None, args.overrides)
+    check_output_folder(out / "model")
     connect_ray(None)
     bundle = train(config, out / "model")
     report = evaluate_bundle(bundle, "goemotions:dev", out / "report")
@@ -192,6 +197,7 @@ def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_tune(args: argparse.Namespace) -> int:
     from emotions import storage
+    from emotions.bundle import check_output_folder
     from emotions.tuning import build_sweep_config, run_sweep, split_tune_settings
     from emotions.config import from_dict
 
@@ -208,6 +214,7 @@ def run_tune(args: argparse.Namespace) -> int:
     else:
         raw = build_sweep_config(args.preset or "minilm", args.config, args.overrides)
     from_dict(split_tune_settings(raw)[0])  # refuse bad keys before Ray starts
+    check_output_folder(storage.join(args.output, "best_bundle"))  # and an output where the best bundle cannot go
     connect_ray(args.ray_address)
     if args.from_bundle:
         summary = run_head_sweep(source, raw, args.output, resume=not args.no_resume)

@@ -11,6 +11,7 @@ import collections
 import dataclasses
 import hashlib
 import json
+import re
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
@@ -125,7 +126,8 @@ class ScalingSettings:
 @dataclass(frozen=True)
 class RunSettings:
     storage_path: str = "~/emotions_runs"  # local folder or a pyarrow URI (s3://, gs://)
-    name: str | None = None  # None = derived from the output folder name and time
+    # A folder name under storage_path (RUN_NAME); None = derived from the output folder name and time.
+    name: str | None = None
     max_failures: int = 3  # worker-group restarts from the last checkpoint
     checkpoints_to_keep: int = 2
     # true: a run whose name has checkpoints resumes from the latest (refused if the config
@@ -207,6 +209,9 @@ _CHOICES = {
     "head_depth": (1, 2),
     "thresholds.split": ("validation", "train"),
 }
+
+# run.name is one folder under run.storage_path, which `--fresh` deletes: no "/", "..", or a leading "."
+RUN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 
 PRESETS_DIR = resources.files("emotions") / "presets"
 
@@ -375,6 +380,11 @@ def _check(config: TrainConfig, errors: list[str]) -> None:
                           f"(a constant schedule has no decay to floor); set one or the other")
         if not 0.0 <= stage.warmup_ratio < 1.0:
             errors.append(f"{stage.name}.warmup_ratio: {stage.warmup_ratio} must be in [0, 1)")
+    name = config.run.name
+    if isinstance(name, str) and not RUN_NAME.fullmatch(name):  # other types: reported by _coerce
+        errors.append(f"run.name: {name!r} is not a folder name under run.storage_path (which --fresh "
+                      "deletes); use letters, digits, '.', '_' and '-', not starting with '.' "
+                      "(e.g. run.name=bert-base-v1)")  # fmt: skip
     if config.model.freeze_layers < 0:
         errors.append(f"model.freeze_layers: {config.model.freeze_layers} must be >= 0")
     if config.stage1.epochs == 0 and config.stage2.epochs == 0:

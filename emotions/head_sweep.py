@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from emotions import environment, storage
-from emotions.bundle import Bundle, BundleError, load_bundle
+from emotions.bundle import Bundle, BundleError, check_output_folder, load_bundle
 from emotions.config import ConfigError, TrainConfig, from_dict
 from emotions.evaluation import evaluation_report, fit_thresholds, validation_scores
 from emotions.inference import head_probs
@@ -214,6 +214,7 @@ def run_head_sweep(source: Bundle, raw_config: dict, output: str | Path, resume:
     and the best bundle (the source bundle with the best head and its thresholds) into ``output``,
     a local folder or a URI."""
     output = storage.expand(output)
+    check_output_folder(storage.join(output, "best_bundle"))  # before the sweep, not after it
     check_head_only(raw_config, source)
     base_raw, settings = split_tune_settings(raw_config)
     base = from_dict(base_raw)

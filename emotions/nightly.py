@@ -1,55 +1,71 @@
 """Nightly tagging of date-partitioned dumps: ``tag_nightly``, idempotent and self-healing.
 
     dumps/dt=2026-11-23/ dt=2026-11-24/ dt=2026-11-25/      inputs, one partition per day
-    tagged/dt=2026-11-23/_SUCCESS                             committed (tagging.tag_corpus)
-    tagged/_leases/2026-11-24.<owner>.json                    a run is working on that date
+    dumps/dt=2026-11-25/_SUCCESS                              the producer's "this dump is complete"
+    tagged/dt=2026-11-23/_SUCCESS, _manifest.json             committed (tagging.tag_corpus)
+    tagged/_leases/2026-11-24.<generation>.json               a run is working on that date
+    tagged/_failures/2026-11-20.json                          that date failed on the last runs
 
-Which dates. Not "yesterday by the clock": every date that has a dump under the input root and
-no committed output (``_SUCCESS``), oldest first, up to ``max_dates`` per run, and never later
-than ``until`` (default yesterday in UTC, so a dump still being written today is left alone).
+Which dates. Not "yesterday by the clock": every date that has a dump under the input root,
+oldest first, up to ``max_dates`` per run, and never later than ``until`` (default yesterday in
+UTC). A date is tagged when
+
+- it has no committed output (``_SUCCESS``) and its dump is ready: it holds ``ready_marker``
+  (default ``_SUCCESS``, which Spark/Hadoop write last; "" turns the check off) in every input's
+  date partition, and its newest input file is at least ``min_age_s`` old (default 0). A date
+  with Parquet files but not ready is reported as waiting, not failed, and tagged by a later run;
+- or it is committed but its dump changed: the Parquet files now there (``resolve_inputs``;
+  path and size) differ from the ``inputs`` of its ``_manifest.json``. It is re-opened: tagged
+  again with ``overwrite=True``, which keeps the output files of unchanged inputs and tags the
+  new and changed ones; the report says why ("re-opened D: 1 new file, 0 changed, 0 removed").
+  A committed date whose dump is unchanged is a success with nothing to do, never an error.
+
 A night the operator missed, a suspended schedule or a failed night is therefore tagged by the
-next run, and a date already committed is a success with nothing to do, never an error.
+next run. The plan reads one ``_manifest.json`` and lists one partition per committed date in
+``[since, until]``, in a thread pool.
 
-Leases. When KubeRay catches up on missed schedules it starts several runs at once; they find
-the same dates, so each run takes a lease on a date before tagging it and skips dates leased by
-another run. A lease is a small JSON object (owner, expiry) in ``<output root>/_leases/`` on the
-same storage as the output, renewed by a heartbeat thread every ``ttl / 3``; a run that dies
-stops renewing, and its lease is taken over once it has expired. A run checks the dates it
-skipped once more when their leases would expire unless renewed, so the retry of a killed
-attempt (which finds that attempt's lease still live) finishes its dates in the same night.
+Failures. A date that failed on ``set_aside_after`` runs in a row (default 3) is set aside:
+``<output root>/_failures/<date>.json`` holds the count and the last reason (a ``_`` name, so
+readers skip it), the report names it, and it is retried only once ``set_aside_retry_s``
+(default 7 days) have passed since its last failure, and then after every other date of the
+run, so a few dates that always fail never use up ``max_dates`` ahead of new nights. A success
+clears the record.
 
-What a lease guarantees. pyarrow gives no create-if-absent on object stores, so acquiring is
-write, wait ``settle_s``, read back: a run holds the date if its claim is the first live claim,
-ordered by when each claim was first written by the storage's own clock (the object's
-modification time as listed, kept in the claim through renewals), then by owner name. A run
-that finds live claims already there also waits ``settle_s`` and reads again before it skips the
-date and names the holder: a claim ordered before the ones it saw may still be on its way.
-S3 reads and lists are strongly consistent, so a run that wrote its claim before another run
-read back sees it and withdraws. Two runs can both hold a date only if one claim's write takes
-longer than ``settle_s`` minus the storage clock's resolution (S3: 1 s) to become visible, or if a
-run stalls past the lease's expiry and comes back (then the heartbeat logs that the lease was
-lost). Expiry compares the owner's clock with the reader's, so clocks must agree to well within
-the TTL. The lease keeps runs from doing the same work at once; it is not what makes the output
-correct. That is ``tag_corpus``: every input file has one output file with a name derived from
-the input, a date is committed with ``_SUCCESS`` last, and a committed date is never re-tagged
-here, so even two runs on one date write the same files and never duplicate a row.
+Leases (``emotions.leases``). When KubeRay catches up on missed schedules it starts several
+runs at once; they find the same dates, so each run takes a lease on a date before tagging it
+and skips dates leased by another run. A lease is a small JSON object (owner, expiry) in
+``<output root>/_leases/`` on the same storage as the output, renewed by a heartbeat thread
+every ``ttl / 3``; a run that dies stops renewing, and its lease is taken over once it has
+expired. A run checks the dates it skipped once more when their leases would expire unless
+renewed, so the retry of a killed attempt finishes its dates in the same night.
+
+What a lease guarantees. Where the storage can create an object only if it is absent (local
+disks, S3, GCS with google-cloud-storage installed) exactly one run acquires a free date, at
+once: the others read the winner's claim and name it. Elsewhere a claim is written, read back
+after ``settle_s`` and the first live claim holds (see ``emotions.leases`` for when that can
+fail). Either way, two runs hold a date only if one stalls past the lease's expiry and comes
+back; expiry compares the owner's clock with the reader's, so clocks must agree to well within
+the TTL. Such a run learns it lost the lease before it commits: the lease is renewed (its claims
+read again) right before the commit's first write, and a run that lost it commits nothing and
+reports the date as lost (its staged files stay; the holder finishes them). The lease keeps runs
+from doing the same work at once; it is not what makes the output correct. That is
+``tag_corpus``: every input file has one output file with a name derived from the input, a date
+is committed with ``_SUCCESS`` last, so even two runs on one date write the same files and never
+duplicate a row.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
-import os
 import re
-import socket
-import threading
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import pyarrow.fs as pafs
+
+from emotions.leases import LEASE_TTL_S, SETTLE_S, Claim, Lease, new_owner
 from emotions.storage import Folder
 
 log = logging.getLogger("emotions.nightly")
@@ -57,11 +73,16 @@ log = logging.getLogger("emotions.nightly")
 DATE = "{date}"  # the placeholder in --input/--output
 DATE_PATTERN = r"\d{4}-\d{2}-\d{2}"
 LEASES = "_leases"  # beside the date partitions of the output; _-prefixed: Hive/Spark readers skip it
+FAILURES = "_failures"  # beside them too: <date>.json for each date that failed on the last runs
 SUCCESS = "_SUCCESS"  # = tagging.SUCCESS, written last by a commit (not imported: this module stays light)
-LEASE_TTL_S = 600.0  # a dead run's date is free again after this; renewed every TTL / 3
-SETTLE_S = 5.0  # wait between writing a claim and reading the claims back
+MANIFEST = "_manifest.json"  # = tagging.MANIFEST: the committed inputs, compared with the dump's files
+READY_MARKER = "_SUCCESS"  # what Spark/Hadoop write last into a finished partition; "" = no check
 MAX_DATES = 7  # dates tagged (or failed) per run, oldest first
 BASELINE_NIGHTS = 7  # a night's report compares it with this many earlier committed nights, pooled
+SET_ASIDE_AFTER = 3  # failures on consecutive runs before a date is set aside
+SET_ASIDE_RETRY_S = 7 * 86400.0  # a set-aside date is retried this long after its last failure
+
+DateLease = Lease  # a lease named by a date: DateLease(folder, "2026-11-25", owner)
 
 
 class NightlyError(ValueError):
@@ -108,6 +129,11 @@ class DateTemplate:
                 found.add(match.group(1))
         return sorted(found)
 
+    def partition(self, date: str) -> str:
+        """The date's entry under ``parent`` (its folder, or its file): where a ready marker is."""
+        head, _, rest = self.text.partition(DATE)
+        return head + date + rest.split("/", 1)[0]
+
 
 def parse_date(text: str) -> str | None:
     """``text`` if it is a real date written YYYY-MM-DD, else None."""
@@ -127,189 +153,181 @@ def is_committed(output: DateTemplate, date: str) -> bool:
     return Folder.from_uri(output.fill(date)).exists(SUCCESS)
 
 
-def dump_problem(inputs: list[DateTemplate], date: str) -> str | None:
-    """Why ``date`` has no dump to tag (no partition, no Parquet files in it), or None."""
-    from emotions.tagging import TaggingError, resolve_inputs
+@dataclass(frozen=True)
+class DumpListing:
+    """A date's Parquet input files as ``tag_corpus`` will find them: URI -> bytes."""
 
-    try:
-        resolve_inputs([t.fill(date) for t in inputs])
-    except TaggingError as error:
-        return str(error)
+    files: dict[str, int]
+    newest: float  # modification time of the newest file, epoch seconds (0 when unknown)
+
+
+def list_dump(inputs: list[DateTemplate], date: str) -> DumpListing:
+    """The date's input files (``tagging.resolve_inputs``) with their sizes; raises TaggingError
+    when there are none. Sizes come from one recursive listing per input partition."""
+    from emotions.tagging import resolve_inputs
+
+    fs, paths = resolve_inputs([t.fill(date) for t in inputs])
+    infos = {}
+    for template in inputs:
+        root = Folder.from_uri(template.partition(date))
+        try:
+            infos.update((i.path, i) for i in fs.get_file_info(pafs.FileSelector(root.root, recursive=True,
+                                                                                  allow_not_found=True)))  # fmt: skip
+        except (OSError, ValueError):  # the partition is a file: asked for one by one below
+            pass
+    missing = [p for p, _ in paths if p not in infos]
+    infos.update((i.path, i) for i in (fs.get_file_info(missing) if missing else []))
+    files = {uri: infos[p].size for p, uri in paths}
+    newest = max((infos[p].mtime.timestamp() for p, _ in paths if infos[p].mtime), default=0.0)
+    return DumpListing(files, newest)
+
+
+def readiness_problem(inputs: list[DateTemplate], date: str, listing: DumpListing, ready_marker: str | None,
+                      min_age_s: float) -> str | None:  # fmt: skip
+    """Why the date's dump is not ready to tag yet (the producer may still be writing it), or None."""
+    for template in inputs if ready_marker else []:
+        partition = Folder.from_uri(template.partition(date))
+        if not partition.is_file(ready_marker):
+            where = (f"{partition.uri} is a file, which holds no marker (pass --ready-marker '' for a "
+                     "file-per-date layout)") if partition.is_file() else f"no {ready_marker} in {partition.uri} yet"  # fmt: skip
+            return f"{where}; the producer writes it last (--ready-marker '' tags without it)"
+    age = time.time() - listing.newest
+    if min_age_s and age < min_age_s:
+        return f"newest input file written {age:.0f} s ago; tagged once it is {min_age_s:.0f} s old (--min-age)"
     return None
+
+
+def input_changes(manifest: dict | None, listing: DumpListing) -> str | None:
+    """"1 new file, 0 changed, 0 removed" when the dump's files differ (path, bytes) from the
+    ``inputs`` of a committed manifest; None when they match or there is nothing to compare
+    (no manifest, or one without inputs: never re-opened)."""
+    if not manifest or not isinstance(manifest.get("inputs"), list):
+        return None
+    committed = {i.get("path"): i.get("bytes") for i in manifest["inputs"]}
+    skipped = {s.get("path") for s in manifest.get("skipped_files") or []}  # bad files left out on purpose
+    new = [p for p in listing.files if p not in committed and p not in skipped]
+    changed = [p for p, size in listing.files.items() if p in committed and committed[p] != size]
+    removed = [p for p in committed if p not in listing.files]
+    if not (new or changed or removed):
+        return None
+    return f"{len(new)} new file{'' if len(new) == 1 else 's'}, {len(changed)} changed, {len(removed)} removed"
 
 
 @dataclass(frozen=True)
 class DatePlan:
-    """What a run found: dates to tag (oldest first), dates already committed, dates without a
-    dump (date, why)."""
+    """What a run found, oldest first: dates to tag (the re-opened among them, with why), dates
+    already committed, dates without a dump and dates not ready yet (date, why)."""
 
     pending: list[str]
     committed: list[str]
     no_dump: list[tuple[str, str]]
+    waiting: list[tuple[str, str]] = field(default_factory=list)
+    reopened: dict[str, str] = field(default_factory=dict)
 
 
 def plan_dates(inputs: list[DateTemplate], output: DateTemplate, *, since: str | None = None,
-               until: str | None = None) -> DatePlan:  # fmt: skip
-    """Every date in ``[since, until]`` with an entry under the first input's parent: committed
-    (``_SUCCESS`` in its output), else pending if it holds Parquet files. ``until`` defaults to
-    yesterday (UTC)."""
+               until: str | None = None, ready_marker: str | None = READY_MARKER,
+               min_age_s: float = 0.0) -> DatePlan:  # fmt: skip
+    """Every date in ``[since, until]`` with an entry under the first input's parent (``until``
+    defaults to yesterday, UTC), classified by ``check_date``."""
     until = until or yesterday_utc()
     dates = [d for d in inputs[0].dates() if (since is None or d >= since) and d <= until]
-    with ThreadPoolExecutor(max_workers=16) as pool:  # one HEAD per date: a year of dates in ~1 s
-        committed = dict(zip(dates, pool.map(lambda d: is_committed(output, d), dates)))
-    pending, no_dump = [], []
-    for date in (d for d in dates if not committed[d]):
-        problem = dump_problem(inputs, date)
-        if problem:
-            no_dump.append((date, problem))
+    return check_dates(inputs, output, dates, ready_marker=ready_marker, min_age_s=min_age_s)
+
+
+def check_dates(inputs: list[DateTemplate], output: DateTemplate, dates: list[str], *,
+                ready_marker: str | None, min_age_s: float) -> DatePlan:  # fmt: skip
+    with ThreadPoolExecutor(max_workers=16) as pool:  # a few requests per date: a year of dates in seconds
+        found = list(pool.map(lambda d: check_date(inputs, output, d, ready_marker, min_age_s), dates))
+    plan = DatePlan([], [], [], [], {})
+    for date, (state, why) in zip(dates, found):
+        if state == "committed":
+            plan.committed.append(date)
+        elif state == "no dump":
+            plan.no_dump.append((date, why))
+        elif state == "waiting":
+            plan.waiting.append((date, why))
         else:
-            pending.append(date)
-    return DatePlan(pending, [d for d in dates if committed[d]], no_dump)
+            plan.pending.append(date)
+            if state == "re-open":
+                plan.reopened[date] = why
+    return plan
 
 
-# ----------------------------------------------------------------------------- leases
+def check_date(inputs: list[DateTemplate], output: DateTemplate, date: str, ready_marker: str | None,
+               min_age_s: float) -> tuple[str, str | None]:  # fmt: skip
+    """(state, why): "committed" (and unchanged), "re-open" (committed, but the dump changed),
+    "pending", "no dump" or "waiting" (not ready)."""
+    from emotions.tagging import TaggingError
+
+    committed = is_committed(output, date)
+    manifest = Folder.from_uri(output.fill(date)).read_json(MANIFEST) if committed else None
+    if committed and not (manifest and manifest.get("inputs")):
+        return "committed", None  # nothing to compare the dump with (an output made another way)
+    try:
+        listing = list_dump(inputs, date)
+    except TaggingError as error:  # no partition or no Parquet files: a committed output stays as it is
+        return ("committed", None) if committed else ("no dump", str(error))
+    changes = input_changes(manifest, listing) if committed else None
+    if committed and not changes:
+        return "committed", None
+    problem = readiness_problem(inputs, date, listing, ready_marker, min_age_s)
+    if problem:
+        return "waiting", f"inputs changed since the commit ({changes}), but {problem}" if changes else problem
+    return ("re-open", changes) if changes else ("pending", None)
+
+
+# ----------------------------------------------------------------------------- failures
 
 
 @dataclass(frozen=True)
-class Claim:
-    """One run's claim on a date, as read back from storage."""
+class FailureRecords:
+    """``<output root>/_failures/<date>.json``: how many runs in a row a date failed on, and why."""
 
-    name: str  # object name in the leases folder: <date>.<owner>.json
-    owner: str
-    expires: float  # epoch seconds, by the owner's clock
-    order: tuple  # (time the claim was first written, by the storage's clock; owner): first holds
+    folder: Folder
+    set_aside_after: int = SET_ASIDE_AFTER
+    retry_s: float = SET_ASIDE_RETRY_S
 
-
-def new_owner() -> str:
-    """A run's name: host (the pod), process and a random part; safe in object names."""
-    host = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40]
-    return f"{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-
-
-class DateLease:
-    """A lease on one date in ``folder`` (see the module docstring for what it guarantees).
-
-        lease = DateLease(folder, "2026-11-25", owner)
-        if lease.acquire():
-            with lease.held():  # renewed every ttl / 3 until the block ends, then released
-                ...
-    """
-
-    def __init__(self, folder: Folder, date: str, owner: str, *, ttl_s: float = LEASE_TTL_S,
-                 settle_s: float = SETTLE_S):  # fmt: skip
-        assert "." not in owner and "/" not in owner, owner
-        self.folder, self.date, self.owner = folder, date, owner
-        self.ttl_s, self.settle_s = ttl_s, settle_s
-        self.name = f"{date}.{owner}.json"
-        self.holder: Claim | None = None  # who holds the date when acquire() failed
-        self.order: tuple | None = None  # this claim's place in line, fixed when acquired
-        self.lost = threading.Event()  # set by the heartbeat if another run took the date over
-
-    def claims(self) -> list[Claim]:
-        """This date's claims, each read back (a claim that cannot be read expires a TTL after
-        it was written, so a torn or foreign object never blocks a date for good)."""
-        out = []
+    def read(self) -> dict[str, dict]:
+        """date -> record, for every date with one (one listing; records are few)."""
+        out = {}
         for info in self.folder.list():
-            if not (info.base_name.startswith(f"{self.date}.") and info.base_name.endswith(".json")):
-                continue  # other dates, and local write-then-rename temporaries (.name.partial-pid)
-            written = info.mtime.timestamp() if info.mtime else 0.0
-            try:
-                data = json.loads(self.folder.read_bytes(info.base_name))
-                owner, expires = str(data["owner"]), float(data["expires"])
-                order = (float(data["order"][0]), owner) if data.get("order") else (written, owner)
-            except Exception:  # gone, torn or not ours: decided below
-                if not self.folder.exists(info.base_name):
-                    continue  # released or taken over between the listing and the read
-                owner, expires = info.base_name[len(self.date) + 1 : -len(".json")], written + self.ttl_s
-                order = (written, owner)
-            out.append(Claim(info.base_name, owner, expires, order))
+            date = parse_date(info.base_name[: -len(".json")]) if info.base_name.endswith(".json") else None
+            record = date and self.folder.read_json(info.base_name)
+            if record:
+                out[date] = record
         return out
 
-    def _read(self) -> tuple[float, list[Claim], list[Claim]]:
-        """(now, this date's claims, the other runs' live claims among them)."""
-        now, claims = time.time(), self.claims()
-        return now, claims, [c for c in claims if c.expires > now and c.owner != self.owner]
+    def set_aside(self, record: dict | None) -> bool:
+        return bool(record) and int(record.get("failures", 0)) >= self.set_aside_after
 
-    def acquire(self) -> bool:
-        """Claim the date unless another run holds it; True if this run now holds it."""
-        now, claims, live = self._read()
-        if live:  # held or being claimed. A claim ordered before these may not be visible yet:
-            time.sleep(self.settle_s)  # after settle_s it is, and the first live claim holds
-            now, claims, live = self._read()
-        if live:
-            self.holder = min(live, key=lambda c: c.order)
-            return False
-        for stale in (c for c in claims if c.expires <= now):
-            log.warning("%s: taking over the expired lease of %s (expired %.0f s ago)", self.date,
-                        stale.owner, now - stale.expires)  # fmt: skip
-            self._delete(stale.name)
-        self._write()
-        time.sleep(self.settle_s)
+    def due(self, record: dict) -> bool:
+        """A set-aside date is retried once ``retry_s`` has passed since its last failure."""
+        return time.time() - float(record.get("last_failed", 0)) >= self.retry_s
+
+    def describe(self, record: dict) -> str:
+        retry = dt.datetime.fromtimestamp(float(record.get("last_failed", 0)) + self.retry_s, dt.timezone.utc)
+        return (f"failed on {record['failures']} runs in a row (last: {record.get('reason')}); "
+                f"retried after {retry:%Y-%m-%d %H:%M} UTC (--set-aside-retry-days)")  # fmt: skip
+
+    def add(self, date: str, reason: str) -> dict:
+        """Count one more failed run for ``date``; the record as written."""
         now = time.time()
-        live = sorted((c for c in self.claims() if c.expires > now), key=lambda c: c.order)
-        if live and live[0].owner == self.owner:
-            self.order = live[0].order  # kept through renewals, which change the object's time
-            return True
-        self.holder = live[0] if live else None
-        self._delete(self.name)
-        return False
+        record = self.folder.read_json(f"{date}.json") or {"date": date, "failures": 0, "first_failed": now}
+        record.update(failures=int(record["failures"]) + 1, last_failed=now, reason=reason,
+                      last_failed_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)))  # fmt: skip
+        self.folder.write_json(record, f"{date}.json")
+        return record
 
-    def renew(self) -> bool:
-        """Extend the lease; False if this run lost the date (it stalled past the expiry and
-        another run took over: its claim is gone, or another live claim comes first)."""
-        if not any(c.owner == self.owner for c in self.claims()):
-            return False  # deleted as expired by the run that took over: never write it back
-        self._write()
-        now = time.time()
-        live = sorted((c for c in self.claims() if c.expires > now), key=lambda c: c.order)
-        if live and live[0].owner == self.owner:
-            return True
-        self._delete(self.name)
-        return False
-
-    def release(self) -> None:
-        self._delete(self.name)
-        self.order = None
-
-    @contextmanager
-    def held(self):
-        """Renew every ``ttl / 3`` while the block runs; release at the end."""
-        stop = threading.Event()
-
-        def heartbeat() -> None:
-            while not stop.wait(self.ttl_s / 3):
-                try:
-                    if not self.renew():
-                        log.error("%s: lease lost to another run; this run's output is still exactly "
-                                  "once per input file, but the two runs did the same work", self.date)  # fmt: skip
-                        self.lost.set()
-                        return
-                except Exception as error:  # storage hiccup: try again at the next beat
-                    log.warning("%s: could not renew the lease (%s); retrying", self.date, error)
-
-        thread = threading.Thread(target=heartbeat, name=f"lease-{self.date}", daemon=True)
-        thread.start()
-        try:
-            yield self
-        finally:
-            stop.set()
-            thread.join()
-            self.release()
-
-    def _write(self) -> None:
-        claim = {"owner": self.owner, "date": self.date, "host": socket.gethostname(), "pid": os.getpid(),
-                 "written": time.time(), "expires": time.time() + self.ttl_s,
-                 "order": self.order and list(self.order)}  # fmt: skip
-        self.folder.write_bytes_atomic(json.dumps(claim).encode(), self.name)
-
-    def _delete(self, name: str) -> None:
-        try:
-            self.folder.delete(name)
-        except FileNotFoundError:
-            pass
+    def clear(self, date: str) -> None:
+        self.folder.delete(f"{date}.json")
 
 
 # ----------------------------------------------------------------------------- the run
+
+
+class LeaseLost(RuntimeError):
+    """Raised before a commit by a run whose lease on the date was taken over: it commits nothing."""
 
 
 @dataclass
@@ -317,12 +335,15 @@ class NightlyReport:
     """What one run did, date by date."""
 
     committed: list[tuple[str, str]] = field(default_factory=list)  # (date, tag_corpus summary line)
-    already: list[str] = field(default_factory=list)  # committed before this run got to them
+    reopened: list[tuple[str, str]] = field(default_factory=list)  # (date, what changed in its dump)
+    already: list[str] = field(default_factory=list)  # committed (and unchanged) before this run got to them
     leased: list[tuple[str, str]] = field(default_factory=list)  # (date, owner of the lease)
     failed: list[tuple[str, str]] = field(default_factory=list)  # (date, one-line reason)
     no_dump: list[tuple[str, str]] = field(default_factory=list)  # (date, why)
+    waiting: list[tuple[str, str]] = field(default_factory=list)  # (date, why its dump is not ready)
+    set_aside: list[tuple[str, str]] = field(default_factory=list)  # (date, failures; next retry), not tried
     deferred: list[str] = field(default_factory=list)  # pending, left for the next run (max_dates)
-    lost: list[str] = field(default_factory=list)  # committed, but the lease was lost meanwhile
+    lost: list[str] = field(default_factory=list)  # lease lost before the commit: not committed by this run
     planned: list[str] = field(default_factory=list)  # dry run: the dates a run would try, in order
     dry_run: bool = False
 
@@ -332,18 +353,23 @@ class NightlyReport:
 
     def lines(self) -> list[str]:
         """One line per date worth reporting, then a summary line."""
-        out = [f"tagged {d}: {line}" for d, line in self.committed]
+        out = [f"{'would re-open' if self.dry_run else 're-opened'} {d}: {why}" for d, why in self.reopened]
+        out += [f"tagged {d}: {line}" for d, line in self.committed]
         out += [f"would tag {d}" for d in self.planned]
         out += [f"failed {d}: {why}" for d, why in self.failed]
+        out += [f"set aside {d}: {why}" for d, why in self.set_aside]
+        out += [f"waiting {d}: {why}" for d, why in self.waiting]
         out += [f"skipped {d}: leased by {owner}" for d, owner in self.leased]
         out += [f"skipped {d}: no dump ({why})" for d, why in self.no_dump]
         if self.deferred:
             out.append(f"left for the next run (--max-dates): {', '.join(self.deferred)}")
         if self.lost:
-            out.append(f"lease lost while tagging (output still exactly once): {', '.join(self.lost)}")
+            out.append(f"lease lost before the commit, not committed (the run holding it commits): "
+                       f"{', '.join(self.lost)}")  # fmt: skip
         work = f"would tag {len(self.planned)}" if self.dry_run else f"tagged {len(self.committed)}"
         out.append(f"nightly: {work} date(s), {len(self.failed)} failed, {len(self.already)} already "
-                   f"committed, {len(self.leased)} leased by other runs")  # fmt: skip
+                   f"committed, {len(self.leased)} leased by other runs, {len(self.reopened)} re-opened, "
+                   f"{len(self.waiting)} waiting, {len(self.set_aside)} set aside")  # fmt: skip
         return out
 
 
@@ -351,13 +377,19 @@ def tag_nightly(model: str, inputs: list[str], output: str, *, date: str | None 
                 max_dates: int = MAX_DATES, since: str | None = None, until: str | None = None,
                 overwrite: bool = False, dry_run: bool = False, lease_ttl_s: float = LEASE_TTL_S,
                 settle_s: float = SETTLE_S, recheck_leased: bool = True, owner: str | None = None,
+                ready_marker: str | None = READY_MARKER, min_age_s: float = 0.0,
+                set_aside_after: int = SET_ASIDE_AFTER, set_aside_retry_s: float = SET_ASIDE_RETRY_S,
                 tagger=None, **tag_options) -> NightlyReport:  # fmt: skip
-    """Tag the dates of the date-partitioned ``inputs`` that have no committed ``output`` yet
-    (every ``{date}`` in them filled), oldest first, at most ``max_dates``; or only ``date``.
-    Each date is tagged by ``tagging.tag_corpus(model, inputs, output, **tag_options)`` under a
-    lease. A date that fails is reported and the run goes on with the next one. ``tagger``
-    replaces ``tag_corpus`` (same arguments), e.g. to keep two runs that share one small Ray
-    cluster from tagging at the same time.
+    """Tag the dates of the date-partitioned ``inputs`` (every ``{date}`` in them filled) that
+    have no committed ``output`` yet and a ready dump, or whose dump changed since the commit
+    (see the module docstring), oldest first, at most ``max_dates``; or only ``date``. Each date
+    is tagged by ``tagging.tag_corpus(model, inputs, output, overwrite=..., before_commit=...,
+    **tag_options)`` under a lease, which ``before_commit`` renews (and raises LeaseLost if it was
+    taken over). A date that fails is recorded and reported and the run goes on with the next
+    one; one that failed on ``set_aside_after`` runs in a row is set aside (retried
+    ``set_aside_retry_s`` after its last failure, after the other dates). ``tagger`` replaces
+    ``tag_corpus`` (same arguments), e.g. to keep two runs that share one small Ray cluster from
+    tagging at the same time.
 
     Dates another run holds are tried once more when those leases would expire unless renewed
     (``recheck_leased``): the holder may be a killed attempt of this same night (a RayJob retry
@@ -368,28 +400,37 @@ def tag_nightly(model: str, inputs: list[str], output: str, *, date: str | None 
     output_template = DateTemplate.parse(output, "--output")
     if max_dates < 1:
         raise NightlyError(f"--max-dates {max_dates}: give 1 or more")
+    if set_aside_after < 1:
+        raise NightlyError(f"--set-aside-after {set_aside_after}: give 1 or more")
     if overwrite and date is None:
         raise NightlyError("--overwrite re-tags a committed date: name it with --date (the search for "
-                           "untagged dates never touches a committed one)")  # fmt: skip
+                           "untagged dates re-opens a committed one only when its dump changed)")  # fmt: skip
+    ready_marker = ready_marker or None
     report = NightlyReport()
+    root = Folder.from_uri(output_template.parent)
+    failures = FailureRecords(root.child(FAILURES), set_aside_after, set_aside_retry_s)
     if date is not None:
-        if is_committed(output_template, date) and not overwrite:
-            report.already.append(date)
-            return report
-        problem = dump_problem(input_templates, date)
-        if problem:
-            raise NightlyError(f"--date {date}: {problem}")
-        pending = [date]
+        plan = check_dates(input_templates, output_template, [date], ready_marker=ready_marker,
+                           min_age_s=min_age_s)  # fmt: skip
+        if plan.no_dump:
+            raise NightlyError(f"--date {date}: {plan.no_dump[0][1]}")
+        if overwrite and plan.committed:  # re-tag on purpose, though nothing changed
+            plan = DatePlan([date], [], [], [], {})
     else:
-        plan = plan_dates(input_templates, output_template, since=since, until=until)
-        log.info("%d date(s) to tag (%s), %d committed, %d without a dump", len(plan.pending),
-                 ", ".join(plan.pending) or "none", len(plan.committed), len(plan.no_dump))  # fmt: skip
-        report.already, report.no_dump, pending = plan.committed, plan.no_dump, plan.pending
+        plan = plan_dates(input_templates, output_template, since=since, until=until, ready_marker=ready_marker,
+                          min_age_s=min_age_s)  # fmt: skip
+    log.info("%d date(s) to tag (%s; %d re-opened), %d committed, %d waiting for their dump, %d without a dump",
+             len(plan.pending), ", ".join(plan.pending) or "none", len(plan.reopened), len(plan.committed),
+             len(plan.waiting), len(plan.no_dump))  # fmt: skip
+    report.already, report.no_dump, report.waiting = plan.committed, plan.no_dump, plan.waiting
+    # A date named with --date is tried even if set aside; the search puts set-aside dates last.
+    pending = plan.pending if date else order_failed_last(plan, failures, report, clean=not dry_run)
     if dry_run:
         report.dry_run, report.planned, report.deferred = True, pending[:max_dates], pending[max_dates:]
+        report.reopened = [(d, plan.reopened[d]) for d in report.planned if d in plan.reopened]
         return report
 
-    leases = Folder.from_uri(output_template.parent).child(LEASES)
+    leases = root.child(LEASES)
     owner = owner or new_owner()
 
     def attempt(day: str) -> Claim | None:
@@ -399,13 +440,12 @@ def tag_nightly(model: str, inputs: list[str], output: str, *, date: str | None 
             log.info("%s: leased by %s; skipping it", day, lease.holder.owner if lease.holder else "another run")
             return lease.holder or Claim("", "another run", time.time() + lease_ttl_s, ())
         with lease.held():
-            tag_date(model, input_templates, output_template, day, overwrite, tagger, tag_options, report)
-        if lease.lost.is_set():
-            report.lost.append(day)
+            tag_date(model, input_templates, output_template, day, overwrite, tagger, tag_options, report,
+                     before_commit=lambda: check_lease(lease), failures=failures)  # fmt: skip
         return None
 
     def budget_left() -> bool:
-        return len(report.committed) + len(report.failed) < max_dates
+        return len(report.committed) + len(report.failed) + len(report.lost) < max_dates
 
     held = []  # (date, holder's claim)
     for i, day in enumerate(pending):
@@ -425,6 +465,40 @@ def tag_nightly(model: str, inputs: list[str], output: str, *, date: str | None 
     return report
 
 
+def order_failed_last(plan: DatePlan, failures: FailureRecords, report: NightlyReport, clean: bool) -> list[str]:
+    """The pending dates in the order a run tries them: oldest first, then the set-aside dates
+    due for a retry; set-aside dates not due go to ``report.set_aside``. Records of dates
+    committed since (by another run, or by hand) are removed when ``clean``."""
+    records = failures.read()
+    if clean:
+        for day in set(records) & set(plan.committed):
+            failures.clear(day)
+    aside = [d for d in plan.pending if failures.set_aside(records.get(d))]
+    due = [d for d in aside if failures.due(records[d])]
+    report.set_aside = [(d, failures.describe(records[d])) for d in aside if d not in due]
+    if aside:
+        log.info("set aside after %d failed runs in a row: %s (%d due for a retry, after the other dates)",
+                 failures.set_aside_after, ", ".join(aside), len(due))  # fmt: skip
+    return [d for d in plan.pending if d not in aside] + due
+
+
+def check_lease(lease: Lease) -> None:
+    """``before_commit``: renew the lease (its claims read again, not only the heartbeat's
+    flag); raise LeaseLost if another run took it over, so nothing is committed."""
+    if lease.lost.is_set() or not lease.renew():
+        lease.lost.set()
+        raise LeaseLost(f"{lease.key}: the lease was taken over by another run (this run stalled past its "
+                        f"expiry); not committing. The staged files stay for the run that holds it")  # fmt: skip
+
+
+def record_failure(failures: FailureRecords, date: str, reason: str) -> dict | None:
+    try:
+        return failures.add(date, reason)
+    except Exception:  # the date's failure is reported either way; only the count is missed
+        log.exception("%s: could not record the failure in %s", date, failures.folder.uri)
+        return None
+
+
 def earlier_nights(output: DateTemplate, date: str, count: int = BASELINE_NIGHTS) -> list[str]:
     """The committed outputs of the ``count`` latest dates before ``date``: its report's baselines
     (a week pooled: steadier than one night, and weekly patterns average out)."""
@@ -433,24 +507,46 @@ def earlier_nights(output: DateTemplate, date: str, count: int = BASELINE_NIGHTS
 
 
 def tag_date(model: str, inputs: list[DateTemplate], output: DateTemplate, date: str, overwrite: bool,
-             tagger, tag_options: dict, report: NightlyReport) -> None:  # fmt: skip
-    """Tag one leased date into ``report``: committed, already committed, or failed."""
-    from emotions.tagging import tag_corpus
+             tagger, tag_options: dict, report: NightlyReport, *, before_commit=None,
+             failures: FailureRecords | None = None) -> None:  # fmt: skip
+    """Tag one leased date into ``report``: committed (re-opened when its committed dump
+    changed), already committed, lost (``before_commit`` raised LeaseLost) or failed."""
+    from emotions.tagging import TaggingError, tag_corpus
 
     tagger = tagger or tag_corpus
-    if is_committed(output, date) and not overwrite:  # committed by a run that ended after we listed
-        report.already.append(date)
-        return
-    log.info("%s: tagging %s -> %s", date, ", ".join(t.fill(date) for t in inputs), output.fill(date))
+    changes = None
+    if is_committed(output, date) and not overwrite:  # re-opened, or committed by a run that ended after we listed
+        try:
+            changes = input_changes(Folder.from_uri(output.fill(date)).read_json(MANIFEST), list_dump(inputs, date))
+        except TaggingError:  # the dump is gone: the committed output stays
+            changes = None
+        if not changes:
+            report.already.append(date)
+            return
+    log.info("%s: tagging %s -> %s%s", date, ", ".join(t.fill(date) for t in inputs), output.fill(date),
+             f" (re-opened: {changes})" if changes else "")  # fmt: skip
     if not tag_options.get("baselines") and tag_options.get("report", True):
         tag_options = {**tag_options, "baselines": earlier_nights(output, date)}
     try:
-        summary = tagger(model, [t.fill(date) for t in inputs], output.fill(date), overwrite=overwrite,
-                         **tag_options)  # fmt: skip
+        summary = tagger(model, [t.fill(date) for t in inputs], output.fill(date),
+                         overwrite=overwrite or bool(changes), before_commit=before_commit, **tag_options)  # fmt: skip
+    except LeaseLost as error:
+        log.error("%s", error)
+        report.lost.append(date)
+        return
     except Exception as error:  # one bad date must not stop the others; the run exits non-zero
         log.exception("%s: tagging failed", date)
         first_line = (str(error).splitlines() or [""])[0]
-        report.failed.append((date, f"{type(error).__name__}: {first_line}"))
+        reason = f"{type(error).__name__}: {first_line}"
+        record = failures and record_failure(failures, date, reason)
+        if record and failures.set_aside(record):
+            reason += (f" (failed on {record['failures']} runs in a row: set aside, retried "
+                       f"{failures.retry_s / 86400:g} days after each failure, after the other dates)")  # fmt: skip
+        report.failed.append((date, reason))
         return
+    if failures is not None:
+        failures.clear(date)
+    if changes:
+        report.reopened.append((date, changes))
     report_note = f"; report: {summary.report}" if summary.report else ""
     report.committed.append((date, summary.line() + report_note))

@@ -21,6 +21,10 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 
+SINGLE_COPY_MAX = 5 * 2**30  # S3's CopyObject limit; pyarrow's move on S3 is one CopyObject
+COPY_PART_BYTES = 256 * 2**20  # part size of a multipart copy (S3: 5 MiB to 5 GiB, 10,000 parts)
+
+
 class StorageError(ValueError):
     """A path or URI that cannot be opened; the message names it and the fix."""
 
@@ -172,3 +176,30 @@ class Folder:
             raise StorageError(f"{self.uri} does not exist")
         pafs.copy_files(self.root, str(local), source_filesystem=self.fs)
         return Path(local)
+
+
+def move_file(folder: Folder, source: str, target: str) -> None:
+    """Move a file inside ``folder`` (relative names), replacing ``target``: a rename on a local
+    disk; on object stores a server-side copy then a delete. On S3 a file over SINGLE_COPY_MAX
+    is copied in parts (boto3's managed copy, UploadPartCopy), since one CopyObject stops at 5 GiB."""
+    fs = folder.fs
+    if isinstance(fs, pafs.S3FileSystem):
+        size = fs.get_file_info(folder.path(source)).size or 0
+        if size > SINGLE_COPY_MAX:
+            _copy_s3_in_parts(fs, folder.path(source), folder.path(target))
+            fs.delete_file(folder.path(source))
+            return
+    fs.move(folder.path(source), folder.path(target))
+
+
+def _copy_s3_in_parts(fs: pafs.S3FileSystem, source: str, target: str) -> None:
+    """Server-side multipart copy of ``bucket/key`` to ``bucket/key``; boto3 reads the same
+    standard AWS variables as pyarrow (endpoint, credentials, region)."""
+    import boto3
+    from boto3.s3.transfer import TransferConfig
+
+    source_bucket, source_key = source.split("/", 1)
+    bucket, key = target.split("/", 1)
+    client = boto3.client("s3", region_name=fs.region or None)
+    config = TransferConfig(multipart_threshold=COPY_PART_BYTES, multipart_chunksize=COPY_PART_BYTES)
+    client.copy({"Bucket": source_bucket, "Key": source_key}, bucket, key, Config=config)

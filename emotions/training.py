@@ -85,7 +85,9 @@ def load_training_data(config: TrainConfig) -> tuple[LabelledData, LabelledData]
 def train(config: TrainConfig, output: str | Path, data: tuple | None = None) -> Path | str:
     """Run the two-stage fine-tune on the current Ray cluster; write a bundle to ``output``
     (a local folder, or a URI such as s3://bucket/bundles/name: written locally, then uploaded).
-    ``data``: (train, validation) already loaded by ``load_training_data``, else loaded here."""
+    ``data``: (train, validation) already loaded by ``load_training_data``, else loaded here.
+    An ``output`` that holds anything but an earlier bundle is refused before training starts."""
+    bundle.check_output_folder(output)
     if storage.is_uri(output):
         with tempfile.TemporaryDirectory() as tmp:
             local = train(config, Path(tmp) / "bundle", data)

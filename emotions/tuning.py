@@ -174,7 +174,10 @@ def run_sweep(raw_config: dict, output: str | Path, resume: bool = True) -> dict
     bundle into ``output``, a local folder or a URI (s3://...; the sweep's own state goes there too)."""
     from emotions.training import write_bundle_from_checkpoint
 
+    from emotions.bundle import check_output_folder
+
     output = storage.expand(output)
+    check_output_folder(storage.join(output, "best_bundle"))  # before the sweep, not after it
     base_raw, settings = split_tune_settings(raw_config)
     base = trial_scaling(from_dict(base_raw))  # validates the fixed part now
     environment.log_environment({**base.to_dict(), "tune": settings.__dict__}, "tune")

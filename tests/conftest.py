@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from importlib import metadata
 
@@ -26,6 +27,10 @@ os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 # at 2 s and 34-40 s at 0.5 s (2-core machine). Every Ray process of the session inherits this, the
 # nodes and job heads the tests start included. Training itself does not read it.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+
+# tests/test_crashes.py arms this file to make the process reaching a named step die there
+# (emotions/tagging/crashpoints.py); set before any Ray process starts, so every worker has it.
+os.environ.setdefault("EMOTIONS_CRASH_FILE", os.path.join(tempfile.mkdtemp(prefix="emotions-crash-"), "crash"))
 
 S3_BUCKET = "emo"  # created by the s3 fixture; tests write under s3://emo/<their own prefix>
 MOTO_MIN_VERSION = (5, 2, 5)  # 5.2.1 fails pyarrow's upload of an empty object (Ray Train's marker)

@@ -24,6 +24,22 @@ def test_bad_labelled_file_fails_before_ray_starts(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_train_refuses_an_output_folder_of_other_files_before_anything_is_deleted(tmp_path):
+    output = tmp_path / "work"
+    output.mkdir()
+    (output / "notes.md").write_text("mine\n")
+    run = tmp_path / "runs" / "again"  # --fresh would delete this run's checkpoints: not before the check
+    run.mkdir(parents=True)
+    (run / "state.json").write_text("{}")
+    result = emotions("train", "--preset", "smoke", "--output", str(output), "--fresh",
+                      f"run.storage_path={tmp_path / 'runs'}", "run.name=again")  # fmt: skip
+    assert result.returncode == 2
+    assert f"bundle output {output} already holds files and is not a model bundle" in result.stderr
+    assert "Choose a new or empty folder" in result.stderr
+    assert "Started a local Ray instance" not in result.stderr
+    assert (output / "notes.md").read_text() == "mine\n" and (run / "state.json").exists()
+
+
 def test_unknown_config_key_is_refused_by_name(tmp_path):
     result = emotions("train", "--preset", "smoke", "--output", str(tmp_path / "out"), "stage1.epoks=2")
     assert result.returncode == 2

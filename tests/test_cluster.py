@@ -1169,6 +1169,7 @@ def test_nightly_entry_point_finds_the_untagged_dates_from_another_directory(tmp
     for day in ("2026-01-01", "2026-01-02", "2026-01-03"):
         (tmp_path / "dumps" / f"dt={day}").mkdir(parents=True)
         pq.write_table(pa.table({"id": ["a"], "body": ["hello"]}), tmp_path / "dumps" / f"dt={day}" / "p.parquet")
+        (tmp_path / "dumps" / f"dt={day}" / "_SUCCESS").write_text("")  # the producer's marker
     (tmp_path / "tagged" / "dt=2026-01-02").mkdir(parents=True)
     (tmp_path / "tagged" / "dt=2026-01-02" / "_SUCCESS").write_text("{}")
     _, script, args = next(e for e in entrypoints(EMOTIONS_BUCKET=str(tmp_path)) if e[1].endswith("tag_nightly.py"))

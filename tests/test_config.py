@@ -44,6 +44,16 @@ def test_unknown_preset_lists_the_choices():
         build_config("nope")
 
 
+@pytest.mark.parametrize("name", ["..", "a/b", "../other-team", ".", ".hidden", "/tmp", "a b"])
+def test_run_names_that_leave_the_runs_folder_are_refused_by_name(name):
+    with pytest.raises(ConfigError, match=r"run.name: .* is not a folder name under run.storage_path"):
+        build_config("smoke", overrides=[f"run.name={name}", "run.resume=false"])  # --fresh deletes the run folder
+
+
+def test_run_name_may_use_letters_digits_dots_dashes_and_underscores():
+    assert build_config("smoke", overrides=["run.name=bert-base_v1.2"]).run.name == "bert-base_v1.2"
+
+
 def test_malformed_override():
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         build_config("smoke", overrides=["stage1.epochs"])

@@ -176,6 +176,8 @@ def check_nightly_job(head: HeadAPI, runtime_env: dict, bundle_dir: Path, tmp_pa
     (tmp_path / "dumps" / f"dt={committed}").mkdir()
     pq.write_table(pa.table({"id": ["x"], "body": ["an earlier night"]}),
                    tmp_path / "dumps" / f"dt={committed}" / "part-0.parquet")  # fmt: skip
+    for date in (committed, day):  # the producer's marker, written last: the dumps are complete
+        (tmp_path / "dumps" / f"dt={date}" / "_SUCCESS").write_text("")
     (tmp_path / "tagged" / f"dt={committed}").mkdir(parents=True)
     (tmp_path / "tagged" / f"dt={committed}" / "_SUCCESS").write_text('{"run_id": "an earlier night"}')
     rows_in = 2 * len(texts) + 3 * len(texts)

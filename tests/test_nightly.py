@@ -1,9 +1,13 @@
-"""The nightly run over many nights: which dates it tags, the lease that keeps runs apart, and
-the real tagging of tiny date partitions on the session's local Ray with the smoke bundle.
+"""The nightly run over many nights: which dates it tags (ready, re-opened, set aside), the
+lease that keeps runs apart, and the real tagging of tiny date partitions on the session's local
+Ray with the smoke bundle.
 
-Leases are tested on a local folder and on the moto S3 server (the object store has no
-create-if-absent through pyarrow, which is what the lease protocol works around), with real
-threads racing for a date and a real process killed while it holds one.
+Leases are tested on a local folder and on the moto S3 server (both create-if-absent: a hard link,
+a PUT with If-None-Match), and on pyarrow's in-memory mock filesystem, which has none (the
+write-wait-read protocol), with real threads racing for a date and a real process killed while it
+holds one. The nightly logic (readiness, re-opening, failures, a lease lost before the commit) runs
+with a stand-in tagger that commits a tiny output the way tag_corpus does; one test re-opens a
+date with real tagging.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from emotions.nightly import (LEASES, DateLease, DateTemplate, NightlyError, new_owner, plan_dates,
+from emotions.leases import CREATE_IF_ABSENT, WRITE_WAIT_READ, Lease
+from emotions.nightly import (FAILURES, LEASES, DateLease, DateTemplate, NightlyError, new_owner, plan_dates,
                               tag_nightly)  # fmt: skip
 from emotions.storage import Folder
 from emotions.tagging import tag_corpus
@@ -29,14 +34,17 @@ ROOT = Path(__file__).resolve().parents[1]
 TEXTS = ["I love this so much", "why would you do that", "thanks, that helps", "[deleted]"]
 
 
-def write_dump(root: str, date: str, rows: int = 8) -> None:
-    """One day's dump: one Parquet file with ``rows`` comments under root/dt=DATE/."""
+def write_dump(root: str, date: str, rows: int = 8, part: str = "part-0", ready: bool = True) -> None:
+    """One day's dump: a Parquet file with ``rows`` comments under root/dt=DATE/, then (``ready``)
+    the producer's _SUCCESS, as Spark writes it: empty, last."""
     folder = Folder.from_uri(root).child(f"dt={date}")
     body = (TEXTS * rows)[:rows]
-    table = pa.table({"id": [f"{date}-{i}" for i in range(rows)], "body": body})
+    table = pa.table({"id": [f"{date}-{part}-{i}" for i in range(rows)], "body": body})
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
-    folder.write_bytes(sink.getvalue().to_pybytes(), "part-0.parquet")
+    folder.write_bytes(sink.getvalue().to_pybytes(), f"{part}.parquet")
+    if ready:
+        folder.write_bytes(b"", "_SUCCESS")
 
 
 def commit_marker(root: str, date: str) -> None:
@@ -96,9 +104,19 @@ def test_dates_are_found_oldest_first_without_the_committed_the_empty_and_today(
 # ----------------------------------------------------------------------------- leases
 
 
-@pytest.mark.parametrize("kind", ["local", "s3"])
+def lease_folder(kind: str, tmp_path: Path, request) -> Folder:
+    """A leases folder on a local disk, on S3 (both create-if-absent), or on pyarrow's in-memory
+    mock filesystem (none: write-wait-read); one Folder object shares the mock's memory."""
+    if kind == "mock":
+        folder = Folder.from_uri("mock:///tagged").child(LEASES)
+        folder.make()  # like a disk, the mock needs folders before files
+        return folder
+    return Folder.from_uri(storage_root(kind, tmp_path, request)).child(LEASES)
+
+
+@pytest.mark.parametrize("kind", ["local", "s3", "mock"])
 def test_runs_racing_for_a_date_leave_exactly_one_holder(kind, tmp_path, request):
-    folder = Folder.from_uri(storage_root(kind, tmp_path, request)).child(LEASES)
+    folder = lease_folder(kind, tmp_path, request)
     for race in range(2):
         start, held = threading.Barrier(4), []
         leases = [DateLease(folder, f"2026-01-0{race + 1}", new_owner(), ttl_s=30, settle_s=0.3)
@@ -114,6 +132,7 @@ def test_runs_racing_for_a_date_leave_exactly_one_holder(kind, tmp_path, request
         [t.start() for t in threads]
         [t.join() for t in threads]
         assert len(held) == 1, f"race {race}: {len(held)} runs hold the date"
+        assert held[0].protocol == (WRITE_WAIT_READ if kind == "mock" else CREATE_IF_ABSENT)
         losers = [lease for lease in leases if lease is not held[0]]
         assert all(lease.holder and lease.holder.owner == held[0].owner for lease in losers)
         assert [c.owner for c in held[0].claims()] == [held[0].owner]  # the losers withdrew their claims
@@ -121,6 +140,46 @@ def test_runs_racing_for_a_date_leave_exactly_one_holder(kind, tmp_path, request
         held[0].release()
         assert losers[0].acquire()  # released: the next run gets it
         losers[0].release()
+
+
+@pytest.mark.parametrize("kind", ["local", "s3"])
+def test_where_the_store_can_create_if_absent_acquiring_needs_no_settle_wait(kind, tmp_path, request):
+    folder = lease_folder(kind, tmp_path, request)
+    lease = DateLease(folder, "2026-01-01", new_owner(), ttl_s=30, settle_s=60)
+    started = time.monotonic()
+    assert lease.acquire() and time.monotonic() - started < 5, "acquire waited for the settle time"
+    assert lease.protocol == CREATE_IF_ABSENT and lease.name == "2026-01-01.0000000001.json"
+    rival = DateLease(folder, "2026-01-01", new_owner(), ttl_s=30, settle_s=60)
+    started = time.monotonic()
+    assert not rival.acquire() and rival.holder.owner == lease.owner and time.monotonic() - started < 5
+    assert lease.renew()
+    lease.release()
+
+    # Racers with no settle time at all: exactly one creates the next generation, every time.
+    for race in range(4):
+        start, held = threading.Barrier(6), []
+        racers = [Lease(folder, "2026-01-02", new_owner(), ttl_s=30, settle_s=0) for _ in range(6)]
+
+        def run(lease: Lease) -> None:
+            start.wait()
+            if lease.acquire():
+                held.append(lease)
+
+        threads = [threading.Thread(target=run, args=(lease,)) for lease in racers]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        assert len(held) == 1, f"race {race}: {len(held)} runs hold the date"
+        assert all(r.holder.owner == held[0].owner for r in racers if r is not held[0])
+        held[0].release()
+
+    # tagging's one-writer-per-output lock: the same lease, named "output", beside the output.
+    output = Folder.from_uri(storage_root(kind, tmp_path, request)).child("tagged", "dt=2026-01-01")
+    writer, other = (Lease(output.child("_lease"), "output", new_owner(), ttl_s=30) for _ in range(2))
+    assert writer.acquire() and not other.acquire() and other.holder.owner == writer.owner
+    with writer.held():
+        assert [c.name for c in writer.claims()] == ["output.0000000001.json"]
+    assert other.acquire()
+    other.release()
 
 
 KILLED_RUN = """
@@ -155,8 +214,9 @@ def test_the_expired_lease_of_a_killed_run_is_taken_over(s3, tmp_path):
     lease.release()
 
 
-def test_a_stalled_run_learns_it_lost_its_lease(tmp_path):
-    folder = Folder.from_uri(tmp_path).child(LEASES)
+@pytest.mark.parametrize("kind", ["local", "mock"])
+def test_a_stalled_run_learns_it_lost_its_lease(kind, tmp_path, request):
+    folder = lease_folder(kind, tmp_path, request)
     stalled = DateLease(folder, "2026-01-01", "stalled", ttl_s=0.5, settle_s=0.05)
     assert stalled.acquire()
     time.sleep(0.6)  # no heartbeat: the lease expires
@@ -270,3 +330,178 @@ def test_each_night_writes_its_report_against_the_nights_before(smoke_bundle, lo
     assert [d for d, _ in report.committed] == ["2026-03-01", "2026-03-02"]
     first, second = (json.loads((tagged / f"dt={d}" / "_report.json").read_text()) for d in ("2026-03-01", "2026-03-02"))
     assert first["baselines"] == [] and [b["output"] for b in second["baselines"]] == [f"{tagged}/dt=2026-03-01"]
+
+
+# ----------------------------------------------------------------------------- ready, re-opened, set aside
+
+
+class StandInTagger:
+    """``tag_corpus`` for tests of the nightly logic: commits a tiny output the way it does (the
+    inputs' paths and sizes in ``_manifest.json``, then ``_SUCCESS``), after ``before_commit``.
+    Dates in ``failing`` raise. ``calls``: (date folder name, overwrite) per call."""
+
+    def __init__(self, failing=()):
+        self.failing, self.calls, self.on_tag = set(failing), [], None
+
+    def __call__(self, model, inputs, output, *, overwrite=False, before_commit=None, **options):
+        from types import SimpleNamespace
+
+        from emotions.tagging import TaggingError, resolve_inputs
+
+        target = Folder.from_uri(output)
+        self.calls.append((Path(target.root).name, overwrite))
+        if target.exists("_SUCCESS") and not overwrite:
+            raise TaggingError(f"{output} is committed")
+        if any(day in output for day in self.failing):
+            raise RuntimeError(f"the dump of {output} is damaged")
+        if self.on_tag:
+            self.on_tag(output)
+        fs, paths = resolve_inputs(inputs)
+        files = [{"path": uri, "rows": 1, "bytes": fs.get_file_info(path).size, "output": Path(path).name}
+                 for path, uri in paths]  # fmt: skip
+        if before_commit:
+            before_commit()
+        target.write_json({"inputs": files, "rows_in": len(files), "rows_out": len(files)}, "_manifest.json")
+        target.write_json({"run_id": "stand-in"}, "_SUCCESS")
+        return SimpleNamespace(line=lambda: f"{len(files)} files -> {output}", report=None)
+
+
+def nightly(root: Path, tagger, **options):
+    return tag_nightly("no-model", [f"{root}/dumps/dt={{date}}/"], f"{root}/tagged/dt={{date}}/", tagger=tagger,
+                       until="2026-12-31", settle_s=0.05, report=False, **options)  # fmt: skip
+
+
+def test_a_date_is_tagged_only_once_its_dump_is_ready(tmp_path, capsys):
+    write_dump(f"{tmp_path}/dumps", "2026-04-01")
+    write_dump(f"{tmp_path}/dumps", "2026-04-02", ready=False)  # the producer is still writing it
+    tagger = StandInTagger()
+    report = nightly(tmp_path, tagger)
+    assert [d for d, _ in report.committed] == ["2026-04-01"] and report.ok
+    assert [d for d, _ in report.waiting] == ["2026-04-02"] and "no _SUCCESS in" in report.waiting[0][1]
+    assert "waiting 2026-04-02: no _SUCCESS in" in "\n".join(report.lines())
+    assert nightly(tmp_path, tagger, min_age_s=3600).waiting[0][0] == "2026-04-02"
+
+    Folder.from_uri(f"{tmp_path}/dumps/dt=2026-04-02").write_bytes(b"", "_SUCCESS")  # the producer is done
+    report = nightly(tmp_path, tagger, min_age_s=3600)  # ...but wrote the last file a moment ago
+    assert not report.committed and "tagged once it is 3600 s old (--min-age)" in report.waiting[0][1]
+    report = nightly(tmp_path, tagger)
+    assert [d for d, _ in report.committed] == ["2026-04-02"] and not report.waiting
+    assert [name for name, _ in tagger.calls] == ["dt=2026-04-01", "dt=2026-04-02"]
+
+    write_dump(f"{tmp_path}/dumps", "2026-04-03", ready=False)  # a producer that writes no marker
+    argv = ["--model", "no-model", "--input", f"{tmp_path}/dumps/dt={{date}}/", "--output",
+            f"{tmp_path}/tagged/dt={{date}}/", "--until", "2026-12-31", "--dry-run"]  # fmt: skip
+    code, out = run_job(argv, capsys)
+    assert code == 0 and "waiting 2026-04-03: no _SUCCESS" in out and "1 waiting" in out, out
+    code, out = run_job([*argv, "--ready-marker", ""], capsys)
+    assert code == 0 and "would tag 2026-04-03" in out and "--ready-marker" not in out.split("emotions tag")[1], out
+
+
+def test_a_committed_date_whose_dump_changed_is_reopened_and_an_unchanged_one_is_left_alone(tmp_path):
+    for day in ("2026-05-01", "2026-05-02"):
+        write_dump(f"{tmp_path}/dumps", day)
+    commit_marker(f"{tmp_path}/tagged", "2026-04-30")  # committed without a manifest: nothing to compare
+    write_dump(f"{tmp_path}/dumps", "2026-04-30")
+    tagger = StandInTagger()
+    assert [d for d, _ in nightly(tmp_path, tagger).committed] == ["2026-05-01", "2026-05-02"]
+
+    tagger.calls.clear()
+    again = nightly(tmp_path, tagger)  # the same night again: nothing changed, nothing to do
+    assert tagger.calls == [] and not again.committed and not again.reopened
+    assert sorted(again.already) == ["2026-04-30", "2026-05-01", "2026-05-02"]
+
+    write_dump(f"{tmp_path}/dumps", "2026-05-01", part="part-1", rows=3)  # a file that came late
+    write_dump(f"{tmp_path}/dumps", "2026-05-02", rows=5)  # a file rewritten, smaller
+    report = nightly(tmp_path, tagger)
+    assert report.reopened == [("2026-05-01", "1 new file, 0 changed, 0 removed"),
+                               ("2026-05-02", "0 new files, 1 changed, 0 removed")]  # fmt: skip
+    assert tagger.calls == [("dt=2026-05-01", True), ("dt=2026-05-02", True)]  # tagged again, overwriting
+    assert "re-opened 2026-05-01: 1 new file, 0 changed, 0 removed" in report.lines()
+    assert "2 re-opened" in report.lines()[-1] and report.already == ["2026-04-30"]
+
+    Folder.from_uri(f"{tmp_path}/dumps/dt=2026-05-01").delete("part-1.parquet")
+    report = nightly(tmp_path, tagger, dry_run=True)
+    assert report.planned == ["2026-05-01"] and report.reopened == [("2026-05-01", "0 new files, 0 changed, 1 removed")]
+    assert "would re-open 2026-05-01: 0 new files, 0 changed, 1 removed" in report.lines()
+
+    Folder.from_uri(f"{tmp_path}/dumps/dt=2026-05-01").delete("_SUCCESS")  # the producer is rewriting it
+    report = nightly(tmp_path, tagger)
+    assert not report.committed and report.waiting[0][0] == "2026-05-01"
+    assert report.waiting[0][1].startswith("inputs changed since the commit (0 new files, 0 changed, 1 removed), but no _SUCCESS")
+
+
+def test_dates_failing_night_after_night_are_set_aside_and_new_nights_go_on(tmp_path):
+    old = ["2026-06-01", "2026-06-02"]
+    for day in [*old, "2026-06-03"]:
+        write_dump(f"{tmp_path}/dumps", day)
+    tagger = StandInTagger(failing=old)
+    options = dict(max_dates=2, set_aside_after=2)
+    for run in (1, 2):  # the two old dates use up the budget: the new night waits
+        report = nightly(tmp_path, tagger, **options)
+        assert [d for d, _ in report.failed] == old and report.deferred == ["2026-06-03"] and not report.ok
+    assert "set aside" in report.failed[0][1]
+    record = json.loads((tmp_path / "tagged" / FAILURES / "2026-06-01.json").read_text())
+    assert record["failures"] == 2 and "RuntimeError: the dump of" in record["reason"]
+
+    write_dump(f"{tmp_path}/dumps", "2026-06-04")
+    report = nightly(tmp_path, tagger, **options)  # set aside: new nights first, the old ones not tried
+    assert [d for d, _ in report.committed] == ["2026-06-03", "2026-06-04"] and report.ok
+    assert [d for d, _ in report.set_aside] == old and "failed on 2 runs in a row" in report.set_aside[0][1]
+    assert any(line.startswith("set aside 2026-06-01: failed on 2 runs in a row") for line in report.lines())
+
+    tagger.failing = {"2026-06-01"}  # 2026-06-02's dump was repaired
+    write_dump(f"{tmp_path}/dumps", "2026-06-05")
+    report = nightly(tmp_path, tagger, set_aside_retry_s=0, **options)  # due: retried after the new night
+    assert [d for d, _ in report.committed] == ["2026-06-05"] and [d for d, _ in report.failed] == ["2026-06-01"]
+    assert report.deferred == ["2026-06-02"]  # a failed retry counts, but only after the new night
+    report = nightly(tmp_path, tagger, set_aside_retry_s=0, **options)
+    assert [d for d, _ in report.committed] == ["2026-06-02"] and [d for d, _ in report.failed] == ["2026-06-01"]
+    assert not (tmp_path / "tagged" / FAILURES / "2026-06-02.json").exists()  # a success clears the record
+    assert json.loads((tmp_path / "tagged" / FAILURES / "2026-06-01.json").read_text())["failures"] == 4
+
+
+def test_a_run_that_lost_its_lease_before_the_commit_commits_nothing(tmp_path):
+    write_dump(f"{tmp_path}/dumps", "2026-07-01")
+    leases = Folder.from_uri(f"{tmp_path}/tagged").child(LEASES)
+    rival = Lease(leases, "2026-07-01", "rival", ttl_s=30)
+
+    def stall_and_be_taken_over(output: str) -> None:
+        """This run stalls past its lease's expiry while tagging; a rival takes the date over."""
+        mine = json.loads(leases.read_bytes("2026-07-01.0000000001.json"))
+        leases.write_json({**mine, "expires": time.time() - 1}, "2026-07-01.0000000001.json")
+        assert rival.acquire()
+
+    tagger = StandInTagger()
+    tagger.on_tag = stall_and_be_taken_over
+    report = nightly(tmp_path, tagger, lease_ttl_s=30, owner="stalled")
+    assert report.lost == ["2026-07-01"] and not report.committed and report.ok
+    assert not (tmp_path / "tagged" / "dt=2026-07-01" / "_SUCCESS").exists()  # nothing committed
+    assert not (tmp_path / "tagged" / FAILURES).exists()  # not a failure of the date: the rival tags it
+    assert [c.owner for c in rival.claims()] == ["rival"]  # the lost run left the rival's lease alone
+    assert "lease lost before the commit, not committed" in "\n".join(report.lines())
+
+
+def test_a_file_added_after_its_date_was_committed_is_tagged_by_the_next_run(smoke_bundle, local_ray, tmp_path,
+                                                                            capsys):  # fmt: skip
+    dumps, tagged, day = tmp_path / "dumps", tmp_path / "tagged", "2026-08-01"
+    write_dump(str(dumps), day, rows=200)
+    argv = ["--model", str(smoke_bundle), "--input", f"{dumps}/dt={{date}}/", "--output",
+            f"{tagged}/dt={{date}}/", "--actors", "1", "--no-report", "--until", day]  # fmt: skip
+    code, out = run_job(argv, capsys)
+    assert code == 0 and f"tagged {day}: tagged 200 rows" in out, out
+
+    write_dump(str(dumps), day, rows=150, part="part-1")  # the producer re-delivers the day with a late file
+    code, out = run_job(argv, capsys)
+    assert code == 0, out
+    assert f"re-opened {day}: 1 new file, 0 changed, 0 removed" in out and f"tagged {day}: tagged 350 rows" in out
+    manifest = json.loads((tagged / f"dt={day}" / "_manifest.json").read_text())
+    assert manifest["rows_in"] == manifest["rows_out"] == 350
+    by_file = {Path(i["path"]).name: i for i in manifest["inputs"]}
+    assert by_file["part-0.parquet"]["reused"] and not by_file["part-1.parquet"]["reused"]  # only the new file tagged
+    files = sorted((tagged / f"dt={day}").glob("*.parquet"))
+    assert len(files) == 2 and sum(pq.read_metadata(f).num_rows for f in files) == 350
+
+    everything = snapshot(tagged)
+    code, out = run_job(argv, capsys)  # the next night: the dump is as committed
+    assert code == 0 and "tagged 0 date(s), 0 failed, 1 already committed" in out, out
+    assert snapshot(tagged) == everything

@@ -8,8 +8,9 @@ import pytest
 
 from emotions.storage import Folder
 from emotions.tagging.inputs import FILE_COLUMN, InputFile
-from emotions.tagging.staging import (COMMITTING, DONE, MANIFEST, PARTS, STAGING, SUCCESS, PartLedger, Staging,
-                                      merge_parts, write_parts)  # fmt: skip
+from emotions.tagging.settings import TaggingError
+from emotions.tagging.staging import (COMMITTING, DONE, FORMAT, MANIFEST, PARTS, STAGING, SUCCESS, Committed, PartLedger,
+                                      Staging, check_output, merge_parts, write_parts)  # fmt: skip
 
 SCHEMA = pa.schema([("id", pa.string()), ("error", pa.string())])
 
@@ -30,7 +31,7 @@ def stage(staging: Staging, files: list[InputFile], only=None) -> None:
             report = write_parts(pa.table({FILE_COLUMN: [k] * len(batch), "id": batch, "error": [None] * len(batch)}),
                                  staging.target.child(STAGING), [g.output_name for g in files], SCHEMA)  # fmt: skip
             for j, parts, reasons in ledger.add(report):
-                staging.record(merge_parts(staging.target.uri, files[j], parts, reasons, SCHEMA))
+                staging.record(merge_parts(staging.target.uri, files[j], parts, reasons, SCHEMA, staging.run))
 
 
 def test_a_commit_moves_every_staged_file_and_writes_success_last(tmp_path):
@@ -39,10 +40,11 @@ def test_a_commit_moves_every_staged_file_and_writes_success_last(tmp_path):
     stage(staging, files)
     markers = staging.check_finished(files)
     assert [m["rows_out"] for m in markers] == [3, 2] and all(m["written_by"]["pid"] == os.getpid() for m in markers)
-    staging.commit([f.output_name for f in files], {"rows_out": 5})
+    assert all((m["key"], m["run_id"]) == ("k1", staging.run_id) for m in markers)  # whose marker it is
+    staging.commit(markers, {"rows_out": 5}, None)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
         [f.output_name for f in files] + [MANIFEST, SUCCESS])  # no staging, no parts left
-    assert target.read_json(SUCCESS) == {"run_id": staging.run_id, "rows": 5}
+    assert target.read_json(SUCCESS) == {"format": FORMAT, "run_id": staging.run_id, "rows": 5}
     assert pq.read_table(tmp_path / "out" / files[0].output_name).column("id").to_pylist() == ["0-0", "0-1", "0-2"]
 
 
@@ -78,11 +80,92 @@ def test_an_interrupted_commit_finishes_when_repeated(tmp_path):
     staging = Staging.open(target, key="k1")
     stage(staging, files)
     target.write_json({"run_id": staging.run_id}, STAGING, COMMITTING)  # the commit began ...
-    target.fs.move(target.path(STAGING, files[0].output_name), target.path(files[0].output_name))  # ... moved one
+    staged = staging.markers[files[0].output_name]["staged"]
+    target.fs.move(target.path(STAGING, staged), target.path(files[0].output_name))  # ... moved one
     resumed = Staging.open(target, key="k1")
     markers = resumed.check_finished(files)  # the moved file still counts as finished
-    resumed.commit([f.output_name for f in files], {"rows_out": sum(m["rows_out"] for m in markers)})
+    previous = Committed("earlier", None, {"inputs": [{"output": "old-output.parquet"}]})
+    resumed.commit(markers, {"rows_out": sum(m["rows_out"] for m in markers)}, previous)
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert names == sorted([f.output_name for f in files] + [MANIFEST, SUCCESS])  # the old file is gone
     assert Staging.open(target, key="k1").run_id != staging.run_id  # a committed run's staging is not reused
     assert not (tmp_path / "out" / STAGING / DONE).exists() or not any((tmp_path / "out" / STAGING / DONE).iterdir())
+
+
+def test_a_merge_run_again_after_its_marker_never_empties_the_marked_file(tmp_path):
+    """Ray retries a merge whose worker died after writing the marker (its parts are deleted by
+    then): the retry must return the marker and leave the file whole, not truncate it."""
+    files, target = inputs(tmp_path, rows=(3,)), Folder.from_uri(tmp_path / "out")
+    staging = Staging.open(target, key="k1")
+    stage(staging, files)
+    marker = staging.markers[files[0].output_name]
+    again = merge_parts(target.uri, files[0], ["gone/part-1.arrow"], {}, SCHEMA, staging.run)  # parts deleted
+    assert again == marker
+    assert pq.read_metadata(tmp_path / "out" / STAGING / marker["staged"]).num_rows == 3
+    rerun = Staging.open(target, key="k1")
+    assert rerun.finished(files[0]) == marker and rerun.check_finished(files) == [marker]
+
+
+def test_a_marked_file_that_lost_its_rows_is_tagged_again_and_never_committed(tmp_path):
+    files, target = inputs(tmp_path, rows=(3, 2)), Folder.from_uri(tmp_path / "out")
+    staging = Staging.open(target, key="k1")
+    stage(staging, files)
+    emptied = tmp_path / "out" / STAGING / staging.markers[files[0].output_name]["staged"]
+    pq.write_table(SCHEMA.empty_table(), emptied)  # what an old-style second merge left: 0 rows, marker intact
+    rerun = Staging.open(target, key="k1")
+    assert rerun.finished(files[0]) is None and rerun.finished(files[1]) is not None  # tagged again
+    with pytest.raises(RuntimeError, match=r"rows in != rows out for 1 file.*in-0.parquet', 3, 0"):
+        rerun.check_finished(files)
+    assert not target.exists(SUCCESS)
+
+
+def test_markers_of_another_run_or_other_settings_are_not_trusted(tmp_path):
+    files, target = inputs(tmp_path, rows=(3,)), Folder.from_uri(tmp_path / "out")
+    first = Staging.open(target, key="k1")
+    stage(first, files)
+    marker = first.markers[files[0].output_name]
+    target.delete(STAGING, "run.json")  # another run's commit removed the staging folder's identity ...
+    second = Staging.open(target, key="k1")  # ... and a new run started it again
+    assert second.run_id != first.run_id
+    target.write_json(marker, STAGING, DONE, files[0].output_name + ".json")  # the first run's late marker
+    target.write_bytes(b"x", STAGING, marker["staged"])
+    second.names_done.add(files[0].output_name)
+    assert second.finished(files[0]) is None  # named another run: tagged again, never mixed in
+    with pytest.raises(RuntimeError, match="belongs to another run"):  # and the late merge writes nothing
+        merge_parts(target.uri, files[0], [], {}, SCHEMA, first.run)
+
+
+def test_only_outputs_this_project_committed_are_ever_replaced(tmp_path):
+    spark = tmp_path / "spark"
+    spark.mkdir()
+    (spark / "_SUCCESS").write_bytes(b"")  # Spark/Hadoop's committed output
+    (spark / "part-00000.parquet").write_bytes(b"theirs")
+    with pytest.raises(TaggingError, match="did not write"):
+        check_output(Folder.from_uri(spark))
+    files, target = inputs(tmp_path, rows=(3,)), Folder.from_uri(tmp_path / "ours")
+    staging = Staging.open(target, key="k1")
+    stage(staging, files)
+    staging.commit(staging.check_finished(files), {"format": FORMAT, "run_id": staging.run_id, "rows_out": 3,
+                                                   "inputs": [{"output": files[0].output_name}]}, None)  # fmt: skip
+    assert check_output(target).run_id == staging.run_id
+    (tmp_path / "ours" / "notes.parquet").write_bytes(b"a user's file")
+    with pytest.raises(TaggingError, match=r"did not write: \['notes.parquet'\]"):
+        check_output(target)
+
+
+def test_a_file_over_the_single_copy_limit_is_committed_in_parts_on_s3(s3, monkeypatch):
+    """S3's CopyObject stops at 5 GiB: above storage.SINGLE_COPY_MAX the commit's move copies in
+    parts (limits lowered here so a 6 MiB file takes that path)."""
+    import boto3
+
+    from emotions import storage
+
+    monkeypatch.setattr(storage, "SINGLE_COPY_MAX", 1 << 20)
+    monkeypatch.setattr(storage, "COPY_PART_BYTES", 5 << 20)  # S3's smallest part
+    folder = Folder.from_uri(f"{s3}/big-commit")
+    data = os.urandom(6 << 20)
+    folder.write_bytes(data, STAGING, "big.parquet.0")
+    storage.move_file(folder, f"{STAGING}/big.parquet.0", "big.parquet")
+    assert folder.read_bytes("big.parquet") == data and not folder.exists(STAGING, "big.parquet.0")
+    head = boto3.client("s3").head_object(Bucket="emo", Key="big-commit/big.parquet")
+    assert head["ETag"].strip('"').endswith("-2")  # two parts

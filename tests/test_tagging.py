@@ -30,7 +30,7 @@ from emotions.tagging.inference import check_precision, prepare_model
 from emotions.tagging.inputs import (FILE_COLUMN, InputFile, check_texts, normalize_block, output_schema, plan_reads,
                                      read_units, resolve_inputs)  # fmt: skip
 from emotions.tagging.pipeline import ROOM_CPUS, Tagger, flag_file, plan_actors
-from emotions.tagging.staging import PART_SCHEMA, PARTS, STAGING, PartLedger, merge_parts, write_parts
+from emotions.tagging.staging import PART_SCHEMA, PARTS, STAGING, PartLedger, Staging, merge_parts, write_parts
 
 
 
@@ -149,7 +149,7 @@ def test_only_reported_parts_are_counted_and_merged(tmp_path):
     target = Folder.from_uri(tmp_path / "out")
     schema = pa.schema([("id", pa.string()), ("error", pa.string())])
     f = InputFile(uri="in.parquet", path="in.parquet", rows=3, bytes=10, schema=schema)
-    (tmp_path / "out" / STAGING / "_done").mkdir(parents=True)
+    staging = Staging.open(target, key="k")
     reports = [write_parts(pa.table({FILE_COLUMN: [0] * n, "id": ids, "error": [None] * n}), target.child(STAGING),
                            [f.output_name], schema)
                for n, ids in ((2, ["a", "b"]), (2, ["a", "b"]), (1, ["c"]))]  # the 2nd: a retried attempt  # fmt: skip
@@ -158,8 +158,8 @@ def test_only_reported_parts_are_counted_and_merged(tmp_path):
     ledger = PartLedger([f])
     assert ledger.add(reports[0]) == []
     ((k, parts, reasons),) = ledger.add(reports[2])  # the driver was told of parts 1 and 3 only
-    marker = merge_parts(target.uri, f, parts, reasons, schema)
-    table = pq.read_table(tmp_path / "out" / STAGING / f.output_name)
+    marker = merge_parts(target.uri, f, parts, reasons, schema, staging.run)
+    table = pq.read_table(tmp_path / "out" / STAGING / marker["staged"])
     assert sorted(table.column("id").to_pylist()) == ["a", "b", "c"] and marker["rows_out"] == 3
     assert not (tmp_path / "out" / STAGING / PARTS / f.output_name).exists()
     with pytest.raises(RuntimeError, match="duplicated"):  # had it been reported, the run stops
@@ -331,7 +331,8 @@ def test_killed_run_resumes_and_commits_every_row_exactly_once(smoke_bundle, loc
     assert driver.returncode == -signal.SIGKILL, log.read_text()[-2000:]
     finished = {p.name[: -len(".json")] for p in done.glob("*.json")}
     assert 1 <= len(finished) < 8 and not (out / SUCCESS).exists()
-    stamps = {name: (out / STAGING / name).stat().st_mtime_ns for name in finished}
+    staged = {name: json.loads((done / f"{name}.json").read_text())["staged"] for name in finished}
+    stamps = {name: (out / STAGING / staged[name]).stat().st_mtime_ns for name in finished}
     stale = out / STAGING / PARTS / "stale-00000000.parquet" / "part-left.parquet"  # a killed run's part
     stale.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.table({"id": ["dup"]}), stale)
@@ -463,9 +464,9 @@ def test_the_all_flagged_path_never_writes_an_unflagged_row(tmp_path):
                   schema=pq.read_schema(tmp_path / "in.parquet"))  # fmt: skip
     settings = TaggingSettings(model="m", output=str(tmp_path / "out"))
     schema, column_types = output_schema([f], settings)
-    (tmp_path / "out" / STAGING / "_done").mkdir(parents=True)
-    marker = flag_file(str(tmp_path / "out"), f, column_types, schema, settings, "hash")
-    table = pq.read_table(tmp_path / "out" / STAGING / f.output_name)
+    staging = Staging.open(Folder.from_uri(tmp_path / "out"), key="k")
+    marker = flag_file(str(tmp_path / "out"), f, column_types, schema, settings, "hash", staging.run)
+    table = pq.read_table(tmp_path / "out" / STAGING / marker["staged"])
     assert table.column("error").null_count == 0 and table.column("top_emotion").null_count == 2
     assert marker["flagged"] == marker["rows_out"] == 2
 

@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import time
+import uuid
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,7 +43,8 @@ from emotions.tagging.inference import ENCODER_BATCH, load_tokenizer, predict_to
 from emotions.tagging.inputs import (ERROR_COLUMN, FILE_COLUMN, TEXT_COLUMN, InputFile, is_text, normalize_block,
                                      plan_reads, read_units)  # fmt: skip
 from emotions.tagging.settings import TaggingSettings
-from emotions.tagging.staging import STAGING, PartLedger, Staging, merge_parts, write_marker, write_parts
+from emotions.tagging.crashpoints import crash_point
+from emotions.tagging.staging import STAGING, PartLedger, Staging, check_owner, merge_parts, write_marker, write_parts
 
 log = logging.getLogger("emotions.tagging")
 
@@ -107,7 +109,8 @@ def write_outputs(input_fs: pafs.FileSystem, files: list[InputFile], staging: St
     target = staging.target.uri
     direct = {f.output_name for f in files if f.rows == 0 or not is_text(f.schema.field(s.text_column).type)}
     flag = ray.remote(flag_file).options(num_cpus=MERGE_CPUS)
-    tasks = [flag.remote(target, f, column_types, schema, s, model_hash) for f in files if f.output_name in direct]
+    tasks = [flag.remote(target, f, column_types, schema, s, model_hash, staging.run) for f in files
+             if f.output_name in direct]  # fmt: skip
     readable = [f for f in files if f.output_name not in direct]
     startup_s = None
     if readable:
@@ -120,7 +123,8 @@ def write_outputs(input_fs: pafs.FileSystem, files: list[InputFile], staging: St
         for block in pipeline.iter_batches(batch_size=None, batch_format="pyarrow"):  # PART_SCHEMA rows
             startup_s = startup_s or time.perf_counter() - start
             for k, parts, reasons in ledger.add(block):  # files whose last rows just arrived
-                tasks.append(merge.remote(target, readable[k], parts, reasons, schema))
+                crash_point("part-reported")
+                tasks.append(merge.remote(target, readable[k], parts, reasons, schema, staging.run))
             progress.step(int(pc.sum(block.column("rows")).as_py() or 0))
         ledger.check_complete()
     for marker in ray.get(tasks):
@@ -165,7 +169,7 @@ def tag_pipeline(input_fs: pafs.FileSystem, files: list[InputFile], staging: Sta
 
 
 def flag_file(target_uri: str, f: InputFile, column_types: dict[str, pa.DataType], schema: pa.Schema,
-              s: TaggingSettings, model_hash: str) -> dict:  # fmt: skip
+              s: TaggingSettings, model_hash: str, run: dict) -> dict:  # fmt: skip
     """A Ray task: the output file of an input with nothing to tag (no rows, or a text column that
     is neither string nor bytes), streamed by row group with every row flagged; its marker.
     -> the marker."""
@@ -173,7 +177,9 @@ def flag_file(target_uri: str, f: InputFile, column_types: dict[str, pa.DataType
     target = Folder.from_uri(target_uri)
     needed = list(dict.fromkeys([s.id_column, s.text_column, *s.keep_columns]))
     reasons: dict[str, int] = {}
-    with (pq.ParquetWriter(target.path(STAGING, f.output_name), schema, filesystem=target.fs) as writer,
+    check_owner(target, run)
+    staged = f"{f.output_name}.{uuid.uuid4().hex[:12]}"  # a file of its own, as merge_parts writes
+    with (pq.ParquetWriter(target.path(STAGING, staged), schema, filesystem=target.fs) as writer,
           input_fs.open_input_file(path) as handle):  # fmt: skip
         for batch in pq.ParquetFile(handle).iter_batches(columns=needed):
             block = pa.Table.from_batches([batch])
@@ -187,7 +193,7 @@ def flag_file(target_uri: str, f: InputFile, column_types: dict[str, pa.DataType
             writer.write_table(tagged.drop_columns([FILE_COLUMN]).cast(schema))
             for item in pc.value_counts(tagged.column("error").drop_null()).to_pylist():
                 reasons[item["values"]] = reasons.get(item["values"], 0) + item["counts"]
-    return write_marker(target, f, reasons)
+    return write_marker(target, f, reasons, staged, run)
 
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -15,7 +17,8 @@ from emotions.tagging.inference import resolve_precision
 from emotions.tagging.inputs import InputFile, inspect_inputs, output_schema, resolve_inputs
 from emotions.tagging.pipeline import ActorPlan, cluster_size, plan_actors, write_outputs
 from emotions.tagging.settings import TaggingError, TaggingSettings, check_settings
-from emotions.tagging.staging import FORMAT, MANIFEST, Staging, check_output
+from emotions.tagging.staging import (FORMAT, LEASE, MANIFEST, STAGING, SUCCESS, Committed, Staging, check_output,
+                                      staged_rows)  # fmt: skip
 
 log = logging.getLogger("emotions.tagging")
 
@@ -33,10 +36,16 @@ class TagSummary:
     files_resumed: int = 0
     files_skipped: tuple[str, ...] = ()  # unreadable inputs left out (on_bad_file="skip")
     report: str | None = None  # the output's _report.md, when one was written
+    files_reused: int = 0  # output files of unchanged inputs kept from the committed output
+    unchanged: bool = False  # already committed with these settings and inputs: nothing was done
 
     def line(self) -> str:
+        if self.unchanged:
+            return (f"{self.output} is already committed with these settings and inputs ({self.rows_out:,} "
+                    f"rows from {self.files} files): nothing to do")  # fmt: skip
         skipped = f", {len(self.files_skipped)} bad files skipped" if self.files_skipped else ""
         resumed = f", {self.files_resumed} files resumed" if self.files_resumed else ""
+        resumed += f", {self.files_reused} unchanged files kept" if self.files_reused else ""
         return (f"tagged {self.rows_out:,} rows ({self.rows_flagged:,} flagged) from {self.files} "
                 f"files in {self.seconds:.1f}s, {self.rows_per_s:,.0f} rows/s{resumed}{skipped} "
                 f"-> {self.output}")  # fmt: skip
@@ -48,7 +57,8 @@ def tag_corpus(model: str | Path, inputs: str | Path | list, output: str | Path,
                probabilities: bool = False, overwrite: bool = False, num_actors: int | None = None,
                batch_size: int = 1024, cpus_per_actor: int = 1, gpus_per_actor: float = 0,
                precision: str | None = None, int8: bool = False, tokenize_stage: bool | None = None,
-               on_bad_file: str = "fail", report: bool = True, baselines=()) -> TagSummary:  # fmt: skip
+               on_bad_file: str = "fail", report: bool = True, baselines=(),
+               before_commit: Callable[[], None] | None = None) -> TagSummary:  # fmt: skip
     """Tag every row of the Parquet ``inputs`` (file, folder, glob, or a list; local or a pyarrow
     URI) with the bundle at ``model``; write the committed output folder ``output``.
     ``precision`` is auto (default: int8 on CPU when the bundle's recorded check allows it, else
@@ -56,6 +66,14 @@ def tag_corpus(model: str | Path, inputs: str | Path | list, output: str | Path,
 
     ``model`` is read by every actor: on a multi-node cluster, a URI (s3://...) or a shared
     folder. Raises TaggingError (or BundleError) before any work for anything a user can fix.
+
+    Re-running is safe: a run that died is finished by the next one with the same settings; an
+    output already committed with the same settings and inputs is left as it is (nothing to do);
+    a committed output with other settings or inputs is replaced only with ``overwrite``, which
+    keeps the output files of inputs that did not change when the settings are the same. One run
+    writes an output at a time (a lease in ``OUTPUT/_lease``); another is refused with the
+    holder's name. ``before_commit`` is called once every file is tagged and checked, before the
+    commit's first write: if it raises, nothing is committed and the error propagates.
 
     ``report``: once committed, the output gets its report (``emotions.report.write_report``:
     ``_report.md``, ``_report/*.png``, ``_report.json``), with drift against the committed
@@ -76,7 +94,7 @@ def tag_corpus(model: str | Path, inputs: str | Path | list, output: str | Path,
     )  # fmt: skip
     check_settings(settings)
     target = Folder.from_uri(settings.output)
-    check_output(target, overwrite)
+    check_output(target)
     input_fs, paths = resolve_inputs(inputs, exclude=target)
     files, bad = inspect_inputs(input_fs, paths, settings)
     from emotions.bundle import load_bundle  # torch: imported here, not by Ray Data's read tasks
@@ -87,7 +105,12 @@ def tag_corpus(model: str | Path, inputs: str | Path | list, output: str | Path,
     precision, precision_check = resolve_precision(bundle, requested, gpu=settings.gpus_per_actor > 0)
     settings = replace(settings, precision=precision)  # the output's key names the precision used
     del bundle  # the actors load their own copy; the driver only needed to check it
+    key = settings.output_key(model_hash)
     schema, column_types = output_schema(files, settings)
+    unchanged = check_committed(target, check_output(target), key, files, bad, overwrite)
+    if unchanged:
+        remove_leftover_staging(target)
+        return unchanged
     inspected = time.perf_counter()
 
     _connect_ray()
@@ -96,33 +119,139 @@ def tag_corpus(model: str | Path, inputs: str | Path | list, output: str | Path,
     log.info("%d input files, %d rows; %d actors x %d threads (%.2f CPU, %.2f GPU reserved each), "
              "%s, %d tokenizer actors", len(files), sum(f.rows for f in files), plan.actors, plan.threads,
              plan.cpus_reserved, plan.gpus, settings.precision, plan.tokenizers)  # fmt: skip
-    staging = Staging.open(target, settings.output_key(model_hash))
-    pending = [f for f in files if staging.finished(f) is None]
-    resumed = {f.output_name for f in files} - {f.output_name for f in pending}
-    if len(pending) < len(files):
-        log.info("resuming: %d of %d files were finished by an earlier run", len(resumed), len(files))
-    startup_s = write_outputs(input_fs, pending, staging, schema, column_types, settings, plan, model_hash,
-                              max_length)  # fmt: skip
-    tagged = time.perf_counter()
+    with writing(target) as lease:
+        previous = check_output(target)  # again, now that no other run writes here
+        kept = reusable(target, previous, key, files) if overwrite else {}
+        staging = Staging.open(target, key)
+        pending = [f for f in files if f.output_name not in kept and staging.finished(f) is None]
+        resumed = {f.output_name for f in files} - {f.output_name for f in pending} - set(kept)
+        if resumed:
+            log.info("resuming: %d of %d files were finished by an earlier run", len(resumed), len(files))
+        if kept:
+            log.info("keeping %d of %d files of the committed output: their inputs did not change", len(kept),
+                     len(files))  # fmt: skip
+        startup_s = write_outputs(input_fs, pending, staging, schema, column_types, settings, plan, model_hash,
+                                  max_length)  # fmt: skip
+        tagged = time.perf_counter()
 
-    markers = staging.check_finished(files)  # rows in == rows out, file by file, or no commit
-    manifest = build_manifest(files, markers, bad, resumed, settings, plan, staging.run_id, model_hash,
-                              max_length, schema, record, inspect_s=inspected - start,
-                              tag_s=tagged - inspected, startup_s=startup_s)  # fmt: skip
-    manifest["precision"] = settings.precision  # the thresholds were checked for this precision
-    manifest["precision_requested"] = requested
-    manifest["precision_check"] = precision_check  # None for fp32 (the thresholds' own) unless auto refused int8
-    staging.commit([f.output_name for f in files], manifest)
+        markers = staging.check_finished(files, kept)  # each file's footer holds its rows, or no commit
+        manifest = build_manifest(files, markers, bad, resumed, settings, plan, staging.run_id, model_hash,
+                                  max_length, schema, record, inspect_s=inspected - start,
+                                  tag_s=tagged - inspected, startup_s=startup_s)  # fmt: skip
+        manifest["key"] = key
+        manifest["precision"] = settings.precision  # the thresholds were checked for this precision
+        manifest["precision_requested"] = requested
+        manifest["precision_check"] = precision_check  # None for fp32 (the thresholds' own) unless auto refused int8
+        if before_commit is not None:
+            before_commit()
+        check_lease(lease, target)
+        staging.commit(markers, manifest, previous)
     seconds = time.perf_counter() - start
     summary = TagSummary(rows_in=manifest["rows_in"], rows_out=manifest["rows_out"],
                          rows_flagged=manifest["rows_flagged"], seconds=seconds,
                          rows_per_s=sum(f.rows for f in pending) / max(seconds, 1e-9),
                          output=target.uri, manifest=target.uri_of(MANIFEST), files=len(files),
-                         files_resumed=len(resumed), files_skipped=tuple(uri for uri, _ in bad))  # fmt: skip
+                         files_resumed=len(resumed), files_skipped=tuple(uri for uri, _ in bad),
+                         files_reused=len(kept))  # fmt: skip
     log.info("%s", summary.line())
     if report:
         summary = replace(summary, report=write_report_safely(target.uri, baselines))
     return summary
+
+
+def check_committed(target: Folder, previous: Committed | None, key: str, files: list[InputFile],
+                    bad: list[tuple[str, str]], overwrite: bool) -> TagSummary | None:
+    """A committed output with these settings and inputs -> its summary (nothing to do). One with
+    other settings or inputs is refused unless ``overwrite``. -> None: tag."""
+    if previous is None:
+        return None
+    entries = previous.manifest.get("inputs", [])
+    before = {(i["path"], i["rows"], i["bytes"]) for i in entries}
+    now = {(f.uri, f.rows, f.bytes) for f in files}
+    skipped_before = {s["path"] for s in previous.manifest.get("skipped_files", [])}
+    same = previous.key == key and before == now and skipped_before == {uri for uri, _ in bad}
+    if same and len(reusable(target, previous, key, files)) == len(files):
+        m = previous.manifest
+        log.info("%s is already committed with these settings and inputs; nothing to do", target.uri)
+        return TagSummary(rows_in=m["rows_in"], rows_out=m["rows_out"], rows_flagged=m["rows_flagged"],
+                          seconds=0.0, rows_per_s=0.0, output=target.uri, manifest=target.uri_of(MANIFEST),
+                          files=len(files), files_skipped=tuple(uri for uri, _ in bad), unchanged=True)  # fmt: skip
+    if overwrite:
+        return None
+    if previous.key != key:
+        why = "with other settings or another model"
+    else:
+        paths_before, paths_now = {p for p, _, _ in before}, {f.uri for f in files}
+        changed = len({p for p, _, _ in before - now} & paths_now)
+        why = (f"from other inputs ({len(paths_now - paths_before)} new, {changed} changed, "
+               f"{len(paths_before - paths_now)} removed)")  # fmt: skip
+    raise TaggingError(f"output {target.uri} already holds a committed tagging output made {why}; pass "
+                       "--overwrite (overwrite=True) to replace it, or choose another output folder")  # fmt: skip
+
+
+def reusable(target: Folder, previous: Committed | None, key: str, files: list[InputFile]) -> dict[str, dict]:
+    """Output files of ``previous`` that this run keeps as they are: same settings key, same input
+    (URI, rows, bytes), and a footer that holds its rows. -> {output name: its marker}."""
+    if previous is None or previous.key != key:
+        return {}
+    entries = {i["output"]: i for i in previous.manifest.get("inputs", [])}
+    kept = {}
+    for f in files:
+        entry = entries.get(f.output_name)
+        if entry and (entry["path"], entry["rows"], entry["bytes"]) == (f.uri, f.rows, f.bytes) \
+                and staged_rows(target, f.output_name) == f.rows:  # fmt: skip
+            kept[f.output_name] = {"output": f.output_name, "rows_out": entry["rows_out"],
+                                   "flagged": entry["flagged"], "reasons": entry.get("reasons", {}),
+                                   "written_by": entry.get("written_by"), "reused": True}  # fmt: skip
+    return kept
+
+
+OUTPUT_LEASE_TTL_S = 120.0  # a run killed on another host blocks its output this long at most
+
+
+@contextmanager
+def writing(target: Folder):
+    """Hold the output's lease while the block runs: one run writes an output at a time. A lease
+    whose holder was a process on this host that is gone (a killed run, re-run on the same
+    machine or head pod) is taken over at once; one from elsewhere when it expires."""
+    from emotions.leases import Lease, new_owner, owner_is_dead_here
+
+    class OutputLease(Lease):
+        def claims(self):
+            return [replace(c, expires=0.0) if owner_is_dead_here(c.owner) else c for c in super().claims()]
+
+    lease = OutputLease(target.child(LEASE), "output", new_owner(), ttl_s=OUTPUT_LEASE_TTL_S)
+    if not lease.acquire():
+        holder = lease.holder
+        until = f", its lease runs until {time.strftime('%H:%M:%S', time.localtime(holder.expires))}" if holder else ""
+        raise TaggingError(f"output {target.uri} is being written by another run "
+                           f"({holder.owner if holder else 'unknown'}{until}); wait for it to finish, or choose "
+                           "another output folder")  # fmt: skip
+    with lease.held():
+        yield lease
+
+
+def remove_leftover_staging(target: Folder) -> None:
+    """The staging folder of the run that committed the output, left by a run killed after its
+    ``_SUCCESS``: removed under the output's lease (left for later if another run holds it)."""
+    committed = target.read_json(SUCCESS) or {}
+    run = target.read_json(STAGING, "run.json") or {}
+    if not target.exists(STAGING) or run.get("run_id") != committed.get("run_id"):
+        return
+    try:
+        with writing(target):
+            if (target.read_json(STAGING, "run.json") or {}).get("run_id") == committed.get("run_id"):
+                target.delete(STAGING)
+    except TaggingError:  # another run writes here now; Staging.open discards it
+        pass
+
+
+def check_lease(lease, target: Folder) -> None:
+    """Raise unless this run still holds the output's lease (claims read again, not only the
+    heartbeat's word): a run that stalled past the lease's expiry must not commit."""
+    if lease.lost.is_set() or not lease.renew():
+        raise TaggingError(f"not committing {target.uri}: this run lost its lease on the output to another "
+                           "run while tagging (it stalled past the lease's expiry); the other run finishes it")  # fmt: skip
 
 
 def write_report_safely(output: str, baselines) -> str | None:
@@ -140,14 +269,15 @@ def build_manifest(files: list[InputFile], markers: list[dict], bad: list[tuple[
                    resumed: set[str], settings: TaggingSettings, plan: ActorPlan, run_id: str,
                    model_hash: str, max_length: int, schema: pa.Schema, environment_record: dict,
                    inspect_s: float, tag_s: float, startup_s: float | None) -> dict:  # fmt: skip
-    tagged_rows = sum(f.rows for f in files if f.output_name not in resumed)
+    tagged_rows = sum(f.rows for f, m in zip(files, markers) if f.output_name not in resumed and not m.get("reused"))
     return {
         "format": FORMAT, "version": 1, "run_id": run_id,
         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "model": {"path": settings.model, "hash": model_hash, "max_length": max_length},
         "settings": asdict(settings), "actors": asdict(plan),
         "inputs": [{"path": f.uri, "rows": f.rows, "bytes": f.bytes, "output": f.output_name,
-                    "rows_out": m["rows_out"], "flagged": m["flagged"], "resumed": f.output_name in resumed,
+                    "rows_out": m["rows_out"], "flagged": m["flagged"], "reasons": m["reasons"],
+                    "resumed": f.output_name in resumed, "reused": bool(m.get("reused")),
                     "written_by": m.get("written_by")}
                    for f, m in zip(files, markers)],
         "skipped_files": [{"path": uri, "reason": reason} for uri, reason in bad],

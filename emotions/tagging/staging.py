@@ -1,25 +1,42 @@
 """The staging and commit protocol: every input row in the output exactly once, or no commit.
 
+    OUTPUT/_lease/                       one writer at a time (emotions.leases)
+    OUTPUT/_staging/run.json             {key, run_id}: the settings and the run staging belongs to
+    OUTPUT/_staging/parts/<name>/part-<uuid>.arrow       tagged rows, one batch of one input file
+    OUTPUT/_staging/<name>.<uuid>                        a merged output file, unique per attempt
+    OUTPUT/_staging/_done/<name>.json    its marker: key, run_id, input, rows, the staged file
+    OUTPUT/_staging/_COMMITTING          the commit may have begun
+    OUTPUT/<name>, _manifest.json, _SUCCESS              the committed output, _SUCCESS last
+
 Every input file has one output file whose name derives from the input's URI
 (``InputFile.output_name``). Tagged rows never travel to the driver: each Tagger actor writes
-every batch it tags, split by input file, as a part file
-``_staging/parts/<output name>/part-<uuid>.arrow`` (Arrow IPC, ``write_parts``) and returns one
-small row per part (file index, part name, rows, flag counts). The driver adds those rows up per
-file (``PartLedger``); when a file's parts hold all its rows, a Ray task streams exactly those
-parts into the file's output file in ``OUTPUT/_staging/`` (``merge_parts``; readers skip
-``_``-prefixed paths), then writes its marker into ``_staging/_done/`` and deletes the parts. A
-part written by an attempt Ray retried is never reported to the driver, so it is never merged
-(more rows reported than the file has stops the run).
+every batch it tags, split by input file, as a part file (Arrow IPC, ``write_parts``) and returns
+one small row per part (file index, part name, rows, flag counts). The driver adds those rows up
+per file (``PartLedger``); when a file's parts hold all its rows, a Ray task streams exactly those
+parts into a file of its own under a name no other attempt uses (``merge_parts``), writes the
+marker that names it, then deletes the parts. A part written by an attempt Ray retried is never
+reported to the driver, so it is never merged (more rows reported than the file has stops the
+run); a merge Ray retries after its marker was written finds the marker and its file, and
+returns them; a merge of a run that no longer owns the staging folder writes nothing.
 
-A re-run with the same settings (``Staging.open``) skips files whose marker matches (same rows
-and bytes of input), discards the parts of unfinished files, rewrites any half-written ones, and
-finishes the rest. The commit checks rows in == rows out for every file, moves the files into
-OUTPUT (a rename locally, copy + delete on object stores), writes ``_manifest.json`` and then
-``_SUCCESS``: an output without ``_SUCCESS`` is never complete. (The manifest's name starts with
-``_`` because pyarrow, pandas and Spark read every other file in a folder as Parquet.) Row order
-within a file is not kept; join on the id column.
+Markers are trusted only when they name this staging folder's key and run and the input they
+were made from (URI, rows, bytes), and only after the footer of the file they name, read back
+from storage, holds the input's rows: a re-run re-tags any file that fails this, and the commit
+checks every file once more (``check_finished``) before its first write.
+
+The commit (``commit``): ``_COMMITTING``, the previous ``_SUCCESS`` removed, every staged file
+moved to its final name (a rename locally; on object stores a copy, multipart above 5 GiB, then a
+delete), then the previous output's other files deleted, ``_manifest.json``, ``_SUCCESS``. Until
+the moves are done, the previous output's other files are still there; an output without
+``_SUCCESS`` is never complete, and a re-run finishes an interrupted commit. Only what this
+project wrote is ever deleted: an output folder is replaced only if its ``_SUCCESS`` and manifest
+are this project's (``check_output``), and a file there that the previous manifest does not name
+is refused by name rather than deleted. (The manifest's name starts with ``_`` because pyarrow,
+pandas and Spark read every other file in a folder as Parquet.) Row order within a file is not
+kept; join on the id column.
 
 Nothing here needs Ray: the functions run in Ray tasks and actors, and in tests without them.
+``crash_point(step)`` marks each place a process can die (``crashpoints.STEPS``).
 """
 
 from __future__ import annotations
@@ -29,6 +46,7 @@ import logging
 import os
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -37,7 +55,8 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from emotions.storage import Folder
+from emotions.storage import Folder, move_file
+from emotions.tagging.crashpoints import crash_point
 from emotions.tagging.inputs import FILE_COLUMN, InputFile
 from emotions.tagging.settings import TaggingError
 
@@ -46,31 +65,80 @@ log = logging.getLogger("emotions.tagging")
 
 FORMAT = "emotions-tagging"
 STAGING = "_staging"  # inside OUTPUT; the leading _ hides it from Parquet/Hive readers
+LEASE = "_lease"  # inside OUTPUT: the lease of the run writing it (one writer per output)
 DONE = "_done"  # per-file markers inside the staging folder
 COMMITTING = "_COMMITTING"  # written once every file is staged; the commit may have begun
 SUCCESS = "_SUCCESS"
 MANIFEST = "_manifest.json"  # _-prefixed: pd.read_parquet(OUTPUT) and Spark skip it
+REPORT_FILES = ("_report.md", "_report.json", "_report")  # emotions.report's, beside a committed output
 ROW_GROUP_ROWS = 65_536  # rows buffered per output file before a row group is written
 PARTS = "parts"  # inside the staging folder: parts/<output name>/part-<uuid>.arrow
 PART_SCHEMA = pa.schema([(FILE_COLUMN, pa.int32()), ("part", pa.string()), ("rows", pa.int64()),
                          ("reasons", pa.string())])  # reasons: JSON {reason: rows}  # fmt: skip
 
 
-def check_output(target: Folder, overwrite: bool) -> None:
-    """Refuse a committed output (unless ``overwrite``) and any folder that is not ours."""
+@dataclass(frozen=True)
+class Committed:
+    """A committed output of this project, as its ``_SUCCESS`` and manifest describe it."""
+
+    run_id: str
+    key: str | None  # None for outputs committed before keys were recorded
+    manifest: dict
+
+    @property
+    def outputs(self) -> set[str]:
+        return {i["output"] for i in self.manifest.get("inputs", [])}
+
+
+def read_committed(target: Folder) -> Committed | None:
+    """The output's commit if ``_SUCCESS`` is there and this project wrote it; None if there is
+    no ``_SUCCESS``. Raises TaggingError for another tool's ``_SUCCESS`` (Spark and Hadoop
+    write an empty one): that folder is never ours to replace."""
+    if not target.exists(SUCCESS):
+        return None
+    success, manifest = target.read_json(SUCCESS), target.read_json(MANIFEST)
+    ours = (success is not None and "run_id" in success and manifest is not None
+            and manifest.get("format") == FORMAT and manifest.get("run_id") == success["run_id"])  # fmt: skip
+    if not ours:
+        raise TaggingError(f"output {target.uri} holds a {SUCCESS} that `emotions tag` did not write (another "
+                           f"tool's committed output, e.g. Spark's empty {SUCCESS}); it is never replaced: "
+                           "choose another output folder")  # fmt: skip
+    return Committed(success["run_id"], manifest.get("key"), manifest)
+
+
+def check_output(target: Folder) -> Committed | None:
+    """Refuse a file, and a folder that holds anything this project did not write (another
+    tool's ``_SUCCESS``, a user's files beside a committed output). -> the folder's commit, if
+    it has one; the caller decides whether a committed output may be replaced."""
     info = target.fs.get_file_info(target.root)
     if info.type == pafs.FileType.File:
         raise TaggingError(f"output {target.uri} is a file; name a folder for the tagged Parquet files")
-    if target.exists(SUCCESS) and not overwrite:
-        raise TaggingError(f"output {target.uri} already holds a committed tagging output (it has "
-                           f"{SUCCESS}); pass --overwrite (overwrite=True) to replace it, or choose "
+    if info.type == pafs.FileType.NotFound:
+        return None
+    committed = read_committed(target)
+    names = {i.base_name for i in target.list()}
+    manifest = target.read_json(MANIFEST) or {}
+    outputs = {i.get("output") for i in manifest.get("inputs", [])} if manifest.get("format") == FORMAT else set()
+    staged = {i.base_name[: -len(".json")] for i in target.list(STAGING, DONE)}  # an interrupted commit's
+    foreign = sorted(names - {STAGING, LEASE, SUCCESS, MANIFEST, *REPORT_FILES, *outputs, *staged})
+    if foreign and (committed or outputs or STAGING in names):
+        raise TaggingError(f"output {target.uri} holds files `emotions tag` did not write: {foreign[:5]}; "
+                           "they would be mixed into the tagged output. Move them elsewhere, or choose "
                            "another output folder")  # fmt: skip
-    names = {i.base_name for i in target.list()} if info.type == pafs.FileType.Directory else set()
-    if names and not names & {SUCCESS, STAGING}:
+    if foreign:
         raise TaggingError(f"output {target.uri} exists, is not empty and was not written by "
-                           f"`emotions tag` (found {sorted(names)[:5]}); choose a new or empty "
+                           f"`emotions tag` (found {foreign[:5]}); choose a new or empty "
                            "folder, since the commit replaces the folder's files")  # fmt: skip
+    return committed
 
+
+def staged_rows(target: Folder, name: str) -> int | None:
+    """Rows in the footer of ``name`` (a path inside ``target``), or None if it is missing or
+    not a whole Parquet file."""
+    try:
+        return pq.read_metadata(target.path(name), filesystem=target.fs).num_rows
+    except (OSError, pa.ArrowInvalid):
+        return None
 
 
 @dataclass
@@ -84,24 +152,31 @@ class Staging:
     names_done: set[str] = field(default_factory=set)
     markers: dict[str, dict] = field(default_factory=dict)  # read once per file
 
+    @property
+    def run(self) -> dict:
+        """What every marker must name: the staging folder's settings key and run."""
+        return {"key": self.key, "run_id": self.run_id}
+
     @classmethod
     def open(cls, target: Folder, key: str) -> Staging:
         """Resume the staging folder of an earlier run with the same key, else start a fresh one."""
         run = target.read_json(STAGING, "run.json")
         committed = target.read_json(SUCCESS) or {}  # the run that committed the output, if any
-        if run and (run["key"] != key or run["run_id"] == committed.get("run_id")):
-            why = "made with other settings" if run["key"] != key else "left by a committed run"
+        if run and (run.get("key") != key or run.get("run_id") == committed.get("run_id")):
+            why = "made with other settings" if run.get("key") != key else "left by a committed run"
             log.warning("discarding %s (%s)", target.uri_of(STAGING), why)
-            target.fs.delete_dir(target.path(STAGING))
+            target.delete(STAGING)
             run = None
         if run is None:
+            if target.exists(STAGING):  # a run killed before writing run.json, or a torn one
+                target.delete(STAGING)
             run_id = f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:6]}"
             run = {"key": key, "run_id": run_id}
-            target.fs.create_dir(target.path(STAGING, DONE), recursive=True)
+            target.make(STAGING, DONE)
             target.write_json(run, STAGING, "run.json")
         else:  # parts of files a killed run left unfinished: those files are tagged again
             target.delete(STAGING, PARTS)
-        done = {i.base_name[: -len(".json")] for i in target.list(STAGING, DONE)}
+        done = {i.base_name[: -len(".json")] for i in target.list(STAGING, DONE) if i.base_name.endswith(".json")}
         return cls(target, key, run["run_id"], done)
 
     def record(self, marker: dict) -> None:
@@ -110,48 +185,99 @@ class Staging:
         self.markers[marker["output"]] = marker
 
     def finished(self, f: InputFile) -> dict | None:
-        """The file's marker if its output is complete and was made from this same input."""
+        """The file's marker if its output is complete, made from this same input by this run's
+        staging, and its footer on storage holds the input's rows; else None (tag it again)."""
         if f.output_name not in self.names_done:
             return None
         if f.output_name not in self.markers:
             self.markers[f.output_name] = self.target.read_json(STAGING, DONE, f.output_name + ".json")
         marker = self.markers[f.output_name]
-        made_from = marker and (marker.get("input"), marker.get("rows_in"), marker.get("input_bytes"))
-        if made_from != (f.uri, f.rows, f.bytes):
+        if not marker_matches(marker, f, self.run):
             return None
-        staged = self.target.exists(STAGING, f.output_name)
-        moved = self.target.exists(STAGING, COMMITTING) and self.target.exists(f.output_name)
-        return marker if staged or moved else None
+        where = self.where(marker)
+        return marker if where and staged_rows(self.target, where) == f.rows else None
 
-    def check_finished(self, files: list[InputFile]) -> list[dict]:
-        """Every file's marker; fails loudly unless each file's rows out equal its rows in."""
-        markers = [self.finished(f) for f in files]
-        wrong = [(f.uri, f.rows, m and m["rows_out"]) for f, m in zip(files, markers)
-                 if not m or m["rows_out"] != f.rows]  # fmt: skip
+    def where(self, marker: dict) -> str | None:
+        """Where the marker's file is now: in the staging folder, or (after an interrupted
+        commit's move) under its final name; None if neither."""
+        if self.target.exists(STAGING, marker["staged"]):
+            return f"{STAGING}/{marker['staged']}"
+        if self.target.exists(STAGING, COMMITTING) and self.target.exists(marker["output"]):
+            return marker["output"]
+        return None
+
+    def check_finished(self, files: list[InputFile], kept: dict[str, dict] | None = None) -> list[dict]:
+        """Every file's marker (``kept``: files of the committed output reused as they are, by
+        output name); fails loudly unless each file's footer, read back now, holds its rows."""
+        kept = kept or {}
+
+        def check(f: InputFile) -> tuple[dict | None, int | None]:
+            if f.output_name in kept:
+                return kept[f.output_name], staged_rows(self.target, f.output_name)
+            marker = self.finished(f)
+            seen = marker or self.markers.get(f.output_name)  # rows named in the error, if a file is there
+            where = seen and seen.get("staged") and self.where(seen)
+            return marker, where and staged_rows(self.target, where)
+
+        with ThreadPoolExecutor(max_workers=16) as pool:  # one footer read per file
+            checked = list(pool.map(check, files))
+        wrong = [(f.uri, f.rows, rows) for f, (m, rows) in zip(files, checked) if not m or rows != f.rows]
         if wrong:
             raise RuntimeError(f"not committing {self.target.uri}: rows in != rows out for {len(wrong)} "
-                               f"file(s) (file, rows in, rows out): {wrong[:5]}. Re-run to finish")  # fmt: skip
-        return markers
+                               f"file(s) (file, rows in, rows in its output file): {wrong[:5]}. Re-run to "
+                               "finish")  # fmt: skip
+        return [m for m, _ in checked]
 
-    def commit(self, names: list[str], manifest: dict) -> None:
-        """Replace the folder's files with the staged ones; ``_SUCCESS`` last. Safe to repeat."""
+    def commit(self, markers: list[dict], manifest: dict, previous: Committed | None) -> None:
+        """Replace the folder's files with the staged ones (``markers``: one per output file,
+        those reused from ``previous`` included); ``_SUCCESS`` last. Safe to repeat."""
         t, fs = self.target, self.target.fs
-        t.write_json({"run_id": self.run_id}, STAGING, COMMITTING)
+        names = {m["output"] for m in markers}
+        # What the commit replaces, kept where a re-run finds it: once _SUCCESS is gone, the
+        # previous output is no longer "committed", but its files must still go.
+        began = t.read_json(STAGING, COMMITTING) or {}
+        replaces = set(began.get("replaces", [])) | (previous.outputs if previous else set())
+        began = {"run_id": self.run_id, "replaces": sorted(replaces)}
+        t.write_bytes_atomic((json.dumps(began, indent=2) + "\n").encode(), STAGING, COMMITTING)
+        crash_point("commit-begun")
         if t.exists(SUCCESS):  # first, so no reader takes a half-replaced folder for complete
             fs.delete_file(t.path(SUCCESS))
-        staged = {i.base_name for i in t.list(STAGING)}
-        for info in t.list():  # the previous output's files
-            if info.base_name == STAGING or (info.base_name in names and info.base_name not in staged):
-                continue  # ours, moved by an interrupted commit of this run
-            fs.delete_dir(info.path) if info.type == pafs.FileType.Directory else fs.delete_file(info.path)
-        for name in names:
-            if name in staged:
-                fs.move(t.path(STAGING, name), t.path(name))  # rename locally; copy+delete on S3
+            crash_point("success-removed")
+        for m in markers:
+            if "staged" in m and t.exists(STAGING, m["staged"]):  # not moved yet, not reused
+                move_file(t, f"{STAGING}/{m['staged']}", m["output"])
+                crash_point("file-moved")
+        crash_point("files-moved")
+        old = replaces | {MANIFEST, *REPORT_FILES}
+        for info in t.list():  # the previous output's files this commit does not keep
+            if info.base_name in old and info.base_name not in names:
+                t.delete(info.base_name)
+                crash_point("old-deleted")
         t.write_json(manifest, MANIFEST)
-        t.write_json({"run_id": self.run_id, "rows": manifest["rows_out"]}, SUCCESS)
-        fs.delete_dir(t.path(STAGING))
+        crash_point("manifest-written")
+        t.write_json({"format": FORMAT, "run_id": self.run_id, "rows": manifest["rows_out"]}, SUCCESS)
+        crash_point("success-written")
+        t.delete(STAGING)
+        crash_point("staging-removed")
         log.info("committed %s (%d files)", t.uri, len(names))
 
+
+def marker_matches(marker: dict | None, f: InputFile, run: dict) -> bool:
+    """A marker written by this staging folder's run, for this same input."""
+    return bool(marker) and (
+        (marker.get("key"), marker.get("run_id")) == (run["key"], run["run_id"])
+        and (marker.get("input"), marker.get("rows_in"), marker.get("input_bytes")) == (f.uri, f.rows, f.bytes)
+        and bool(marker.get("staged"))
+    )  # fmt: skip
+
+
+def check_owner(target: Folder, run: dict) -> None:
+    """Raise unless the staging folder still belongs to ``run`` (a task of a run whose staging was
+    discarded or committed by another run must write nothing)."""
+    current = target.read_json(STAGING, "run.json")
+    if current != run:
+        raise RuntimeError(f"{target.uri_of(STAGING)} belongs to another run now ({current}, this task's: {run}); "
+                           "this run's work there is void")  # fmt: skip
 
 
 class PartLedger:
@@ -203,6 +329,7 @@ def write_parts(tagged: pa.Table, staging: Folder, names: list[str], schema: pa.
         with (staging.fs.open_output_stream(staging.path(PARTS, part)) as stream,
               pa.ipc.new_file(stream, schema) as writer):  # fmt: skip
             writer.write_table(rows)  # Arrow IPC: no encoding here, no decoding in the merge
+        crash_point("part-written")
         reasons = {r["values"]: r["counts"] for r in pc.value_counts(rows.column("error").drop_null()).to_pylist()}
         for name, value in zip(PART_SCHEMA.names, (int(k), part, rows.num_rows, json.dumps(reasons))):
             report[name].append(value)
@@ -211,12 +338,18 @@ def write_parts(tagged: pa.Table, staging: Folder, names: list[str], schema: pa.
 
 
 def merge_parts(target_uri: str, f: InputFile, parts: list[str], reasons: dict[str, int],
-                schema: pa.Schema) -> dict:  # fmt: skip
-    """A Ray task: stream the reported ``parts`` of ``f`` (those only) into its output file in the
-    staging folder, in row groups of up to ROW_GROUP_ROWS; write its marker, delete its parts.
-    -> the marker."""
+                schema: pa.Schema, run: dict) -> dict:  # fmt: skip
+    """A Ray task: stream the reported ``parts`` of ``f`` (those only) into a new file of its own
+    in the staging folder, in row groups of up to ROW_GROUP_ROWS; write its marker, delete the
+    parts. A retry after the marker was written returns that marker. -> the marker."""
     target = Folder.from_uri(target_uri)
-    with pq.ParquetWriter(target.path(STAGING, f.output_name), schema, filesystem=target.fs) as writer:
+    check_owner(target, run)
+    earlier = target.read_json(STAGING, DONE, f.output_name + ".json")
+    if marker_matches(earlier, f, run) and staged_rows(target, f"{STAGING}/{earlier['staged']}") == f.rows:
+        target.delete(STAGING, PARTS, f.output_name)  # a retry of this merge: its work is done
+        return earlier
+    staged = f"{f.output_name}.{uuid.uuid4().hex[:12]}"  # never a name a marker already names
+    with pq.ParquetWriter(target.path(STAGING, staged), schema, filesystem=target.fs) as writer:
         buffer: list[pa.Table] = []
         for i, part in enumerate(parts):
             with target.fs.open_input_file(target.path(STAGING, PARTS, part)) as handle:
@@ -224,21 +357,29 @@ def merge_parts(target_uri: str, f: InputFile, parts: list[str], reasons: dict[s
             if sum(t.num_rows for t in buffer) >= ROW_GROUP_ROWS or i == len(parts) - 1:
                 writer.write_table(pa.concat_tables(buffer))
                 buffer = []
-    marker = write_marker(target, f, reasons)
+                crash_point("merge-writing")
+    crash_point("merge-written")
+    marker = write_marker(target, f, reasons, staged, run)
+    crash_point("marker-written")
     target.delete(STAGING, PARTS, f.output_name)
+    crash_point("parts-deleted")
     return marker
 
 
-
-def write_marker(target: Folder, f: InputFile, reasons: dict[str, int]) -> dict:
-    """Once ``f``'s output file is complete in the staging folder: its marker, with the rows its
-    footer on storage holds (not as counted) and the process that wrote it. -> the marker."""
+def write_marker(target: Folder, f: InputFile, reasons: dict[str, int], staged: str, run: dict) -> dict:
+    """Once ``f``'s output file ``staged`` is complete in the staging folder: its marker, with
+    the rows its footer on storage holds (not as counted), the run it belongs to and the process
+    that wrote it; the file an earlier attempt staged, if any, is deleted. -> the marker."""
     import ray
 
-    written = pq.read_metadata(target.path(STAGING, f.output_name), filesystem=target.fs)
+    written = pq.read_metadata(target.path(STAGING, staged), filesystem=target.fs)
+    check_owner(target, run)
+    earlier = target.read_json(STAGING, DONE, f.output_name + ".json")
     node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
-    marker = {"input": f.uri, "input_bytes": f.bytes, "rows_in": f.rows, "rows_out": written.num_rows,
-              "flagged": sum(reasons.values()), "reasons": dict(sorted(reasons.items())),
-              "output": f.output_name, "written_by": {"pid": os.getpid(), "node": node}}  # fmt: skip
-    target.write_json(marker, STAGING, DONE, f.output_name + ".json")
+    marker = {**run, "input": f.uri, "input_bytes": f.bytes, "rows_in": f.rows, "rows_out": written.num_rows,
+              "staged": staged, "output": f.output_name, "flagged": sum(reasons.values()),
+              "reasons": dict(sorted(reasons.items())), "written_by": {"pid": os.getpid(), "node": node}}  # fmt: skip
+    target.write_bytes_atomic((json.dumps(marker, indent=2) + "\n").encode(), STAGING, DONE, f.output_name + ".json")
+    if earlier and earlier.get("staged") and earlier["staged"] != staged:
+        target.delete(STAGING, earlier["staged"])  # an earlier attempt's file: no marker names it now
     return marker

@@ -1,0 +1,143 @@
+"""Crash points: a tagging run dies at each step where a process can die, then runs again.
+
+For every step in ``crashpoints.STEPS``, on a local folder and on the moto S3 server: an output
+committed earlier from other inputs is being replaced (``--overwrite``), so the commit's deletes
+run too. The process that reaches the step dies there (``os._exit``): a worker (Ray retries its
+task or restarts the actor, and the run goes on) or the driver (a real `emotions tag` process,
+killed; the same command then runs again). Then, for every step:
+
+- rows out == rows in, no id twice, and the output equals a clean run's (same files, same rows,
+  same tags), with nothing left of the earlier output;
+- a second re-run changes nothing (every file, marker and manifest as it was).
+
+CI runs a sample of the steps on each storage (``SAMPLE``); ``EMOTIONS_CRASH_POINTS=all`` runs
+every one, which is how the table in docs/reliability.md was made:
+
+    EMOTIONS_CRASH_POINTS=all python -m pytest tests/test_crashes.py -q -rA
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset
+import pyarrow.parquet as pq
+import pytest
+
+from emotions.storage import Folder
+from emotions.tagging import tag_corpus
+from emotions.tagging.crashpoints import CRASH_EXIT, CRASH_FILE, STEPS
+
+DRIVER_STEPS = {step for step, where in STEPS if where.startswith("driver")}
+SAMPLE = {  # CI's share: every kind of process and commit step at least once over both storages
+    "local": {"part-written", "marker-written", "part-reported", "success-removed", "old-deleted",
+              "success-written"},
+    "s3": {"parts-deleted", "merge-written", "commit-begun", "file-moved", "manifest-written"},
+}  # fmt: skip
+ALL = os.environ.get("EMOTIONS_CRASH_POINTS") == "all"
+CASES = [(kind, step) for kind in ("local", "s3") for step, _ in STEPS if ALL or step in SAMPLE[kind]]
+OPTIONS = {"num_actors": 1, "batch_size": 16, "precision": "fp32", "report": False}
+COMPARED = ["id", "emotions", "top_emotion", "ekman", "sentiment", "error"]
+TABLE: list[tuple[str, str, str, str]] = []  # (storage, step, what died, outcome): printed at the end
+
+
+def write_dump(folder: Folder, files: dict[str, int]) -> None:
+    for name, rows in files.items():
+        body = [("[deleted]" if i % 9 == 4 else f"comment {i} of {name}: I love it, thanks!") for i in range(rows)]
+        sink = pa.BufferOutputStream()
+        pq.write_table(pa.table({"id": [f"{name}-{i}" for i in range(rows)], "body": body}), sink, row_group_size=32)
+        folder.write_bytes(sink.getvalue().to_pybytes(), f"{name}.parquet")
+
+
+def read_output(folder: Folder) -> pa.Table:
+    table = pyarrow.dataset.dataset(folder.root, filesystem=folder.fs, format="parquet").to_table()
+    return table.select(COMPARED).sort_by("id")
+
+
+def listing(folder: Folder) -> dict[str, tuple]:
+    """Every object under the folder with its size and time: what 'changes nothing' compares."""
+    from pyarrow.fs import FileSelector, FileType
+
+    infos = folder.fs.get_file_info(FileSelector(folder.root, recursive=True, allow_not_found=True))
+    return {i.path: (i.size, i.mtime_ns) for i in infos if i.type == FileType.File}
+
+
+@pytest.fixture(scope="module")
+def crash_file() -> Path:
+    path = Path(os.environ[CRASH_FILE])  # set by conftest before Ray started: every worker has it
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def world(request, smoke_bundle, local_ray, tmp_path_factory):
+    """Per storage: the dump, an earlier committed output of other inputs, a clean run's output."""
+    kind = request.param
+    root = (str(tmp_path_factory.mktemp("crash")) if kind == "local"
+            else f"{request.getfixturevalue('s3')}/crash-{time.time_ns()}")  # fmt: skip
+    dump, old_dump = Folder.from_uri(f"{root}/dump"), Folder.from_uri(f"{root}/old-dump")
+    write_dump(dump, {"a": 70, "b": 45, "c": 20})
+    write_dump(old_dump, {"old": 30})
+    tag_corpus(smoke_bundle, old_dump.uri, f"{root}/previous", **OPTIONS)
+    clean = tag_corpus(smoke_bundle, dump.uri, f"{root}/clean", **OPTIONS)
+    assert clean.rows_out == 135
+    return kind, root, dump, read_output(Folder.from_uri(f"{root}/clean"))
+
+
+def copy_folder(source: str, target: str) -> None:
+    src, dst = Folder.from_uri(source), Folder.from_uri(target)
+    if dst.is_local:
+        dst.make()
+    pyarrow.fs.copy_files(src.root, dst.root, source_filesystem=src.fs, destination_filesystem=dst.fs)
+
+
+@pytest.mark.parametrize("world, step", CASES, ids=[f"{k}-{s}" for k, s in CASES], indirect=["world"])
+def test_a_run_killed_at_any_step_is_finished_exactly_once_by_the_next(world, step, crash_file, smoke_bundle,
+                                                                       local_ray):  # fmt: skip
+    kind, root, dump, clean = world
+    out = Folder.from_uri(f"{root}/out-{step}")
+    copy_folder(f"{root}/previous", out.uri)  # replacing an earlier commit: its files must go
+    crash_file.write_text(step)
+    if step in DRIVER_STEPS:  # the driver dies: a real `emotions tag` process, killed at the step
+        command = [sys.executable, "-m", "emotions.cli", "tag", "--model", str(smoke_bundle), "--input", dump.uri,
+                   "--output", out.uri, "--overwrite", "--actors", "1", "--batch-size", "16", "--precision",
+                   "fp32", "--no-report", "--ray-address", local_ray.get_runtime_context().gcs_address]  # fmt: skip
+        driver = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        assert driver.returncode == CRASH_EXIT, driver.stderr[-3000:]
+        died, first = "driver", "killed"
+        summary = tag_corpus(smoke_bundle, dump.uri, out.uri, overwrite=True, **OPTIONS)  # the same, again
+    else:  # a worker dies: Ray runs its task again, and the run goes on
+        died = "worker"
+        try:
+            summary = tag_corpus(smoke_bundle, dump.uri, out.uri, overwrite=True, **OPTIONS)
+            first = "finished"
+        except Exception as error:  # noqa: BLE001 - whatever stopped it, the re-run must finish
+            first = f"failed ({type(error).__name__})"
+            summary = tag_corpus(smoke_bundle, dump.uri, out.uri, overwrite=True, **OPTIONS)
+    assert not crash_file.exists(), f"the run never reached {step}"
+    crash_file.with_name(crash_file.name + ".fired").unlink()
+
+    table = read_output(out)
+    ids = table.column("id").to_pylist()
+    assert summary.rows_in == summary.rows_out == len(ids) == len(set(ids)) == 135
+    assert table.equals(clean), "the output differs from a clean run's"
+    assert pc.sum(pc.starts_with(table.column("id"), "old-")).as_py() == 0  # the earlier output is gone
+    assert not out.exists("_staging")
+    before = listing(out)
+    again = tag_corpus(smoke_bundle, dump.uri, out.uri, overwrite=True, **OPTIONS)
+    assert again.unchanged and listing(out) == before  # a second re-run changes nothing
+    TABLE.append((kind, step, died, f"{first}; re-run: 135/135 rows, equal to a clean run; 2nd re-run: no change"))
+
+
+def test_zz_print_the_crash_table(capsys):
+    """The table of crash points this session covered (shown with -rA, and in the log)."""
+    lines = ["storage | step | process that died | outcome", "---|---|---|---"]
+    lines += [" | ".join(row) for row in TABLE]
+    with capsys.disabled():
+        print("\n\nCrash points covered:\n" + "\n".join(lines))
