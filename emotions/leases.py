@@ -6,8 +6,10 @@
             ...              # lease.lost is set if the heartbeat finds it was taken over
 
 A claim is a small JSON object (owner, expiry by the owner's clock) in the folder. A run that
-dies stops renewing, and its claim is taken over once it has expired. Expiry compares the
-owner's clock with the reader's, so clocks must agree to well within the TTL.
+dies stops renewing, and its claim is taken over once it has expired; a claim whose owner was a
+process on this same host that is gone (``owner_is_dead_here``: a killed run re-run on the same
+machine or head pod) counts as expired at once. Expiry compares the owner's clock with the
+reader's, so clocks must agree to well within the TTL.
 
 Two protocols, picked per folder by what the storage offers (``Lease.protocol``):
 
@@ -227,6 +229,8 @@ class Lease:
                     continue  # released or taken over between the listing and the read
                 owner, expires, first = ("unknown" if generation is not None else middle), written + self.ttl_s, written
             order = (generation,) if generation is not None else (first, owner)
+            if owner != self.owner and owner_is_dead_here(owner):
+                expires = 0.0  # a killed run on this host (a re-run on the same machine or head pod)
             out.append(Claim(info.base_name, owner, expires, order))
         if any(len(c.order) == 1 for c in out):  # generations: the highest holds
             return sorted((c for c in out if len(c.order) == 1), key=lambda c: c.order, reverse=True)

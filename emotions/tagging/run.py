@@ -214,13 +214,9 @@ def writing(target: Folder):
     """Hold the output's lease while the block runs: one run writes an output at a time. A lease
     whose holder was a process on this host that is gone (a killed run, re-run on the same
     machine or head pod) is taken over at once; one from elsewhere when it expires."""
-    from emotions.leases import Lease, new_owner, owner_is_dead_here
+    from emotions.leases import Lease, new_owner
 
-    class OutputLease(Lease):
-        def claims(self):
-            return [replace(c, expires=0.0) if owner_is_dead_here(c.owner) else c for c in super().claims()]
-
-    lease = OutputLease(target.child(LEASE), "output", new_owner(), ttl_s=OUTPUT_LEASE_TTL_S)
+    lease = Lease(target.child(LEASE), "output", new_owner(), ttl_s=OUTPUT_LEASE_TTL_S)
     if not lease.acquire():
         holder = lease.holder
         until = f", its lease runs until {time.strftime('%H:%M:%S', time.localtime(holder.expires))}" if holder else ""

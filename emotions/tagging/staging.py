@@ -120,7 +120,8 @@ def check_output(target: Folder) -> Committed | None:
     manifest = target.read_json(MANIFEST) or {}
     outputs = {i.get("output") for i in manifest.get("inputs", [])} if manifest.get("format") == FORMAT else set()
     staged = {i.base_name[: -len(".json")] for i in target.list(STAGING, DONE)}  # an interrupted commit's
-    foreign = sorted(names - {STAGING, LEASE, SUCCESS, MANIFEST, *REPORT_FILES, *outputs, *staged})
+    replaces = set((target.read_json(STAGING, COMMITTING) or {}).get("replaces", []))  # and what it replaces
+    foreign = sorted(names - {STAGING, LEASE, SUCCESS, MANIFEST, *REPORT_FILES, *outputs, *staged, *replaces})
     if foreign and (committed or outputs or STAGING in names):
         raise TaggingError(f"output {target.uri} holds files `emotions tag` did not write: {foreign[:5]}; "
                            "they would be mixed into the tagged output. Move them elsewhere, or choose "
@@ -248,7 +249,7 @@ class Staging:
                 move_file(t, f"{STAGING}/{m['staged']}", m["output"])
                 crash_point("file-moved")
         crash_point("files-moved")
-        old = replaces | {MANIFEST, *REPORT_FILES}
+        old = replaces | set(REPORT_FILES)  # the manifest is not deleted: the new one replaces it
         for info in t.list():  # the previous output's files this commit does not keep
             if info.base_name in old and info.base_name not in names:
                 t.delete(info.base_name)
