@@ -20,8 +20,10 @@ creates generation + 1 with a write that fails when the object exists: a tempora
 ``os.link`` locally (readers never see a partial claim), a PUT with ``If-None-Match: *`` on S3
 (boto3; credentials and endpoint from the standard AWS variables), ``ifGenerationMatch=0`` on
 GCS. Exactly one racer creates it; the others read again and name it. The winner deletes the
-older generations. Renewing rewrites one's own generation and checks it is still the highest;
-releasing deletes it. No settle wait: ``acquire`` is one listing and one write. Two runs hold a
+older generations (a generation that vanishes between a listing and its read still counts, so
+no racer creates a number twice). Renewing rewrites one's own generation and checks it is still
+the highest; releasing overwrites it with an expired claim, so the highest number always stays
+and is never reused. No settle wait: ``acquire`` is one listing and one write. Two runs hold a
 name at once only if one stalls past its expiry and comes back (its next renewal finds its
 claim gone or outranked, and the heartbeat sets ``lost``).
 
@@ -38,6 +40,7 @@ sharing a folder must use the same protocol (the same image and storage do).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -71,21 +74,35 @@ class Claim:
 
 
 def new_owner() -> str:
-    """A run's name: host (the pod), process and a random part; safe in object names."""
+    """A run's name: host (the pod), the machine and process namespace it runs in, process, and a
+    random part; safe in object names: ``<host>-<machine>-<pid>-<random>``."""
     host = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40]
-    return f"{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    return f"{host}-{machine_id()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def machine_id() -> str:
+    """8 hex digits naming this host, boot and pid namespace together: a pid means the same
+    process only where all three match (pods of one name in two namespaces, or two containers
+    on one node, share host names but not pids)."""
+    parts = [socket.gethostname()]
+    for path in ("/proc/sys/kernel/random/boot_id", "/proc/self/ns/pid"):
+        try:
+            parts.append(os.readlink(path) if path.endswith("/pid") else open(path).read().strip())
+        except OSError:
+            parts.append("?")
+    return hashlib.sha1("\n".join(parts).encode()).hexdigest()[:8]
 
 
 def owner_is_dead_here(owner: str) -> bool:
-    """True if ``owner`` (a ``new_owner()`` name) was a process on this host that is gone: a
-    killed run's claim, which a re-run on the same machine (or head pod) may take over at once.
-    A process elsewhere, or one still running (or a reused pid), counts as alive."""
-    host, _, rest = owner.rpartition("-")[0].rpartition("-")
-    pid = rest if rest.isdigit() else ""
-    if not pid or host != re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40]:
+    """True if ``owner`` (a ``new_owner()`` name) was a process of this same host, boot and pid
+    namespace that is gone: a killed run's claim, which a re-run on the same machine (or head
+    pod) may take over at once. A process elsewhere, one still running, or a pid now reused by
+    another process counts as alive (its claim expires as usual)."""
+    parts = owner.rsplit("-", 3)
+    if len(parts) != 4 or parts[1] != machine_id() or not parts[2].isdigit():
         return False
     try:
-        os.kill(int(pid), 0)
+        os.kill(int(parts[2]), 0)
     except ProcessLookupError:
         return True
     except OSError:  # EPERM: alive, another user's
@@ -144,9 +161,14 @@ def _s3(region: str) -> object:
 def _put_if_absent(client, bucket: str, key: str, data: bytes) -> bool:
     from botocore.exceptions import ClientError
 
+    from botocore.exceptions import ParamValidationError
+
     try:
         client.put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
         return True
+    except ParamValidationError as error:  # a botocore from before S3's conditional writes (2024)
+        raise RuntimeError(f"this botocore cannot send If-None-Match ({error}); install boto3>=1.36 "
+                           "(pip install -U boto3)") from error
     except ClientError as error:
         status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
         if status in (409, 412):  # 412: exists; 409: a concurrent conditional write won
@@ -163,7 +185,10 @@ def _create_s3(folder: Folder, name: str, data: Callable[[], bytes]) -> bool | N
         probe = "/".join(p for p in (folder.root.partition("/")[2], f".create-if-absent-probe-{uuid.uuid4().hex}") if p)
         try:
             _s3_support[bucket] = _put_if_absent(client, bucket, probe, b"") and not _put_if_absent(client, bucket, probe, b"")
-        except ClientError as error:  # the store answered, but not to a conditional PUT (501)
+        except ClientError as error:  # only "not implemented" means no conditional PUT; others are errors
+            status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if status != 501 and error.response.get("Error", {}).get("Code") != "NotImplemented":
+                raise
             log.warning("s3://%s: no conditional PUT (%s)", bucket, error)
             _s3_support[bucket] = False
         finally:
@@ -225,8 +250,10 @@ class Lease:
                 owner, expires = str(data["owner"]), float(data["expires"])
                 first = float(data["order"][0]) if data.get("order") else written
             except Exception:  # gone, torn or not ours
-                if not self.folder.exists(info.base_name):
-                    continue  # released or taken over between the listing and the read
+                if not self.folder.exists(info.base_name):  # taken over between the listing and the read
+                    if generation is not None:  # still counts: no later acquirer may create it again
+                        out.append(Claim(info.base_name, "taken over", 0.0, (generation,)))
+                    continue
                 owner, expires, first = ("unknown" if generation is not None else middle), written + self.ttl_s, written
             order = (generation,) if generation is not None else (first, owner)
             if owner != self.owner and owner_is_dead_here(owner):
@@ -330,7 +357,14 @@ class Lease:
             return False
 
     def release(self) -> None:
-        if self.name:
+        """Give the name up. Create-if-absent: this run's claim is overwritten by an expired one (a
+        tombstone), never deleted, so generation numbers are never used twice and a run that lost
+        its claim cannot delete a later holder's; nothing is written if the claim is no longer
+        this run's. Write-wait-read: the claim (named by its owner) is deleted."""
+        if self.name and self.protocol == CREATE_IF_ABSENT:
+            if any(c.name == self.name and c.owner == self.owner for c in self.claims()):
+                self.folder.write_bytes_atomic(self._claim_bytes(expires=0.0), self.name)
+        elif self.name:
             self._delete(self.name)
         self.order = None
 
@@ -359,10 +393,11 @@ class Lease:
             thread.join()
             self.release()
 
-    def _claim_bytes(self) -> bytes:
+    def _claim_bytes(self, expires: float | None = None) -> bytes:
         now = time.time()
         claim = {"owner": self.owner, "name": self.key, "host": socket.gethostname(), "pid": os.getpid(),
-                 "written": now, "expires": now + self.ttl_s, "order": self.order and list(self.order)}  # fmt: skip
+                 "written": now, "expires": now + self.ttl_s if expires is None else expires,
+                 "order": self.order and list(self.order)}  # fmt: skip
         return json.dumps(claim).encode()
 
     def _write(self) -> None:

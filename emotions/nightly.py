@@ -16,7 +16,7 @@ UTC). A date is tagged when
   with Parquet files but not ready is reported as waiting, not failed, and tagged by a later run;
 - or it is committed but its dump changed: the Parquet files now there (``resolve_inputs``;
   path and size) differ from the ``inputs`` of its ``_manifest.json``. It is re-opened: tagged
-  again with ``overwrite=True``, which keeps the output files of unchanged inputs and tags the
+  again with ``keep_unchanged=True``, which keeps the output files of unchanged inputs and tags the
   new and changed ones; the report says why ("re-opened D: 1 new file, 0 changed, 0 removed").
   A committed date whose dump is unchanged is a success with nothing to do, never an error.
 
@@ -159,6 +159,7 @@ class DumpListing:
 
     files: dict[str, int]
     newest: float  # modification time of the newest file, epoch seconds (0 when unknown)
+    mtimes: dict[str, int] = field(default_factory=dict)  # URI -> modification time, whole seconds
 
 
 def list_dump(inputs: list[DateTemplate], date: str) -> DumpListing:
@@ -179,7 +180,8 @@ def list_dump(inputs: list[DateTemplate], date: str) -> DumpListing:
     infos.update((i.path, i) for i in (fs.get_file_info(missing) if missing else []))
     files = {uri: infos[p].size for p, uri in paths}
     newest = max((infos[p].mtime.timestamp() for p, _ in paths if infos[p].mtime), default=0.0)
-    return DumpListing(files, newest)
+    mtimes = {uri: int(infos[p].mtime.timestamp()) for p, uri in paths if infos[p].mtime}
+    return DumpListing(files, newest, mtimes)
 
 
 def readiness_problem(inputs: list[DateTemplate], date: str, listing: DumpListing, ready_marker: str | None,
@@ -203,14 +205,22 @@ def input_changes(manifest: dict | None, listing: DumpListing) -> str | None:
     (no manifest, or one without inputs: never re-opened)."""
     if not manifest or not isinstance(manifest.get("inputs"), list):
         return None
-    committed = {i.get("path"): i.get("bytes") for i in manifest["inputs"]}
-    skipped = {s.get("path") for s in manifest.get("skipped_files") or []}  # bad files left out on purpose
+    committed = {i.get("path"): i for i in manifest["inputs"]}
+    skipped = {s.get("path"): s for s in manifest.get("skipped_files") or []}  # bad files left out on purpose
     new = [p for p in listing.files if p not in committed and p not in skipped]
-    changed = [p for p, size in listing.files.items() if p in committed and committed[p] != size]
+    changed = [p for p, size in listing.files.items() if (p in committed and rewritten(committed[p], size, listing, p))
+               or (p in skipped and skipped[p].get("bytes") not in (None, size))]  # a bad file replaced  # fmt: skip
     removed = [p for p in committed if p not in listing.files]
     if not (new or changed or removed):
         return None
     return f"{len(new)} new file{'' if len(new) == 1 else 's'}, {len(changed)} changed, {len(removed)} removed"
+
+
+def rewritten(entry: dict, size: int, listing: DumpListing, path: str) -> bool:
+    """Whether a committed input file changed since: another size, or (where the manifest
+    recorded it) another modification time, in whole seconds as object stores give it."""
+    mtime, recorded = listing.mtimes.get(path), entry.get("mtime_ns")
+    return entry.get("bytes") != size or bool(recorded and mtime and recorded // 10**9 != mtime)
 
 
 @dataclass(frozen=True)
@@ -461,7 +471,7 @@ def tag_nightly(model: str, inputs: list[str], output: str, *, date: str | None 
                  "expire unless renewed", len(held), wait)  # fmt: skip
         time.sleep(max(wait, 0.0))
         held = [(day, attempt(day) if budget_left() else holder) for day, holder in held]
-    report.leased = [(day, holder.owner) for day, holder in held if holder]
+    report.leased += [(day, holder.owner) for day, holder in held if holder]  # after any output busy
     return report
 
 
@@ -512,6 +522,7 @@ def tag_date(model: str, inputs: list[DateTemplate], output: DateTemplate, date:
     """Tag one leased date into ``report``: committed (re-opened when its committed dump
     changed), already committed, lost (``before_commit`` raised LeaseLost) or failed."""
     from emotions.tagging import TaggingError, tag_corpus
+    from emotions.tagging.settings import OutputBusy
 
     tagger = tagger or tag_corpus
     changes = None
@@ -529,10 +540,15 @@ def tag_date(model: str, inputs: list[DateTemplate], output: DateTemplate, date:
         tag_options = {**tag_options, "baselines": earlier_nights(output, date)}
     try:
         summary = tagger(model, [t.fill(date) for t in inputs], output.fill(date),
-                         overwrite=overwrite or bool(changes), before_commit=before_commit, **tag_options)  # fmt: skip
+                         overwrite=overwrite, keep_unchanged=bool(changes), before_commit=before_commit,
+                         **tag_options)  # fmt: skip
     except LeaseLost as error:
         log.error("%s", error)
         report.lost.append(date)
+        return
+    except OutputBusy as error:  # another run (an `emotions tag` by hand?) writes the date: not a failure
+        log.warning("%s: %s", date, error)
+        report.leased.append((date, error.holder))
         return
     except Exception as error:  # one bad date must not stop the others; the run exits non-zero
         log.exception("%s: tagging failed", date)

@@ -74,20 +74,28 @@ def crash_file() -> Path:
 
 
 @pytest.fixture(scope="module")
-def world(request, smoke_bundle, local_ray, tmp_path_factory):
-    """Per storage: the dump, an earlier committed output of other inputs, a clean run's output."""
+def local_world(smoke_bundle, local_ray, tmp_path_factory) -> str:
+    """On a local folder: the dump, an earlier committed output of other inputs, a clean run's."""
+    root = str(tmp_path_factory.mktemp("crash"))
+    write_dump(Folder.from_uri(f"{root}/dump"), {"a": 70, "b": 45, "c": 20})
+    write_dump(Folder.from_uri(f"{root}/old-dump"), {"old": 30})
+    tag_corpus(smoke_bundle, f"{root}/old-dump", f"{root}/previous", **OPTIONS)
+    assert tag_corpus(smoke_bundle, f"{root}/dump", f"{root}/clean", **OPTIONS).rows_out == 135
+    return root
+
+
+@pytest.fixture(scope="module")
+def world(request, local_world):
+    """Per storage: (kind, root, the dump, a clean run's rows). On S3, the local dump and earlier
+    output are copied there (the clean rows do not depend on where they are stored)."""
     if not ALL and not SAMPLE[request.param]:
         pytest.skip("no crash point of this storage in CI's sample")
-    kind = request.param
-    root = (str(tmp_path_factory.mktemp("crash")) if kind == "local"
-            else f"{request.getfixturevalue('s3')}/crash-{time.time_ns()}")  # fmt: skip
-    dump, old_dump = Folder.from_uri(f"{root}/dump"), Folder.from_uri(f"{root}/old-dump")
-    write_dump(dump, {"a": 70, "b": 45, "c": 20})
-    write_dump(old_dump, {"old": 30})
-    tag_corpus(smoke_bundle, old_dump.uri, f"{root}/previous", **OPTIONS)
-    clean = tag_corpus(smoke_bundle, dump.uri, f"{root}/clean", **OPTIONS)
-    assert clean.rows_out == 135
-    return kind, root, dump, read_output(Folder.from_uri(f"{root}/clean"))
+    root = local_world
+    if request.param == "s3":
+        root = f"{request.getfixturevalue('s3')}/crash-{time.time_ns()}"
+        for name in ("dump", "previous"):
+            copy_folder(f"{local_world}/{name}", f"{root}/{name}")
+    return request.param, root, Folder.from_uri(f"{root}/dump"), read_output(Folder.from_uri(f"{local_world}/clean"))
 
 
 def copy_folder(source: str, target: str) -> None:
@@ -113,15 +121,15 @@ def test_a_run_killed_at_any_step_is_finished_exactly_once_by_the_next(world, st
                    "fp32", "--no-report", "--ray-address", local_ray.get_runtime_context().gcs_address]  # fmt: skip
         driver = subprocess.run(command, capture_output=True, text=True, timeout=300)
         assert driver.returncode == CRASH_EXIT, driver.stderr[-3000:]
-        died, first = "driver", "killed"
+        died, first = "driver", "killed; the same command again finished it"
         summary = tag_corpus(smoke_bundle, dump.uri, out.uri, overwrite=True, **OPTIONS)  # the same, again
     else:  # a worker dies: Ray runs its task again, and the run goes on
         died = "worker"
         try:
             summary = tag_corpus(smoke_bundle, dump.uri, out.uri, overwrite=True, **OPTIONS)
-            first = "finished"
+            first = "Ray ran its task again; the run finished"
         except Exception as error:  # noqa: BLE001 - whatever stopped it, the re-run must finish
-            first = f"failed ({type(error).__name__})"
+            first = f"the run failed ({type(error).__name__}); the same command again finished it"
             summary = tag_corpus(smoke_bundle, dump.uri, out.uri, overwrite=True, **OPTIONS)
     assert not crash_file.exists(), f"the run never reached {step}"
     crash_file.with_name(crash_file.name + ".fired").unlink()
@@ -133,9 +141,9 @@ def test_a_run_killed_at_any_step_is_finished_exactly_once_by_the_next(world, st
     assert pc.sum(pc.starts_with(table.column("id"), "old-")).as_py() == 0  # the earlier output is gone
     assert not out.exists("_staging")
     before = listing(out)
-    again = tag_corpus(smoke_bundle, dump.uri, out.uri, overwrite=True, **OPTIONS)
+    again = tag_corpus(smoke_bundle, dump.uri, out.uri, **OPTIONS)
     assert again.unchanged and listing(out) == before  # a second re-run changes nothing
-    TABLE.append((kind, step, died, f"{first}; re-run: 135/135 rows, equal to a clean run; 2nd re-run: no change"))
+    TABLE.append((kind, step, died, f"{first}: 135/135 rows, equal to a clean run; a further run: no change"))
 
 
 # ----------------------------------------------------------------------------- concurrent runs
@@ -189,7 +197,7 @@ def test_two_nightly_runs_one_killed_mid_commit_leave_every_date_exactly_once(sm
     command = [sys.executable, str(Path(__file__).resolve().parents[1] / "jobs" / "tag_nightly.py"),
                "--model", str(smoke_bundle), "--input", inputs, "--output", output, "--until", days[-1],
                "--actors", "1", "--batch-size", "16", "--precision", "fp32", "--no-report",
-               "--lease-ttl", "20", "--lease-settle", "1"]  # fmt: skip
+               "--lease-ttl", "8", "--lease-settle", "1"]  # fmt: skip
     env = {**os.environ, "RAY_ADDRESS": "local"}  # a Ray of its own per run
     runs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
             for _ in range(2)]  # fmt: skip

@@ -343,12 +343,14 @@ class StandInTagger:
     def __init__(self, failing=()):
         self.failing, self.calls, self.on_tag = set(failing), [], None
 
-    def __call__(self, model, inputs, output, *, overwrite=False, before_commit=None, **options):
+    def __call__(self, model, inputs, output, *, overwrite=False, keep_unchanged=False, before_commit=None,
+                 **options):  # fmt: skip
         from types import SimpleNamespace
 
         from emotions.tagging import TaggingError, resolve_inputs
 
         target = Folder.from_uri(output)
+        overwrite = overwrite or keep_unchanged  # either replaces a committed output
         self.calls.append((Path(target.root).name, overwrite))
         if target.exists("_SUCCESS") and not overwrite:
             raise TaggingError(f"{output} is committed")

@@ -169,3 +169,66 @@ def test_a_file_over_the_single_copy_limit_is_committed_in_parts_on_s3(s3, monke
     assert folder.read_bytes("big.parquet") == data and not folder.exists(STAGING, "big.parquet.0")
     head = boto3.client("s3").head_object(Bucket="emo", Key="big-commit/big.parquet")
     assert head["ETag"].strip('"').endswith("-2")  # two parts
+
+
+def test_tasks_of_an_earlier_driver_attempt_write_nothing_and_a_vanished_file_stops_the_commit(tmp_path):
+    """A driver that lost its output keeps merge tasks running; after another driver resumed the
+    staging, their writes must be refused, and a commit must never skip a file it cannot find."""
+    files, target = inputs(tmp_path, rows=(3, 2)), Folder.from_uri(tmp_path / "out")
+    first = Staging.open(target, key="k1")
+    stage(first, files)
+    second = Staging.open(target, key="k1")  # the same run, resumed by another driver attempt
+    assert second.run_id == first.run_id and second.attempt != first.attempt
+    with pytest.raises(RuntimeError, match="belongs to another run"):
+        merge_parts(target.uri, files[0], [], {}, SCHEMA, first.run)  # the earlier attempt's late merge
+    markers = second.check_finished(files)
+    target.delete(STAGING, markers[1]["staged"])  # gone under the commit's feet
+    with pytest.raises(RuntimeError, match="neither staged nor in place"):
+        second.commit(markers, {"rows_out": 5}, None)
+    assert not target.exists(SUCCESS)
+
+
+def test_files_an_interrupted_commit_moved_in_are_deleted_even_when_its_staging_is_discarded(tmp_path):
+    files, target = inputs(tmp_path, rows=(3, 2)), Folder.from_uri(tmp_path / "out")
+    first = Staging.open(target, key="k1")
+    stage(first, files)
+    target.write_json({"run_id": first.run_id, "replaces": []}, STAGING, COMMITTING)  # the commit began ...
+    moved = first.markers[files[1].output_name]
+    target.fs.move(target.path(STAGING, moved["staged"]), target.path(files[1].output_name))  # ... moved one, died
+    assert check_output(target) is None  # the moved file is known as ours
+    other = Staging.open(target, key="k2")  # the next run has other settings (a new model) and one input
+    stage(other, files[:1])
+    other.commit(other.check_finished(files[:1]), {"rows_out": 3}, None)
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert names == sorted([files[0].output_name, MANIFEST, SUCCESS])  # the other input's file is gone
+
+
+def test_an_input_rewritten_in_place_with_the_same_size_is_not_the_same_input(tmp_path):
+    from emotions.tagging.inputs import inspect_inputs
+    from emotions.tagging.run import check_committed
+    from emotions.tagging.settings import TaggingSettings
+
+    path = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"id": ["a", "b"], "body": ["good", "bad!"]}), path)
+    settings = TaggingSettings(model="m", output=str(tmp_path / "out"))
+    fs = Folder.from_uri(tmp_path).fs
+    (before,), _ = inspect_inputs(fs, [(str(path), str(path))], settings)
+    pq.write_table(pa.table({"id": ["a", "b"], "body": ["bad!", "good"]}), path)  # corrected, same size
+    os.utime(path, ns=(before.mtime_ns + 10**9, before.mtime_ns + 10**9))  # a second later (same footer stats)
+    (after,), _ = inspect_inputs(fs, [(str(path), str(path))], settings)
+    assert (after.bytes, after.rows) == (before.bytes, before.rows) and after.identity != before.identity
+    marker = {"key": "k", "run_id": "r", "input": before.uri, "rows_in": 2, "input_bytes": before.bytes,
+              "input_fingerprint": before.fingerprint, "input_mtime_ns": before.mtime_ns, "staged": "x"}  # fmt: skip
+    from emotions.tagging.staging import marker_matches
+
+    assert marker_matches(marker, before, {"key": "k", "run_id": "r"})
+    assert not marker_matches(marker, after, {"key": "k", "run_id": "r"})  # resumed from stale tags: never
+    entry = {"path": before.uri, "rows": 2, "bytes": before.bytes, "fingerprint": before.fingerprint,
+             "mtime_ns": before.mtime_ns, "output": before.output_name, "rows_out": 2, "flagged": 0}  # fmt: skip
+    previous = Committed("r", "k", {"inputs": [entry], "skipped_files": []})
+    target = Folder.from_uri(tmp_path / "out")
+    with pytest.raises(TaggingError, match=r"from other inputs \(0 new, 1 changed, 0 removed\)"):
+        check_committed(target, previous, "k", [after], [], overwrite=False)
+    with pytest.raises(TaggingError, match="missing or do not hold their rows"):  # unchanged, but its file is gone
+        check_committed(target, previous, "k", [before], [], overwrite=False)
+    assert check_committed(target, previous, "k", [before], [], overwrite=True, force=True) is None  # re-tag

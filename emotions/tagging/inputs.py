@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import json
 import logging
 import math
 from concurrent.futures import ThreadPoolExecutor
@@ -55,6 +56,14 @@ class InputFile:
     bytes: int
     schema: pa.Schema
     row_groups: tuple[int, ...] = ()  # rows in each row group, from the footer
+    fingerprint: str = ""  # sha1 of the footer (offsets, sizes, statistics): the same bytes, or not
+    mtime_ns: int = 0  # last modified, as the filesystem reports it (S3: whole seconds)
+
+    @property
+    def identity(self) -> tuple:
+        """What must match for an earlier output of this input to stand for it: a file rewritten
+        in place with the same size and rows has another footer or a later modification time."""
+        return (self.uri, self.rows, self.bytes, self.fingerprint, self.mtime_ns)
 
     @property
     def output_name(self) -> str:
@@ -142,16 +151,20 @@ def inspect_inputs(fs: pafs.FileSystem, paths: list[tuple[str, str]],
 
 def _inspect(fs: pafs.FileSystem, path: str, uri: str, needed: list[str]) -> InputFile | tuple[str, str]:
     try:
+        info = fs.get_file_info(path)
         with fs.open_input_file(path) as f:
             parquet = pq.ParquetFile(f)
             rows, schema, size = parquet.metadata.num_rows, parquet.schema_arrow, f.size()
             groups = tuple(parquet.metadata.row_group(i).num_rows for i in range(parquet.num_row_groups))
+            footer = json.dumps(parquet.metadata.to_dict(), sort_keys=True, default=str)
     except Exception as error:  # pyarrow raises several types for a damaged file
         return uri, f"not a readable Parquet file ({type(error).__name__}: {error})"
     missing = [c for c in needed if c not in schema.names]
     if missing:
         return uri, f"no column(s) {missing}; columns found: {schema.names}"
-    return InputFile(uri=uri, path=path, rows=rows, bytes=size, schema=schema, row_groups=groups)
+    return InputFile(uri=uri, path=path, rows=rows, bytes=size, schema=schema, row_groups=groups,
+                     fingerprint=hashlib.sha1(footer.encode()).hexdigest()[:16],
+                     mtime_ns=info.mtime_ns or 0)  # fmt: skip
 
 
 

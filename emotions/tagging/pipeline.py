@@ -42,7 +42,7 @@ from emotions.storage import Folder, filesystem
 from emotions.tagging.inference import ENCODER_BATCH, load_tokenizer, predict_tokens, prepare_model, tokenize_texts
 from emotions.tagging.inputs import (ERROR_COLUMN, FILE_COLUMN, TEXT_COLUMN, InputFile, is_text, normalize_block,
                                      plan_reads, read_units)  # fmt: skip
-from emotions.tagging.settings import TaggingSettings
+from emotions.tagging.settings import TaggingError, TaggingSettings
 from emotions.tagging.crashpoints import crash_point
 from emotions.tagging.staging import STAGING, PartLedger, Staging, check_owner, merge_parts, write_marker, write_parts
 
@@ -97,12 +97,12 @@ def plan_actors(s: TaggingSettings, node_cpus: list[float], cluster_gpus: float)
 
 def write_outputs(input_fs: pafs.FileSystem, files: list[InputFile], staging: Staging, schema: pa.Schema,
                   column_types: dict[str, pa.DataType], s: TaggingSettings, plan: ActorPlan,
-                  model_hash: str, max_length: int) -> float | None:  # fmt: skip
+                  model_hash: str, max_length: int, stop=None) -> float | None:  # fmt: skip
     """Tag ``files`` into the staging folder, on Ray workers only: files of text through the Ray
     Data pipeline, whose actors write part files and report them here, then one ``merge_parts``
     task per file once its parts hold all its rows; files without rows, or whose text column holds
     no text (every row flagged), by one ``flag_file`` task each. The driver counts rows and
-    records the markers the tasks return. Returns the seconds until the first parts were reported
+    records the markers the tasks return; ``stop`` (an Event) set stops it. Returns the seconds until the first parts were reported
     (actor start-up, mostly), if the pipeline ran."""
     import ray
 
@@ -121,6 +121,9 @@ def write_outputs(input_fs: pafs.FileSystem, files: list[InputFile], staging: St
         merge = ray.remote(merge_parts).options(num_cpus=MERGE_CPUS)
         progress = Progress("tagging", sum(f.rows for f in readable), unit="rows")
         for block in pipeline.iter_batches(batch_size=None, batch_format="pyarrow"):  # PART_SCHEMA rows
+            if stop is not None and stop.is_set():  # the output's lease was lost: another run writes it
+                raise TaggingError(f"stopped tagging {target}: this run lost its lease on the output to "
+                                   "another run (it stalled past the lease's expiry)")  # fmt: skip
             startup_s = startup_s or time.perf_counter() - start
             for k, parts, reasons in ledger.add(block):  # files whose last rows just arrived
                 crash_point("part-reported")

@@ -16,7 +16,7 @@ from emotions.storage import Folder
 from emotions.tagging.inference import resolve_precision
 from emotions.tagging.inputs import InputFile, inspect_inputs, output_schema, resolve_inputs
 from emotions.tagging.pipeline import ActorPlan, cluster_size, plan_actors, write_outputs
-from emotions.tagging.settings import TaggingError, TaggingSettings, check_settings
+from emotions.tagging.settings import OutputBusy, TaggingError, TaggingSettings, check_settings
 from emotions.tagging.staging import (FORMAT, LEASE, MANIFEST, STAGING, SUCCESS, Committed, Staging, check_output,
                                       staged_rows)  # fmt: skip
 
@@ -58,7 +58,7 @@ def tag_corpus(model: str | Path, inputs: str | Path | list, output: str | Path,
                batch_size: int = 1024, cpus_per_actor: int = 1, gpus_per_actor: float = 0,
                precision: str | None = None, int8: bool = False, tokenize_stage: bool | None = None,
                on_bad_file: str = "fail", report: bool = True, baselines=(),
-               before_commit: Callable[[], None] | None = None) -> TagSummary:  # fmt: skip
+               before_commit: Callable[[], None] | None = None, keep_unchanged: bool = False) -> TagSummary:  # fmt: skip
     """Tag every row of the Parquet ``inputs`` (file, folder, glob, or a list; local or a pyarrow
     URI) with the bundle at ``model``; write the committed output folder ``output``.
     ``precision`` is auto (default: int8 on CPU when the bundle's recorded check allows it, else
@@ -68,12 +68,14 @@ def tag_corpus(model: str | Path, inputs: str | Path | list, output: str | Path,
     folder. Raises TaggingError (or BundleError) before any work for anything a user can fix.
 
     Re-running is safe: a run that died is finished by the next one with the same settings; an
-    output already committed with the same settings and inputs is left as it is (nothing to do);
-    a committed output with other settings or inputs is replaced only with ``overwrite``, which
-    keeps the output files of inputs that did not change when the settings are the same. One run
-    writes an output at a time (a lease in ``OUTPUT/_lease``); another is refused with the
-    holder's name. ``before_commit`` is called once every file is tagged and checked, before the
-    commit's first write: if it raises, nothing is committed and the error propagates.
+    output already committed with the same settings and inputs is left as it is (nothing to do)
+    unless ``overwrite``; a committed output with other settings or inputs is replaced only with
+    ``overwrite`` (every file tagged again), or with ``keep_unchanged`` (the nightly re-open:
+    same settings, the output files of unchanged inputs kept, the others tagged). One run writes
+    an output at a time (a lease in ``OUTPUT/_lease``); another is refused with the holder's name,
+    and a run that loses its lease stops. ``before_commit`` is called once every file is tagged
+    and checked, before the commit's first write: if it raises, nothing is committed and the
+    error propagates.
 
     ``report``: once committed, the output gets its report (``emotions.report.write_report``:
     ``_report.md``, ``_report/*.png``, ``_report.json``), with drift against the committed
@@ -97,6 +99,9 @@ def tag_corpus(model: str | Path, inputs: str | Path | list, output: str | Path,
     check_output(target)
     input_fs, paths = resolve_inputs(inputs, exclude=target)
     files, bad = inspect_inputs(input_fs, paths, settings)
+    check_output_names(files)
+    where = {uri: path for path, uri in paths}
+    skipped_bytes = {uri: info.size for (uri, _), info in zip(bad, input_fs.get_file_info([where[u] for u, _ in bad]))}
     from emotions.bundle import load_bundle  # torch: imported here, not by Ray Data's read tasks
 
     bundle = load_bundle(settings.model)
@@ -107,7 +112,8 @@ def tag_corpus(model: str | Path, inputs: str | Path | list, output: str | Path,
     del bundle  # the actors load their own copy; the driver only needed to check it
     key = settings.output_key(model_hash)
     schema, column_types = output_schema(files, settings)
-    unchanged = check_committed(target, check_output(target), key, files, bad, overwrite)
+    unchanged = check_committed(target, check_output(target), key, files, bad, overwrite or keep_unchanged,
+                                force=overwrite)  # fmt: skip
     if unchanged:
         remove_leftover_staging(target)
         return unchanged
@@ -121,7 +127,7 @@ def tag_corpus(model: str | Path, inputs: str | Path | list, output: str | Path,
              plan.cpus_reserved, plan.gpus, settings.precision, plan.tokenizers)  # fmt: skip
     with writing(target) as lease:
         previous = check_output(target)  # again, now that no other run writes here
-        kept = reusable(target, previous, key, files) if overwrite else {}
+        kept = reusable(target, previous, key, files) if keep_unchanged else {}
         staging = Staging.open(target, key)
         pending = [f for f in files if f.output_name not in kept and staging.finished(f) is None]
         resumed = {f.output_name for f in files} - {f.output_name for f in pending} - set(kept)
@@ -131,13 +137,13 @@ def tag_corpus(model: str | Path, inputs: str | Path | list, output: str | Path,
             log.info("keeping %d of %d files of the committed output: their inputs did not change", len(kept),
                      len(files))  # fmt: skip
         startup_s = write_outputs(input_fs, pending, staging, schema, column_types, settings, plan, model_hash,
-                                  max_length)  # fmt: skip
+                                  max_length, stop=lease.lost)  # fmt: skip
         tagged = time.perf_counter()
 
         markers = staging.check_finished(files, kept)  # each file's footer holds its rows, or no commit
         manifest = build_manifest(files, markers, bad, resumed, settings, plan, staging.run_id, model_hash,
                                   max_length, schema, record, inspect_s=inspected - start,
-                                  tag_s=tagged - inspected, startup_s=startup_s)  # fmt: skip
+                                  tag_s=tagged - inspected, startup_s=startup_s, skipped_bytes=skipped_bytes)  # fmt: skip
         manifest["key"] = key
         manifest["precision"] = settings.precision  # the thresholds were checked for this precision
         manifest["precision_requested"] = requested
@@ -159,18 +165,35 @@ def tag_corpus(model: str | Path, inputs: str | Path | list, output: str | Path,
     return summary
 
 
+def check_output_names(files: list[InputFile]) -> None:
+    """Two inputs whose output names collide (same file name, hashes of their URIs equal in 8
+    hex digits) would share one output file: refused by name before any work."""
+    seen: dict[str, str] = {}
+    for f in files:
+        if f.output_name in seen:
+            raise TaggingError(f"inputs {seen[f.output_name]} and {f.uri} map to the same output file "
+                               f"{f.output_name}; rename one of them, or tag them in two runs")  # fmt: skip
+        seen[f.output_name] = f.uri
+
+
 def check_committed(target: Folder, previous: Committed | None, key: str, files: list[InputFile],
-                    bad: list[tuple[str, str]], overwrite: bool) -> TagSummary | None:
-    """A committed output with these settings and inputs -> its summary (nothing to do). One with
-    other settings or inputs is refused unless ``overwrite``. -> None: tag."""
-    if previous is None:
+                    bad: list[tuple[str, str]], overwrite: bool, force: bool = False) -> TagSummary | None:
+    """A committed output with these settings and inputs -> its summary (nothing to do), unless
+    ``force``. One with other settings or inputs is refused unless ``overwrite``. -> None: tag."""
+    if previous is None or force:
         return None
     entries = previous.manifest.get("inputs", [])
-    before = {(i["path"], i["rows"], i["bytes"]) for i in entries}
-    now = {(f.uri, f.rows, f.bytes) for f in files}
+    before = {(i["path"], i["rows"], i["bytes"], i.get("fingerprint"), i.get("mtime_ns")) for i in entries}
+    now = {f.identity for f in files}
     skipped_before = {s["path"] for s in previous.manifest.get("skipped_files", [])}
     same = previous.key == key and before == now and skipped_before == {uri for uri, _ in bad}
-    if same and len(reusable(target, previous, key, files)) == len(files):
+    kept = reusable(target, previous, key, files) if same else {}
+    if same and len(kept) < len(files) and not overwrite:
+        broken = sorted({f.output_name for f in files} - set(kept))
+        raise TaggingError(f"output {target.uri} is committed with these settings and inputs, but its files "
+                           f"{broken[:5]} are missing or do not hold their rows; pass --overwrite to tag "
+                           "the inputs again")  # fmt: skip
+    if same and len(kept) == len(files):
         m = previous.manifest
         log.info("%s is already committed with these settings and inputs; nothing to do", target.uri)
         return TagSummary(rows_in=m["rows_in"], rows_out=m["rows_out"], rows_flagged=m["rows_flagged"],
@@ -181,8 +204,8 @@ def check_committed(target: Folder, previous: Committed | None, key: str, files:
     if previous.key != key:
         why = "with other settings or another model"
     else:
-        paths_before, paths_now = {p for p, _, _ in before}, {f.uri for f in files}
-        changed = len({p for p, _, _ in before - now} & paths_now)
+        paths_before, paths_now = {i[0] for i in before}, {f.uri for f in files}
+        changed = len({i[0] for i in before - now} & paths_now)
         why = (f"from other inputs ({len(paths_now - paths_before)} new, {changed} changed, "
                f"{len(paths_before - paths_now)} removed)")  # fmt: skip
     raise TaggingError(f"output {target.uri} already holds a committed tagging output made {why}; pass "
@@ -198,7 +221,8 @@ def reusable(target: Folder, previous: Committed | None, key: str, files: list[I
     kept = {}
     for f in files:
         entry = entries.get(f.output_name)
-        if entry and (entry["path"], entry["rows"], entry["bytes"]) == (f.uri, f.rows, f.bytes) \
+        if entry and (entry["path"], entry["rows"], entry["bytes"], entry.get("fingerprint"),
+                      entry.get("mtime_ns")) == f.identity \
                 and staged_rows(target, f.output_name) == f.rows:  # fmt: skip
             kept[f.output_name] = {"output": f.output_name, "rows_out": entry["rows_out"],
                                    "flagged": entry["flagged"], "reasons": entry.get("reasons", {}),
@@ -206,7 +230,7 @@ def reusable(target: Folder, previous: Committed | None, key: str, files: list[I
     return kept
 
 
-OUTPUT_LEASE_TTL_S = 120.0  # a run killed on another host blocks its output this long at most
+OUTPUT_LEASE_TTL_S = 300.0  # a run killed on another host blocks its output this long at most
 
 
 @contextmanager
@@ -218,11 +242,11 @@ def writing(target: Folder):
 
     lease = Lease(target.child(LEASE), "output", new_owner(), ttl_s=OUTPUT_LEASE_TTL_S)
     if not lease.acquire():
-        holder = lease.holder
-        until = f", its lease runs until {time.strftime('%H:%M:%S', time.localtime(holder.expires))}" if holder else ""
-        raise TaggingError(f"output {target.uri} is being written by another run "
-                           f"({holder.owner if holder else 'unknown'}{until}); wait for it to finish, or choose "
-                           "another output folder")  # fmt: skip
+        holder = lease.holder.owner if lease.holder else "unknown"
+        until = (f", its lease runs until {time.strftime('%H:%M:%S', time.localtime(lease.holder.expires))}"
+                 if lease.holder else "")  # fmt: skip
+        raise OutputBusy(f"output {target.uri} is being written by another run ({holder}{until}); wait for it "
+                         "to finish, or choose another output folder", holder)  # fmt: skip
     with lease.held():
         yield lease
 
@@ -264,19 +288,22 @@ def write_report_safely(output: str, baselines) -> str | None:
 def build_manifest(files: list[InputFile], markers: list[dict], bad: list[tuple[str, str]],
                    resumed: set[str], settings: TaggingSettings, plan: ActorPlan, run_id: str,
                    model_hash: str, max_length: int, schema: pa.Schema, environment_record: dict,
-                   inspect_s: float, tag_s: float, startup_s: float | None) -> dict:  # fmt: skip
+                   inspect_s: float, tag_s: float, startup_s: float | None,
+                   skipped_bytes: dict[str, int] | None = None) -> dict:  # fmt: skip
+    skipped_bytes = skipped_bytes or {}
     tagged_rows = sum(f.rows for f, m in zip(files, markers) if f.output_name not in resumed and not m.get("reused"))
     return {
         "format": FORMAT, "version": 1, "run_id": run_id,
         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "model": {"path": settings.model, "hash": model_hash, "max_length": max_length},
         "settings": asdict(settings), "actors": asdict(plan),
-        "inputs": [{"path": f.uri, "rows": f.rows, "bytes": f.bytes, "output": f.output_name,
+        "inputs": [{"path": f.uri, "rows": f.rows, "bytes": f.bytes, "fingerprint": f.fingerprint,
+                    "mtime_ns": f.mtime_ns, "output": f.output_name,
                     "rows_out": m["rows_out"], "flagged": m["flagged"], "reasons": m["reasons"],
                     "resumed": f.output_name in resumed, "reused": bool(m.get("reused")),
                     "written_by": m.get("written_by")}
                    for f, m in zip(files, markers)],
-        "skipped_files": [{"path": uri, "reason": reason} for uri, reason in bad],
+        "skipped_files": [{"path": uri, "reason": reason, "bytes": skipped_bytes.get(uri)} for uri, reason in bad],
         "rows_in": sum(f.rows for f in files), "rows_out": sum(m["rows_out"] for m in markers),
         "rows_flagged": sum(m["flagged"] for m in markers),
         "flag_reasons": _add_counts(m["reasons"] for m in markers),

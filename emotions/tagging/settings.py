@@ -18,6 +18,14 @@ class TaggingError(ValueError):
     """A tagging job that cannot start or cannot commit; the message names the input and the fix."""
 
 
+class OutputBusy(TaggingError):
+    """Another run holds the output's lease: it is being written now (``holder`` names the run)."""
+
+    def __init__(self, message: str, holder: str):
+        super().__init__(message)
+        self.holder = holder
+
+
 
 @dataclass(frozen=True)
 class TaggingSettings:

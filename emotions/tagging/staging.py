@@ -119,9 +119,8 @@ def check_output(target: Folder) -> Committed | None:
     names = {i.base_name for i in target.list()}
     manifest = target.read_json(MANIFEST) or {}
     outputs = {i.get("output") for i in manifest.get("inputs", [])} if manifest.get("format") == FORMAT else set()
-    staged = {i.base_name[: -len(".json")] for i in target.list(STAGING, DONE)}  # an interrupted commit's
-    replaces = set((target.read_json(STAGING, COMMITTING) or {}).get("replaces", []))  # and what it replaces
-    foreign = sorted(names - {STAGING, LEASE, SUCCESS, MANIFEST, *REPORT_FILES, *outputs, *staged, *replaces})
+    staged = staged_outputs(target)  # an interrupted commit's files, and what it replaces
+    foreign = sorted(names - {STAGING, LEASE, SUCCESS, MANIFEST, *REPORT_FILES, *outputs, *staged})
     if foreign and (committed or outputs or STAGING in names):
         raise TaggingError(f"output {target.uri} holds files `emotions tag` did not write: {foreign[:5]}; "
                            "they would be mixed into the tagged output. Move them elsewhere, or choose "
@@ -131,6 +130,14 @@ def check_output(target: Folder) -> Committed | None:
                            f"`emotions tag` (found {foreign[:5]}); choose a new or empty "
                            "folder, since the commit replaces the folder's files")  # fmt: skip
     return committed
+
+
+def staged_outputs(target: Folder) -> set[str]:
+    """Output names a staging folder may have moved into OUTPUT (an interrupted commit): those
+    its markers name, what its commit said it replaces, and what its run.json carries."""
+    names = {i.base_name[: -len(".json")] for i in target.list(STAGING, DONE) if i.base_name.endswith(".json")}
+    names |= set((target.read_json(STAGING, COMMITTING) or {}).get("replaces", []))
+    return names | set((target.read_json(STAGING, "run.json") or {}).get("replaces", []))
 
 
 def staged_rows(target: Folder, name: str) -> int | None:
@@ -150,35 +157,44 @@ class Staging:
     target: Folder
     key: str
     run_id: str
+    attempt: str = ""  # this driver's attempt: tasks of an earlier attempt of the run write nothing
     names_done: set[str] = field(default_factory=set)
     markers: dict[str, dict] = field(default_factory=dict)  # read once per file
+    replaces: set[str] = field(default_factory=set)  # files of ours a discarded staging may have left
 
     @property
     def run(self) -> dict:
-        """What every marker must name: the staging folder's settings key and run."""
-        return {"key": self.key, "run_id": self.run_id}
+        """What the staging folder's run.json holds while this driver owns it; every task checks
+        it before writing (``check_owner``), and every marker names its key and run."""
+        return {"key": self.key, "run_id": self.run_id, "attempt": self.attempt, "replaces": sorted(self.replaces)}
 
     @classmethod
     def open(cls, target: Folder, key: str) -> Staging:
-        """Resume the staging folder of an earlier run with the same key, else start a fresh one."""
+        """Resume the staging folder of an earlier run with the same key, else start a fresh one.
+        Either way this driver's attempt is written into run.json: tasks an earlier attempt left
+        running find another attempt there and write nothing."""
         run = target.read_json(STAGING, "run.json")
         committed = target.read_json(SUCCESS) or {}  # the run that committed the output, if any
-        if run and (run.get("key") != key or run.get("run_id") == committed.get("run_id")):
-            why = "made with other settings" if run.get("key") != key else "left by a committed run"
+        if target.exists(STAGING) and (run is None or run.get("key") != key
+                                       or run.get("run_id") == committed.get("run_id")):  # fmt: skip
+            why = ("left by a committed run" if run and run.get("key") == key else
+                   "made with other settings" if run else "left without its run.json")  # fmt: skip
             log.warning("discarding %s (%s)", target.uri_of(STAGING), why)
+            carried = staged_outputs(target) if run is None or run.get("run_id") != committed.get("run_id") else set()
             target.delete(STAGING)
-            run = None
-        if run is None:
-            if target.exists(STAGING):  # a run killed before writing run.json, or a torn one
-                target.delete(STAGING)
+            run = {"replaces": sorted(carried)} if carried else None  # its moved files are still ours to delete
+        if not run or "run_id" not in run:
+            replaces = set((run or {}).get("replaces", []))
             run_id = f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:6]}"
-            run = {"key": key, "run_id": run_id}
+            run = {"key": key, "run_id": run_id, "replaces": sorted(replaces)}
             target.make(STAGING, DONE)
-            target.write_json(run, STAGING, "run.json")
         else:  # parts of files a killed run left unfinished: those files are tagged again
             target.delete(STAGING, PARTS)
-        done = {i.base_name[: -len(".json")] for i in target.list(STAGING, DONE) if i.base_name.endswith(".json")}
-        return cls(target, key, run["run_id"], done)
+        staging = cls(target, key, run["run_id"], uuid.uuid4().hex[:12], replaces=set(run.get("replaces", [])))
+        target.write_bytes_atomic((json.dumps(staging.run, indent=2) + "\n").encode(), STAGING, "run.json")
+        staging.names_done = {i.base_name[: -len(".json")] for i in target.list(STAGING, DONE)
+                              if i.base_name.endswith(".json")}  # fmt: skip
+        return staging
 
     def record(self, marker: dict) -> None:
         """A marker a Ray task has just written (and returned)."""
@@ -237,7 +253,11 @@ class Staging:
         # What the commit replaces, kept where a re-run finds it: once _SUCCESS is gone, the
         # previous output is no longer "committed", but its files must still go.
         began = t.read_json(STAGING, COMMITTING) or {}
-        replaces = set(began.get("replaces", [])) | (previous.outputs if previous else set())
+        manifest_there = t.read_json(MANIFEST) or {}  # committed or not: its files are ours
+        replaces = (set(began.get("replaces", [])) | (previous.outputs if previous else set()) | self.replaces
+                    | staged_outputs(t) | ({i.get("output") for i in manifest_there.get("inputs", [])}
+                                          if manifest_there.get("format") == FORMAT else set()))  # fmt: skip
+        replaces.discard(None)
         began = {"run_id": self.run_id, "replaces": sorted(replaces)}
         t.write_bytes_atomic((json.dumps(began, indent=2) + "\n").encode(), STAGING, COMMITTING)
         crash_point("commit-begun")
@@ -248,15 +268,20 @@ class Staging:
             if "staged" in m and t.exists(STAGING, m["staged"]):  # not moved yet, not reused
                 move_file(t, f"{STAGING}/{m['staged']}", m["output"])
                 crash_point("file-moved")
+            elif staged_rows(t, m["output"]) != m["rows_out"]:  # moved (or kept) files hold their rows
+                raise RuntimeError(f"not committing {t.uri}: {m['output']} is neither staged nor in place with "
+                                   f"its {m['rows_out']} rows (another run changed the output); re-run to tag "
+                                   "it again")  # fmt: skip
         crash_point("files-moved")
         old = replaces | set(REPORT_FILES)  # the manifest is not deleted: the new one replaces it
         for info in t.list():  # the previous output's files this commit does not keep
             if info.base_name in old and info.base_name not in names:
                 t.delete(info.base_name)
                 crash_point("old-deleted")
-        t.write_json(manifest, MANIFEST)
+        t.write_bytes_atomic((json.dumps(manifest, indent=2, default=str) + "\n").encode(), MANIFEST)
         crash_point("manifest-written")
-        t.write_json({"format": FORMAT, "run_id": self.run_id, "rows": manifest["rows_out"]}, SUCCESS)
+        success = {"format": FORMAT, "run_id": self.run_id, "rows": manifest["rows_out"]}
+        t.write_bytes_atomic((json.dumps(success, indent=2) + "\n").encode(), SUCCESS)
         crash_point("success-written")
         t.delete(STAGING)
         crash_point("staging-removed")
@@ -267,7 +292,8 @@ def marker_matches(marker: dict | None, f: InputFile, run: dict) -> bool:
     """A marker written by this staging folder's run, for this same input."""
     return bool(marker) and (
         (marker.get("key"), marker.get("run_id")) == (run["key"], run["run_id"])
-        and (marker.get("input"), marker.get("rows_in"), marker.get("input_bytes")) == (f.uri, f.rows, f.bytes)
+        and (marker.get("input"), marker.get("rows_in"), marker.get("input_bytes"),
+             marker.get("input_fingerprint"), marker.get("input_mtime_ns")) == f.identity
         and bool(marker.get("staged"))
     )  # fmt: skip
 
@@ -275,8 +301,8 @@ def marker_matches(marker: dict | None, f: InputFile, run: dict) -> bool:
 def check_owner(target: Folder, run: dict) -> None:
     """Raise unless the staging folder still belongs to ``run`` (a task of a run whose staging was
     discarded or committed by another run must write nothing)."""
-    current = target.read_json(STAGING, "run.json")
-    if current != run:
+    current = target.read_json(STAGING, "run.json") or {}
+    if any(current.get(k) != run.get(k) for k in ("key", "run_id", "attempt")):
         raise RuntimeError(f"{target.uri_of(STAGING)} belongs to another run now ({current}, this task's: {run}); "
                            "this run's work there is void")  # fmt: skip
 
@@ -370,17 +396,15 @@ def merge_parts(target_uri: str, f: InputFile, parts: list[str], reasons: dict[s
 def write_marker(target: Folder, f: InputFile, reasons: dict[str, int], staged: str, run: dict) -> dict:
     """Once ``f``'s output file ``staged`` is complete in the staging folder: its marker, with
     the rows its footer on storage holds (not as counted), the run it belongs to and the process
-    that wrote it; the file an earlier attempt staged, if any, is deleted. -> the marker."""
+    that wrote it. -> the marker."""
     import ray
 
     written = pq.read_metadata(target.path(STAGING, staged), filesystem=target.fs)
     check_owner(target, run)
-    earlier = target.read_json(STAGING, DONE, f.output_name + ".json")
     node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
-    marker = {**run, "input": f.uri, "input_bytes": f.bytes, "rows_in": f.rows, "rows_out": written.num_rows,
+    marker = {"key": run["key"], "run_id": run["run_id"], "attempt": run["attempt"], "input": f.uri, "input_bytes": f.bytes, "rows_in": f.rows,
+              "input_fingerprint": f.fingerprint, "input_mtime_ns": f.mtime_ns, "rows_out": written.num_rows,
               "staged": staged, "output": f.output_name, "flagged": sum(reasons.values()),
               "reasons": dict(sorted(reasons.items())), "written_by": {"pid": os.getpid(), "node": node}}  # fmt: skip
     target.write_bytes_atomic((json.dumps(marker, indent=2) + "\n").encode(), STAGING, DONE, f.output_name + ".json")
-    if earlier and earlier.get("staged") and earlier["staged"] != staged:
-        target.delete(STAGING, earlier["staged"])  # an earlier attempt's file: no marker names it now
-    return marker
+    return marker  # an earlier attempt's file, if any, is left alone: the commit removes the staging folder
