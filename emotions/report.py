@@ -37,7 +37,6 @@ whole or not at all, and the next commit into the folder deletes it with the pre
 from __future__ import annotations
 
 import io
-import json
 import logging
 import math
 from dataclasses import asdict, dataclass, field
@@ -310,7 +309,7 @@ def write_report(tagged: str, baselines: list[str] | tuple[str, ...] = ()) -> Re
     for name, png in plots.items():
         folder.write_bytes_atomic(png, PLOTS, name)
     folder.write_bytes_atomic(markdown(data, counts, pooled, drift, called).encode(), REPORT_MD)
-    folder.write_bytes_atomic((json.dumps(data, indent=2) + "\n").encode(), REPORT_JSON)
+    folder.write_json_atomic(data, REPORT_JSON)
     summary = ReportSummary(
         report=folder.uri_of(REPORT_MD), data=folder.uri_of(REPORT_JSON),
         plots=tuple(folder.uri_of(PLOTS, name) for name in plots), rows=counts.rows, tagged=counts.tagged,

@@ -137,6 +137,10 @@ class Folder:
     def write_json(self, data: dict, *parts: str) -> None:
         self.write_text(json.dumps(data, indent=2, default=str) + "\n", *parts)
 
+    def write_json_atomic(self, data: dict, *parts: str) -> None:
+        """``write_json`` through ``write_bytes_atomic``: readers see the whole file or none."""
+        self.write_bytes_atomic((json.dumps(data, indent=2, default=str) + "\n").encode(), *parts)
+
     def list(self, *parts: str) -> list[pafs.FileInfo]:
         """The folder's entries; none if it is not there. On a local disk pyarrow fails the whole
         listing when an entry vanishes between reading the folder and its stat (another process

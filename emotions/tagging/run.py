@@ -96,7 +96,7 @@ def tag_corpus(model: str | Path, inputs: str | Path | list, output: str | Path,
     )  # fmt: skip
     check_settings(settings)
     target = Folder.from_uri(settings.output)
-    check_output(target)
+    previous = check_output(target)
     input_fs, paths = resolve_inputs(inputs, exclude=target)
     files, bad = inspect_inputs(input_fs, paths, settings)
     check_output_names(files)
@@ -112,8 +112,7 @@ def tag_corpus(model: str | Path, inputs: str | Path | list, output: str | Path,
     del bundle  # the actors load their own copy; the driver only needed to check it
     key = settings.output_key(model_hash)
     schema, column_types = output_schema(files, settings)
-    unchanged = check_committed(target, check_output(target), key, files, bad, overwrite or keep_unchanged,
-                                force=overwrite)  # fmt: skip
+    unchanged = check_committed(target, previous, key, files, bad, overwrite or keep_unchanged, force=overwrite)
     if unchanged:
         remove_leftover_staging(target)
         return unchanged

@@ -191,7 +191,7 @@ class Staging:
         else:  # parts of files a killed run left unfinished: those files are tagged again
             target.delete(STAGING, PARTS)
         staging = cls(target, key, run["run_id"], uuid.uuid4().hex[:12], replaces=set(run.get("replaces", [])))
-        target.write_bytes_atomic((json.dumps(staging.run, indent=2) + "\n").encode(), STAGING, "run.json")
+        target.write_json_atomic(staging.run, STAGING, "run.json")
         staging.names_done = {i.base_name[: -len(".json")] for i in target.list(STAGING, DONE)
                               if i.base_name.endswith(".json")}  # fmt: skip
         return staging
@@ -259,7 +259,7 @@ class Staging:
                                           if manifest_there.get("format") == FORMAT else set()))  # fmt: skip
         replaces.discard(None)
         began = {"run_id": self.run_id, "replaces": sorted(replaces)}
-        t.write_bytes_atomic((json.dumps(began, indent=2) + "\n").encode(), STAGING, COMMITTING)
+        t.write_json_atomic(began, STAGING, COMMITTING)
         crash_point("commit-begun")
         if t.exists(SUCCESS):  # first, so no reader takes a half-replaced folder for complete
             fs.delete_file(t.path(SUCCESS))
@@ -278,10 +278,10 @@ class Staging:
             if info.base_name in old and info.base_name not in names:
                 t.delete(info.base_name)
                 crash_point("old-deleted")
-        t.write_bytes_atomic((json.dumps(manifest, indent=2, default=str) + "\n").encode(), MANIFEST)
+        t.write_json_atomic(manifest, MANIFEST)
         crash_point("manifest-written")
         success = {"format": FORMAT, "run_id": self.run_id, "rows": manifest["rows_out"]}
-        t.write_bytes_atomic((json.dumps(success, indent=2) + "\n").encode(), SUCCESS)
+        t.write_json_atomic(success, SUCCESS)
         crash_point("success-written")
         t.delete(STAGING)
         crash_point("staging-removed")
@@ -406,5 +406,5 @@ def write_marker(target: Folder, f: InputFile, reasons: dict[str, int], staged: 
               "input_fingerprint": f.fingerprint, "input_mtime_ns": f.mtime_ns, "rows_out": written.num_rows,
               "staged": staged, "output": f.output_name, "flagged": sum(reasons.values()),
               "reasons": dict(sorted(reasons.items())), "written_by": {"pid": os.getpid(), "node": node}}  # fmt: skip
-    target.write_bytes_atomic((json.dumps(marker, indent=2) + "\n").encode(), STAGING, DONE, f.output_name + ".json")
+    target.write_json_atomic(marker, STAGING, DONE, f.output_name + ".json")
     return marker  # an earlier attempt's file, if any, is left alone: the commit removes the staging folder
