@@ -40,7 +40,8 @@ import ray
 import torch
 
 from emotions.batching import bucket_batches, collate, random_batches, tokenize
-from emotions.config import build_config, describe_layout
+from emotions.cluster import describe_layout
+from emotions.config import build_config
 from emotions.environment import cpu_has_bf16
 from emotions.data import load_labelled
 from emotions.model import EmotionClassifier, build_head, load_encoder, load_tokenizer

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from emotions.config import ConfigError, build_config, preset_names
+from emotions import cluster
 
 log = logging.getLogger("emotions")
 
@@ -42,7 +43,7 @@ def run_train(args: argparse.Namespace) -> int:
     data = load_training_data(config)  # config and data are checked before Ray starts,
     if config.run.name:  # and so is a named run's earlier checkpoints' config (or they are deleted)
         prepare_run(config, config.run.name)
-    connect_ray(args.ray_address)
+    cluster.connect(args.ray_address)
     path = train(config, args.output, data=data)
     if not is_uri(path):
         print(format_summary(json.loads((Path(path) / "metrics.json").read_text())))
@@ -106,12 +107,8 @@ def add_tag_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_tag(args: argparse.Namespace) -> int:
-    import os
-
     from emotions.tagging import tag_corpus
 
-    if args.ray_address:  # tag_corpus starts or joins Ray itself, once its inputs are checked
-        os.environ["RAY_ADDRESS"] = args.ray_address
     summary = tag_corpus(
         args.model, args.input, args.output, text_column=args.text_column, id_column=args.id_column,
         keep_columns=[c.strip() for c in args.keep_columns.split(",") if c.strip()],
@@ -119,7 +116,7 @@ def run_tag(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, cpus_per_actor=args.cpus_per_actor,
         gpus_per_actor=args.gpus_per_actor, precision=args.precision, int8=args.int8,
         on_bad_file="skip" if args.skip_bad_files else "fail", report=not args.no_report,
-        baselines=args.baseline,
+        baselines=args.baseline, ray_address=args.ray_address,
     )  # fmt: skip
     print(summary.line())
     print(f"manifest: {summary.manifest}")
@@ -145,7 +142,7 @@ def run_quickstart(args: argparse.Namespace) -> int:
     out = Path(args.output)
     config = build_config("quickstart", None, args.overrides)
     check_output_folder(out / "model")
-    connect_ray(None)
+    cluster.connect(None)
     bundle = train(config, out / "model")
     report = evaluate_bundle(bundle, "goemotions:dev", out / "report")
     print("\nGoEmotions dev (all 5,426 examples):")
@@ -215,7 +212,7 @@ def run_tune(args: argparse.Namespace) -> int:
         raw = build_sweep_config(args.preset or "minilm", args.config, args.overrides)
     from_dict(split_tune_settings(raw)[0])  # refuse bad keys before Ray starts
     check_output_folder(storage.join(args.output, "best_bundle"))  # and an output where the best bundle cannot go
-    connect_ray(args.ray_address)
+    cluster.connect(args.ray_address)
     if args.from_bundle:
         summary = run_head_sweep(source, raw, args.output, resume=not args.no_resume)
     else:
@@ -254,7 +251,7 @@ def run_ablate(args: argparse.Namespace) -> int:
     unknown = sorted(set(args.rows or ()) - set(range(1, len(ROWS) + 1)))
     if unknown:
         raise ConfigError(f"--rows {unknown}: the table has rows 1 to {len(ROWS)}")
-    connect_ray(args.ray_address)
+    cluster.connect(args.ray_address)
     run_ablation(args.preset, args.output, args.budget, args.overrides, rows=args.rows)
     print(storage.Folder.from_uri(args.output).read_text("ablation.md"))
     return 0
@@ -269,13 +266,9 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_report(args: argparse.Namespace) -> int:
-    import os
-
     from emotions.report import write_report
 
-    if args.ray_address:  # write_report joins Ray itself, once the folders are checked, if it must count
-        os.environ["RAY_ADDRESS"] = args.ray_address
-    summary = write_report(args.tagged, args.baseline)
+    summary = write_report(args.tagged, args.baseline, ray_address=args.ray_address)
     print(summary.line())
     print(f"report: {summary.report}")
     print(summary.called_out_line())
@@ -293,13 +286,6 @@ COMMANDS = {
     "quickstart": ("train on the embedded MiniLM, evaluate, tag a sample (minutes)",
                    add_quickstart_arguments, run_quickstart),
 }  # fmt: skip
-
-
-def connect_ray(address: str | None) -> None:
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=True)
 
 
 def build_parser() -> argparse.ArgumentParser:

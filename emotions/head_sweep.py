@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from emotions import environment, storage
+from emotions import cluster
 from emotions.bundle import Bundle, BundleError, check_output_folder, load_bundle
 from emotions.config import ConfigError, TrainConfig, from_dict
 from emotions.evaluation import evaluation_report, fit_thresholds, validation_scores
@@ -37,7 +38,7 @@ from emotions.inference import head_probs
 from emotions.metrics import format_summary
 from emotions.model import build_head
 from emotions.tagging.inference import save_checked_bundle
-from emotions.tuning import (TuneSettings, build_tuner, check_search_keys, check_state_api, cluster_resources,
+from emotions.tuning import (TuneSettings, build_tuner, check_search_keys, 
                              concurrency, export_bundle, load_tune_preset, merge_over, split_tune_settings,
                              summarize, trial_config)  # fmt: skip
 
@@ -122,7 +123,7 @@ def encode_on_ray(source: Bundle, texts: dict[str, list[str]]) -> tuple[dict[str
     task: on a GPU when the cluster has (or can scale to) one, else on the largest node's CPUs.
     The bundle travels as its files through the object store, so the task may run on a node that
     cannot read the driver's disk; the task loads them and checks the content hash."""
-    current, maximum = cluster_resources()
+    current, maximum = cluster.resources()
     use_gpu = max(current.get("GPU", 0), (maximum or {}).get("GPU", 0)) > 0
     files = {p.relative_to(source.path).as_posix(): p.read_bytes() for p in source.path.rglob("*") if p.is_file()}
     # One CPU reserved, the largest node's CPUs as threads: asking Ray for the whole node waits
@@ -221,13 +222,13 @@ def run_head_sweep(source: Bundle, raw_config: dict, output: str | Path, resume:
     environment.log_environment({**base.to_dict(), "tune": settings.__dict__, "from_bundle": str(source.path)},
                                 "tune-heads")  # fmt: skip
     check_search_keys(base, settings)
-    check_state_api()
+    cluster.check_state_api()
     features, origin = cached_features(source, base, storage.join(base.run.storage_path, "features"))
     # with_parameters puts the features in the object store once; trials map them, zero-copy.
     per_trial = {"CPU": 1}
     trainable = tune.with_resources(tune.with_parameters(run_head_trial, base=base.to_dict(), features=features),
                                     per_trial)  # fmt: skip
-    at_once = concurrency(per_trial, settings, *cluster_resources())
+    at_once = concurrency(per_trial, settings, *cluster.resources())
     tuner = build_tuner(trainable, storage.join(output, "sweep"), base, settings, max_epochs(base, settings),
                         at_once, resume)  # fmt: skip
     results = tuner.fit()

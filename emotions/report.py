@@ -47,6 +47,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from emotions import cluster
 from emotions.labels import EKMAN, EMOTIONS, SENTIMENT
 from emotions.storage import Folder
 
@@ -162,8 +163,7 @@ def count_run(folder: Folder) -> Counts:
     if not files:
         return Counts()
     check_columns(folder, files[0])
-    if not ray.is_initialized():
-        ray.init(log_to_driver=True)
+    cluster.connect()
     blocks = (ray.data.read_parquet(files, filesystem=folder.fs, num_cpus=READ_CPUS).select_columns(COLUMNS)
               .map_batches(count_block, batch_format="pyarrow", batch_size=None, num_cpus=READ_CPUS))  # fmt: skip
     totals: dict[tuple[str, str], float] = {}
@@ -271,11 +271,11 @@ class ReportSummary:
         return f"called out: {', '.join(names) or 'nothing'}"
 
 
-def write_report(tagged: str, baselines: list[str] | tuple[str, ...] = ()) -> ReportSummary:
+def write_report(tagged: str, baselines: list[str] | tuple[str, ...] = (), ray_address: str | None = None) -> ReportSummary:
     """Write ``_report.md``, ``_report/*.png`` and ``_report.json`` into the committed tagging
     output ``tagged`` (a local folder or a URI such as s3://bucket/tagged/2026-11-25), comparing
-    it with the pooled ``baselines`` (earlier committed outputs). Uses the current Ray cluster
-    (starts a local one if none). Raises ReportError, before any counting, for a folder that is
+    it with the pooled ``baselines`` (earlier committed outputs). Counts on the Ray cluster at
+    ``ray_address`` (None: the current one, ``RAY_ADDRESS``, else a local Ray). Raises ReportError, before any counting, for a folder that is
     not a committed output."""
     folder = Folder.from_uri(tagged)
     check_committed(folder)
@@ -283,6 +283,7 @@ def write_report(tagged: str, baselines: list[str] | tuple[str, ...] = ()) -> Re
         check_committed(Folder.from_uri(uri))
     if any(Folder.from_uri(uri).uri == folder.uri for uri in baselines):
         raise ReportError(f"{folder.uri} is among its own baselines; pass earlier runs only")
+    cluster.connect(ray_address)
     folder, success, counts = read_run(tagged)
     runs = [read_run(uri) for uri in baselines]
     pooled = None

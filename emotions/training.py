@@ -45,9 +45,10 @@ from safetensors.torch import load as load_bytes, load_file, save as save_bytes,
 from torch import nn
 
 from emotions import bundle, environment, storage
+from emotions import cluster
 from emotions.batching import TokenizedSet, bucket_batches, collate, random_batches, tokenize
 from emotions.config import (AUTO, ConfigError, StageConfig, TrainConfig, config_changes, config_hash,
-                             from_dict, resolve_scaling)  # fmt: skip
+                             from_dict)  # fmt: skip
 from emotions.data import LabelledData, expand_by_concatenation, load_labelled
 from emotions.evaluation import evaluation_report, fit_thresholds, heldout_macro_f1, validation_scores
 from emotions.metrics import format_summary
@@ -155,25 +156,10 @@ def resolve_layout(config: TrainConfig) -> TrainConfig:
     connected cluster's nodes by ``config.resolve_scaling``), logged in one line. Checkpoints and
     the bundle's metrics record the resolved values, so resuming a run on a cluster that resolves
     to another worker count is refused (``prepare_run``) rather than silently re-sharded."""
-    nodes = cluster_nodes() if config.scaling.num_workers == AUTO else ([], None)
-    scaling, how = resolve_scaling(config.scaling, *nodes)
+    nodes = cluster.nodes() if config.scaling.num_workers == AUTO else ([], None)
+    scaling, how = cluster.resolve_scaling(config.scaling, *nodes)
     log.info("Ray Train layout: %s", how)
     return replace(config, scaling=scaling)
-
-
-def cluster_nodes() -> tuple[list[dict[str, float]], list[dict[str, float]] | None]:
-    """(the resources of each node up now, of each node the autoscaler may run at its largest, or
-    None without an autoscaler or with an unbounded node group)."""
-    from ray._private.state import state
-
-    up = [node["Resources"] for node in ray.nodes() if node["Alive"]]
-    try:  # the autoscaler's node groups, as Ray Train reads them to size elastic worker groups
-        groups = state.get_cluster_config()
-    except Exception:  # noqa: BLE001 - no autoscaler state: size from the nodes up now
-        groups = None
-    if groups is None or not groups.node_group_configs or any(g.max_count < 0 for g in groups.node_group_configs):
-        return up, None
-    return up, [dict(g.resources) for g in groups.node_group_configs for _ in range(g.max_count)]
 
 
 def prepare_run(config: TrainConfig, name: str) -> tuple[str, dict] | None:

@@ -23,6 +23,7 @@ import ray
 from ray import tune
 
 from emotions import environment, storage
+from emotions import cluster
 from emotions.config import AUTO, ConfigError, TrainConfig, from_dict, merge, parse_overrides
 
 log = logging.getLogger("emotions.tuning")
@@ -161,14 +162,6 @@ def concurrency(per_trial: dict[str, float], settings: TuneSettings, current: di
     return max(1, min((int(largest[k] // v) for k, v in per_trial.items() if v > 0), default=1))
 
 
-def cluster_resources() -> tuple[dict[str, float], dict[str, float] | None]:
-    """(the Ray cluster's resources now, the most its autoscaler may scale to, or None)."""
-    from ray._private.state import state
-
-    # What Ray Train 2.60 itself reads to size elastic worker groups (worker_group.py).
-    return ray.cluster_resources(), state.get_max_resources_from_cluster_config()
-
-
 def run_sweep(raw_config: dict, output: str | Path, resume: bool = True) -> dict:
     """Run (or resume) a sweep; write results.csv/.md, the plot, best_config.json and the best
     bundle into ``output``, a local folder or a URI (s3://...; the sweep's own state goes there too)."""
@@ -182,13 +175,13 @@ def run_sweep(raw_config: dict, output: str | Path, resume: bool = True) -> dict
     base = trial_scaling(from_dict(base_raw))  # validates the fixed part now
     environment.log_environment({**base.to_dict(), "tune": settings.__dict__}, "tune")
     check_search_keys(base, settings)
-    check_state_api()
+    cluster.check_state_api()
     # The driver function only waits on Ray Train: it reserves memory but no CPU, so a trial's
     # CPUs all go to its training workers (a CPU per driver would halve concurrency on small nodes).
     trainable = tune.with_resources(tune.with_parameters(run_trial, base=base.to_dict()),
                                     {"CPU": 0, "memory": 256 * 1024**2})  # fmt: skip
     max_t = sum(s.epochs for s in base.stages) + 1  # one report per epoch, then the final one
-    at_once = concurrency(trial_resources(base), settings, *cluster_resources())
+    at_once = concurrency(trial_resources(base), settings, *cluster.resources())
     log.info("up to %d trials at once", at_once)
     tuner = build_tuner(trainable, storage.join(output, "sweep"), base, settings, max_t, at_once, resume)
     results = tuner.fit()
@@ -231,25 +224,6 @@ def base_value(base: dict, key: str) -> Any:
     for part in key.split("."):
         value = value[part]
     return value
-
-
-def check_state_api() -> None:
-    """Ray Train frees a stopped trial's placement group through a cleaner that asks the state API
-    (served by the dashboard) whether the trial's controller is alive. Without it, every trial
-    Tune stops keeps its CPUs/GPUs and later trials wait forever for a worker group."""
-    from ray.util.state import list_actors
-
-    try:
-        # The connected cluster's own address: without one, the state API guesses among the Ray
-        # instances on this machine and refuses when there are several.
-        list_actors(address=ray.get_runtime_context().gcs_address, limit=1, timeout=10,
-                    raise_on_missing_output=False)  # fmt: skip
-    except Exception as error:  # noqa: BLE001 - any failure means the same thing here
-        raise RuntimeError(
-            "Ray's state API is not reachable, so Ray Train could not free the resources of the "
-            "trials Tune stops and the sweep would hang. Start Ray with its dashboard: "
-            "`pip install 'ray[default]'` and `ray start --head` (or ray.init(include_dashboard=True)). "
-            f"Underlying error: {error}") from error
 
 
 def _example(spec: Any) -> Any:

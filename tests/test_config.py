@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from emotions.config import ConfigError, ScalingSettings, build_config, preset_names, resolve_scaling
+from emotions.cluster import resolve_scaling
+from emotions.config import ConfigError, ScalingSettings, build_config, preset_names
 
 
 @pytest.mark.parametrize("name", preset_names())

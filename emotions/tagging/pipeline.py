@@ -320,12 +320,3 @@ def _label_lists(chosen: np.ndarray, names: tuple[str, ...], null: np.ndarray) -
     np.cumsum(chosen.sum(axis=1), out=offsets[1:])
     values = pa.array(names, pa.string()).take(pa.array(np.nonzero(chosen)[1]))
     return pa.ListArray.from_arrays(pa.array(offsets), values, mask=pa.array(null))
-
-
-
-def cluster_size() -> tuple[list[float], float]:
-    """(CPUs of each alive node, GPUs in the cluster)."""
-    import ray
-
-    cpus = [float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n["Alive"]]
-    return cpus, float(ray.cluster_resources().get("GPU", 0))

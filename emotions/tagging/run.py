@@ -12,10 +12,11 @@ from pathlib import Path
 import pyarrow as pa
 
 from emotions import environment, storage
+from emotions import cluster
 from emotions.storage import Folder
 from emotions.tagging.inference import resolve_precision
 from emotions.tagging.inputs import InputFile, inspect_inputs, output_schema, resolve_inputs
-from emotions.tagging.pipeline import ActorPlan, cluster_size, plan_actors, write_outputs
+from emotions.tagging.pipeline import ActorPlan, plan_actors, write_outputs
 from emotions.tagging.settings import OutputBusy, TaggingError, TaggingSettings, check_settings
 from emotions.tagging.staging import (FORMAT, LEASE, MANIFEST, STAGING, SUCCESS, Committed, Staging, check_output,
                                       staged_rows)  # fmt: skip
@@ -58,14 +59,16 @@ def tag_corpus(model: str | Path, inputs: str | Path | list, output: str | Path,
                batch_size: int = 1024, cpus_per_actor: int = 1, gpus_per_actor: float = 0,
                precision: str | None = None, int8: bool = False, tokenize_stage: bool | None = None,
                on_bad_file: str = "fail", report: bool = True, baselines=(),
-               before_commit: Callable[[], None] | None = None, keep_unchanged: bool = False) -> TagSummary:  # fmt: skip
+               before_commit: Callable[[], None] | None = None, keep_unchanged: bool = False,
+               ray_address: str | None = None) -> TagSummary:  # fmt: skip
     """Tag every row of the Parquet ``inputs`` (file, folder, glob, or a list; local or a pyarrow
     URI) with the bundle at ``model``; write the committed output folder ``output``.
     ``precision`` is auto (default: int8 on CPU when the bundle's recorded check allows it, else
     fp32), fp32, bf16 or int8; ``int8=True`` means ``precision="int8"``.
 
     ``model`` is read by every actor: on a multi-node cluster, a URI (s3://...) or a shared
-    folder. Raises TaggingError (or BundleError) before any work for anything a user can fix.
+    folder. ``ray_address``: the Ray cluster to join (None: ``RAY_ADDRESS``, else a local Ray), once
+    the inputs are checked. Raises TaggingError (or BundleError) before any work for anything a user can fix.
 
     Re-running is safe: a run that died is finished by the next one with the same settings; an
     output already committed with the same settings and inputs is left as it is (nothing to do)
@@ -118,9 +121,9 @@ def tag_corpus(model: str | Path, inputs: str | Path | list, output: str | Path,
         return unchanged
     inspected = time.perf_counter()
 
-    _connect_ray()
+    cluster.connect(ray_address)
     record = environment.log_environment(asdict(settings), "tag")
-    plan = plan_actors(settings, *cluster_size())
+    plan = plan_actors(settings, cluster.node_cpus(), cluster.gpus())
     log.info("%d input files, %d rows; %d actors x %d threads (%.2f CPU, %.2f GPU reserved each), "
              "%s, %d tokenizer actors", len(files), sum(f.rows for f in files), plan.actors, plan.threads,
              plan.cpus_reserved, plan.gpus, settings.precision, plan.tokenizers)  # fmt: skip
@@ -311,14 +314,6 @@ def build_manifest(files: list[InputFile], markers: list[dict], bad: list[tuple[
         "rows_per_s": tagged_rows / max(tag_s, 1e-9),  # this run's rows over its tagging time
         "environment": environment_record,
     }  # fmt: skip
-
-
-
-def _connect_ray() -> None:
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(log_to_driver=True)
 
 
 

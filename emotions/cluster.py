@@ -1,0 +1,194 @@
+"""The one module that talks to Ray's cluster state: connecting, what the nodes hold, and the
+Ray Train worker layout those nodes allow.
+
+    emotions CLI / jobs ──connect(address)──▶ ray.init (once per process)
+    training ──nodes()──▶ resolve_scaling(config.scaling, up, at_max) ──▶ workers x CPUs, device
+    tuning, head sweep ──resources()──▶ how many trials fit at once
+    tagging ──node_cpus(), gpus()──▶ actor pool sizes
+
+Everything else in the package asks this module; nothing else imports ``ray._private``. The
+autoscaler's largest size has no public API in Ray 2.60: it is read here, from the same internal
+call Ray Train uses to size elastic worker groups, and ``tests/test_cluster_state.py`` pins it.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+
+from emotions.config import AUTO, ConfigError, ScalingSettings
+
+log = logging.getLogger(__name__)
+
+
+def connect(address: str | None = None) -> None:
+    """Join the Ray cluster at ``address`` (None: ``RAY_ADDRESS``, else a new local Ray), once per
+    process. Every command that needs Ray calls this; nothing else calls ``ray.init``."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address, log_to_driver=True)
+
+
+def nodes() -> tuple[list[dict[str, float]], list[dict[str, float]] | None]:
+    """(the resources of each node up now, of each node the autoscaler may run at its largest, or
+    None without an autoscaler or with an unbounded node group)."""
+    import ray
+
+    up = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+    groups = _autoscaler_node_groups()
+    if groups is None or not groups.node_group_configs or any(g.max_count < 0 for g in groups.node_group_configs):
+        return up, None
+    return up, [dict(g.resources) for g in groups.node_group_configs for _ in range(g.max_count)]
+
+
+def resources() -> tuple[dict[str, float], dict[str, float] | None]:
+    """(the Ray cluster's resources now, the most its autoscaler may scale to, or None)."""
+    import ray
+
+    return ray.cluster_resources(), _autoscaler_max_resources()
+
+
+def node_cpus() -> list[float]:
+    """The CPUs of each alive node."""
+    import ray
+
+    return [float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n["Alive"]]
+
+
+def gpus() -> float:
+    """The GPUs in the cluster now."""
+    import ray
+
+    return float(ray.cluster_resources().get("GPU", 0))
+
+
+def _autoscaler_node_groups():
+    """The autoscaler's node groups (Ray's ``ClusterConfig`` proto), or None without an autoscaler.
+    Internal API: what Ray Train 2.60 reads to size elastic worker groups (``worker_group.py``)."""
+    from ray._private.state import state
+
+    try:
+        return state.get_cluster_config()
+    except Exception:  # noqa: BLE001 - no autoscaler state: size from the nodes up now
+        return None
+
+
+def _autoscaler_max_resources() -> dict[str, float] | None:
+    """The resources of the autoscaler's largest cluster, or None. Internal API, as above."""
+    from ray._private.state import state
+
+    try:
+        return state.get_max_resources_from_cluster_config()
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def check_state_api() -> None:
+    """Ray Train frees a stopped trial's placement group through a cleaner that asks the state API
+    (served by the dashboard) whether the trial's controller is alive. Without it, every trial
+    Tune stops keeps its CPUs/GPUs and later trials wait forever for a worker group."""
+    import ray
+    from ray.util.state import list_actors
+
+    try:
+        # The connected cluster's own address: without one, the state API guesses among the Ray
+        # instances on this machine and refuses when there are several.
+        list_actors(address=ray.get_runtime_context().gcs_address, limit=1, timeout=10,
+                    raise_on_missing_output=False)  # fmt: skip
+    except Exception as error:  # noqa: BLE001 - any failure means the same thing here
+        raise RuntimeError(
+            "Ray's state API is not reachable, so Ray Train could not free the resources of the "
+            "trials Tune stops and the sweep would hang. Start Ray with its dashboard: "
+            "`pip install 'ray[default]'` and `ray start --head` (or ray.init(include_dashboard=True)). "
+            f"Underlying error: {error}") from error
+
+
+# ----------------------------------------------------------------------------- Ray Train layout
+
+
+def resolve_scaling(
+    scaling: ScalingSettings, nodes_up: list[dict[str, float]], nodes_at_max: list[dict[str, float]] | None = None
+) -> tuple[ScalingSettings, str]:
+    """``scaling`` with every ``auto`` replaced by a number, and one line saying how it was chosen.
+
+    ``nodes_up``: the resources of each node up now (``{"CPU": 8, "GPU": 1}``); ``nodes_at_max``:
+    each node the autoscaler may run at its largest (None without an autoscaler). Of the two, the
+    one that holds more workers is used. CPU training counts the nodes without GPUs (all nodes
+    with CPUs if every node has a GPU). Explicit values are kept as given; ``cpus_per_worker``
+    auto beside an explicit ``num_workers`` is 1, as it always was. ConfigError if auto finds no
+    node to train on."""
+    if scaling.num_workers != AUTO:
+        cpus = 1 if scaling.cpus_per_worker == AUTO else scaling.cpus_per_worker
+        resolved = dataclasses.replace(scaling, cpus_per_worker=cpus)
+        return resolved, f"{describe_layout(resolved)}: scaling.num_workers={scaling.num_workers} as given"
+    choices = [("up now", nodes_up)] + ([("at the autoscaler's maximum", nodes_at_max)] if nodes_at_max else [])
+    best = None
+    for where, nodes in choices:
+        layout = _layout_on(scaling, nodes)
+        if layout and (best is None or layout[0] > best[0][0]):
+            best = layout, where, nodes
+    if best is None:
+        raise ConfigError(_no_node_message(scaling, nodes_up, nodes_at_max))
+    (workers, cpus, how), where, nodes = best
+    resolved = dataclasses.replace(scaling, num_workers=workers, cpus_per_worker=cpus)
+    return resolved, (f"{describe_layout(resolved)}: scaling.num_workers=auto, {how} "
+                      f"(nodes {where}: {_describe_nodes(nodes)})")  # fmt: skip
+
+
+def describe_layout(scaling: ScalingSettings) -> str:
+    """``2 workers x 1 CPU (1 torch thread each), CPU`` for concrete settings."""
+    n, c = scaling.num_workers, scaling.cpus_per_worker
+    device = "1 GPU each" if scaling.use_gpu else "CPU"
+    return (f"{n} worker{'s' * (n != 1)} x {c} CPU{'s' * (c != 1)} "
+            f"({c} torch thread{'s' * (c != 1)} each), {device}")  # fmt: skip
+
+
+def _layout_on(scaling: ScalingSettings, nodes: list[dict[str, float]]) -> tuple[int, int, str] | None:
+    """(workers, CPUs per worker, how) for ``num_workers: auto`` on these nodes; None if none fits."""
+    auto_cpus = scaling.cpus_per_worker == AUTO
+    if scaling.use_gpu:
+        hosts = [n for n in nodes if n.get("GPU", 0) >= 1]
+        if not hosts:
+            return None
+        per_gpu = min(max(1, int(n.get("CPU", 0) // n["GPU"])) for n in hosts)  # a node's CPUs per GPU
+        cpus = per_gpu if auto_cpus else scaling.cpus_per_worker
+        return sum(int(n["GPU"]) for n in hosts), cpus, f"one worker per GPU on {len(hosts)} GPU node(s)"
+    hosts = [n for n in nodes if n.get("CPU", 0) >= 1 and not n.get("GPU")] or \
+            [n for n in nodes if n.get("CPU", 0) >= 1]  # fmt: skip
+    counts = sorted(int(n["CPU"]) for n in hosts)
+    if not counts:
+        return None
+    if auto_cpus:
+        how = "one worker per CPU node"
+        if counts[0] != counts[-1]:
+            how += (f"; the CPU nodes have {counts[0]} to {counts[-1]} CPUs and each worker takes the "
+                    f"smallest's {counts[0]} (set scaling.cpus_per_worker to choose)")  # fmt: skip
+        return len(counts), counts[0], how
+    workers = sum(c // scaling.cpus_per_worker for c in counts)
+    how = f"as many {scaling.cpus_per_worker}-CPU workers as the {len(counts)} CPU node(s) hold"
+    return (workers, scaling.cpus_per_worker, how) if workers else None
+
+
+def _describe_nodes(nodes: list[dict[str, float]]) -> str:
+    """``1 x (CPU 0), 2 x (CPU 8, GPU 1)``: how many nodes of each size."""
+    sizes = collections.Counter(f"CPU {n.get('CPU', 0):g}" + (f", GPU {n['GPU']:g}" if n.get("GPU") else "")
+                                for n in nodes)  # fmt: skip
+    return ", ".join(f"{count} x ({size})" for size, count in sizes.items()) or "none"
+
+
+def _no_node_message(scaling: ScalingSettings, nodes_up: list, nodes_at_max: list | None) -> str:
+    seen = (f"nodes up now: {_describe_nodes(nodes_up)}; autoscaler's maximum: "
+            f"{_describe_nodes(nodes_at_max) if nodes_at_max else 'no autoscaler'}")  # fmt: skip
+    if scaling.use_gpu:
+        return (f"scaling.num_workers=auto with scaling.use_gpu=true found no GPU on this cluster ({seen}). "
+                "Set scaling.use_gpu=false to train on CPUs, or scaling.num_workers=N to wait for N GPU "
+                "workers.")  # fmt: skip
+    if scaling.cpus_per_worker != AUTO:
+        return (f"scaling.num_workers=auto found no node with scaling.cpus_per_worker={scaling.cpus_per_worker} "
+                f"CPUs ({seen}). Lower scaling.cpus_per_worker, set it to auto (a whole node each), or set "
+                "scaling.num_workers=N to wait for N workers.")  # fmt: skip
+    return (f"scaling.num_workers=auto found no node with CPUs to train on ({seen}). Add CPU nodes (or "
+            "connect to the cluster that has them: RAY_ADDRESS), or set scaling.num_workers=N and "
+            "scaling.cpus_per_worker=C to wait for N workers of C CPUs.")  # fmt: skip
