@@ -69,8 +69,10 @@ def main() -> None:
         results[name] = {k: round(m[k], 4) for k in ("macro_f1", "weighted_f1", "micro_f1", "accuracy")}
         print(f"{name:>14}: held-out macro-F1 {results[name]['macro_f1']:.4f}", flush=True)
     if args.out:
-        args.out.write_text(json.dumps({"bundle": args.bundle, "run": str(args.run), "data": args.data,
-                                        "held_out": results}, indent=2) + "\n")  # fmt: skip
+        args.out.write_text(
+            json.dumps({"bundle": args.bundle, "run": str(args.run), "data": args.data, "held_out": results}, indent=2)
+            + "\n"
+        )
 
 
 if __name__ == "__main__":

@@ -33,8 +33,16 @@ import numpy as np
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, by device-name substring.
-BF16_PEAK = {"H200": 989.4e12, "H100 NVL": 835.5e12, "H100 PCIe": 756.0e12, "H100": 989.4e12,
-             "A100": 312.0e12, "L40S": 362.1e12, "L4": 121.0e12, "A10G": 70.0e12}  # fmt: skip
+BF16_PEAK = {
+    "H200": 989.4e12,
+    "H100 NVL": 835.5e12,
+    "H100 PCIe": 756.0e12,
+    "H100": 989.4e12,
+    "A100": 312.0e12,
+    "L40S": 362.1e12,
+    "L4": 121.0e12,
+    "A10G": 70.0e12,
+}
 BATCH = 32  # stage-1 batch per worker
 
 
@@ -60,18 +68,34 @@ def train_part(name: str, overrides: list[str], workdir: Path, use_gpu: bool) ->
     from emotions.config import build_config
     from emotions.training import train
 
-    config = build_config("default", overrides=[
-        f"run.storage_path={workdir / 'runs'}", f"run.name={name}", "scaling.num_workers=1",
-        f"scaling.use_gpu={str(use_gpu).lower()}", "scaling.bf16=true", f"stage1.batch_size={BATCH}",
-        "stage1.epochs=1", *overrides])  # fmt: skip
+    config = build_config(
+        "default",
+        overrides=[
+            f"run.storage_path={workdir / 'runs'}",
+            f"run.name={name}",
+            "scaling.num_workers=1",
+            f"scaling.use_gpu={str(use_gpu).lower()}",
+            "scaling.bf16=true",
+            f"stage1.batch_size={BATCH}",
+            "stage1.epochs=1",
+            *overrides,
+        ],
+    )
     start = time.perf_counter()
     bundle = train(config, workdir / name)
     seconds = time.perf_counter() - start
     history = json.loads((Path(bundle) / "metrics.json").read_text())["history"]
     stage1 = [h for h in history if h["stage"] == "stage1"][-1]
-    return {"bundle": str(bundle), "samples_per_s": stage1["samples_per_s"], "epoch_s": stage1["epoch_seconds"],
-            "examples": config.data.max_train_examples, "steps": -(-config.data.max_train_examples // BATCH),
-            "wall_s": seconds, "encoder": config.model.encoder, "max_length": config.data.max_length}  # fmt: skip
+    return {
+        "bundle": str(bundle),
+        "samples_per_s": stage1["samples_per_s"],
+        "epoch_s": stage1["epoch_seconds"],
+        "examples": config.data.max_train_examples,
+        "steps": -(-config.data.max_train_examples // BATCH),
+        "wall_s": seconds,
+        "encoder": config.model.encoder,
+        "max_length": config.data.max_length,
+    }
 
 
 def tag_part(bundle: str, corpus: Path, out: Path, precision: str, gpus: float) -> dict:
@@ -82,9 +106,14 @@ def tag_part(bundle: str, corpus: Path, out: Path, precision: str, gpus: float) 
     except TaggingError as error:  # the precision gate refused it: that is a result too
         return {"precision": precision, "refused": str(error)}
     manifest = json.loads(Path(summary.manifest).read_text())
-    return {"precision": precision, "rows": summary.rows_out, "rows_per_s": summary.rows_per_s,
-            "seconds": summary.seconds, "startup_s": manifest["timings"].get("startup_s"),
-            "precision_check": manifest.get("precision_check")}  # fmt: skip
+    return {
+        "precision": precision,
+        "rows": summary.rows_out,
+        "rows_per_s": summary.rows_per_s,
+        "seconds": summary.seconds,
+        "startup_s": manifest["timings"].get("startup_s"),
+        "precision_check": manifest.get("precision_check"),
+    }
 
 
 def dev_quality(bundle_path: str, device: str, examples: int | None = None) -> dict:
@@ -95,7 +124,7 @@ def dev_quality(bundle_path: str, device: str, examples: int | None = None) -> d
     from emotions.bundle import load_bundle
     from emotions.data import load_labelled
     from emotions.evaluation import paired_change
-    from emotions.tagging.inference import ENCODER_BATCH, predict_tokens, tokenize_texts
+    from emotions.tagging.predictor import ENCODER_BATCH, predict_tokens, tokenize_texts
 
     bundle = load_bundle(bundle_path, device=device)
     dev = load_labelled("goemotions:dev").take(examples, 0)
@@ -104,9 +133,14 @@ def dev_quality(bundle_path: str, device: str, examples: int | None = None) -> d
     batch = ENCODER_BATCH["cuda" if device == "cuda" else "cpu"]
     probs = {p: predict_tokens(bundle.model, tokens, pad_id, batch, p, device) for p in ("fp32", "bf16")}
     check = paired_change(dev.labels, probs["fp32"], probs["bf16"])
-    return {"examples": len(dev), "heldout_macro_f1_fp32": check["heldout_macro_f1_reference"],
-            "heldout_macro_f1_bf16": check["heldout_macro_f1_candidate"], "change": check["change"],
-            "interval_95": check["interval_95"], "rows_changed": check["rows_changed"]}  # fmt: skip
+    return {
+        "examples": len(dev),
+        "heldout_macro_f1_fp32": check["heldout_macro_f1_reference"],
+        "heldout_macro_f1_bf16": check["heldout_macro_f1_candidate"],
+        "change": check["change"],
+        "interval_95": check["interval_95"],
+        "rows_changed": check["rows_changed"],
+    }
 
 
 def random_bert(folder: Path, tiny: bool) -> dict:
@@ -119,8 +153,13 @@ def random_bert(folder: Path, tiny: bool) -> dict:
     tokenizer = load_tokenizer("minilm")
     config = BertConfig(vocab_size=tokenizer.vocab_size)  # bert-base: 12 x 768, 110M parameters
     if tiny:
-        config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
-                            num_attention_heads=2, intermediate_size=64)  # fmt: skip
+        config = BertConfig(
+            vocab_size=tokenizer.vocab_size,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+        )
     BertModel(config, add_pooling_layer=False).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return config.to_dict()
@@ -137,11 +176,18 @@ def run(args: argparse.Namespace) -> dict:
     gpu = torch.cuda.is_available()
     name = torch.cuda.get_device_name(0) if gpu else "cpu"
     peak = bf16_peak(name) if gpu else None
-    record: dict = {"device": name, "bf16_peak_flops": peak, "smoke": args.smoke,
-                    "versions": environment.library_versions(), "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ")}  # fmt: skip
+    record: dict = {
+        "device": name,
+        "bf16_peak_flops": peak,
+        "smoke": args.smoke,
+        "versions": environment.library_versions(),
+        "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
     if not gpu and not args.smoke:
-        message = ("no CUDA GPU here: the GPU parts (a)-(c) are skipped. Run this on a GPU machine, or "
-                   "pass --smoke to run every part on CPU at toy sizes")  # fmt: skip
+        message = (
+            "no CUDA GPU here: the GPU parts (a)-(c) are skipped. Run this on a GPU machine, or "
+            "pass --smoke to run every part on CPU at toy sizes"
+        )
         print(message)
         return {**record, "skipped": message}
     if not gpu:
@@ -157,16 +203,29 @@ def run(args: argparse.Namespace) -> dict:
 
     # (a) MiniLM on one worker, bf16 autocast on GPU
     minilm = ["model.encoder=tiny-random", "data.max_length=32"] if args.smoke else []
-    part_a = train_part("minilm", [*minilm, f"data.max_train_examples={steps * BATCH}",
-                                   "data.max_validation_examples=2000", "stage2.epochs=3"], workdir, gpu)  # fmt: skip
+    part_a = train_part(
+        "minilm",
+        [*minilm, f"data.max_train_examples={steps * BATCH}", "data.max_validation_examples=2000", "stage2.epochs=3"],
+        workdir,
+        gpu,
+    )
     print(f"(a) {part_a['encoder']}: {part_a['steps']} steps x {BATCH}, {part_a['samples_per_s']:.0f} samples/s")
     record["train_minilm"] = part_a
 
     # (b) bert-base-sized, random weights: training steps and tagging, with MFU
     bert_dir = workdir / "bert-base-random"
     bert_config = random_bert(bert_dir, tiny=args.smoke)
-    part_b = train_part("bert-base", [f"model.encoder={bert_dir}", f"data.max_train_examples={steps * BATCH}",
-                                      "data.max_validation_examples=512", "stage2.epochs=0"], workdir, gpu)  # fmt: skip
+    part_b = train_part(
+        "bert-base",
+        [
+            f"model.encoder={bert_dir}",
+            f"data.max_train_examples={steps * BATCH}",
+            "data.max_validation_examples=512",
+            "stage2.epochs=0",
+        ],
+        workdir,
+        gpu,
+    )
     from emotions.data import load_labelled
 
     train_texts = load_labelled("goemotions:train").take(steps * BATCH, 0).texts
@@ -175,32 +234,50 @@ def run(args: argparse.Namespace) -> dict:
     tag_b = tag_part(part_b["bundle"], corpus, workdir / "tagged-bert", "fp32", gpus)
     import pyarrow.dataset
 
-    corpus_texts = [t for t in pyarrow.dataset.dataset(corpus).to_table(columns=["body"]).column("body").to_pylist()
-                    if isinstance(t, str) and t.strip()][:20000]  # fmt: skip
+    corpus_texts = [
+        t
+        for t in pyarrow.dataset.dataset(corpus).to_table(columns=["body"]).column("body").to_pylist()
+        if isinstance(t, str) and t.strip()
+    ][:20000]
     tokens_tag = mean_tokens(corpus_texts, tokenizer, part_b["max_length"])
     tag_flops = encoder_flops_per_token(bert_config, tokens_tag) * tokens_tag  # per row
-    part_b.update(tag_fp32=tag_b, mean_tokens_train=tokens_train, mean_tokens_tag=tokens_tag,
-                  train_flops_per_example=train_flops, tag_flops_per_row=tag_flops)  # fmt: skip
+    part_b.update(
+        tag_fp32=tag_b,
+        mean_tokens_train=tokens_train,
+        mean_tokens_tag=tokens_tag,
+        train_flops_per_example=train_flops,
+        tag_flops_per_row=tag_flops,
+    )
     if peak:
         part_b["train_mfu"] = part_b["samples_per_s"] * train_flops / peak
         part_b["tag_mfu"] = tag_b.get("rows_per_s", 0) * tag_flops / peak
-    print(f"(b) bert-base-sized: train {part_b['samples_per_s']:.0f} samples/s"
-          + (f" (MFU {part_b['train_mfu']:.1%})" if peak else "")
-          + f"; tag {tag_b.get('rows_per_s', 0):.0f} rows/s" + (f" (MFU {part_b['tag_mfu']:.1%})" if peak else ""))
+    print(
+        f"(b) bert-base-sized: train {part_b['samples_per_s']:.0f} samples/s"
+        + (f" (MFU {part_b['train_mfu']:.1%})" if peak else "")
+        + f"; tag {tag_b.get('rows_per_s', 0):.0f} rows/s"
+        + (f" (MFU {part_b['tag_mfu']:.1%})" if peak else "")
+    )
     record["bert_base"] = part_b
 
     # (c) the MiniLM bundle tags the corpus in fp32 and bf16; quality delta on dev
     runs = {p: tag_part(part_a["bundle"], corpus, workdir / f"tagged-{p}", p, gpus) for p in ("fp32", "bf16")}
     quality = dev_quality(part_a["bundle"], "cuda" if gpu else "cpu")
     speed = runs["bf16"].get("rows_per_s", 0) / max(runs["fp32"].get("rows_per_s", 0), 1e-9)
-    record["precision"] = {"rows": rows, "fp32": runs["fp32"], "bf16": runs["bf16"],
-                           "bf16_over_fp32_rows_per_s": speed, "dev_quality": quality}  # fmt: skip
-    print(f"(c) {rows:,} rows: fp32 {runs['fp32'].get('rows_per_s', 0):.0f} rows/s, bf16 "
-          f"{runs['bf16'].get('rows_per_s', 0):.0f} rows/s ({speed:.2f}x)"
-          + (f" [bf16 refused: {runs['bf16']['refused']}]" if "refused" in runs["bf16"] else "")
-          + f"; dev held-out macro-F1 fp32 {quality['heldout_macro_f1_fp32']:.4f} vs bf16 "
-          f"{quality['heldout_macro_f1_bf16']:.4f} ({quality['change']:+.4f}, 95% interval "
-          f"{quality['interval_95'][0]:+.4f} to {quality['interval_95'][1]:+.4f})")  # fmt: skip
+    record["precision"] = {
+        "rows": rows,
+        "fp32": runs["fp32"],
+        "bf16": runs["bf16"],
+        "bf16_over_fp32_rows_per_s": speed,
+        "dev_quality": quality,
+    }
+    print(
+        f"(c) {rows:,} rows: fp32 {runs['fp32'].get('rows_per_s', 0):.0f} rows/s, bf16 "
+        f"{runs['bf16'].get('rows_per_s', 0):.0f} rows/s ({speed:.2f}x)"
+        + (f" [bf16 refused: {runs['bf16']['refused']}]" if "refused" in runs["bf16"] else "")
+        + f"; dev held-out macro-F1 fp32 {quality['heldout_macro_f1_fp32']:.4f} vs bf16 "
+        f"{quality['heldout_macro_f1_bf16']:.4f} ({quality['change']:+.4f}, 95% interval "
+        f"{quality['interval_95'][0]:+.4f} to {quality['interval_95'][1]:+.4f})"
+    )
     return record
 
 

@@ -25,7 +25,8 @@ from torch.ao.quantization import default_dynamic_qconfig, per_channel_dynamic_q
 from emotions.bundle import load_bundle
 from emotions.data import load_labelled
 from emotions.evaluation import paired_change
-from emotions.tagging.inference import MAX_F1_LOSS, predict_tokens, tokenize_texts
+from emotions.precision import MAX_F1_LOSS
+from emotions.tagging.predictor import predict_tokens, tokenize_texts
 
 RESULTS = Path(__file__).parent / "results" / "int8_variants.json"
 SCALES = {"per-channel": per_channel_dynamic_qconfig, "per-tensor": default_dynamic_qconfig}
@@ -46,8 +47,12 @@ def main() -> None:
     warnings.simplefilter("ignore")  # torch announces the move of quantize_dynamic to torchao
     bundle = load_bundle(args.model)
     data = bundle.config["data"]
-    validation = load_labelled(data["validation"], text_column=data["text_column"],
-                               labels_column=data["labels_column"], label_format=data["label_format"])  # fmt: skip
+    validation = load_labelled(
+        data["validation"],
+        text_column=data["text_column"],
+        labels_column=data["labels_column"],
+        label_format=data["label_format"],
+    )
     tokens = tokenize_texts(validation.texts, bundle.tokenizer, bundle.max_length)
     pad_id = bundle.tokenizer.pad_token_id or 0
     rows = []
@@ -58,8 +63,15 @@ def main() -> None:
         for batch in args.batches:
             speed, probs = rate(model, tokens, pad_id, batch)
             change = paired_change(validation.labels, reference, probs)
-            rows.append({"variant": f"int8 {scale}", "batch": batch, "rows_per_s": speed, **change,
-                         "passes": change["interval_95"][0] > -MAX_F1_LOSS})  # fmt: skip
+            rows.append(
+                {
+                    "variant": f"int8 {scale}",
+                    "batch": batch,
+                    "rows_per_s": speed,
+                    **change,
+                    "passes": change["interval_95"][0] > -MAX_F1_LOSS,
+                }
+            )
     print(f"\n{len(tokens):,} texts of {validation.source}, bundle {bundle.hash}, {torch.get_num_threads()} threads")
     print(f"{'variant':20}{'batch':>6}{'rows/s':>9}{'x fp32':>8}{'change':>9}  95% interval        rows changed  gate")
     for r in rows:
@@ -67,9 +79,11 @@ def main() -> None:
             print(f"{'fp32':20}{r['batch']:>6}{r['rows_per_s']:9.1f}{1:8.2f}")
             continue
         low, high = r["interval_95"]
-        print(f"{r['variant']:20}{r['batch']:>6}{r['rows_per_s']:9.1f}{r['rows_per_s'] / fp32_rate:8.2f}"
-              f"{r['change']:+9.4f}  {low:+.4f} to {high:+.4f}  {100 * r['rows_changed']:10.1f}%  "
-              f"{'passes' if r['passes'] else 'FAILS'}")  # fmt: skip
+        print(
+            f"{r['variant']:20}{r['batch']:>6}{r['rows_per_s']:9.1f}{r['rows_per_s'] / fp32_rate:8.2f}"
+            f"{r['change']:+9.4f}  {low:+.4f} to {high:+.4f}  {100 * r['rows_changed']:10.1f}%  "
+            f"{'passes' if r['passes'] else 'FAILS'}"
+        )
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(json.dumps({"model_hash": bundle.hash, "rows": rows}, indent=2) + "\n")
     print(f"written to {args.results}")

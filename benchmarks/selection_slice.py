@@ -38,8 +38,10 @@ def main() -> None:
     (args.out / "train_rest.tsv").write_text(rest, encoding="utf-8")
     counts = Counter(int(j) for i in chosen for j in lines[i].split("\t")[1].split(","))
     rarest = ", ".join(f"{EMOTIONS[j]} {n}" for j, n in sorted(counts.items(), key=lambda t: t[1])[:4])
-    print(f"{args.out}/sel.tsv: {len(chosen)} comments (rarest labels: {rarest}); "
-          f"{args.out}/train_rest.tsv: {len(lines) - len(chosen)}")
+    print(
+        f"{args.out}/sel.tsv: {len(chosen)} comments (rarest labels: {rarest}); "
+        f"{args.out}/train_rest.tsv: {len(lines) - len(chosen)}"
+    )
 
 
 if __name__ == "__main__":

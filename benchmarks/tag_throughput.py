@@ -51,9 +51,10 @@ import torch
 from emotions import tagging  # the module only: --probe may run an older checkout of it
 from emotions.bundle import load_bundle
 from emotions.corpus import make_corpus
-from emotions.environment import setup_logging
 from emotions.data import load_labelled
+from emotions.environment import setup_logging
 from emotions.labels import EMOTIONS
+from emotions.tagging.predictor import resolve_precision
 
 RESULTS = Path(__file__).parent / "results" / "tag_throughput.json"
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,16 +73,19 @@ def real_corpus(folder: Path, rows: int, files: int) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     bodies = [texts[i % len(texts)] for i in range(rows)]
     for k, part in enumerate(np.array_split(np.arange(rows), files)):
-        pq.write_table(pa.table({"id": [f"r{i}" for i in part], "body": [bodies[i] for i in part]}),
-                       folder / f"real-{k:05d}.parquet")  # fmt: skip
+        pq.write_table(
+            pa.table({"id": [f"r{i}" for i in part], "body": [bodies[i] for i in part]}),
+            folder / f"real-{k:05d}.parquet",
+        )
     return folder
 
 
 def read_texts(corpus: Path) -> tuple[pa.Array, list[str]]:
     """(ids, texts) of every file, junk as "" (what a simple loop does with it)."""
     schema = pa.schema([("id", pa.string()), ("body", pa.large_string())])  # files mix string types
-    table = pa.concat_tables(pq.read_table(f, columns=["id", "body"]).cast(schema)
-                             for f in sorted(corpus.glob("*.parquet")))  # fmt: skip
+    table = pa.concat_tables(
+        pq.read_table(f, columns=["id", "body"]).cast(schema) for f in sorted(corpus.glob("*.parquet"))
+    )
     return table.column("id"), [t if isinstance(t, str) else "" for t in table.column("body").to_pylist()]
 
 
@@ -102,8 +106,13 @@ def naive_loop(model: str, corpus: Path, output: Path) -> float:
     probs = np.zeros((len(texts), len(EMOTIONS)), dtype=np.float32)
     with torch.inference_mode():
         for i in range(0, len(texts), NAIVE_BATCH):
-            batch = bundle.tokenizer(texts[i : i + NAIVE_BATCH], padding=True, truncation=True,
-                                     max_length=bundle.max_length, return_tensors="pt")  # fmt: skip
+            batch = bundle.tokenizer(
+                texts[i : i + NAIVE_BATCH],
+                padding=True,
+                truncation=True,
+                max_length=bundle.max_length,
+                return_tensors="pt",
+            )
             probs[i : i + NAIVE_BATCH] = torch.sigmoid(bundle.model(batch["input_ids"], batch["attention_mask"]))
     write_tags(ids, probs, bundle.thresholds, output)
     return len(texts) / (time.perf_counter() - start)
@@ -114,7 +123,7 @@ def sorted_loop(model: str, corpus: Path, output: Path, precision: str = "fp32")
     ``precision`` (int8: the quantized model tag_corpus runs), end to end."""
     start = time.perf_counter()
     bundle = load_bundle(model)
-    bundle.model = tagging.inference.prepare_model(bundle.model, precision)
+    bundle.model = precision.prepare_model(bundle.model, precision)
     ids, texts = read_texts(corpus)
     write_tags(ids, bundle.predict_proba(texts, batch_size=SORTED_BATCH), bundle.thresholds, output)
     return len(texts) / (time.perf_counter() - start)
@@ -141,8 +150,13 @@ def ray_documented(model: str, corpus: Path, output: Path) -> float:
     shutil.rmtree(output, ignore_errors=True)
     actors = int(ray.cluster_resources()["CPU"])
     ds = ray.data.read_parquet(str(corpus), columns=["id", "body"])
-    ds = ds.map_batches(Predictor, fn_constructor_kwargs={"model": model}, batch_size=1024, num_cpus=0.5,
-                        compute=ray.data.ActorPoolStrategy(size=actors))  # fmt: skip
+    ds = ds.map_batches(
+        Predictor,
+        fn_constructor_kwargs={"model": model},
+        batch_size=1024,
+        num_cpus=0.5,
+        compute=ray.data.ActorPoolStrategy(size=actors),
+    )
     ds.write_parquet(str(output))
     rows = sum(pq.read_metadata(f).num_rows for f in output.glob("*.parquet"))
     return rows / (time.perf_counter() - start)
@@ -166,11 +180,13 @@ def flops_per_row(model: str, corpus: Path) -> tuple[float, int, int]:
     token, 2 x (4 h^2 + 2 h i) for the projections and feed-forward, plus 4 x L x h for attention
     over the row's L tokens. The head is negligible. -> (FLOPs, hidden size, intermediate size)"""
     bundle = load_bundle(model)
-    config = json.loads((bundle.path / "encoder_config.json").read_text())
+    config = bundle.model.encoder.config.to_dict()
     h, i, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
     _, texts = read_texts(corpus)
-    lengths = np.array([len(ids) for ids in bundle.tokenizer(texts, truncation=True, max_length=bundle.max_length)
-                        ["input_ids"]], dtype=np.float64)  # fmt: skip
+    lengths = np.array(
+        [len(ids) for ids in bundle.tokenizer(texts, truncation=True, max_length=bundle.max_length)["input_ids"]],
+        dtype=np.float64,
+    )
     per_layer = 2 * lengths * (4 * h * h + 2 * h * i) + 4 * lengths**2 * h
     return float(layers * per_layer.mean()), h, i
 
@@ -184,7 +200,7 @@ def matmul_rate(h: int, i: int, precision: str, seconds: float = 1.0) -> float:
     for rows in (320, 512, 2048):
         for out in (h, i):
             x = torch.randn(rows, h)
-            linear = tagging.inference.prepare_model(torch.nn.Sequential(torch.nn.Linear(h, out)), precision)
+            linear = precision.prepare_model(torch.nn.Sequential(torch.nn.Linear(h, out)), precision)
             with torch.inference_mode():
                 for _ in range(5):
                     linear(x)
@@ -245,22 +261,43 @@ def probe(model: str, corpus: str, output: str) -> None:
     with PeakRSS() as rss:
         summary = tagging.tag_corpus(model, corpus, output, overwrite=True, **({"report": False} if new else {}))
     ray.shutdown()
-    print(json.dumps({"code": tagging.__file__, "rows": summary.rows_out, "rows_per_s": summary.rows_per_s,
-                      "driver_hwm_mb": peak_rss_mb(), "workers_peak_mb": rss.workers / 2**20}))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "code": tagging.__file__,
+                "rows": summary.rows_out,
+                "rows_per_s": summary.rows_per_s,
+                "driver_hwm_mb": peak_rss_mb(),
+                "workers_peak_mb": rss.workers / 2**20,
+            }
+        )
+    )
 
 
 def fresh_driver(model: str, corpus: Path, output: Path, code: str | None = None) -> dict:
     """One ``--probe`` run in a new process (``code``: a checkout to import emotions from)."""
     env = dict(os.environ, **({"PYTHONPATH": code} if code else {}))
-    command = [sys.executable, os.path.abspath(__file__), "--probe", "--model", model, "--corpus", str(corpus),
-               "--output", str(output)]  # fmt: skip
+    command = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--probe",
+        "--model",
+        model,
+        "--corpus",
+        str(corpus),
+        "--output",
+        str(output),
+    ]
     # Ray's workers put the driver's working directory first on sys.path: run in the checkout.
     result = subprocess.run(command, env=env, capture_output=True, text=True, cwd=code or ROOT)
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
     row = json.loads(result.stdout.strip().splitlines()[-1])
-    print(f"  {row['rows']:>9,} rows  {row['rows_per_s']:8.1f} rows/s  driver {row['driver_hwm_mb']:6.0f} MiB  "
-          f"workers {row['workers_peak_mb']:6.0f} MiB  ({row['code']})", flush=True)  # fmt: skip
+    print(
+        f"  {row['rows']:>9,} rows  {row['rows_per_s']:8.1f} rows/s  driver {row['driver_hwm_mb']:6.0f} MiB  "
+        f"workers {row['workers_peak_mb']:6.0f} MiB  ({row['code']})",
+        flush=True,
+    )
     return row
 
 
@@ -290,11 +327,15 @@ def speed(args, work: Path) -> dict:
             for k, (label, run) in enumerate(contenders.items()):
                 runs[label].append(run(corpus, work / f"out-{k}"))
                 print(f"  {name}: {label}: {runs[label][-1] or 'refused'}", flush=True)
-        default, _ = tagging.inference.resolve_precision(load_bundle(args.model), "auto", gpu=False)
-        out[name] = {"rows": sum(pq.read_metadata(f).num_rows for f in corpus.glob("*.parquet")),
-                     "flops_per_row": flops, "matmul_flops_per_s": rates, "runs": runs,
-                     "best": {label: max(r for r in rs if r) if any(rs) else None for label, rs in runs.items()},
-                     "default_precision": default}
+        default, _ = resolve_precision(load_bundle(args.model), "auto", gpu=False)
+        out[name] = {
+            "rows": sum(pq.read_metadata(f).num_rows for f in corpus.glob("*.parquet")),
+            "flops_per_row": flops,
+            "matmul_flops_per_s": rates,
+            "runs": runs,
+            "best": {label: max(r for r in rs if r) if any(rs) else None for label, rs in runs.items()},
+            "default_precision": default,
+        }
     return out
 
 
@@ -302,15 +343,20 @@ def print_speed(results: dict) -> list[bool]:
     verdicts = []
     for name, r in results.items():
         best, naive = r["best"], r["best"]["naive loop (input order, batches of 64)"]
-        print(f"\n{name} comments: {r['rows']:,} rows, {r['flops_per_row'] / 1e9:.2f} GFLOP per row; matmul "
-              f"{r['matmul_flops_per_s']['fp32'] / 1e9:.0f} GFLOP/s fp32, {r['matmul_flops_per_s']['int8'] / 1e9:.0f} int8; "
-              f"default precision: {r['default_precision']}")  # fmt: skip
+        print(
+            f"\n{name} comments: {r['rows']:,} rows, {r['flops_per_row'] / 1e9:.2f} GFLOP per row; matmul "
+            f"{r['matmul_flops_per_s']['fp32'] / 1e9:.0f} GFLOP/s fp32, "
+            f"{r['matmul_flops_per_s']['int8'] / 1e9:.0f} int8; "
+            f"default precision: {r['default_precision']}"
+        )
         print(f"{'':44}{'rows/s':>9}{'x naive':>9}{'% floor':>9}   goal")
         for label, rate in best.items():
             if rate is None:
                 print(f"{label:44}{'refused':>9}")
                 continue
-            precision = "int8" if "int8" in label or (label.endswith("(auto)") and r["default_precision"] == "int8") else "fp32"
+            precision = (
+                "int8" if "int8" in label or (label.endswith("(auto)") and r["default_precision"] == "int8") else "fp32"
+            )
             floor = r["matmul_flops_per_s"][precision] / r["flops_per_row"]
             goal = ""
             if label.startswith("emotions tag") and not label.endswith("(auto)"):
@@ -340,13 +386,18 @@ def memory(args, work: Path) -> dict:
 
 def print_memory(results: dict) -> list[bool]:
     sizes = sorted(results["new"])
-    print(f"\n{'fresh driver per corpus (smoke bundle)':40}" + "".join(f"{f'{n:,} rows':>16}" for n in sizes)
-          + f"{'ratio':>8}   goal")  # fmt: skip
+    print(
+        f"\n{'fresh driver per corpus (smoke bundle)':40}"
+        + "".join(f"{f'{n:,} rows':>16}" for n in sizes)
+        + f"{'ratio':>8}   goal"
+    )
     verdicts = []
     for side in ("new", "old"):
-        for label, key, goal in (("driver peak RSS (VmHWM), MiB", "driver_hwm_mb", "driver_growth"),
-                                 ("Ray workers' summed peak RSS, MiB", "workers_peak_mb", "workers_growth"),
-                                 ("rows/s", "rows_per_s", None)):  # fmt: skip
+        for label, key, goal in (
+            ("driver peak RSS (VmHWM), MiB", "driver_hwm_mb", "driver_growth"),
+            ("Ray workers' summed peak RSS, MiB", "workers_peak_mb", "workers_growth"),
+            ("rows/s", "rows_per_s", None),
+        ):
             if not results[side]:
                 continue
             values = [results[side][n][key] for n in sizes]
@@ -357,8 +408,11 @@ def print_memory(results: dict) -> list[bool]:
                 line += f"{values[-1] / values[0]:8.2f}   <= {GOALS[goal]}: {'ok' if ok else 'FAIL'}"
             print(line)
     if results["old"]:
-        print(f"{'new / old rows/s':40}" + "".join(f"{results['new'][n]['rows_per_s'] / results['old'][n]['rows_per_s']:16.2f}"
-                                            for n in sizes) + "   >= 1.0")  # fmt: skip
+        print(
+            f"{'new / old rows/s':40}"
+            + "".join(f"{results['new'][n]['rows_per_s'] / results['old'][n]['rows_per_s']:16.2f}" for n in sizes)
+            + "   >= 1.0"
+        )
     return verdicts
 
 
@@ -370,11 +424,19 @@ def main() -> None:
     parser.add_argument("--files", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=2, help="alternating rounds; the best of each counts")
     parser.add_argument("--memory-model", default=None, help="the smoke bundle: the memory section's model")
-    parser.add_argument("--driver-rows", type=int, nargs="+", default=[100_000, 2_000_000],
-                        help="memory corpora, each tagged by a fresh driver")
-    parser.add_argument("--old-code", default=None, metavar="CHECKOUT",
-                        help="a checkout of earlier code (git worktree add /tmp/old_tagging <commit>): "
-                             "tags the memory corpora too")
+    parser.add_argument(
+        "--driver-rows",
+        type=int,
+        nargs="+",
+        default=[100_000, 2_000_000],
+        help="memory corpora, each tagged by a fresh driver",
+    )
+    parser.add_argument(
+        "--old-code",
+        default=None,
+        metavar="CHECKOUT",
+        help="a checkout of earlier code (git worktree add /tmp/old_tagging <commit>): tags the memory corpora too",
+    )
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--work", default="/tmp/emotions-tag-bench")
     parser.add_argument("--results", type=Path, default=RESULTS, help=f"JSON written at the end (default: {RESULTS})")
@@ -390,8 +452,7 @@ def main() -> None:
     results, verdicts = {"machine_cpus": os.cpu_count(), "args": vars(args)}, []
     if not args.skip_speed:
         bundle = load_bundle(args.model)
-        results.update(model_hash=bundle.hash, encoder=bundle.config["model"]["encoder"],
-                       max_length=bundle.max_length)  # fmt: skip
+        results.update(model_hash=bundle.hash, encoder=bundle.config["model"]["encoder"], max_length=bundle.max_length)
         results["precision_checks"] = {p: tagging.check_precision(bundle, p) for p in ("bf16", "int8")}
         del bundle
         ray.init(include_dashboard=False, log_to_driver=False)

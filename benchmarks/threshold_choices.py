@@ -17,6 +17,7 @@ difference over the seeds, and on how many seeds the variant won.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from pathlib import Path
 
@@ -33,8 +34,9 @@ def robust_thresholds(probs: np.ndarray, labels: np.ndarray, shrink: float = 0.0
     f1, support = f1_curves(probs, labels)
     if smooth:
         padded = np.pad(f1, ((smooth, smooth), (0, 0)), mode="edge")
-        f1 = np.stack([np.convolve(padded[:, j], np.ones(2 * smooth + 1), mode="valid")
-                       for j in range(f1.shape[1])], 1) / (2 * smooth + 1)  # fmt: skip
+        f1 = np.stack(
+            [np.convolve(padded[:, j], np.ones(2 * smooth + 1), mode="valid") for j in range(f1.shape[1])], 1
+        ) / (2 * smooth + 1)
     thresholds = GRID[len(GRID) - 1 - np.argmax(f1[::-1], axis=0)].astype(np.float64)
     if shrink:
         pooled = GRID[len(GRID) - 1 - np.argmax(f1[:, support > 0].mean(1)[::-1])]
@@ -43,10 +45,12 @@ def robust_thresholds(probs: np.ndarray, labels: np.ndarray, shrink: float = 0.0
     return thresholds
 
 
-VARIANTS = {"best F1 (fit_thresholds)": lambda p, y: fit_thresholds(p, y),
-            **{f"shrink {m}": (lambda m: lambda p, y: robust_thresholds(p, y, shrink=m))(m) for m in (2, 5, 10, 40)},
-            **{f"smooth {k}": (lambda k: lambda p, y: robust_thresholds(p, y, smooth=k))(k) for k in (1, 2, 3, 5)},
-            "global": lambda p, y: robust_thresholds(p, y, shrink=1e12)}  # fmt: skip
+VARIANTS = {
+    "best F1 (fit_thresholds)": lambda p, y: fit_thresholds(p, y),
+    **{f"shrink {m}": functools.partial(robust_thresholds, shrink=m) for m in (2, 5, 10, 40)},
+    **{f"smooth {k}": functools.partial(robust_thresholds, smooth=k) for k in (1, 2, 3, 5)},
+    "global": lambda p, y: robust_thresholds(p, y, shrink=1e12),
+}
 
 
 def main() -> None:
@@ -57,23 +61,37 @@ def main() -> None:
     args = parser.parse_args()
     bundle = load_bundle(args.model)
     data = bundle.config["data"]
-    validation = load_labelled(data["validation"], text_column=data["text_column"],
-                               labels_column=data["labels_column"], label_format=data["label_format"])  # fmt: skip
+    validation = load_labelled(
+        data["validation"],
+        text_column=data["text_column"],
+        labels_column=data["labels_column"],
+        label_format=data["label_format"],
+    )
     probs, labels = bundle.predict_proba(validation.texts), validation.labels.astype(bool)
     scores = {name: [] for name in VARIANTS}
     for seed in range(args.seeds):
         halves = heldout_halves(labels, seed)
         for name, fit in VARIANTS.items():
-            scores[name].append(np.mean([macro_f1(labels[s], probs[s] >= fit(probs[f], labels[f]))[0]
-                                         for f, s in (halves, halves[::-1])]))  # fmt: skip
+            scores[name].append(
+                np.mean(
+                    [macro_f1(labels[s], probs[s] >= fit(probs[f], labels[f]))[0] for f, s in (halves, halves[::-1])]
+                )
+            )
     base = np.array(scores["best F1 (fit_thresholds)"])
     print(f"\n{len(labels):,} examples of {validation.source}, bundle {bundle.hash}, {args.seeds} seeded splits")
     print(f"{'thresholds':28}{'held-out':>10}{'vs best F1':>12}{'spread':>8}{'wins':>6}")
     rows = []
     for name, values in scores.items():
         diff = np.array(values) - base
-        rows.append({"variant": name, "heldout_macro_f1": float(np.mean(values)), "change": float(diff.mean()),
-                     "spread": float(diff.std()), "wins": int((diff > 0).sum())})  # fmt: skip
+        rows.append(
+            {
+                "variant": name,
+                "heldout_macro_f1": float(np.mean(values)),
+                "change": float(diff.mean()),
+                "spread": float(diff.std()),
+                "wins": int((diff > 0).sum()),
+            }
+        )
         print(f"{name:28}{np.mean(values):10.4f}{diff.mean():+12.4f}{diff.std():8.4f}{(diff > 0).sum():>6}")
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(json.dumps({"model_hash": bundle.hash, "seeds": args.seeds, "rows": rows}, indent=2) + "\n")

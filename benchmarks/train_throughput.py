@@ -42,8 +42,8 @@ import torch
 from emotions.batching import bucket_batches, collate, random_batches, tokenize
 from emotions.cluster import describe_layout
 from emotions.config import build_config
-from emotions.environment import cpu_has_bf16
 from emotions.data import load_labelled
+from emotions.environment import cpu_has_bf16
 from emotions.model import EmotionClassifier, build_head, load_encoder, load_tokenizer
 from emotions.training import fit, resolve_layout
 
@@ -64,8 +64,9 @@ def plain_loop(tokenized, batches, config, threads: int, pad_to: int | None = No
     model.head = build_head(model.hidden_size, stage.head_depth, stage.dropout)
     if config.model.freeze_embeddings:
         model.encoder.get_input_embeddings().requires_grad_(False)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
-                                  lr=stage.learning_rate, weight_decay=stage.weight_decay)  # fmt: skip
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=stage.learning_rate, weight_decay=stage.weight_decay
+    )
     loss_fn = torch.nn.BCEWithLogitsLoss()
     model.train()
     start = time.perf_counter()
@@ -84,8 +85,15 @@ def plain_loop(tokenized, batches, config, threads: int, pad_to: int | None = No
 def ray_train_config(examples: int, global_batch: int, storage: str, scaling: list[str]):
     """The default preset cut to one stage-1 epoch, with ``scaling`` overrides (none: the default
     layout) resolved against the connected cluster, and per-worker batch = global / workers."""
-    overrides = [f"data.max_train_examples={examples}", "data.max_validation_examples=64", "stage1.epochs=1",
-                 "stage2.epochs=0", f"run.storage_path={storage}", "run.resume=false", *scaling]  # fmt: skip
+    overrides = [
+        f"data.max_train_examples={examples}",
+        "data.max_validation_examples=64",
+        "stage1.epochs=1",
+        "stage2.epochs=0",
+        f"run.storage_path={storage}",
+        "run.resume=false",
+        *scaling,
+    ]
     config = resolve_layout(build_config("default", overrides=overrides))
     workers = config.scaling.num_workers
     if global_batch % workers:
@@ -105,8 +113,9 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=768, help="GoEmotions train comments (seeded subset)")
     parser.add_argument("--batch", type=int, default=32, help="global batch size")
     parser.add_argument("--repeats", type=int, default=2, help="alternating repeats of every row")
-    parser.add_argument("--padded-examples", type=int, default=256,
-                        help="rows the pad-to-max_length loop runs over (it is slow)")  # fmt: skip
+    parser.add_argument(
+        "--padded-examples", type=int, default=256, help="rows the pad-to-max_length loop runs over (it is slow)"
+    )
     args = parser.parse_args()
     threads = len(os.sched_getaffinity(0))
     load_before = os.getloadavg()
@@ -121,8 +130,9 @@ def main() -> None:
     ray.init(num_cpus=threads, include_dashboard=False, log_to_driver=False)
     storage = tempfile.mkdtemp(prefix="emotions-bench-")
     default_layout = ray_train_config(args.examples, args.batch, storage, [])
-    old_layout = ray_train_config(args.examples, args.batch, storage,
-                                  ["scaling.num_workers=2", "scaling.cpus_per_worker=1"])  # fmt: skip
+    old_layout = ray_train_config(
+        args.examples, args.batch, storage, ["scaling.num_workers=2", "scaling.cpus_per_worker=1"]
+    )
     bf16_layout = ray_train_config(args.examples, args.batch, storage, ["scaling.cpu_bf16=true"])
     native_bf16 = cpu_has_bf16()
     max_len = config.data.max_length
@@ -150,18 +160,29 @@ def main() -> None:
     shutil.rmtree(storage, ignore_errors=True)
 
     results = {
-        "command": " ".join(["python", *sys.argv]), "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "examples": args.examples, "padded_examples": sum(len(b) for b in padded), "global_batch": args.batch,
-        "repeats": args.repeats, "encoder": config.model.encoder,
-        "freeze_embeddings": config.model.freeze_embeddings, "max_length": max_len,
+        "command": " ".join(["python", *sys.argv]),
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "examples": args.examples,
+        "padded_examples": sum(len(b) for b in padded),
+        "global_batch": args.batch,
+        "repeats": args.repeats,
+        "encoder": config.model.encoder,
+        "freeze_embeddings": config.model.freeze_embeddings,
+        "max_length": max_len,
         "mean_tokens": float(tokenized.lengths.mean()),
-        "machine_cpus": os.cpu_count(), "plain_loop_torch_threads": threads, "cpu_has_bf16": native_bf16,
-        "load_average_before": list(load_before), "load_average_after": list(os.getloadavg()),
-        "layouts": {"Ray Train, default layout": describe_layout(default_layout.scaling),
-                    "Ray Train, 2 workers x 1 CPU": describe_layout(old_layout.scaling),
-                    "Ray Train, default layout, bf16": describe_layout(bf16_layout.scaling)},
-        "samples_per_s": rates, "ray_train_run_wall_s": walls,
-    }  # fmt: skip
+        "machine_cpus": os.cpu_count(),
+        "plain_loop_torch_threads": threads,
+        "cpu_has_bf16": native_bf16,
+        "load_average_before": list(load_before),
+        "load_average_after": list(os.getloadavg()),
+        "layouts": {
+            "Ray Train, default layout": describe_layout(default_layout.scaling),
+            "Ray Train, 2 workers x 1 CPU": describe_layout(old_layout.scaling),
+            "Ray Train, default layout, bf16": describe_layout(bf16_layout.scaling),
+        },
+        "samples_per_s": rates,
+        "ray_train_run_wall_s": walls,
+    }
     results.update(compare(rates))
     print_table(results)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
@@ -186,17 +207,24 @@ def compare(rates: dict[str, list[float]]) -> dict:
         goals["ray_bf16_vs_plain_bf16"] = {"ratio": ray_bf16 / best["plain, length-bucketed, bf16"], "goal": GOAL_RAY}
     for goal in goals.values():
         goal["met"] = goal["ratio"] >= goal["goal"]
-    return {"best_samples_per_s": best, "best_plain": best_plain, "ray_default_vs_ray_2x1": ray_default / ray_old,
-            "bucketed_vs_dynamic_padding": bucketed / best["plain, dynamic padding"], "goals": goals}  # fmt: skip
+    return {
+        "best_samples_per_s": best,
+        "best_plain": best_plain,
+        "ray_default_vs_ray_2x1": ray_default / ray_old,
+        "bucketed_vs_dynamic_padding": bucketed / best["plain, dynamic padding"],
+        "goals": goals,
+    }
 
 
 def print_table(results: dict) -> None:
     best, plain = results["best_samples_per_s"], results["best_samples_per_s"][results["best_plain"]]
     padded = best["plain, padded to max_length"]
-    print(f"\nstage-1 throughput: {results['examples']} GoEmotions comments (mean {results['mean_tokens']:.1f} "
-          f"tokens, max_length {results['max_length']}; padded row: first {results['padded_examples']}), "
-          f"{results['encoder']}, global batch {results['global_batch']}, {results['machine_cpus']} CPUs; "
-          f"best of {results['repeats']} alternating repeats, each repeat in brackets")  # fmt: skip
+    print(
+        f"\nstage-1 throughput: {results['examples']} GoEmotions comments (mean {results['mean_tokens']:.1f} "
+        f"tokens, max_length {results['max_length']}; padded row: first {results['padded_examples']}), "
+        f"{results['encoder']}, global batch {results['global_batch']}, {results['machine_cpus']} CPUs; "
+        f"best of {results['repeats']} alternating repeats, each repeat in brackets"
+    )
     load = {k: " ".join(f"{x:.2f}" for x in results[f"load_average_{k}"]) for k in ("before", "after")}
     print(f"load average (1, 5, 15 min): before {load['before']}, after {load['after']}\n")
     print(f"{'':32}{'samples/s':>10}  {'repeats':<15}{'vs best plain':>14}{'vs padded':>10}  layout")
@@ -213,9 +241,11 @@ def print_table(results: dict) -> None:
         print(f"goal: {key} >= {goal['goal']}: {goal['ratio']:.2f}  {'ok' if goal['met'] else 'FAIL'}")
     busiest = max(results["load_average_before"][0], results["load_average_after"][0])
     if busiest > results["machine_cpus"]:
-        print(f"warning: load average {busiest:.1f} on {results['machine_cpus']} CPUs: other processes share the "
-              "cores, and rows with several torch threads per process (plain loops, 1 worker x N) lose far "
-              "more than 1-thread workers; compare only runs on an idle machine")  # fmt: skip
+        print(
+            f"warning: load average {busiest:.1f} on {results['machine_cpus']} CPUs: other processes share the "
+            "cores, and rows with several torch threads per process (plain loops, 1 worker x N) lose far "
+            "more than 1-thread workers; compare only runs on an idle machine"
+        )
 
 
 if __name__ == "__main__":

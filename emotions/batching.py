@@ -46,8 +46,9 @@ class TokenizedSet:
 
 def tokenize(texts: list[str], labels: np.ndarray, tokenizer, max_length: int) -> TokenizedSet:
     """Tokenize once, without padding (padding happens per batch)."""
-    encoded = tokenizer(texts, truncation=True, max_length=max_length,
-                        return_attention_mask=False, return_token_type_ids=False)["input_ids"]  # fmt: skip
+    encoded = tokenizer(
+        texts, truncation=True, max_length=max_length, return_attention_mask=False, return_token_type_ids=False
+    )["input_ids"]
     lengths = np.fromiter((len(e) for e in encoded), dtype=np.int64, count=len(encoded))
     offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
@@ -89,5 +90,4 @@ def collate(data: TokenizedSet, rows: np.ndarray, pad_id: int, pad_to: int | Non
     mask = np.arange(width)[None, :] < lengths[:, None]
     for k, row in enumerate(rows):
         input_ids[k, : lengths[k]] = data.ids[data.offsets[row] : data.offsets[row + 1]]
-    return (torch.from_numpy(input_ids), torch.from_numpy(mask.astype(np.int64)),
-            torch.from_numpy(data.labels[rows]))  # fmt: skip
+    return (torch.from_numpy(input_ids), torch.from_numpy(mask.astype(np.int64)), torch.from_numpy(data.labels[rows]))

@@ -1,90 +1,138 @@
 """The model bundle: one folder, written by ``save_bundle`` and read by ``load_bundle``.
 
-    bundle.json            format, labels, thresholds, head, pooling, max_length, hash
-    encoder_config.json    the encoder's Hugging Face config (architecture only)
-    model.safetensors      encoder.* and head.* weights
-    tokenizer/             tokenizer files (save_pretrained)
-    config.json            the resolved training config
+    save_bundle:  classifier state dict + tokenizer + config + thresholds + metrics --> folder
+    load_bundle:  folder, or URI --(emotions.bundle_store: cached copy)--> read_bundle --> Bundle
+
+The encoder and tokenizer are laid out as ``save_pretrained`` writes them, so Hugging Face tools
+read the bundle folder as it is (``AutoModel``/``AutoConfig``/``AutoTokenizer.from_pretrained``);
+the project's own files sit beside them under their own names:
+
+    config.json            the encoder's Hugging Face config (architectures, model_type)
+    model.safetensors      the encoder's weights, named as AutoModel.from_pretrained expects
+    tokenizer.json, tokenizer_config.json, vocab.txt, ...   the tokenizer (save_pretrained)
+    head.safetensors       the classification head's weights: [batch, hidden] -> [batch, 28]
+    bundle.json            format, version, labels, thresholds, head, pooling, max_length
+    emotions_config.json   the resolved training config
     metrics.json           validation metrics at 0.5 and at the thresholds, training history
     manifest.json          sha256 of every file above and the bundle's content hash
 
+Format version 1 (before the Hugging Face layout: ``encoder_config.json``, encoder and head
+weights together in ``model.safetensors``, ``tokenizer/``, the training config in
+``config.json``) is still read; ``save_bundle`` writes version 2.
+
 No pickles, and loading never executes code from the bundle: the architecture is rebuilt from
-JSON with built-in transformers classes, and weights come from safetensors.
-
-Integrity. A bundle is exactly the files its manifest lists: ``load_bundle`` refuses a folder with
-a file missing or one the manifest does not list (named, with the fix), recomputes every file's
-sha256 from the bytes it loads and the content hash from those, and refuses any difference. The
-content hash (``Bundle.hash``) is therefore the hash of what was loaded, never a copied string.
-
-Writing. ``save_bundle`` and ``publish_bundle`` replace the whole output folder, so they write only
-into a folder that is missing, empty, or an earlier bundle (``check_output_folder``: its
-manifest.json is a bundle manifest and its bundle.json says ``format: emotions-bundle``); any other
-folder is refused by name, so ``--output .`` never deletes a user's files. ``emotions train`` and
-``emotions tune`` check their output this way before Ray starts.
-
-Bundles loaded from a URI are copied once into the user's private cache (``bundle_cache()``:
-$EMOTIONS_BUNDLE_CACHE, else $XDG_CACHE_HOME/emotions/bundles, else ~/.cache/emotions/bundles,
-made with mode 0700), one folder per content hash. A cached copy is used only if its manifest.json
-is byte for byte the remote's, and it is verified like any bundle; a copy that differs or fails its
-check is discarded and the bundle fetched again, once.
+JSON with built-in transformers classes, and weights come from safetensors. Every file is checked
+against manifest.json (``emotions.bundle_manifest``); where a bundle may be written and how one on
+a URI is published and cached is ``emotions.bundle_store``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow.fs as pafs
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
+from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
 
 from emotions import storage
 from emotions.batching import tokenize
+from emotions.bundle_manifest import (
+    FORMAT,
+    BundleError,
+    check_file_set,
+    check_hashes,
+    read_manifest,
+    write_manifest,
+)
+from emotions.bundle_store import check_output_folder, discard_cached, download_bundle
+from emotions.bundle_store import publish_bundle as publish_bundle  # callers import it from here
 from emotions.labels import EMOTIONS, check_same_labels
 from emotions.model import EmotionClassifier, build_head, encoder_from_config
 
 log = logging.getLogger("emotions.bundle")
 
-FORMAT = "emotions-bundle"
-VERSION = 1
-REQUIRED = ("bundle.json", "encoder_config.json", "model.safetensors", "config.json",
-            "metrics.json", "manifest.json", "tokenizer")  # fmt: skip
+VERSION = 2
 
 
-class BundleError(ValueError):
-    """A bundle folder that is incomplete, altered, or made for other labels."""
+@dataclass(frozen=True)
+class Layout:
+    """Where a bundle format version keeps each part (relative to the bundle folder)."""
+
+    encoder_config: str  # the encoder's Hugging Face config
+    training_config: str  # the resolved training config
+    tokenizer: str  # the folder holding the tokenizer files ("": the bundle folder)
+    head: str | None  # the head's weights; None: head.* keys beside encoder.* in model.safetensors
+
+    def required(self) -> tuple[str, ...]:
+        tokenizer = f"{self.tokenizer}/tokenizer_config.json" if self.tokenizer else "tokenizer_config.json"
+        return (
+            "bundle.json",
+            self.encoder_config,
+            "model.safetensors",
+            *([self.head] if self.head else []),
+            self.training_config,
+            "metrics.json",
+            "manifest.json",
+            tokenizer,
+        )
 
 
-def save_bundle(output: str | Path, *, weights: dict[str, torch.Tensor], encoder_config: dict,
-                head: dict, tokenizer, thresholds: np.ndarray, config: dict, metrics: dict) -> Path:  # fmt: skip
-    """Write the bundle into ``output`` and return its path. An earlier bundle there is replaced
-    whole; a folder holding anything else is refused (``check_output_folder``)."""
+LAYOUTS = {
+    1: Layout(encoder_config="encoder_config.json", training_config="config.json", tokenizer="tokenizer", head=None),
+    2: Layout(
+        encoder_config="config.json", training_config="emotions_config.json", tokenizer="", head="head.safetensors"
+    ),
+}
+LAYOUT = LAYOUTS[VERSION]
+
+
+def save_bundle(
+    output: str | Path,
+    *,
+    weights: dict[str, torch.Tensor],
+    encoder_config: dict,
+    head: dict,
+    tokenizer,
+    thresholds: np.ndarray,
+    config: dict,
+    metrics: dict,
+) -> Path:
+    """Write the bundle into ``output`` and return its path. ``weights`` is the classifier's
+    state dict (``encoder.*`` and ``head.*``). An earlier bundle there is replaced whole; a
+    folder holding anything else is refused (``check_output_folder``)."""
     check_output_folder(output)
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))
     try:
-        save_file({k: v.contiguous().cpu() for k, v in weights.items()}, str(staging / "model.safetensors"))
-        tokenizer.save_pretrained(str(staging / "tokenizer"))
-        _write_json(staging / "encoder_config.json", encoder_config)
-        _write_json(staging / "config.json", config)
+        parts = split_weights(weights)
+        for name, part in (("model.safetensors", parts["encoder"]), (LAYOUT.head, parts["head"])):
+            tensors = {k: v.contiguous().cpu() for k, v in part.items()}
+            save_file(tensors, str(staging / name), metadata={"format": "pt"})  # "pt": what from_pretrained expects
+        tokenizer.save_pretrained(str(staging))
+        hf_encoder_config(encoder_config).save_pretrained(str(staging))  # config.json
+        _write_json(staging / LAYOUT.training_config, config)
         _write_json(staging / "metrics.json", metrics)
-        _write_json(staging / "bundle.json", {
-            "format": FORMAT, "version": VERSION, "labels": list(EMOTIONS),
-            "thresholds": {name: float(t) for name, t in zip(EMOTIONS, thresholds)},
-            "head": head, "max_length": config["data"]["max_length"],
-            "encoder": config["model"]["encoder"],
-        })  # fmt: skip
-        files = _file_hashes(staging)
-        _write_json(staging / "manifest.json", {"files": files, "hash": _content_hash(files)})
+        _write_json(
+            staging / "bundle.json",
+            {
+                "format": FORMAT,
+                "version": VERSION,
+                "labels": list(EMOTIONS),
+                "thresholds": {name: float(t) for name, t in zip(EMOTIONS, thresholds)},
+                "head": head,
+                "max_length": config["data"]["max_length"],
+                "encoder": config["model"]["encoder"],
+            },
+        )
+        write_manifest(staging)  # last: hashes every file above
         if output.exists():
             shutil.rmtree(output)
         staging.rename(output)
@@ -92,6 +140,26 @@ def save_bundle(output: str | Path, *, weights: dict[str, torch.Tensor], encoder
         if staging.exists():
             shutil.rmtree(staging)
     return output
+
+
+def split_weights(weights: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """The classifier's state dict -> {"encoder": ..., "head": ...}, each without its prefix:
+    the encoder's keys are then those a bare ``AutoModel`` has (``embeddings.word_embeddings.weight``)."""
+    parts = {"encoder": {}, "head": {}}
+    for key, value in weights.items():
+        prefix, _, rest = key.partition(".")
+        assert prefix in parts, f"weight {key!r} is neither encoder.* nor head.*"
+        parts[prefix][rest] = value
+    return parts
+
+
+def hf_encoder_config(encoder_config: dict) -> AutoConfig:
+    """The encoder's config as ``save_pretrained`` writes it: with ``architectures`` (the bare
+    model class, e.g. BertModel), which ``AutoModel`` and pipelines read."""
+    hf = AutoConfig.for_model(**encoder_config)
+    if not hf.architectures:  # a model built from a config (tiny-random) has none yet
+        hf.architectures = [MODEL_MAPPING_NAMES[hf.model_type]]
+    return hf
 
 
 @dataclass
@@ -116,8 +184,9 @@ class Bundle:
 
         data = tokenize(texts, np.zeros((len(texts), len(EMOTIONS))), self.tokenizer, self.max_length)
         device = next(self.model.parameters()).device
-        return run_rows(self.model, data, self.tokenizer.pad_token_id or 0, batch_size=batch_size, device=device,
-                        precision=precision, output=output).cpu().numpy()  # fmt: skip
+        pad = self.tokenizer.pad_token_id or 0
+        rows = run_rows(self.model, data, pad, batch_size=batch_size, device=device, precision=precision, output=output)
+        return rows.cpu().numpy()
 
     def predict_proba(self, texts: list[str], batch_size: int = 64, precision: str = "fp32") -> np.ndarray:
         """[n] texts -> [n, 28] probabilities (float32)."""
@@ -131,50 +200,6 @@ class Bundle:
         """Label names over their thresholds, for each text."""
         chosen = self.predict_proba(texts) >= self.thresholds
         return [[EMOTIONS[j] for j in np.flatnonzero(row)] for row in chosen]
-
-
-def publish_bundle(local: Path, output: str) -> str:
-    """Upload a finished local bundle to a URI; the manifest goes last so a reader never sees a
-    partial bundle as complete. An earlier bundle there is deleted first, as ``save_bundle``
-    replaces a local one: a file it left behind would not be in the new manifest, and
-    ``load_bundle`` would refuse the bundle. A folder holding anything but a bundle is refused."""
-    check_output_folder(output)
-    target = storage.Folder.from_uri(output)
-    if target.exists("manifest.json"):
-        target.delete("manifest.json")  # first: no reader takes the half-deleted folder for a bundle
-        target.delete()
-    target.upload(local, last="manifest.json")
-    return output
-
-
-def check_output_folder(output: str | Path) -> None:
-    """Refuse (BundleError) to write a bundle into ``output``, a local folder or a URI, unless it is
-    missing, empty, or an earlier bundle: writing replaces the whole folder, so anything else in it
-    would be deleted. Cheap (reads two small files at most): callers run it before training."""
-    folder = storage.Folder.from_uri(output)
-    kind = folder.fs.get_file_info(folder.root).type
-    if kind == pafs.FileType.NotFound:
-        return
-    if kind != pafs.FileType.Directory:
-        raise BundleError(f"bundle output {folder.uri} is a file, not a folder. Choose a new folder for the "
-                          "bundle (e.g. bundles/NAME), or move that file away.")  # fmt: skip
-    if is_bundle_folder(folder) or not folder.list():
-        return
-    raise BundleError(f"bundle output {folder.uri} already holds files and is not a model bundle (a "
-                      "bundle has a manifest.json with 'files' and 'hash' and a bundle.json of format "
-                      "'emotions-bundle'); writing a bundle there would delete those files. Choose a new "
-                      "or empty folder (e.g. "
-                      f"{storage.join(folder.uri, 'bundle')}), or move those files away first.")  # fmt: skip
-
-
-def is_bundle_folder(folder: storage.Folder) -> bool:
-    """Whether ``folder`` holds a bundle that ``save_bundle`` or ``publish_bundle`` wrote (and so
-    may replace): its manifest.json has ``files`` and ``hash``, its bundle.json the bundle format."""
-    manifest = folder.read_json("manifest.json") if folder.is_file("manifest.json") else None
-    meta = folder.read_json("bundle.json") if folder.is_file("bundle.json") else None
-    return (manifest is not None and isinstance(manifest.get("files"), dict)
-            and isinstance(manifest.get("hash"), str)
-            and meta is not None and meta.get("format") == FORMAT)  # fmt: skip
 
 
 def load_bundle(path: str | Path, device: str = "cpu", verify: bool = True) -> Bundle:
@@ -208,197 +233,71 @@ def read_bundle(path: Path, device: str = "cpu", verify: bool = True) -> Bundle:
     """Read and check the local bundle folder ``path`` (see ``load_bundle``)."""
     if not path.is_dir():
         raise BundleError(f"model bundle {path} does not exist (expected a folder made by `emotions train`)")
-    missing = [name for name in REQUIRED if not (path / name).exists()]
+    meta = read_meta(path)
+    layout = LAYOUTS[meta["version"]]
+    missing = [name for name in layout.required() if not (path / name).exists()]
     if missing:
-        raise BundleError(f"model bundle {path} is incomplete: missing {missing}. "
-                          "Copy the whole bundle folder, or retrain with `emotions train`.")  # fmt: skip
+        raise BundleError(
+            f"model bundle {path} is incomplete: missing {missing}. "
+            "Copy the whole bundle folder, or retrain with `emotions train`."
+        )
     manifest = read_manifest(path)
     check_file_set(path, manifest["files"])
     content_hash = check_hashes(path, manifest) if verify else manifest["hash"]
-    meta = json.loads((path / "bundle.json").read_text())
-    if meta.get("format") != FORMAT:
-        raise BundleError(f"{path}/bundle.json is not an emotions bundle (format={meta.get('format')!r})")
     check_same_labels(meta["labels"], f"model bundle {path}")
     head = meta["head"]
-    encoder = encoder_from_config(json.loads((path / "encoder_config.json").read_text()))
-    model = EmotionClassifier(encoder, build_head(encoder.config.hidden_size, head["depth"],
-                                                  head["dropout"], head.get("hidden")),
-                              head["pooling"])  # fmt: skip
-    model.load_state_dict(load_file(str(path / "model.safetensors")))
+    encoder = encoder_from_config(json.loads((path / layout.encoder_config).read_text()))
+    model = EmotionClassifier(
+        encoder,
+        build_head(encoder.config.hidden_size, head["depth"], head["dropout"], head.get("hidden")),
+        head["pooling"],
+    )
+    if layout.head:
+        model.encoder.load_state_dict(load_file(str(path / "model.safetensors")))
+        model.head.load_state_dict(load_file(str(path / layout.head)))
+    else:
+        model.load_state_dict(load_file(str(path / "model.safetensors")))
     model.to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(str(path / "tokenizer"), trust_remote_code=False)
+    tokenizer = AutoTokenizer.from_pretrained(str(path / layout.tokenizer), trust_remote_code=False)
     return Bundle(
-        path=path, model=model, tokenizer=tokenizer,
+        path=path,
+        model=model,
+        tokenizer=tokenizer,
         thresholds=np.array([meta["thresholds"][name] for name in EMOTIONS], dtype=np.float32),
-        max_length=meta["max_length"], hash=content_hash,
-        config=json.loads((path / "config.json").read_text()),
+        max_length=meta["max_length"],
+        hash=content_hash,
+        config=json.loads((path / layout.training_config).read_text()),
         metrics=json.loads((path / "metrics.json").read_text()),
-    )  # fmt: skip
+    )
 
 
-def download_bundle(uri: str) -> tuple[Path, bool]:
-    """(a local copy of the bundle at ``uri``, whether this call made it), in
-    ``bundle_cache()/<content hash>``: one copy per distinct bundle however often it is loaded (a
-    nightly job, every tagging actor), instead of a new temporary folder each time. A cached copy
-    is reused only if its manifest.json is the remote's, byte for byte (a folder name proves
-    nothing); any other is discarded. The copy is made beside it and renamed into place, so a
-    crash never leaves a half copy under the hash; load_bundle then checks it file by file."""
-    source = storage.Folder.from_uri(uri)
-    manifest_bytes, content_hash = read_remote_manifest(source, uri)
-    target = bundle_cache() / content_hash
-    if target.is_dir() and _read_bytes(target / "manifest.json") == manifest_bytes:
-        return target, False
-    if target.exists() or target.is_symlink():
-        log.warning("the cached copy %s is not the bundle at %s (another manifest.json): fetching it again",
-                    target, uri)  # fmt: skip
-        discard_cached(target)
-    return fetch_into_cache(source, target)
-
-
-def read_remote_manifest(source: storage.Folder, uri: str) -> tuple[bytes, str]:
-    """(manifest.json's bytes, the content hash it gives) of the bundle at ``uri``, after checking
-    that the remote folder holds exactly the files it lists: a cached copy must not hide a
-    changed remote."""
+def read_meta(path: Path) -> dict:
+    """bundle.json, checked to be an emotions bundle of a format version this code reads."""
+    if not (path / "bundle.json").is_file():
+        raise BundleError(
+            f"model bundle {path} is incomplete: missing ['bundle.json']. "
+            "Copy the whole bundle folder, or retrain with `emotions train`."
+        )
     try:
-        manifest_bytes = source.read_bytes("manifest.json")
-        manifest = json.loads(manifest_bytes)
-        content_hash, listed = manifest["hash"], dict(manifest["files"])
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise BundleError(f"{uri} has no readable manifest.json ({error}): is it a bundle written by "
-                          "`emotions train`?") from error  # fmt: skip
-    infos = source.fs.get_file_info(pafs.FileSelector(source.root, recursive=True))
-    found = {i.path[len(source.root):].lstrip("/") for i in infos if i.type == pafs.FileType.File}
-    check_file_set(uri, listed, found - {"manifest.json"})
-    if not isinstance(content_hash, str) or not content_hash or \
-            not all(c in "0123456789abcdef" for c in content_hash):  # fmt: skip
-        raise BundleError(f"{uri}/manifest.json: hash {content_hash!r} is not a hex digest")
-    return manifest_bytes, content_hash
-
-
-def fetch_into_cache(source: storage.Folder, target: Path) -> tuple[Path, bool]:
-    """Download ``source`` beside ``target`` and rename it into place; -> (target, True). If
-    another process put its copy there first, theirs is kept: -> (target, False)."""
-    cache = target.parent
-    cache.mkdir(parents=True, exist_ok=True, mode=0o700)  # private: only this user reads or plants copies
-    partial = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=cache))
-    try:
-        source.download(partial)
-        partial.rename(target)
-        return target, True
-    except OSError:
-        if not target.is_dir():  # the download failed, not the rename
-            raise
-        return target, False
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
-
-
-def discard_cached(path: Path) -> None:
-    """Remove a cached copy: first renamed away (atomic), so no loader takes a half-deleted copy
-    for the bundle, then deleted. Nothing if another process removed it first."""
-    trash = Path(tempfile.mkdtemp(prefix=f".{path.name}-discarded-", dir=path.parent))
-    try:
-        path.rename(trash / "copy")
-    except FileNotFoundError:
-        pass
-    finally:
-        shutil.rmtree(trash, ignore_errors=True)
-
-
-def bundle_cache() -> Path:
-    """Where bundles loaded from URIs are copied: $EMOTIONS_BUNDLE_CACHE, else
-    $XDG_CACHE_HOME/emotions/bundles, else ~/.cache/emotions/bundles. The user's own folder (made
-    with mode 0700), not the shared temporary directory, where anyone could make a folder under a
-    bundle's hash before the bundle is first loaded."""
-    if os.environ.get("EMOTIONS_BUNDLE_CACHE"):
-        return Path(os.environ["EMOTIONS_BUNDLE_CACHE"]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME", "")
-    base = Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache"  # the XDG spec ignores relative paths
-    return base / "emotions" / "bundles"
-
-
-def _read_bytes(path: Path) -> bytes | None:
-    try:
-        return path.read_bytes()
-    except OSError:
-        return None
-
-
-def read_manifest(path: Path) -> dict:
-    """manifest.json: ``files`` (relative path -> sha256) and ``hash`` (the content hash)."""
-    try:
-        manifest = json.loads((path / "manifest.json").read_text())
+        meta = json.loads((path / "bundle.json").read_text())
     except ValueError as error:
-        raise BundleError(f"{path}/manifest.json is not JSON ({error}). Use an unmodified copy of the "
-                          "bundle, or retrain with `emotions train`.") from error  # fmt: skip
-    if not (isinstance(manifest, dict) and isinstance(manifest.get("files"), dict)
-            and isinstance(manifest.get("hash"), str)):  # fmt: skip
-        raise BundleError(f"{path}/manifest.json is not a bundle manifest (expected 'files' and 'hash'). "
-                          "Use an unmodified copy of the bundle, or retrain with `emotions train`.")  # fmt: skip
-    return manifest
-
-
-def check_file_set(path: Path | str, listed: dict[str, str], found: set[str] | None = None) -> None:
-    """Refuse a folder whose files (``found``: relative paths but the manifest; by default those
-    under the local ``path``) are not exactly the manifest's: a file the manifest does not list
-    was never checked and could be read by a loader (a tokenizer picks up extra files)."""
-    found = set(_bundle_files(Path(path))) if found is None else found
-    extra, missing = sorted(found - set(listed)), sorted(set(listed) - found)
-    problems = []
-    if missing:
-        problems.append(f"missing {missing}, which manifest.json lists: copy the whole bundle folder again")
-    if extra:
-        problems.append(f"holds {extra}, which manifest.json does not list: delete them, or copy the "
-                        "bundle again into an empty folder (a bundle is changed only by writing a new one)")
-    if problems:
-        raise BundleError(f"model bundle {path} does not match its manifest: " + "; ".join(problems) + ".")
-
-
-def check_hashes(path: Path, manifest: dict) -> str:
-    """Recompute every file's sha256 and the content hash; refuse the bundle if either differs
-    from the manifest. Returns the recomputed content hash.
-
-    Each file is read once here, in 1 MiB blocks; the weights are then memory-mapped by
-    safetensors from the page cache, not read from disk again. (Reading them into one bytes
-    object and deserialising that instead costs two more copies of the weights: on an 87 MB
-    MiniLM bundle, the median of 14 loads on the 2-core machine was 0.69 s that way against
-    0.57 s, and 0.56 s before the file-set and content-hash checks.)"""
-    found = _file_hashes(path)
-    changed = sorted(name for name, digest in found.items() if digest != manifest["files"][name])
-    if changed:
-        raise BundleError(f"model bundle {path} was altered after it was written: the sha256 of {changed} "
-                          "does not match manifest.json. Use an unmodified copy of the bundle, or retrain "
-                          "with `emotions train`.")  # fmt: skip
-    content_hash = _content_hash(found)
-    if content_hash != manifest["hash"]:
-        raise BundleError(f"model bundle {path} was altered after it was written: manifest.json gives the "
-                          f"content hash {manifest['hash']}, but its files hash to {content_hash}. Use an "
-                          "unmodified copy of the bundle, or retrain with `emotions train`.")  # fmt: skip
-    return content_hash
+        raise BundleError(
+            f"{path}/bundle.json is not JSON ({error}). Use an unmodified copy of the "
+            "bundle, or retrain with `emotions train`."
+        ) from error
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise BundleError(
+            f"{path}/bundle.json is not an emotions bundle "
+            f"(format={meta.get('format') if isinstance(meta, dict) else None!r})"
+        )
+    if meta.get("version") not in LAYOUTS:
+        raise BundleError(
+            f"model bundle {path} has format version {meta.get('version')!r}; this emotions reads "
+            f"versions {sorted(LAYOUTS)}. Upgrade emotions to read it, or retrain the bundle "
+            "with `emotions train`."
+        )
+    return meta
 
 
 def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
-
-
-def _bundle_files(root: Path) -> list[str]:
-    """Every file under ``root`` but the manifest, as sorted relative POSIX paths."""
-    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
-                  if p.is_file() and p.relative_to(root).as_posix() != "manifest.json")  # fmt: skip
-
-
-def _file_hashes(root: Path) -> dict[str, str]:
-    hashes = {}
-    for name in _bundle_files(root):
-        digest = hashlib.sha256()
-        with open(root / name, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        hashes[name] = digest.hexdigest()
-    return hashes
-
-
-def _content_hash(files: dict[str, str]) -> str:
-    """sha256 over the sorted (path, file hash) pairs, shortened: names the bundle's content."""
-    joined = "\n".join(f"{name} {digest}" for name, digest in sorted(files.items()))
-    return hashlib.sha256(joined.encode()).hexdigest()[:16]

@@ -50,6 +50,13 @@ def resources() -> tuple[dict[str, float], dict[str, float] | None]:
     return ray.cluster_resources(), _autoscaler_max_resources()
 
 
+def resources_if_connected() -> dict[str, float]:
+    """The cluster's resources now if this process is connected, else {} (for logs)."""
+    import ray
+
+    return ray.cluster_resources() if ray.is_initialized() else {}
+
+
 def node_cpus() -> list[float]:
     """The CPUs of each alive node."""
     import ray
@@ -95,14 +102,14 @@ def check_state_api() -> None:
     try:
         # The connected cluster's own address: without one, the state API guesses among the Ray
         # instances on this machine and refuses when there are several.
-        list_actors(address=ray.get_runtime_context().gcs_address, limit=1, timeout=10,
-                    raise_on_missing_output=False)  # fmt: skip
+        list_actors(address=ray.get_runtime_context().gcs_address, limit=1, timeout=10, raise_on_missing_output=False)
     except Exception as error:  # noqa: BLE001 - any failure means the same thing here
         raise RuntimeError(
             "Ray's state API is not reachable, so Ray Train could not free the resources of the "
             "trials Tune stops and the sweep would hang. Start Ray with its dashboard: "
             "`pip install 'ray[default]'` and `ray start --head` (or ray.init(include_dashboard=True)). "
-            f"Underlying error: {error}") from error
+            f"Underlying error: {error}"
+        ) from error
 
 
 # ----------------------------------------------------------------------------- Ray Train layout
@@ -133,16 +140,16 @@ def resolve_scaling(
         raise ConfigError(_no_node_message(scaling, nodes_up, nodes_at_max))
     (workers, cpus, how), where, nodes = best
     resolved = dataclasses.replace(scaling, num_workers=workers, cpus_per_worker=cpus)
-    return resolved, (f"{describe_layout(resolved)}: scaling.num_workers=auto, {how} "
-                      f"(nodes {where}: {_describe_nodes(nodes)})")  # fmt: skip
+    return resolved, (
+        f"{describe_layout(resolved)}: scaling.num_workers=auto, {how} (nodes {where}: {_describe_nodes(nodes)})"
+    )
 
 
 def describe_layout(scaling: ScalingSettings) -> str:
     """``2 workers x 1 CPU (1 torch thread each), CPU`` for concrete settings."""
     n, c = scaling.num_workers, scaling.cpus_per_worker
     device = "1 GPU each" if scaling.use_gpu else "CPU"
-    return (f"{n} worker{'s' * (n != 1)} x {c} CPU{'s' * (c != 1)} "
-            f"({c} torch thread{'s' * (c != 1)} each), {device}")  # fmt: skip
+    return f"{n} worker{'s' * (n != 1)} x {c} CPU{'s' * (c != 1)} ({c} torch thread{'s' * (c != 1)} each), {device}"
 
 
 def _layout_on(scaling: ScalingSettings, nodes: list[dict[str, float]]) -> tuple[int, int, str] | None:
@@ -155,16 +162,19 @@ def _layout_on(scaling: ScalingSettings, nodes: list[dict[str, float]]) -> tuple
         per_gpu = min(max(1, int(n.get("CPU", 0) // n["GPU"])) for n in hosts)  # a node's CPUs per GPU
         cpus = per_gpu if auto_cpus else scaling.cpus_per_worker
         return sum(int(n["GPU"]) for n in hosts), cpus, f"one worker per GPU on {len(hosts)} GPU node(s)"
-    hosts = [n for n in nodes if n.get("CPU", 0) >= 1 and not n.get("GPU")] or \
-            [n for n in nodes if n.get("CPU", 0) >= 1]  # fmt: skip
+    hosts = [n for n in nodes if n.get("CPU", 0) >= 1 and not n.get("GPU")] or [
+        n for n in nodes if n.get("CPU", 0) >= 1
+    ]
     counts = sorted(int(n["CPU"]) for n in hosts)
     if not counts:
         return None
     if auto_cpus:
         how = "one worker per CPU node"
         if counts[0] != counts[-1]:
-            how += (f"; the CPU nodes have {counts[0]} to {counts[-1]} CPUs and each worker takes the "
-                    f"smallest's {counts[0]} (set scaling.cpus_per_worker to choose)")  # fmt: skip
+            how += (
+                f"; the CPU nodes have {counts[0]} to {counts[-1]} CPUs and each worker takes the "
+                f"smallest's {counts[0]} (set scaling.cpus_per_worker to choose)"
+            )
         return len(counts), counts[0], how
     workers = sum(c // scaling.cpus_per_worker for c in counts)
     how = f"as many {scaling.cpus_per_worker}-CPU workers as the {len(counts)} CPU node(s) hold"
@@ -173,22 +183,31 @@ def _layout_on(scaling: ScalingSettings, nodes: list[dict[str, float]]) -> tuple
 
 def _describe_nodes(nodes: list[dict[str, float]]) -> str:
     """``1 x (CPU 0), 2 x (CPU 8, GPU 1)``: how many nodes of each size."""
-    sizes = collections.Counter(f"CPU {n.get('CPU', 0):g}" + (f", GPU {n['GPU']:g}" if n.get("GPU") else "")
-                                for n in nodes)  # fmt: skip
+    sizes = collections.Counter(
+        f"CPU {n.get('CPU', 0):g}" + (f", GPU {n['GPU']:g}" if n.get("GPU") else "") for n in nodes
+    )
     return ", ".join(f"{count} x ({size})" for size, count in sizes.items()) or "none"
 
 
 def _no_node_message(scaling: ScalingSettings, nodes_up: list, nodes_at_max: list | None) -> str:
-    seen = (f"nodes up now: {_describe_nodes(nodes_up)}; autoscaler's maximum: "
-            f"{_describe_nodes(nodes_at_max) if nodes_at_max else 'no autoscaler'}")  # fmt: skip
+    seen = (
+        f"nodes up now: {_describe_nodes(nodes_up)}; autoscaler's maximum: "
+        f"{_describe_nodes(nodes_at_max) if nodes_at_max else 'no autoscaler'}"
+    )
     if scaling.use_gpu:
-        return (f"scaling.num_workers=auto with scaling.use_gpu=true found no GPU on this cluster ({seen}). "
-                "Set scaling.use_gpu=false to train on CPUs, or scaling.num_workers=N to wait for N GPU "
-                "workers.")  # fmt: skip
+        return (
+            f"scaling.num_workers=auto with scaling.use_gpu=true found no GPU on this cluster ({seen}). "
+            "Set scaling.use_gpu=false to train on CPUs, or scaling.num_workers=N to wait for N GPU "
+            "workers."
+        )
     if scaling.cpus_per_worker != AUTO:
-        return (f"scaling.num_workers=auto found no node with scaling.cpus_per_worker={scaling.cpus_per_worker} "
-                f"CPUs ({seen}). Lower scaling.cpus_per_worker, set it to auto (a whole node each), or set "
-                "scaling.num_workers=N to wait for N workers.")  # fmt: skip
-    return (f"scaling.num_workers=auto found no node with CPUs to train on ({seen}). Add CPU nodes (or "
-            "connect to the cluster that has them: RAY_ADDRESS), or set scaling.num_workers=N and "
-            "scaling.cpus_per_worker=C to wait for N workers of C CPUs.")  # fmt: skip
+        return (
+            f"scaling.num_workers=auto found no node with scaling.cpus_per_worker={scaling.cpus_per_worker} "
+            f"CPUs ({seen}). Lower scaling.cpus_per_worker, set it to auto (a whole node each), or set "
+            "scaling.num_workers=N to wait for N workers."
+        )
+    return (
+        f"scaling.num_workers=auto found no node with CPUs to train on ({seen}). Add CPU nodes (or "
+        "connect to the cluster that has them: RAY_ADDRESS), or set scaling.num_workers=N and "
+        "scaling.cpus_per_worker=C to wait for N workers of C CPUs."
+    )

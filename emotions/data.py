@@ -23,9 +23,7 @@ from emotions.labels import EMOTIONS, LABEL_TO_ID, NUM_LABELS
 NEUTRAL = LABEL_TO_ID["neutral"]
 LABEL_FORMATS = ("auto", "names", "ids", "columns")
 FILE_SUFFIXES = (".tsv", ".csv", ".jsonl", ".json", ".parquet")
-SUPPORTED_SOURCES = (
-    "goemotions:train, goemotions:dev, hf:NAME[:SPLIT], or a .tsv/.csv/.jsonl/.json/.parquet file"
-)
+SUPPORTED_SOURCES = "goemotions:train, goemotions:dev, hf:NAME[:SPLIT], or a .tsv/.csv/.jsonl/.json/.parquet file"
 _BUNDLED = Path(__file__).parent / "resources" / "goemotions"
 _TSV_COLUMNS = ["text", "labels", "id"]
 _TSV_FIX = "a GoEmotions TSV row has 3 tab-separated fields: text, label ids, comment id"
@@ -231,9 +229,7 @@ def _wanted(names: list[str], text_column: str, labels_column: str, label_format
     return [name for name in names if name in wanted]
 
 
-def _read_parquet(
-    path: Path, source: str, text_column: str, labels_column: str, label_format: str
-) -> _Table:
+def _read_parquet(path: Path, source: str, text_column: str, labels_column: str, label_format: str) -> _Table:
     import pyarrow.parquet as pq
 
     try:
@@ -265,9 +261,7 @@ def _read_hub(source: str, text_column: str, labels_column: str, label_format: s
     return _Table(names, {c: list(dataset[c]) for c in wanted}, lambda i: f"row {i + 1}")
 
 
-def _check_table(
-    source: str, table: _Table, text_column: str, labels_column: str, label_format: str
-) -> LabelledData:
+def _check_table(source: str, table: _Table, text_column: str, labels_column: str, label_format: str) -> LabelledData:
     """Check every row and build the ``[n, 28]`` label matrix."""
     empty = f"{source}: no data rows; the file is empty (or only a header): add examples"
     if not table.names:

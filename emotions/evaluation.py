@@ -36,8 +36,7 @@ log = logging.getLogger("emotions.evaluation")
 # ----------------------------------------------------------------------------- thresholds
 
 
-def fit_thresholds(probs: np.ndarray, labels: np.ndarray, fallback: float = 0.5,
-                   grid: np.ndarray = GRID) -> np.ndarray:  # fmt: skip
+def fit_thresholds(probs: np.ndarray, labels: np.ndarray, fallback: float = 0.5, grid: np.ndarray = GRID) -> np.ndarray:
     """[n, L] probabilities and 0/1 labels -> [L] thresholds, each the grid value with the best F1
     for its label (ties go to the higher threshold: fewer false positives on new data).
     A label with no positive example keeps ``fallback``: there is nothing to fit.
@@ -94,8 +93,9 @@ def compute_metrics(labels: np.ndarray, probs: np.ndarray, thresholds: np.ndarra
     out: dict = {}
     for avg in ("macro", "weighted", "micro"):
         if present:
-            p, r, f, _ = precision_recall_fscore_support(y_true, y_pred, average=avg, zero_division=0,
-                                                         labels=present if avg == "macro" else None)  # fmt: skip
+            p, r, f, _ = precision_recall_fscore_support(
+                y_true, y_pred, average=avg, zero_division=0, labels=present if avg == "macro" else None
+            )
         else:
             p = r = f = 0.0
         out[f"{avg}_f1"] = float(f)
@@ -103,13 +103,19 @@ def compute_metrics(labels: np.ndarray, probs: np.ndarray, thresholds: np.ndarra
             out["macro_precision"], out["macro_recall"] = float(p), float(r)
     out["accuracy"] = float(accuracy_score(y_true, y_pred))  # whole label set must match
     out["labels_absent"] = [EMOTIONS[j] for j in range(NUM_LABELS) if j not in present]
-    p, r, f, s = precision_recall_fscore_support(y_true, y_pred, average=None, zero_division=0,
-                                                 labels=list(range(NUM_LABELS)))  # fmt: skip
+    p, r, f, s = precision_recall_fscore_support(
+        y_true, y_pred, average=None, zero_division=0, labels=list(range(NUM_LABELS))
+    )
     out["per_label"] = {
-        name: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
-               "support": int(s[i]), "threshold": float(th[i])}
+        name: {
+            "precision": float(p[i]),
+            "recall": float(r[i]),
+            "f1": float(f[i]),
+            "support": int(s[i]),
+            "threshold": float(th[i]),
+        }
         for i, name in enumerate(EMOTIONS)
-    }  # fmt: skip
+    }
     return out
 
 
@@ -135,8 +141,9 @@ def heldout_halves(labels: np.ndarray, seed: int = HELDOUT_SEED) -> tuple[np.nda
     return np.flatnonzero(side == 0), np.flatnonzero(side == 1)
 
 
-def heldout_metrics(labels: np.ndarray, probs: np.ndarray, *, fallback: float = 0.5,
-                    seed: int = HELDOUT_SEED) -> dict | None:  # fmt: skip
+def heldout_metrics(
+    labels: np.ndarray, probs: np.ndarray, *, fallback: float = 0.5, seed: int = HELDOUT_SEED
+) -> dict | None:
     """The held-out estimate: thresholds fitted on one half of these rows, the metrics scored on
     the other, both ways, averaged (``SUMMARY`` keys), with each fold's thresholds' source rows
     never among its scored rows. ``labels_absent``: labels absent from either scored half.
@@ -151,14 +158,14 @@ def heldout_metrics(labels: np.ndarray, probs: np.ndarray, *, fallback: float = 
         thresholds = fit_thresholds(probs[fit], labels[fit], fallback=fallback)
         folds.append(compute_metrics(labels[scored], probs[scored], thresholds))
     out = {key: float(np.mean([fold[key] for fold in folds])) for key in SUMMARY}
-    out["labels_absent"] = sorted({name for fold in folds for name in fold["labels_absent"]},
-                                  key=EMOTIONS.index)  # fmt: skip
+    out["labels_absent"] = sorted({name for fold in folds for name in fold["labels_absent"]}, key=EMOTIONS.index)
     out.update(seed=seed, examples=int(len(labels)))
     return out
 
 
-def heldout_macro_f1(labels: np.ndarray, probs: np.ndarray, *, fallback: float = 0.5,
-                     seed: int = HELDOUT_SEED) -> float:  # fmt: skip
+def heldout_macro_f1(
+    labels: np.ndarray, probs: np.ndarray, *, fallback: float = 0.5, seed: int = HELDOUT_SEED
+) -> float:
     """``heldout_metrics``' macro-F1 alone (nan for a set too small to halve): what epochs, trials
     and the choice of a stage's head compare."""
     metrics = heldout_metrics(labels, probs, fallback=fallback, seed=seed)
@@ -173,10 +180,12 @@ def validation_scores(labels: np.ndarray, probs: np.ndarray, *, fallback: float 
     eps = 1e-7
     loss = float(-np.mean(labels * np.log(probs + eps) + (1 - labels) * np.log(1 - probs + eps)))
     in_sample = compute_metrics(labels, probs, fit_thresholds(probs, labels, fallback=fallback))
-    return {"val_loss": loss,
-            "val_macro_f1_heldout": heldout_macro_f1(labels, probs, fallback=fallback),
-            "val_macro_f1": compute_metrics(labels, probs, 0.5)["macro_f1"],
-            "val_macro_f1_in_sample": in_sample["macro_f1"]}  # fmt: skip
+    return {
+        "val_loss": loss,
+        "val_macro_f1_heldout": heldout_macro_f1(labels, probs, fallback=fallback),
+        "val_macro_f1": compute_metrics(labels, probs, 0.5)["macro_f1"],
+        "val_macro_f1_in_sample": in_sample["macro_f1"],
+    }
 
 
 def _folds(labels: np.ndarray, seed: int) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
@@ -196,8 +205,14 @@ def macro_f1(labels: np.ndarray, predicted: np.ndarray, weights: np.ndarray | No
     return (f1 * present).sum(1) / np.maximum(present.sum(1), 1)
 
 
-def paired_change(labels: np.ndarray, reference: np.ndarray, candidate: np.ndarray, *, seed: int = HELDOUT_SEED,
-                  resamples: int = RESAMPLES) -> dict:  # fmt: skip
+def paired_change(
+    labels: np.ndarray,
+    reference: np.ndarray,
+    candidate: np.ndarray,
+    *,
+    seed: int = HELDOUT_SEED,
+    resamples: int = RESAMPLES,
+) -> dict:
     """Held-out macro-F1 of ``candidate`` probabilities minus ``reference``'s on the same rows, at
     thresholds fitted on ``reference`` (as a bundle's are) on the other half, both ways, averaged;
     with a 95% paired bootstrap interval (rows resampled within each scored half, the same rows
@@ -215,16 +230,31 @@ def paired_change(labels: np.ndarray, reference: np.ndarray, candidate: np.ndarr
     thresholds = fit_thresholds(reference, labels)
     changed = ((reference >= thresholds) != (candidate >= thresholds)).any(axis=1).mean()
     low, high = np.percentile(spread, [2.5, 97.5])
-    return {"heldout_macro_f1_reference": point["reference"], "heldout_macro_f1_candidate": point["candidate"],
-            "change": point["candidate"] - point["reference"], "interval_95": [float(low), float(high)],
-            "rows_changed": float(changed), "examples": int(len(labels)), "resamples": resamples, "seed": seed}
+    return {
+        "heldout_macro_f1_reference": point["reference"],
+        "heldout_macro_f1_candidate": point["candidate"],
+        "change": point["candidate"] - point["reference"],
+        "interval_95": [float(low), float(high)],
+        "rows_changed": float(changed),
+        "examples": int(len(labels)),
+        "resamples": resamples,
+        "seed": seed,
+    }
 
 
 # ----------------------------------------------------------------------------- reports
 
 
-def evaluation_report(labels: np.ndarray, probs: np.ndarray, thresholds: np.ndarray, *, in_sample: bool,
-                      source: str = "", model: str = "", fallback: float = 0.5) -> dict:  # fmt: skip
+def evaluation_report(
+    labels: np.ndarray,
+    probs: np.ndarray,
+    thresholds: np.ndarray,
+    *,
+    in_sample: bool,
+    source: str = "",
+    model: str = "",
+    fallback: float = 0.5,
+) -> dict:
     """The held-out estimate first, then the metrics at 0.5 and at ``thresholds``; ``in_sample``:
     whether ``thresholds`` were fitted on these very rows (then ``at_thresholds`` flatters, and
     says so), or elsewhere (then it is the true test)."""
@@ -241,29 +271,46 @@ def evaluation_report(labels: np.ndarray, probs: np.ndarray, thresholds: np.ndar
     }
 
 
-def evaluate_bundle(model: str | Path, data: str, report_dir: str | Path | None = None, *,
-                    text_column: str = "text", labels_column: str = "labels",
-                    label_format: str = "auto", batch_size: int = 64) -> dict:  # fmt: skip
+def evaluate_bundle(
+    model: str | Path,
+    data: str,
+    report_dir: str | Path | None = None,
+    *,
+    text_column: str = "text",
+    labels_column: str = "labels",
+    label_format: str = "auto",
+    batch_size: int = 64,
+) -> dict:
     """Predict ``data`` with the bundle at ``model``; optionally write metrics.json, report.md and
     per_label_f1.png into ``report_dir`` (a local folder or a URI). Returns the report dict. On
     data its thresholds never saw, the metrics at its thresholds are the true test; on the data
     they were fitted on they are in-sample, and the report says so."""
     from emotions.bundle import load_bundle
     from emotions.data import load_labelled
-    from emotions.metrics import format_summary, write_report
+    from emotions.evaluation_report import format_summary, write_evaluation_report
 
     bundle = load_bundle(model)
-    labelled = load_labelled(data, text_column=text_column, labels_column=labels_column,
-                             label_format=label_format)  # fmt: skip
-    log.info("evaluating bundle %s (hash %s) on %d examples from %s", bundle.path, bundle.hash,
-             len(labelled), labelled.source)  # fmt: skip
+    labelled = load_labelled(data, text_column=text_column, labels_column=labels_column, label_format=label_format)
+    log.info(
+        "evaluating bundle %s (hash %s) on %d examples from %s",
+        bundle.path,
+        bundle.hash,
+        len(labelled),
+        labelled.source,
+    )
     probs = bundle.predict_proba(labelled.texts, batch_size=batch_size)
     fitted_on = thresholds_source(bundle.config)
-    report = evaluation_report(labelled.labels, probs, bundle.thresholds, in_sample=data == fitted_on,
-                               source=labelled.source, model=f"{bundle.path} ({bundle.hash})")  # fmt: skip
+    report = evaluation_report(
+        labelled.labels,
+        probs,
+        bundle.thresholds,
+        in_sample=data == fitted_on,
+        source=labelled.source,
+        model=f"{bundle.path} ({bundle.hash})",
+    )
     report["thresholds_fitted_on"] = fitted_on
     if report_dir is not None:
-        write_report(report, report_dir, title=f"Evaluation of {str(model).rstrip('/').rsplit('/', 1)[-1]}")
+        write_evaluation_report(report, report_dir, title=f"Evaluation of {str(model).rstrip('/').rsplit('/', 1)[-1]}")
     log.info("\n%s", format_summary(report))
     return report
 

@@ -29,29 +29,59 @@ from ray import tune
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from emotions import environment, storage
-from emotions import cluster
+from emotions import cluster, environment, storage
 from emotions.bundle import Bundle, BundleError, check_output_folder, load_bundle
 from emotions.config import ConfigError, TrainConfig, from_dict
 from emotions.evaluation import evaluation_report, fit_thresholds, validation_scores
+from emotions.evaluation_report import format_summary
 from emotions.inference import head_probs
-from emotions.metrics import format_summary
 from emotions.model import build_head
-from emotions.tagging.inference import save_checked_bundle
-from emotions.tuning import (TuneSettings, build_tuner, check_search_keys, 
-                             concurrency, export_bundle, load_tune_preset, merge_over, split_tune_settings,
-                             summarize, trial_config)  # fmt: skip
+from emotions.precision import save_checked_bundle
+from emotions.training import (
+    WeightAverage,
+    build_optimizer,
+    build_scheduler,
+    describe_head,
+    epoch_seed,
+    feature_inputs,
+    load_training_data,
+    loss_function,
+    scored,
+    train_epoch,
+)
+from emotions.tuning import (
+    TuneSettings,
+    build_tuner,
+    check_search_keys,
+    concurrency,
+    export_bundle,
+    load_tune_preset,
+    merge_over,
+    split_tune_settings,
+    summarize,
+    trial_config,
+)
 
 log = logging.getLogger("emotions.head_sweep")
 
 HEAD_FILE = "head.safetensors"
 # The data settings that decide which texts (and so which features) a sweep trains on.
-DATA_KEYS = ("train", "validation", "text_column", "labels_column", "label_format", "max_length",
-             "max_train_examples", "max_validation_examples", "concat_fraction")  # fmt: skip
+DATA_KEYS = (
+    "train",
+    "validation",
+    "text_column",
+    "labels_column",
+    "label_format",
+    "max_length",
+    "max_train_examples",
+    "max_validation_examples",
+    "concat_fraction",
+)
 
 
-def build_head_sweep_config(source: Bundle, preset: str = "heads", file: str | Path | None = None,
-                            overrides: list[str] = ()) -> dict:  # fmt: skip
+def build_head_sweep_config(
+    source: Bundle, preset: str = "heads", file: str | Path | None = None, overrides: list[str] = ()
+) -> dict:
     """The source bundle's own training config, then the tune preset's sections (its ``base`` is
     ignored: the bundle is the base), then a file, then KEY=VALUE overrides."""
     sweep = load_tune_preset(preset)
@@ -66,21 +96,28 @@ def check_head_only(raw: dict, source: Bundle) -> None:
     _, settings = split_tune_settings(raw)
     outside = sorted(k for k in settings.search if not k.startswith("stage2."))
     if outside:
-        raise ConfigError(f"a head sweep searches stage-2 settings only (the encoder is the bundle's, "
-                          f"fixed); drop {outside} from tune.search, or run a full sweep without "
-                          f"--from-bundle")  # fmt: skip
+        raise ConfigError(
+            f"a head sweep searches stage-2 settings only (the encoder is the bundle's, "
+            f"fixed); drop {outside} from tune.search, or run a full sweep without "
+            f"--from-bundle"
+        )
     for section in ("model",):
         for key, value in raw.get(section, {}).items():
             if source.config.get(section, {}).get(key) != value:
-                raise ConfigError(f"{section}.{key}={value!r} differs from the bundle's "
-                                  f"{source.config[section].get(key)!r}; a head sweep keeps the "
-                                  f"bundle's encoder and pooling")  # fmt: skip
+                raise ConfigError(
+                    f"{section}.{key}={value!r} differs from the bundle's "
+                    f"{source.config[section].get(key)!r}; a head sweep keeps the "
+                    f"bundle's encoder and pooling"
+                )
 
 
 def feature_key(source: Bundle, config: TrainConfig) -> str:
     data = {k: getattr(config.data, k) for k in DATA_KEYS}
-    blob = json.dumps({"bundle": source.hash, "data": data, "seed": config.seed,
-                       "pooling": config.model.pooling}, sort_keys=True, default=str)  # fmt: skip
+    blob = json.dumps(
+        {"bundle": source.hash, "data": data, "seed": config.seed, "pooling": config.model.pooling},
+        sort_keys=True,
+        default=str,
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -88,8 +125,6 @@ def cached_features(source: Bundle, config: TrainConfig, cache_dir: str) -> tupl
     """{train_x [n, hidden], train_y [n, 28], validation_x, validation_y} of the source encoder on
     the config's data, and where they came from ({"file", "reused", "device", "node_id", ...}):
     read from the cache (a folder or URI) if there, else encoded once by a Ray task and written there."""
-    from emotions.training import load_training_data
-
     folder = storage.Folder.from_uri(cache_dir)
     name = f"{feature_key(source, config)}.safetensors"
     if folder.is_file(name):
@@ -97,14 +132,26 @@ def cached_features(source: Bundle, config: TrainConfig, cache_dir: str) -> tupl
         blob = folder.read_bytes(name)
         return safetensors.numpy.load(blob), {"file": folder.uri_of(name), "reused": True, **read_metadata(blob)}
     train, validation = load_training_data(config)
-    log.info("encoding %d train and %d validation texts once with the bundle's encoder (%s), in a Ray task",
-             len(train), len(validation), source.hash)  # fmt: skip
+    log.info(
+        "encoding %d train and %d validation texts once with the bundle's encoder (%s), in a Ray task",
+        len(train),
+        len(validation),
+        source.hash,
+    )
     encoded, info = encode_on_ray(source, {"train": train.texts, "validation": validation.texts})
-    features = {"train_x": encoded["train"], "train_y": train.labels.astype(np.float32),
-                "validation_x": encoded["validation"],
-                "validation_y": validation.labels.astype(np.float32)}  # fmt: skip
-    log.info("features ready in %.0fs on %s (node %s); cached at %s", info["seconds"], info["device"],
-             info["node_id"], folder.uri_of(name))  # fmt: skip
+    features = {
+        "train_x": encoded["train"],
+        "train_y": train.labels.astype(np.float32),
+        "validation_x": encoded["validation"],
+        "validation_y": validation.labels.astype(np.float32),
+    }
+    log.info(
+        "features ready in %.0fs on %s (node %s); cached at %s",
+        info["seconds"],
+        info["device"],
+        info["node_id"],
+        folder.uri_of(name),
+    )
     metadata = {"bundle": source.hash, "source": source.path.as_posix(), **info}
     # One object PUT on S3/GCS; write-then-rename locally: a killed run never leaves half a cache.
     folder.write_bytes_atomic(safetensors.numpy.save(features, metadata={k: str(v) for k, v in metadata.items()}), name)
@@ -115,7 +162,7 @@ def read_metadata(blob: bytes) -> dict[str, str]:
     """The ``__metadata__`` of a safetensors file's bytes (an 8-byte little-endian header size,
     then the JSON header)."""
     size = int.from_bytes(blob[:8], "little")
-    return json.loads(blob[8:8 + size]).get("__metadata__", {})
+    return json.loads(blob[8 : 8 + size]).get("__metadata__", {})
 
 
 def encode_on_ray(source: Bundle, texts: dict[str, list[str]]) -> tuple[dict[str, np.ndarray], dict]:
@@ -134,12 +181,13 @@ def encode_on_ray(source: Bundle, texts: dict[str, list[str]]) -> tuple[dict[str
 
 def node_cpus() -> int:
     """The CPUs of the largest live node (at least 1: an autoscaler starts a node for the task)."""
-    return max([1, *(int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n["Alive"])])
+    return max([1, *(int(cpus) for cpus in cluster.node_cpus())])
 
 
 @ray.remote(max_retries=1)
-def encode_texts(files: dict[str, bytes], bundle_hash: str, texts: dict[str, list[str]],
-                 device: str, threads: int = 1) -> tuple[dict[str, np.ndarray], dict]:  # fmt: skip
+def encode_texts(
+    files: dict[str, bytes], bundle_hash: str, texts: dict[str, list[str]], device: str, threads: int = 1
+) -> tuple[dict[str, np.ndarray], dict]:
     """Ray task: write the bundle's files to a temporary folder, load it on ``device`` and encode
     (``threads`` torch threads on CPU)."""
     start = time.perf_counter()
@@ -156,8 +204,13 @@ def encode_texts(files: dict[str, bytes], bundle_hash: str, texts: dict[str, lis
         encoded = {split: bundle.features(split_texts, precision=precision) for split, split_texts in texts.items()}
     context = ray.get_runtime_context()
     name = f"cuda ({torch.cuda.get_device_name()})" if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-    info = {"device": name, "node_id": context.get_node_id(), "worker_id": context.get_worker_id(),
-            "pid": os.getpid(), "seconds": round(time.perf_counter() - start, 1)}  # fmt: skip
+    info = {
+        "device": name,
+        "node_id": context.get_node_id(),
+        "worker_id": context.get_worker_id(),
+        "pid": os.getpid(),
+        "seconds": round(time.perf_counter() - start, 1),
+    }
     return encoded, info
 
 
@@ -166,9 +219,6 @@ def train_head(config: TrainConfig, features: dict[str, np.ndarray], report) -> 
     (``training.feature_inputs`` and ``train_epoch``): a fresh head, ``stage2.epochs`` epochs, the
     stage's loss, rates and weight average; after each epoch ``report(metrics, head, last)``
     (Tune's report in a trial)."""
-    from emotions.training import (WeightAverage, build_optimizer, build_scheduler, epoch_seed, feature_inputs,
-                                   loss_function, scored, train_epoch)  # fmt: skip
-
     stage = config.stage2
     torch.manual_seed(config.seed + 1)  # as training seeds stage 2's head
     with warnings.catch_warnings():  # object-store arrays are read-only; nothing here writes to them
@@ -188,9 +238,14 @@ def train_head(config: TrainConfig, features: dict[str, np.ndarray], report) -> 
         last = epoch + 1 == stage.epochs
         if last and average is not None:
             average.apply()  # the head reported (and exported) is the average, as in training
-        metrics = {"stage": "stage2", "epoch": epoch + 1, "train_loss": float(np.mean(losses)),
-                   **validation_scores(features["validation_y"], probs, fallback=config.thresholds.fallback),
-                   "epoch_seconds": time.perf_counter() - start, "final": last}  # fmt: skip
+        metrics = {
+            "stage": "stage2",
+            "epoch": epoch + 1,
+            "train_loss": float(np.mean(losses)),
+            **validation_scores(features["validation_y"], probs, fallback=config.thresholds.fallback),
+            "epoch_seconds": time.perf_counter() - start,
+            "final": last,
+        }
         report(metrics, head, last)
 
 
@@ -219,18 +274,21 @@ def run_head_sweep(source: Bundle, raw_config: dict, output: str | Path, resume:
     check_head_only(raw_config, source)
     base_raw, settings = split_tune_settings(raw_config)
     base = from_dict(base_raw)
-    environment.log_environment({**base.to_dict(), "tune": settings.__dict__, "from_bundle": str(source.path)},
-                                "tune-heads")  # fmt: skip
+    environment.log_environment(
+        {**base.to_dict(), "tune": settings.__dict__, "from_bundle": str(source.path)}, "tune-heads"
+    )
     check_search_keys(base, settings)
     cluster.check_state_api()
     features, origin = cached_features(source, base, storage.join(base.run.storage_path, "features"))
     # with_parameters puts the features in the object store once; trials map them, zero-copy.
     per_trial = {"CPU": 1}
-    trainable = tune.with_resources(tune.with_parameters(run_head_trial, base=base.to_dict(), features=features),
-                                    per_trial)  # fmt: skip
+    trainable = tune.with_resources(
+        tune.with_parameters(run_head_trial, base=base.to_dict(), features=features), per_trial
+    )
     at_once = concurrency(per_trial, settings, *cluster.resources())
-    tuner = build_tuner(trainable, storage.join(output, "sweep"), base, settings, max_epochs(base, settings),
-                        at_once, resume)  # fmt: skip
+    tuner = build_tuner(
+        trainable, storage.join(output, "sweep"), base, settings, max_epochs(base, settings), at_once, resume
+    )
     results = tuner.fit()
     return write_head_results(results, settings, base, source, features, origin, output)
 
@@ -242,23 +300,31 @@ def max_epochs(base: TrainConfig, settings: TuneSettings) -> int:
     return int(max([base.stage2.epochs, *[v for v in values if v is not None]]))
 
 
-def write_head_results(results, settings: TuneSettings, base: TrainConfig, source: Bundle,
-                       features: dict[str, np.ndarray], origin: dict, output: str) -> dict:  # fmt: skip
+def write_head_results(
+    results,
+    settings: TuneSettings,
+    base: TrainConfig,
+    source: Bundle,
+    features: dict[str, np.ndarray],
+    origin: dict,
+    output: str,
+) -> dict:
     extra = {"from_bundle": {"path": str(source.path), "hash": source.hash}, "features": origin}
     summary = summarize(results, settings, base, output, extra, usable=lambda r: r.checkpoint is not None)
     with summary.best.checkpoint.as_directory() as d:
         head_state = load_file(os.path.join(d, HEAD_FILE))
-    bundle = export_bundle(storage.join(output, "best_bundle"),
-                           lambda local: write_head_bundle(source, summary.config, head_state, features, local))
+    bundle = export_bundle(
+        storage.join(output, "best_bundle"),
+        lambda local: write_head_bundle(source, summary.config, head_state, features, local),
+    )
     log.info("best head %s: %s = %.4f; bundle %s", summary.best.path, settings.metric, summary.metric, bundle)
     return summary.as_dict(bundle=bundle, features=origin["file"])
 
 
-def write_head_bundle(source: Bundle, config: TrainConfig, head_state: dict, features: dict[str, np.ndarray],
-                      output: Path) -> Path:  # fmt: skip
+def write_head_bundle(
+    source: Bundle, config: TrainConfig, head_state: dict, features: dict[str, np.ndarray], output: Path
+) -> Path:
     """The source bundle's encoder with this head, thresholds fitted as the config says."""
-    from emotions.training import describe_head
-
     s = config.stage2
     head = build_head(features["train_x"].shape[1], s.head_depth, s.dropout, s.head_hidden)
     head.load_state_dict(head_state)
@@ -266,16 +332,28 @@ def write_head_bundle(source: Bundle, config: TrainConfig, head_state: dict, fea
     # torch.tensor copies: the features may be read-only (from the object store or the cache's bytes).
     probs = {name: head_probs(head, torch.tensor(features[f"{name}_x"])) for name in ("train", "validation")}
     thresholds = fit_thresholds(probs[split], features[f"{split}_y"], fallback=config.thresholds.fallback)
-    report = evaluation_report(features["validation_y"], probs["validation"], thresholds,
-                               in_sample=split == "validation", source=config.data.validation,
-                               model=config.model.encoder, fallback=config.thresholds.fallback)  # fmt: skip
+    report = evaluation_report(
+        features["validation_y"],
+        probs["validation"],
+        thresholds,
+        in_sample=split == "validation",
+        source=config.data.validation,
+        model=config.model.encoder,
+        fallback=config.thresholds.fallback,
+    )
     report["thresholds_fitted_on"] = split
     report["head_sweep"] = {"from_bundle": source.hash}
     weights = {k: v for k, v in source.model.state_dict().items() if not k.startswith("head.")}
     weights.update({f"head.{k}": v for k, v in head_state.items()})
-    path = save_checked_bundle(output, weights=weights,
-                               encoder_config=json.loads((source.path / "encoder_config.json").read_text()),
-                               head=describe_head(head, config.model.pooling), tokenizer=source.tokenizer,
-                               thresholds=thresholds, config=config.to_dict(), metrics=report)  # fmt: skip
+    path = save_checked_bundle(
+        output,
+        weights=weights,
+        encoder_config=source.model.encoder.config.to_dict(),
+        head=describe_head(head, config.model.pooling),
+        tokenizer=source.tokenizer,
+        thresholds=thresholds,
+        config=config.to_dict(),
+        metrics=report,
+    )
     log.info("validation metrics of the best head:\n%s", format_summary(report))
     return path

@@ -1,6 +1,7 @@
 """The one inference loop. Everything that runs a classifier over tokenized rows goes through
 ``run_rows``: training's validation and feature passes, ``Bundle.predict_proba`` / ``features``
-(``emotions evaluate``, the head sweep's encoder task), and tagging's actors and precision gate.
+(``emotions evaluate``, the head sweep's encoder task), tagging's actors (``tagging.predictor``) and
+the precision gate (``emotions.precision``).
 So a precision, a device or a batching change lands in every number the project reports at once.
 
     rows of a TokenizedSet --(passes sorted by length, on ``device``, at ``precision``)-->
@@ -22,13 +23,21 @@ OUTPUTS = ("probs", "features")
 
 
 @torch.inference_mode()
-def run_rows(model: nn.Module, data: TokenizedSet, pad_id: int, *, batch_size: int, device: str | torch.device,
-             precision: str = "fp32", output: str = "probs") -> torch.Tensor:  # fmt: skip
+def run_rows(
+    model: nn.Module,
+    data: TokenizedSet,
+    pad_id: int,
+    *,
+    batch_size: int,
+    device: str | torch.device,
+    precision: str = "fp32",
+    output: str = "probs",
+) -> torch.Tensor:
     """``model`` (an ``EmotionClassifier``, int8-quantized or not) over every row of ``data`` ->
     [n, 28] sigmoid probabilities (``output="probs"``) or [n, hidden] pooled encoder features
     (``"features"``), float32 on ``device``. Passes of ``batch_size`` rows of similar length (the
     least padding); ``precision`` "bf16" runs them under autocast to bfloat16, "fp32" and "int8"
-    (a model ``tagging.inference.prepare_model`` quantized) as they are."""
+    (a model ``precision.prepare_model`` quantized) as they are."""
     if output not in OUTPUTS:
         raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
     device = torch.device(device)

@@ -11,11 +11,35 @@ from collections.abc import Iterable, Sequence
 
 # Canonical id order of GoEmotions (emotions.txt): id i is EMOTIONS[i].
 EMOTIONS: tuple[str, ...] = (
-    "admiration", "amusement", "anger", "annoyance", "approval", "caring", "confusion",
-    "curiosity", "desire", "disappointment", "disapproval", "disgust", "embarrassment",
-    "excitement", "fear", "gratitude", "grief", "joy", "love", "nervousness", "optimism",
-    "pride", "realization", "relief", "remorse", "sadness", "surprise", "neutral",
-)  # fmt: skip
+    "admiration",
+    "amusement",
+    "anger",
+    "annoyance",
+    "approval",
+    "caring",
+    "confusion",
+    "curiosity",
+    "desire",
+    "disappointment",
+    "disapproval",
+    "disgust",
+    "embarrassment",
+    "excitement",
+    "fear",
+    "gratitude",
+    "grief",
+    "joy",
+    "love",
+    "nervousness",
+    "optimism",
+    "pride",
+    "realization",
+    "relief",
+    "remorse",
+    "sadness",
+    "surprise",
+    "neutral",
+)
 NUM_LABELS = len(EMOTIONS)  # 28
 LABEL_TO_ID: dict[str, int] = {name: i for i, name in enumerate(EMOTIONS)}
 
@@ -23,19 +47,54 @@ EKMAN: dict[str, tuple[str, ...]] = {
     "anger": ("anger", "annoyance", "disapproval"),
     "disgust": ("disgust",),
     "fear": ("fear", "nervousness"),
-    "joy": ("joy", "amusement", "approval", "excitement", "gratitude", "love", "optimism",
-            "relief", "pride", "admiration", "desire", "caring"),
+    "joy": (
+        "joy",
+        "amusement",
+        "approval",
+        "excitement",
+        "gratitude",
+        "love",
+        "optimism",
+        "relief",
+        "pride",
+        "admiration",
+        "desire",
+        "caring",
+    ),
     "sadness": ("sadness", "disappointment", "embarrassment", "grief", "remorse"),
     "surprise": ("surprise", "realization", "confusion", "curiosity"),
-}  # fmt: skip
+}
 
 SENTIMENT: dict[str, tuple[str, ...]] = {
-    "positive": ("amusement", "excitement", "joy", "love", "desire", "optimism", "caring",
-                 "pride", "admiration", "gratitude", "relief", "approval"),
-    "negative": ("fear", "nervousness", "remorse", "embarrassment", "disappointment",
-                 "sadness", "grief", "disgust", "anger", "annoyance", "disapproval"),
+    "positive": (
+        "amusement",
+        "excitement",
+        "joy",
+        "love",
+        "desire",
+        "optimism",
+        "caring",
+        "pride",
+        "admiration",
+        "gratitude",
+        "relief",
+        "approval",
+    ),
+    "negative": (
+        "fear",
+        "nervousness",
+        "remorse",
+        "embarrassment",
+        "disappointment",
+        "sadness",
+        "grief",
+        "disgust",
+        "anger",
+        "annoyance",
+        "disapproval",
+    ),
     "ambiguous": ("realization", "surprise", "curiosity", "confusion"),
-}  # fmt: skip
+}
 
 
 def ids_from_names(names: Iterable[str]) -> list[int]:

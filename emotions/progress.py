@@ -18,8 +18,15 @@ def format_seconds(seconds: float) -> str:
 class Progress:
     """Logs ``what: step/total, rate, ETA`` at most every ``every`` seconds (and at the end)."""
 
-    def __init__(self, what: str, total: int, enabled: bool = True, every: float = 15.0,
-                 unit_scale: int = 1, unit: str = "samples"):  # fmt: skip
+    def __init__(
+        self,
+        what: str,
+        total: int,
+        enabled: bool = True,
+        every: float = 15.0,
+        unit_scale: int = 1,
+        unit: str = "samples",
+    ):
         self.what, self.total, self.enabled, self.every = what, total, enabled, every
         self.unit_scale, self.unit = unit_scale, unit
         self.done = 0
@@ -35,6 +42,14 @@ class Progress:
         rate = self.done / max(elapsed, 1e-9)
         eta = (self.total - self.done) / max(rate, 1e-9)
         extra = " ".join(f"{k}={v:.4f}" for k, v in values.items())
-        log.info("%s: %d/%d (%.0f%%) %.1f %s/s %s ETA %s", self.what, self.done, self.total,
-                 100.0 * self.done / max(self.total, 1), rate * self.unit_scale, self.unit, extra,
-                 format_seconds(eta))  # fmt: skip
+        log.info(
+            "%s: %d/%d (%.0f%%) %.1f %s/s %s ETA %s",
+            self.what,
+            self.done,
+            self.total,
+            100.0 * self.done / max(self.total, 1),
+            rate * self.unit_scale,
+            self.unit,
+            extra,
+            format_seconds(eta),
+        )

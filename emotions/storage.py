@@ -20,7 +20,6 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-
 SINGLE_COPY_MAX = 5 * 2**30  # S3's CopyObject limit; pyarrow's move on S3 is one CopyObject
 COPY_PART_BYTES = 256 * 2**20  # part size of a multipart copy (S3: 5 MiB to 5 GiB, 10,000 parts)
 
@@ -53,8 +52,10 @@ def filesystem(uri: str | Path) -> tuple[pafs.FileSystem, str, str]:
     try:
         fs, path = pafs.FileSystem.from_uri(uri)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as error:
-        raise StorageError(f"{uri}: not a path or a filesystem URI pyarrow can open ({error}); "
-                           "use a local path, s3://bucket/prefix or gs://bucket/prefix") from error  # fmt: skip
+        raise StorageError(
+            f"{uri}: not a path or a filesystem URI pyarrow can open ({error}); "
+            "use a local path, s3://bucket/prefix or gs://bucket/prefix"
+        ) from error
     return fs, path, f"{scheme}://"
 
 

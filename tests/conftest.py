@@ -16,7 +16,6 @@ import time
 from importlib import metadata
 
 import pytest
-
 from ray_nodes import free_port
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -37,9 +36,13 @@ MOTO_MIN_VERSION = (5, 2, 5)  # 5.2.1 fails pyarrow's upload of an empty object 
 
 
 S3_PORT = free_port()
-os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{S3_PORT}", AWS_ACCESS_KEY_ID="testing",
-                  AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1",
-                  AWS_EC2_METADATA_DISABLED="true")  # fmt: skip
+os.environ.update(
+    AWS_ENDPOINT_URL=f"http://127.0.0.1:{S3_PORT}",
+    AWS_ACCESS_KEY_ID="testing",
+    AWS_SECRET_ACCESS_KEY="testing",
+    AWS_DEFAULT_REGION="us-east-1",
+    AWS_EC2_METADATA_DISABLED="true",
+)
 
 
 @pytest.fixture(scope="session")
@@ -48,10 +51,15 @@ def s3():
     the ``s3://emo`` prefix. Stopped at the end of the session."""
     version = tuple(int(p) for p in metadata.version("moto").split(".")[:3])
     if version < MOTO_MIN_VERSION:
-        pytest.fail(f"moto {metadata.version('moto')} is too old for pyarrow's empty-object uploads; "
-                    "install the test extra: pip install -e '.[test]'")  # fmt: skip
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(S3_PORT)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        pytest.fail(
+            f"moto {metadata.version('moto')} is too old for pyarrow's empty-object uploads; "
+            "install the test extra: pip install -e '.[test]'"
+        )
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(S3_PORT)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         import boto3
 

@@ -53,8 +53,14 @@ def free_port_range(size: int = 200, start_at: int = 21000) -> tuple[int, int]:
     raise RuntimeError(f"no free range of {size} ports between {start_at} and 32768")
 
 
-def node_command(*, head: bool, num_cpus: int, gcs_port: int | None = None, temp_dir: str | None = None,
-                 object_store_bytes: int = 300_000_000) -> tuple[list[str], int, int | None]:  # fmt: skip
+def node_command(
+    *,
+    head: bool,
+    num_cpus: int,
+    gcs_port: int | None = None,
+    temp_dir: str | None = None,
+    object_store_bytes: int = 300_000_000,
+) -> tuple[list[str], int, int | None]:
     """`ray start --block` for a head or for a worker node joining the head at ``gcs_port``, every
     port from one block of its own (see free_port_range). Returns (command, the head's GCS port,
     the head's dashboard port or None)."""
@@ -62,16 +68,35 @@ def node_command(*, head: bool, num_cpus: int, gcs_port: int | None = None, temp
     ports = iter(range(low, low + 20))
     gcs_port = next(ports) if head else gcs_port
     dashboard_port = low + 19 if head else None
-    command = [sys.executable, "-m", "ray.scripts.scripts", "start", "--block", f"--num-cpus={num_cpus}",
-               "--num-gpus=0", f"--min-worker-port={low + 20}", f"--max-worker-port={low + 119}",
-               f"--node-manager-port={next(ports)}", f"--object-manager-port={next(ports)}",
-               f"--dashboard-agent-listen-port={next(ports)}", f"--dashboard-agent-grpc-port={next(ports)}",
-               f"--runtime-env-agent-port={next(ports)}", f"--metrics-export-port={next(ports)}",
-               f"--object-store-memory={object_store_bytes}", "--disable-usage-stats"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "ray.scripts.scripts",
+        "start",
+        "--block",
+        f"--num-cpus={num_cpus}",
+        "--num-gpus=0",
+        f"--min-worker-port={low + 20}",
+        f"--max-worker-port={low + 119}",
+        f"--node-manager-port={next(ports)}",
+        f"--object-manager-port={next(ports)}",
+        f"--dashboard-agent-listen-port={next(ports)}",
+        f"--dashboard-agent-grpc-port={next(ports)}",
+        f"--runtime-env-agent-port={next(ports)}",
+        f"--metrics-export-port={next(ports)}",
+        f"--object-store-memory={object_store_bytes}",
+        "--disable-usage-stats",
+    ]
     if head:
-        command += ["--head", f"--port={gcs_port}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                    f"--dashboard-port={dashboard_port}", f"--ray-client-server-port={next(ports)}",
-                    f"--temp-dir={temp_dir}"]  # fmt: skip
+        command += [
+            "--head",
+            f"--port={gcs_port}",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard_port}",
+            f"--ray-client-server-port={next(ports)}",
+            f"--temp-dir={temp_dir}",
+        ]
     else:
         command += [f"--address=127.0.0.1:{gcs_port}"]
     return command, gcs_port, dashboard_port
@@ -81,11 +106,19 @@ def start_node(command: list[str], env: dict, log_path: Path, hide: Path | None 
     """Start a node in a session of its own; with ``hide``, in its own mount namespace where
     ``hide`` is an empty tmpfs (tests run as root, so unshare and mount are allowed)."""
     if hide is not None:
-        command = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-                   f'mount -t tmpfs -o size=256m tmpfs "{hide}" && exec "$@"', "sh", *command]  # fmt: skip
+        command = [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            f'mount -t tmpfs -o size=256m tmpfs "{hide}" && exec "$@"',
+            "sh",
+            *command,
+        ]
     with open(log_path, "w") as log:
-        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd="/",
-                                start_new_session=True)  # fmt: skip
+        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd="/", start_new_session=True)
 
 
 def stop_node(node: subprocess.Popen) -> None:
@@ -109,26 +142,30 @@ def kill_node(node: subprocess.Popen) -> None:
 
 def wait_for_nodes(address: str, count: int, env: dict, timeout: float = 120) -> list[dict]:
     """Block until the cluster at ``address`` has ``count`` alive nodes; returns them."""
-    probe = ("import json, time, ray; ray.init(address=%r, logging_level='ERROR')\n"
-             "deadline = time.time() + %f\n"
-             "while True:\n"
-             "    alive = [n for n in ray.nodes() if n['Alive']]\n"
-             "    if len(alive) >= %d or time.time() > deadline: break\n"
-             "    time.sleep(0.5)\n"
-             "print('NODES', json.dumps([{'id': n['NodeID'], 'cpus': n['Resources'].get('CPU', 0)} for n in alive]))"
-             ) % (address, timeout, count)  # fmt: skip
+    probe = (
+        f"import json, time, ray; ray.init(address={address!r}, logging_level='ERROR')\n"
+        f"deadline = time.time() + {timeout:f}\n"
+        "while True:\n"
+        "    alive = [n for n in ray.nodes() if n['Alive']]\n"
+        f"    if len(alive) >= {count:d} or time.time() > deadline: break\n"
+        "    time.sleep(0.5)\n"
+        "print('NODES', json.dumps([{'id': n['NodeID'], 'cpus': n['Resources'].get('CPU', 0)} for n in alive]))"
+    )
     deadline = time.monotonic() + timeout
     while True:
-        result = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
-                                timeout=timeout + 60)  # fmt: skip
+        result = subprocess.run(
+            [sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=timeout + 60
+        )
         if result.returncode == 0:
             import json
 
             line = next(x for x in result.stdout.splitlines() if x.startswith("NODES "))
-            nodes = json.loads(line[len("NODES "):])
+            nodes = json.loads(line[len("NODES ") :])
             if len(nodes) >= count:
                 return nodes
         if time.monotonic() > deadline:
-            raise RuntimeError(f"the cluster at {address} did not reach {count} nodes:\n"
-                               f"{result.stdout[-2000:]}\n{result.stderr[-4000:]}")  # fmt: skip
+            raise RuntimeError(
+                f"the cluster at {address} did not reach {count} nodes:\n"
+                f"{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
+            )
         time.sleep(1)

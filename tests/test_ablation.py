@@ -46,8 +46,9 @@ def test_rows_are_the_seed_table():
 
 
 def test_ablation_runs_rows_and_writes_the_table(local_ray, runs_dir, tmp_path):
-    results = run_ablation("smoke", tmp_path, "tiny", [f"run.storage_path={runs_dir}/ablate",
-                           "data.max_length=32"], rows=[4, 5])  # fmt: skip
+    results = run_ablation(
+        "smoke", tmp_path, "tiny", [f"run.storage_path={runs_dir}/ablate", "data.max_length=32"], rows=[4, 5]
+    )
     assert [r["row"] for r in results] == ["+ dropout 0.1", "+ threshold optimisation"]
     # Rows 4 and 5 share one training run; thresholds (fitted on train) change the numbers.
     assert len(list((tmp_path / "bundles").iterdir())) == 1

@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from emotions import storage
-from emotions.bundle import (BundleError, _content_hash, _file_hashes, bundle_cache, load_bundle, publish_bundle,
-                             save_bundle)  # fmt: skip
+from emotions.bundle import BundleError, load_bundle, publish_bundle, save_bundle
+from emotions.bundle_manifest import _content_hash, _file_hashes
+from emotions.bundle_store import bundle_cache
 
 
 @pytest.fixture
@@ -33,16 +34,16 @@ def test_untouched_copy_loads_with_the_recomputed_hash(copy):
 
 def test_extra_files_are_refused_by_name(copy):
     (copy / "notes.txt").write_text("tried a new threshold for grief\n")
-    (copy / "tokenizer" / "added_tokens.json").write_text('{"[NEW]": 30522}')  # a tokenizer would read it
+    (copy / "added_tokens.json").write_text('{"[NEW]": 30522}')  # a tokenizer would read it
     with pytest.raises(BundleError, match="does not list") as refused:
         load_bundle(copy)
-    assert "['notes.txt', 'tokenizer/added_tokens.json']" in str(refused.value)
+    assert "['added_tokens.json', 'notes.txt']" in str(refused.value)
     assert "copy the bundle again into an empty folder" in str(refused.value)
 
 
 def test_missing_file_is_refused_by_name(copy):
-    (copy / "tokenizer" / "tokenizer_config.json").unlink()  # listed in the manifest, not in REQUIRED
-    with pytest.raises(BundleError, match=r"missing \['tokenizer/tokenizer_config.json'\], which manifest.json lists"):
+    (copy / "tokenizer.json").unlink()  # listed in the manifest, not required by the layout
+    with pytest.raises(BundleError, match=r"missing \['tokenizer.json'\], which manifest.json lists"):
         load_bundle(copy)
 
 
@@ -74,11 +75,11 @@ def test_bundle_on_s3_is_checked_and_republishing_removes_stale_files(smoke_bund
     uri = storage.join(s3, "bundle-integrity", "bundle")
     publish_bundle(smoke_bundle, uri)
     folder = storage.Folder.from_uri(uri)
-    folder.write_text("left over\n", "tokenizer", "vocab.txt")  # e.g. from an earlier, other encoder
-    with pytest.raises(BundleError, match=r"\['tokenizer/vocab.txt'\], which manifest.json does not list"):
+    folder.write_text("left over\n", "vocab.txt")  # e.g. from an earlier, other encoder
+    with pytest.raises(BundleError, match=r"\['vocab.txt'\], which manifest.json does not list"):
         load_bundle(uri)
     publish_bundle(smoke_bundle, uri)  # replaces the earlier bundle whole
-    assert not folder.exists("tokenizer", "vocab.txt")
+    assert not folder.exists("vocab.txt")
     assert load_bundle(uri).hash == json.loads((smoke_bundle / "manifest.json").read_text())["hash"]
 
 
@@ -91,7 +92,7 @@ def test_a_bundle_on_s3_is_copied_once_per_content_hash(smoke_bundle, s3, tmp_pa
     assert first.path == second.path == tmp_path / "cache" / first.hash
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [first.hash]  # no temporary folders left
     # The remote is still checked against its manifest before the copy is used.
-    storage.Folder.from_uri(uri).write_text("left over\n", "tokenizer", "vocab.txt")
+    storage.Folder.from_uri(uri).write_text("left over\n", "vocab.txt")
     with pytest.raises(BundleError, match="which manifest.json does not list"):
         load_bundle(uri)
 
@@ -103,9 +104,15 @@ def bundle_fields(path) -> dict:
     """``save_bundle``'s keyword arguments that rebuild the bundle at ``path``."""
     bundle = load_bundle(path)
     meta = json.loads((path / "bundle.json").read_text())
-    return dict(weights=bundle.model.state_dict(), encoder_config=json.loads((path / "encoder_config.json").read_text()),
-                head=meta["head"], tokenizer=bundle.tokenizer, thresholds=bundle.thresholds,
-                config=bundle.config, metrics=bundle.metrics)  # fmt: skip
+    return dict(
+        weights=bundle.model.state_dict(),
+        encoder_config=bundle.model.encoder.config.to_dict(),
+        head=meta["head"],
+        tokenizer=bundle.tokenizer,
+        thresholds=bundle.thresholds,
+        config=bundle.config,
+        metrics=bundle.metrics,
+    )
 
 
 def test_saving_over_a_folder_of_other_files_is_refused_and_they_survive(smoke_bundle, tmp_path):
@@ -191,3 +198,74 @@ def test_the_bundle_cache_is_a_private_folder_of_the_user(on_s3, tmp_path, monke
     bundle = load_bundle(on_s3)
     assert bundle.path.parent == tmp_path / "xdg" / "emotions" / "bundles"
     assert os.stat(bundle.path.parent).st_mode & 0o777 == 0o700  # nobody else can plant a copy
+
+
+# ----------------------------------------------------------------------------- the Hugging Face layout
+
+
+def test_hugging_face_reads_the_bundle_folder_as_it_is(smoke_bundle):
+    """config.json, model.safetensors and the tokenizer are what save_pretrained writes: the
+    encoder loads with AutoModel and its weights are the bundle's."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    bundle = load_bundle(smoke_bundle)
+    assert AutoConfig.from_pretrained(smoke_bundle).model_type == "bert"
+    encoder = AutoModel.from_pretrained(smoke_bundle)
+    assert type(encoder).__name__ == "BertModel"
+    ours = bundle.model.encoder.state_dict()
+    theirs = encoder.state_dict()
+    assert ours and all(torch.equal(theirs[name], weight) for name, weight in ours.items())
+    assert set(theirs) - set(ours) <= {"pooler.dense.weight", "pooler.dense.bias"}  # we pool ourselves
+    assert "embeddings.word_embeddings.weight" in load_file(str(smoke_bundle / "model.safetensors"))
+    tokenizer = AutoTokenizer.from_pretrained(smoke_bundle)
+    assert tokenizer("I love it")["input_ids"] == bundle.tokenizer("I love it")["input_ids"]
+    head = load_file(str(smoke_bundle / "head.safetensors"))
+    assert all(torch.equal(head[name], w) for name, w in bundle.model.head.state_dict().items())
+    assert json.loads((smoke_bundle / "emotions_config.json").read_text()) == bundle.config
+    assert not [p for p in smoke_bundle.rglob("*") if p.suffix in (".bin", ".pt", ".pkl", ".pickle")]
+
+
+def as_version_1(bundle_dir, target):
+    """The bundle at ``bundle_dir`` written in format version 1: encoder_config.json, one
+    model.safetensors with encoder.* and head.*, tokenizer/, the training config in config.json."""
+    from safetensors.torch import load_file, save_file
+
+    target.mkdir()
+    (target / "tokenizer").mkdir()
+    weights = {f"encoder.{k}": v for k, v in load_file(str(bundle_dir / "model.safetensors")).items()}
+    weights.update({f"head.{k}": v for k, v in load_file(str(bundle_dir / "head.safetensors")).items()})
+    save_file(weights, str(target / "model.safetensors"))
+    shutil.copy(bundle_dir / "config.json", target / "encoder_config.json")
+    shutil.copy(bundle_dir / "emotions_config.json", target / "config.json")
+    shutil.copy(bundle_dir / "metrics.json", target / "metrics.json")
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        if (bundle_dir / name).exists():
+            shutil.copy(bundle_dir / name, target / "tokenizer" / name)
+    meta = json.loads((bundle_dir / "bundle.json").read_text())
+    (target / "bundle.json").write_text(json.dumps({**meta, "version": 1}))
+    files = _file_hashes(target)
+    (target / "manifest.json").write_text(json.dumps({"files": files, "hash": _content_hash(files)}))
+    return target
+
+
+def test_a_version_1_bundle_still_loads_and_predicts_the_same(smoke_bundle, tmp_path):
+    from emotions.tagging.predictor import load_bundle_tokenizer
+
+    old = load_bundle(as_version_1(smoke_bundle, tmp_path / "v1"))
+    new = load_bundle(smoke_bundle)
+    texts = ["Thank you so much!", "This is terrible."]
+    assert (old.predict_proba(texts) == new.predict_proba(texts)).all()
+    assert old.config == new.config
+    assert load_bundle_tokenizer(str(tmp_path / "v1"))("hi")["input_ids"] == new.tokenizer("hi")["input_ids"]
+
+
+def test_a_bundle_of_an_unknown_format_version_is_refused_with_what_to_do(copy):
+    meta = json.loads((copy / "bundle.json").read_text())
+    (copy / "bundle.json").write_text(json.dumps({**meta, "version": 99}))
+    with pytest.raises(
+        BundleError,
+        match=r"format version 99; this emotions reads versions \[1, 2\]. Upgrade "
+        r"emotions to read it, or retrain",
+    ):
+        load_bundle(copy)

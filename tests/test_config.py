@@ -32,11 +32,24 @@ def test_overrides_and_file_merge_in_order(tmp_path):
 
 def test_unknown_keys_and_bad_values_are_all_reported_by_name():
     with pytest.raises(ConfigError) as err:
-        build_config("smoke", overrides=["stage1.epoch=3", "model.pooling=max", "stage2.head_depth=3",
-                                         "scaling.num_workers=two", "bogus.key=1"])  # fmt: skip
+        build_config(
+            "smoke",
+            overrides=[
+                "stage1.epoch=3",
+                "model.pooling=max",
+                "stage2.head_depth=3",
+                "scaling.num_workers=two",
+                "bogus.key=1",
+            ],
+        )
     message = str(err.value)
-    for fragment in ("stage1.epoch: unknown key", "model.pooling: 'max'", "stage2.head_depth: 3",
-                     "scaling.num_workers: expected int", "bogus: unknown key"):  # fmt: skip
+    for fragment in (
+        "stage1.epoch: unknown key",
+        "model.pooling: 'max'",
+        "stage2.head_depth: 3",
+        "scaling.num_workers: expected int",
+        "bogus: unknown key",
+    ):
         assert fragment in message, message
 
 
@@ -58,6 +71,182 @@ def test_run_name_may_use_letters_digits_dots_dashes_and_underscores():
 def test_malformed_override():
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         build_config("smoke", overrides=["stage1.epochs"])
+
+
+# Values the hand-written checks let through, each refused now by a message that names its key.
+REFUSED = [
+    ("stage1.learning_rate=nan", "stage1.learning_rate: nan must be a finite number"),
+    ("stage1.learning_rate=.nan", "stage1.learning_rate: nan must be a finite number"),
+    ("stage2.learning_rate=inf", "stage2.learning_rate: inf must be a finite number"),
+    ("stage1.learning_rate=-.inf", "stage1.learning_rate: -inf must be a finite number"),
+    ("data.max_train_examples=-5", "data.max_train_examples: -5 must be >= 1"),
+    ("stage2.head_hidden=-64", "stage2.head_hidden: -64 must be >= 1"),
+    ("stage1.weight_decay=-0.01", "stage1.weight_decay: -0.01 must be >= 0"),
+    ("stage1.head_learning_rate=-1e-3", "stage1.head_learning_rate: -1e-3 must be > 0"),
+    ("thresholds.fallback=7", "thresholds.fallback: 7 must be in [0, 1]"),
+    ("data.max_length=256", "data.max_length: 256 is more than the 128 positions of model.encoder=tiny-random"),
+    ("run.checkpoints_to_keep=0", "run.checkpoints_to_keep: 0 must be >= 1"),
+    ("run.max_failures=-1", "run.max_failures: -1 must be >= 0"),
+]
+
+
+@pytest.mark.parametrize(("override", "message"), REFUSED, ids=[o for o, _ in REFUSED])
+def test_values_out_of_range_are_refused_by_key(override, message):
+    with pytest.raises(ConfigError) as err:
+        build_config("smoke", overrides=[override])
+    assert message in str(err.value)
+
+
+def test_every_refused_value_is_reported_at_once():
+    # One value per key; data.max_length is checked against the encoder once every key is valid.
+    first = {o.split("=")[0]: (o, m) for o, m in reversed(REFUSED) if not o.startswith("data.max_length")}
+    with pytest.raises(ConfigError) as err:
+        build_config("smoke", overrides=[o for o, _ in first.values()])
+    assert sorted(err.value.problems) == sorted(m for _, m in first.values())
+
+
+def test_max_length_is_checked_against_the_encoders_position_embeddings():
+    with pytest.raises(ConfigError, match=r"data.max_length: 1024 is more than the 512 positions .* at most 512"):
+        build_config("default", overrides=["data.max_length=1024"])  # the embedded MiniLM
+    assert build_config("default", overrides=["data.max_length=512"]).data.max_length == 512
+    # A hub name whose config cannot be read offline: that one check is skipped, not failed.
+    offline = build_config("default", overrides=["model.encoder=no-such-org/no-such-model", "data.max_length=1024"])
+    assert offline.data.max_length == 1024
+
+
+@pytest.mark.parametrize("name", ["../presets/smoke", "smoke.yaml", "/tmp/smoke"])
+def test_a_preset_is_a_name_never_a_path(name):
+    with pytest.raises(ConfigError, match=r"unknown preset .*--config"):
+        build_config(name)
+
+
+def test_replace_validates_like_a_config_file():
+    import dataclasses
+
+    config = build_config("smoke")
+    with pytest.raises(ValueError, match="finite"):
+        dataclasses.replace(config.stage1, learning_rate=float("nan"))
+    assert dataclasses.replace(config.stage1, batch_size=8).batch_size == 8
+    assert dataclasses.asdict(config) == config.to_dict()
+
+
+def test_cross_field_rules_still_hold():
+    with pytest.raises(ConfigError, match="stage1.lr_floor: 0.1 needs schedule=linear"):
+        build_config("smoke", overrides=["stage1.lr_floor=0.1", "stage1.schedule=constant"])
+    with pytest.raises(ConfigError, match="nothing to train"):
+        build_config("smoke", overrides=["stage1.epochs=0", "stage2.epochs=0"])
+    with pytest.raises(ConfigError, match="stage1.train_encoder: must be true"):
+        build_config("smoke", overrides=["stage1.train_encoder=false"])
+
+
+def test_types_are_strict_but_yaml_exponents_are_floats():
+    with pytest.raises(ConfigError) as err:
+        build_config("smoke", overrides=["stage1.epochs='3'", "run.resume=1", "stage1.dropout=true", "stage1=5"])
+    for fragment in ("stage1: expected a mapping, got 5", "run.resume: expected bool, got 1"):
+        assert fragment in str(err.value)
+    with pytest.raises(ConfigError, match=r"stage1.epochs: expected int, got '3'"):
+        build_config("smoke", overrides=["stage1.epochs='3'"])
+    with pytest.raises(ConfigError, match=r"stage1.dropout: expected float, got True"):
+        build_config("smoke", overrides=["stage1.dropout=true"])
+    assert build_config("smoke", overrides=["stage1.learning_rate=2e-4"]).stage1.learning_rate == 2e-4
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"batch_size": 0}, "batch_size: 0 must be >= 1 (--batch-size)"),
+        ({"num_actors": 0}, "num_actors: 0 must be >= 1 (--actors)"),
+        ({"cpus_per_actor": 0}, "cpus_per_actor: 0 must be >= 1 (--cpus-per-actor)"),
+        ({"cpus_per_actor": 1.5}, "cpus_per_actor: expected int, got 1.5 (--cpus-per-actor)"),
+        ({"gpus_per_actor": -1.0}, "gpus_per_actor: -1.0 must be >= 0 (--gpus-per-actor)"),
+        ({"precision": "fp16"}, "precision: 'fp16' is not one of ['auto', 'fp32', 'bf16', 'int8'] (--precision)"),
+        ({"on_bad_file": "ignore"}, "on_bad_file: 'ignore' is not one of ['fail', 'skip']"),
+        ({"text_column": ""}, "text_column: may not be empty (--text-column)"),
+        ({"keep_columns": ("a", "")}, "keep_columns.1: may not be empty (--keep-columns)"),
+        ({"id_column": "body"}, "id_column: 'body' is the text column too"),
+        ({"keep_columns": ("emotions",)}, "columns ['emotions'] clash with output"),
+        ({"precision": "int8", "gpus_per_actor": 1.0}, "int8 quantization is for CPU inference"),
+        ({"batch": 8}, "batch: unknown key"),
+    ],
+)
+def test_tagging_settings_are_refused_by_name_and_flag(values, message):
+    from emotions.tagging.settings import TaggingError, check_settings
+
+    with pytest.raises(TaggingError) as err:
+        check_settings(model="bundle", output="out", **values)
+    assert message in str(err.value)
+
+
+def test_tagging_settings_report_every_bad_argument_at_once():
+    from emotions.tagging.settings import TaggingError, check_settings
+
+    with pytest.raises(TaggingError) as err:
+        check_settings(model="bundle", output="out", batch_size=0, num_actors=0, precision="fp16")
+    assert all(flag in str(err.value) for flag in ("--batch-size", "--actors", "--precision"))
+    settings = check_settings(model="bundle", output="out", keep_columns=["a"], gpus_per_actor=1)
+    assert settings.keep_columns == ("a",) and settings.gpus_per_actor == 1.0
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("tune.num_samples=0", "tune.num_samples: 0 must be >= 1"),
+        ("tune.grace_period=0", "tune.grace_period: 0 must be >= 1"),
+        ("tune.reduction_factor=1", "tune.reduction_factor: 1 must be >= 2"),
+        ("tune.max_concurrent_trials=0", "tune.max_concurrent_trials: 0 must be >= 1"),
+        ("tune.metric=val_loss", "tune.metric: 'val_loss' is not one of ['val_macro_f1_heldout', 'val_macro_f1']"),
+        ("tune.num_sample=4", "tune.num_sample: unknown key"),
+        ("tune.baseline=yes please", "tune.baseline: expected bool"),
+    ],
+)
+def test_tune_settings_are_refused_by_key(override, message):
+    from emotions.tuning import build_sweep_config, split_tune_settings
+
+    with pytest.raises(ConfigError) as err:
+        split_tune_settings(build_sweep_config("smoke", overrides=[override]))
+    assert message in str(err.value)
+
+
+def test_every_malformed_search_entry_is_reported_at_once():
+    from emotions.tuning import build_sweep_config, split_tune_settings
+
+    raw = build_sweep_config("smoke")
+    raw["tune"]["search"] = {
+        "stage1.learning_rate": {"loguniform": [0, 1e-3]},
+        "stage2.dropout": {"uniform": [0.3, 0.1]},
+        "stage2.head_depth": {"choice": []},
+        "stage1.batch_size": {"choice": [8], "uniform": [8, 16]},
+    }
+    with pytest.raises(ConfigError) as err:
+        split_tune_settings(raw)
+    for fragment in (
+        "tune.search.stage1.learning_rate: loguniform needs 0 < low < high",
+        "tune.search.stage2.dropout: uniform needs low < high",
+        "tune.search.stage2.head_depth: choice needs a list of values",
+        "tune.search.stage1.batch_size: give exactly one of",
+    ):
+        assert fragment in str(err.value)
+
+
+def test_searched_values_the_config_refuses_are_caught_before_any_trial():
+    from emotions.config import from_dict
+    from emotions.tuning import build_sweep_config, check_search_keys, split_tune_settings
+
+    raw = build_sweep_config("smoke")
+    raw["tune"]["search"] = {"stage2.head_depth": {"choice": [1, 3]}, "stage1.batch_size": {"uniform": [8, 64]}}
+    base, settings = split_tune_settings(raw)
+    with pytest.raises(ConfigError) as err:
+        check_search_keys(from_dict(base), settings)
+    assert "stage2.head_depth: 3 is not one of [1, 2]" in str(err.value)
+    assert "stage1.batch_size: expected int, got 8.0" in str(err.value)  # Tune's uniform samples floats
+
+
+@pytest.mark.parametrize("name", ["../tune/smoke", "smoke.yaml"])
+def test_a_tune_preset_is_a_name_never_a_path(name):
+    from emotions.tuning import build_sweep_config
+
+    with pytest.raises(ConfigError, match="unknown tune preset"):
+        build_sweep_config(name)
 
 
 # Node resources as Ray reports them: ray.nodes()[i]["Resources"].
@@ -137,4 +326,5 @@ def test_a_setting_added_since_a_checkpoint_is_no_change_at_its_default():
     ema = build_config("smoke", overrides=["stage1.ema_decay=0.99"]).to_dict()
     assert config_changes(old, ema) == ["stage1.ema_decay: (absent) -> 0.99"]
     assert config_changes(new, build_config("smoke", overrides=["stage1.epochs=3"]).to_dict()) == [
-        "stage1.epochs: 2 -> 3"]
+        "stage1.epochs: 2 -> 3"
+    ]

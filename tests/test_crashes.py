@@ -39,7 +39,7 @@ DRIVER_STEPS = {step for step, where in STEPS if where.startswith("driver")}
 SAMPLE = {  # CI's share: a merge run twice after its marker; a driver killed mid-commit on S3
     "local": {"marker-written"},
     "s3": {"file-moved"},
-}  # fmt: skip
+}
 ALL = os.environ.get("EMOTIONS_CRASH_POINTS") == "all"
 OPTIONS = {"num_actors": 1, "batch_size": 16, "precision": "fp32", "report": False}
 COMPARED = ["id", "emotions", "top_emotion", "ekman", "sentiment", "error"]
@@ -108,8 +108,9 @@ def copy_folder(source: str, target: str) -> None:
 
 @pytest.mark.parametrize("step", [step for step, _ in STEPS])
 @pytest.mark.parametrize("world", ["local", "s3"], indirect=True)
-def test_a_run_killed_at_any_step_is_finished_exactly_once_by_the_next(world, step, crash_file, smoke_bundle,
-                                                                       local_ray):  # fmt: skip
+def test_a_run_killed_at_any_step_is_finished_exactly_once_by_the_next(
+    world, step, crash_file, smoke_bundle, local_ray
+):
     kind, root, dump, clean = world
     if not ALL and step not in SAMPLE[kind]:
         pytest.skip("outside CI's sample of crash points: EMOTIONS_CRASH_POINTS=all runs every one")
@@ -117,9 +118,28 @@ def test_a_run_killed_at_any_step_is_finished_exactly_once_by_the_next(world, st
     copy_folder(f"{root}/previous", out.uri)  # replacing an earlier commit: its files must go
     crash_file.write_text(step)
     if step in DRIVER_STEPS:  # the driver dies: a real `emotions tag` process, killed at the step
-        command = [sys.executable, "-m", "emotions.cli", "tag", "--model", str(smoke_bundle), "--input", dump.uri,
-                   "--output", out.uri, "--overwrite", "--actors", "1", "--batch-size", "16", "--precision",
-                   "fp32", "--no-report", "--ray-address", local_ray.get_runtime_context().gcs_address]  # fmt: skip
+        command = [
+            sys.executable,
+            "-m",
+            "emotions.cli",
+            "tag",
+            "--model",
+            str(smoke_bundle),
+            "--input",
+            dump.uri,
+            "--output",
+            out.uri,
+            "--overwrite",
+            "--actors",
+            "1",
+            "--batch-size",
+            "16",
+            "--precision",
+            "fp32",
+            "--no-report",
+            "--ray-address",
+            local_ray.get_runtime_context().gcs_address,
+        ]
         driver = subprocess.run(command, capture_output=True, text=True, timeout=300)
         assert driver.returncode == CRASH_EXIT, driver.stderr[-3000:]
         died, first = "driver", "killed; the same command again finished it"
@@ -166,8 +186,7 @@ def test_a_run_on_an_output_whose_lease_another_run_holds_is_refused_by_name(smo
 
 
 @pytest.mark.slow  # 20 s: a real second process; python -m pytest -m slow
-def test_a_second_run_on_an_output_being_written_is_refused_with_the_holders_name(smoke_bundle, local_ray,
-                                                                                  tmp_path):  # fmt: skip
+def test_a_second_run_on_an_output_being_written_is_refused_with_the_holders_name(smoke_bundle, local_ray, tmp_path):
     """Two `emotions tag` runs on one output: one writes, the other is refused while it does
     (naming it) and never touches its staging; the writer's output is exactly once."""
     from emotions.corpus import make_corpus
@@ -175,9 +194,25 @@ def test_a_second_run_on_an_output_being_written_is_refused_with_the_holders_nam
 
     dump, out = tmp_path / "dump", tmp_path / "out"
     make_corpus(dump, rows=240, files=3, seed=11)
-    command = [sys.executable, "-m", "emotions.cli", "tag", "--model", str(smoke_bundle), "--input", str(dump),
-               "--output", str(out), "--actors", "1", "--batch-size", "16", "--no-report",
-               "--ray-address", local_ray.get_runtime_context().gcs_address]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "emotions.cli",
+        "tag",
+        "--model",
+        str(smoke_bundle),
+        "--input",
+        str(dump),
+        "--output",
+        str(out),
+        "--actors",
+        "1",
+        "--batch-size",
+        "16",
+        "--no-report",
+        "--ray-address",
+        local_ray.get_runtime_context().gcs_address,
+    ]
     log = tmp_path / "writer.log"
     writer = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log.open("w"))
     deadline = time.monotonic() + 120
@@ -185,7 +220,7 @@ def test_a_second_run_on_an_output_being_written_is_refused_with_the_holders_nam
         assert time.monotonic() < deadline, log.read_text()[-2000:]
         time.sleep(0.05)  # the writer holds the lease and is tagging
     staged = sorted(p.name for p in (out / "_staging").rglob("*"))
-    with pytest.raises(TaggingError, match=r"being written by another run \(\S+-%d-" % writer.pid):
+    with pytest.raises(TaggingError, match=rf"being written by another run \(\S+-{writer.pid}-"):
         tag_corpus(smoke_bundle, dump, out, num_actors=1, report=False)
     assert set(staged) <= {p.name for p in (out / "_staging").rglob("*")} or writer.poll() is not None
     assert writer.wait(timeout=300) == 0, log.read_text()[-2000:]
@@ -196,8 +231,7 @@ def test_a_second_run_on_an_output_being_written_is_refused_with_the_holders_nam
 
 
 @pytest.mark.slow  # a minute: two drivers, each with a Ray of its own; python -m pytest -m slow
-def test_two_nightly_runs_one_killed_mid_commit_leave_every_date_exactly_once(smoke_bundle, s3, crash_file,
-                                                                              local_ray):  # fmt: skip
+def test_two_nightly_runs_one_killed_mid_commit_leave_every_date_exactly_once(smoke_bundle, s3, crash_file, local_ray):
     """Two `tag_nightly` jobs at once on the same dates on S3, each with its own Ray (as each
     RayJob brings its own cluster), racing with real leases; the first to reach a commit's first
     move dies there. The survivor (or, if the dead run's lease was still live at its re-check,
@@ -212,13 +246,34 @@ def test_two_nightly_runs_one_killed_mid_commit_leave_every_date_exactly_once(sm
         dump.write_bytes(b"", "_SUCCESS")  # the producer's "complete"
     inputs, output = f"{root}/dumps/dt={{date}}/", f"{root}/tagged/dt={{date}}/"
     crash_file.write_text("file-moved")
-    command = [sys.executable, str(Path(__file__).resolve().parents[1] / "jobs" / "tag_nightly.py"),
-               "--model", str(smoke_bundle), "--input", inputs, "--output", output, "--until", days[-1],
-               "--actors", "1", "--batch-size", "16", "--precision", "fp32", "--no-report",
-               "--lease-ttl", "8", "--lease-settle", "1"]  # fmt: skip
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve().parents[1] / "jobs" / "tag_nightly.py"),
+        "--model",
+        str(smoke_bundle),
+        "--input",
+        inputs,
+        "--output",
+        output,
+        "--until",
+        days[-1],
+        "--actors",
+        "1",
+        "--batch-size",
+        "16",
+        "--precision",
+        "fp32",
+        "--no-report",
+        "--lease-ttl",
+        "8",
+        "--lease-settle",
+        "1",
+    ]
     env = {**os.environ, "RAY_ADDRESS": "local"}  # a Ray of its own per run
-    runs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-            for _ in range(2)]  # fmt: skip
+    runs = [
+        subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        for _ in range(2)
+    ]
     outputs = [run.communicate(timeout=420)[0] for run in runs]
     codes = sorted(run.returncode for run in runs)
     assert CRASH_EXIT in codes and not crash_file.exists(), outputs  # one died mid-commit
@@ -226,8 +281,9 @@ def test_two_nightly_runs_one_killed_mid_commit_leave_every_date_exactly_once(sm
     survivor = outputs[[run.returncode for run in runs].index(min(codes))]
     assert min(codes) == 0, survivor[-3000:]
     finished_by_survivor = sum(f"tagged {day}" in survivor for day in days)
-    report = tag_nightly(str(smoke_bundle), [inputs], output, until=days[-1], num_actors=1, batch_size=16,
-                         precision="fp32", report=False)  # the next night: finishes what is left  # fmt: skip
+    report = tag_nightly(
+        str(smoke_bundle), [inputs], output, until=days[-1], num_actors=1, batch_size=16, precision="fp32", report=False
+    )  # the next night: finishes what is left
     assert report.ok and not report.failed
     for k, day in enumerate(days):
         out = Folder.from_uri(output.replace("{date}", day))
@@ -237,11 +293,18 @@ def test_two_nightly_runs_one_killed_mid_commit_leave_every_date_exactly_once(sm
         assert out.read_json("_SUCCESS")["rows"] == 40 and not out.exists("_staging")
     before = {day: listing(Folder.from_uri(output.replace("{date}", day))) for day in days}
     again = tag_nightly(str(smoke_bundle), [inputs], output, until=days[-1], num_actors=1, report=False)
-    assert not again.committed and {day: listing(Folder.from_uri(output.replace("{date}", day)))
-                                    for day in days} == before  # fmt: skip
-    TABLE.append(("s3", "two tag_nightly runs, one killed at file-moved", "driver",
-                  f"the survivor tagged {finished_by_survivor} of 2 dates (the dead run's from its staging), "
-                  f"the next night {2 - finished_by_survivor}; 40/40 rows each, a further run: no change"))
+    assert (
+        not again.committed and {day: listing(Folder.from_uri(output.replace("{date}", day))) for day in days} == before
+    )
+    TABLE.append(
+        (
+            "s3",
+            "two tag_nightly runs, one killed at file-moved",
+            "driver",
+            f"the survivor tagged {finished_by_survivor} of 2 dates (the dead run's from its staging), "
+            f"the next night {2 - finished_by_survivor}; 40/40 rows each, a further run: no change",
+        )
+    )
 
 
 def test_zz_print_the_crash_table(capsys):

@@ -129,12 +129,8 @@ def _format_sources(tmp_path: Path) -> dict[str, Path]:
         "csv pandas list": _write_csv(tmp_path / "p.csv", header, [[t, str(n)] for t, n in ROWS]),
         "csv ids": _write_csv(tmp_path / "i.csv", header, list(zip(TEXTS, id_strings))),
         "csv 0/1 columns": _write_csv(tmp_path / "f.csv", ["text", *EMOTIONS], flag_rows),
-        "jsonl names list": _write_jsonl(
-            tmp_path / "n.jsonl", [{"text": t, "labels": n} for t, n in ROWS]
-        ),
-        "jsonl ids (.json)": _write_jsonl(
-            tmp_path / "i.json", [{"text": t, "labels": i} for t, i in zip(TEXTS, ids)]
-        ),
+        "jsonl names list": _write_jsonl(tmp_path / "n.jsonl", [{"text": t, "labels": n} for t, n in ROWS]),
+        "jsonl ids (.json)": _write_jsonl(tmp_path / "i.json", [{"text": t, "labels": i} for t, i in zip(TEXTS, ids)]),
         "parquet ids list": _write_parquet(tmp_path / "i.parquet", {"text": TEXTS, "labels": ids}),
         "parquet 0/1 columns": _write_parquet(tmp_path / "f.parquet", {"text": TEXTS, **flags}),
         "parquet bool columns": _write_parquet(tmp_path / "b.parquet", {"text": TEXTS, **bools}),
@@ -154,16 +150,12 @@ def test_every_format_loads_the_same_labels(tmp_path: Path) -> None:
 def test_explicit_label_formats_and_column_names(tmp_path: Path) -> None:
     rows = [[i, t, ",".join(n)] for i, (t, n) in enumerate(ROWS)]
     path = _write_csv(tmp_path / "custom.csv", ["id", "sentence", "emotion"], rows)
-    data = load_labelled(
-        str(path), text_column="sentence", labels_column="emotion", label_format="names"
-    )
+    data = load_labelled(str(path), text_column="sentence", labels_column="emotion", label_format="names")
     np.testing.assert_array_equal(data.labels, _expected_labels())
     # A decoy labels column: label_format="columns" must use the 28 flag columns instead.
     columns = {"text": TEXTS, "labels": [1] * 4, **_flag_columns(ROWS)}
     flags = _write_parquet(tmp_path / "f.parquet", columns)
-    np.testing.assert_array_equal(
-        load_labelled(str(flags), label_format="columns").labels, _expected_labels()
-    )
+    np.testing.assert_array_equal(load_labelled(str(flags), label_format="columns").labels, _expected_labels())
 
 
 def test_parquet_reads_only_needed_columns(tmp_path: Path, monkeypatch) -> None:

@@ -28,7 +28,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from ray_nodes import free_port, free_port_range, stop_node
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,22 +62,40 @@ def ray_head_process():
     # Every process of the head, job drivers included, inherits the token from this environment.
     token = secrets.token_hex(16)
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH")}
-    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
-               RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token,
-               RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",  # SIGTERM stops at once (default: 30 s drain)
-               RAY_ENABLE_UV_RUN_RUNTIME_ENV="0", RAY_USAGE_STATS_ENABLED="0")  # fmt: skip
+    env.update(
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN=token,
+        RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",  # SIGTERM stops at once (default: 30 s drain)
+        RAY_ENABLE_UV_RUN_RUNTIME_ENV="0",
+        RAY_USAGE_STATS_ENABLED="0",
+    )
     command = [
-        sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
-        "--num-cpus=2", "--num-gpus=0",
-        f"--port={gcs}", f"--dashboard-port={dashboard}", "--include-dashboard=true",
-        "--dashboard-host=127.0.0.1", f"--ray-client-server-port={client}",
-        f"--dashboard-agent-listen-port={agent}", f"--min-worker-port={low}", f"--max-worker-port={high}",
-        "--object-store-memory=300000000", f"--temp-dir={temp_dir}", "--disable-usage-stats",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "ray.scripts.scripts",
+        "start",
+        "--head",
+        "--block",
+        "--num-cpus=2",
+        "--num-gpus=0",
+        f"--port={gcs}",
+        f"--dashboard-port={dashboard}",
+        "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1",
+        f"--ray-client-server-port={client}",
+        f"--dashboard-agent-listen-port={agent}",
+        f"--min-worker-port={low}",
+        f"--max-worker-port={high}",
+        "--object-store-memory=300000000",
+        f"--temp-dir={temp_dir}",
+        "--disable-usage-stats",
+    ]
     log_path = Path(temp_dir) / "ray-start.log"
     with open(log_path, "w") as log:
-        head = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=temp_dir,
-                                start_new_session=True)  # fmt: skip
+        head = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=temp_dir, start_new_session=True
+        )
     head_api = HeadAPI(f"http://127.0.0.1:{dashboard}", {"Authorization": f"Bearer {token}"})
     try:
         deadline = time.monotonic() + 120
@@ -90,8 +107,9 @@ def ray_head_process():
                 break
             except Exception as exc:  # not up yet: connection refused, 503 while starting
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"no Jobs API at {head_api.address} after 120 s ({exc!r}):\n"
-                                       f"{log_path.read_text()}") from exc  # fmt: skip
+                    raise RuntimeError(
+                        f"no Jobs API at {head_api.address} after 120 s ({exc!r}):\n{log_path.read_text()}"
+                    ) from exc
                 time.sleep(1)
         yield head_api
     finally:
@@ -102,8 +120,11 @@ def ray_head_process():
 def job_runtime_env(hf_home: Path) -> dict:
     """jobs/runtime_env.yaml for a submission from this checkout (HF_HOME made local)."""
     env = yaml.safe_load((ROOT / "jobs" / "runtime_env.yaml").read_text())
-    return {"working_dir": str(ROOT), "excludes": env["excludes"],
-            "env_vars": {**env["env_vars"], "HF_HOME": str(hf_home)}}  # fmt: skip
+    return {
+        "working_dir": str(ROOT),
+        "excludes": env["excludes"],
+        "env_vars": {**env["env_vars"], "HF_HOME": str(hf_home)},
+    }
 
 
 def run_job(head: HeadAPI, entrypoint: str, runtime_env: dict) -> tuple[str, str]:
@@ -127,8 +148,9 @@ def training_job(ray_head_process, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("training-job")
     runtime_env = job_runtime_env(tmp / "hf")
     bundle_dir, runs = tmp / "bundle", tmp / "runs"
-    entrypoint = (f"python jobs/train.py --preset smoke --output {bundle_dir} "
-                  f"run.storage_path={runs} run.name=jobs-smoke")  # fmt: skip
+    entrypoint = (
+        f"python jobs/train.py --preset smoke --output {bundle_dir} run.storage_path={runs} run.name=jobs-smoke"
+    )
     status, logs = run_job(ray_head_process, entrypoint, runtime_env)
     return status, logs, bundle_dir, runs, runtime_env
 
@@ -151,8 +173,7 @@ def test_training_job_writes_a_bundle_that_predicts(training_job):
     assert any((runs / "jobs-smoke").glob("checkpoint_*")), "no Ray Train checkpoint under run.storage_path"
 
 
-def test_nightly_job_tags_the_untagged_night_and_a_rerun_changes_nothing(ray_head_process, training_job,
-                                                                         tmp_path):  # fmt: skip
+def test_nightly_job_tags_the_untagged_night_and_a_rerun_changes_nothing(ray_head_process, training_job, tmp_path):
     status, logs, bundle_dir, _, runtime_env = training_job
     if status != "SUCCEEDED":
         pytest.fail("the training job failed, so there is no bundle to tag with (see the training test)")
@@ -171,19 +192,23 @@ def check_nightly_job(head: HeadAPI, runtime_env: dict, bundle_dir: Path, tmp_pa
     texts = ["I love this so much", "why would you do that", "thanks, that helps", "meh", "[deleted]"]
     for part in range(2):
         rows = texts * (part + 2)
-        pq.write_table(pa.table({"id": [f"{part}-{i}" for i in range(len(rows))], "body": rows}),
-                       dump / f"part-{part}.parquet")  # fmt: skip
+        pq.write_table(
+            pa.table({"id": [f"{part}-{i}" for i in range(len(rows))], "body": rows}), dump / f"part-{part}.parquet"
+        )
     (tmp_path / "dumps" / f"dt={committed}").mkdir()
-    pq.write_table(pa.table({"id": ["x"], "body": ["an earlier night"]}),
-                   tmp_path / "dumps" / f"dt={committed}" / "part-0.parquet")  # fmt: skip
+    pq.write_table(
+        pa.table({"id": ["x"], "body": ["an earlier night"]}), tmp_path / "dumps" / f"dt={committed}" / "part-0.parquet"
+    )
     for date in (committed, day):  # the producer's marker, written last: the dumps are complete
         (tmp_path / "dumps" / f"dt={date}" / "_SUCCESS").write_text("")
     (tmp_path / "tagged" / f"dt={committed}").mkdir(parents=True)
     (tmp_path / "tagged" / f"dt={committed}" / "_SUCCESS").write_text('{"run_id": "an earlier night"}')
     rows_in = 2 * len(texts) + 3 * len(texts)
     tagged = tmp_path / "tagged" / f"dt={day}"
-    entrypoint = (f"python jobs/tag_nightly.py --model {bundle_dir} --input '{tmp_path}/dumps/dt={{date}}/' "
-                  f"--output '{tmp_path}/tagged/dt={{date}}/' --lease-settle 0.5 --no-report")  # fmt: skip
+    entrypoint = (
+        f"python jobs/tag_nightly.py --model {bundle_dir} --input '{tmp_path}/dumps/dt={{date}}/' "
+        f"--output '{tmp_path}/tagged/dt={{date}}/' --lease-settle 0.5 --no-report"
+    )
 
     status, logs = run_job(head, entrypoint, runtime_env)
     assert status == "SUCCEEDED", f"tagging job {status}; its logs:\n{logs[-8000:]}"

@@ -1,5 +1,5 @@
 """Tests for emotions.evaluation's metrics and held-out protocol (the arithmetic against
-hand-computed values) and for the written report (emotions.metrics)."""
+hand-computed values) and for the written report (emotions.evaluation_report)."""
 
 from __future__ import annotations
 
@@ -8,13 +8,19 @@ import json
 import numpy as np
 import pytest
 
+from emotions.evaluation import (
+    compute_metrics,
+    evaluation_report,
+    fit_thresholds,
+    heldout_halves,
+    heldout_macro_f1,
+    heldout_metrics,
+    macro_f1,
+)
+from emotions.evaluation_report import format_summary, write_evaluation_report
 from emotions.labels import EMOTIONS, LABEL_TO_ID, NUM_LABELS
-from emotions.evaluation import (compute_metrics, evaluation_report, fit_thresholds, heldout_halves,
-                                 heldout_macro_f1, heldout_metrics, macro_f1)
-from emotions.metrics import format_summary, write_report
 
-ADM, ANGER, ANNOY, JOY, NEUTRAL = (LABEL_TO_ID[n] for n in
-                                   ("admiration", "anger", "annoyance", "joy", "neutral"))  # fmt: skip
+ADM, ANGER, ANNOY, JOY, NEUTRAL = (LABEL_TO_ID[n] for n in ("admiration", "anger", "annoyance", "joy", "neutral"))
 
 
 def _rows(*sets: tuple[int, ...]) -> np.ndarray:
@@ -37,8 +43,7 @@ def test_perfect_predictions_score_one() -> None:
     labels = (rng.random((20, NUM_LABELS)) < 0.3).astype(int)
     labels[0] = 1  # every label has support, so macro averages are not diluted by empty labels
     m = compute_metrics(labels, labels.astype(float), 0.5)
-    for key in ("macro_f1", "weighted_f1", "micro_f1", "accuracy", "macro_precision",
-                "macro_recall"):  # fmt: skip
+    for key in ("macro_f1", "weighted_f1", "micro_f1", "accuracy", "macro_precision", "macro_recall"):
         assert m[key] == 1.0, key
     assert all(v["f1"] == 1.0 for v in m["per_label"].values())
 
@@ -57,8 +62,7 @@ def test_hand_computed_small_case() -> None:
     assert m["micro_f1"] == pytest.approx(5 / 6)  # tp 5, fp 1, fn 1
     assert m["accuracy"] == pytest.approx(3 / 5)  # examples 0, 3, 4 match exactly
     neutral = m["per_label"]["neutral"]
-    assert neutral == {"precision": 1.0, "recall": 0.5, "f1": pytest.approx(2 / 3),
-                       "support": 2, "threshold": 0.5}  # fmt: skip
+    assert neutral == {"precision": 1.0, "recall": 0.5, "f1": pytest.approx(2 / 3), "support": 2, "threshold": 0.5}
     assert m["per_label"]["annoyance"]["support"] == 0
     assert list(m["per_label"]) == list(EMOTIONS)
     json.dumps(m)  # plain Python types only
@@ -98,12 +102,11 @@ def test_write_report_writes_three_readable_files(tmp_path) -> None:
     assert "unseen data" in unseen and "in-sample" not in unseen
     assert f"{report['at_0.5']['macro_f1']:.4f}" in summary
 
-    paths = write_report(report, tmp_path / "out", title="Dev")
+    paths = write_evaluation_report(report, tmp_path / "out", title="Dev")
     assert set(paths) == {"json", "markdown", "plot"} and all(p.is_file() for p in paths.values())
     assert json.loads(paths["json"].read_text()) == report
     md = paths["markdown"].read_text()
-    rows = [line for line in md.splitlines()
-            if line.startswith("| ") and line.split("|")[1].strip(" *") in EMOTIONS]  # fmt: skip
+    rows = [line for line in md.splitlines() if line.startswith("| ") and line.split("|")[1].strip(" *") in EMOTIONS]
     assert [r.split("|")[1].strip(" *") for r in rows] == list(EMOTIONS)
     assert md.count("| **") == 4  # the four lowest-F1 labels are marked
     assert "| held-out halves |" in md and "in-sample" in md
@@ -153,8 +156,12 @@ def test_heldout_metrics_never_score_rows_their_thresholds_were_fitted_on():
     assert held["macro_f1"] == pytest.approx(heldout_macro_f1(labels, probs))
     # By hand: each half's thresholds scored on the other half.
     a, b = heldout_halves(labels)
-    by_hand = np.mean([compute_metrics(labels[s], probs[s], fit_thresholds(probs[f], labels[f]))["macro_f1"]
-                       for f, s in ((a, b), (b, a))])  # fmt: skip
+    by_hand = np.mean(
+        [
+            compute_metrics(labels[s], probs[s], fit_thresholds(probs[f], labels[f]))["macro_f1"]
+            for f, s in ((a, b), (b, a))
+        ]
+    )
     assert held["macro_f1"] == pytest.approx(by_hand)
 
 

@@ -27,7 +27,6 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
-
 from ray_nodes import kill_node, node_command, start_node, stop_node, wait_for_nodes
 
 COMMAND_TIMEOUT_S = 420
@@ -58,9 +57,13 @@ def cluster(s3, tmp_path_factory):
     temp_dir = tempfile.mkdtemp(prefix="raymn-", dir="/tmp")
     token = secrets.token_hex(16)
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH")}
-    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
-               RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, RAY_USAGE_STATS_ENABLED="0",
-               RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")  # fmt: skip
+    env.update(
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN=token,
+        RAY_USAGE_STATS_ENABLED="0",
+        RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",
+    )
     command, gcs_port, dashboard_port = node_command(head=True, num_cpus=0, temp_dir=temp_dir)
     # Ray Train frees a stopped trial's placement group after asking the state API (the dashboard)
     # about its controller. Found by scanning for GCS processes, it is ambiguous on a machine that
@@ -86,8 +89,14 @@ def emotions(cluster: Cluster, cwd: Path, *args: str) -> subprocess.CompletedPro
     and temporary folders are under the hidden root."""
     (cwd / "tmp").mkdir(parents=True, exist_ok=True)
     env = {**cluster.env, "RAY_ADDRESS": cluster.address, "TMPDIR": str(cwd / "tmp")}
-    result = subprocess.run([sys.executable, "-m", "emotions.cli", *args], cwd=cwd, env=env,
-                            capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "emotions.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=COMMAND_TIMEOUT_S,
+    )
     assert result.returncode == 0, f"emotions {args[0]} exited {result.returncode}:\n{result.stderr[-6000:]}"
     assert not (cwd / "s3:").exists(), "an s3:// URI was written to a local folder named s3:"
     return result
@@ -124,11 +133,21 @@ def killed_run(cluster, s3, tmp_path_factory) -> KilledRun:
     (cwd / "tmp").mkdir()
     env = {**cluster.env, "RAY_ADDRESS": cluster.address, "TMPDIR": str(cwd / "tmp")}
     uri = f"{s3}/mn/bundle"
-    args = ["train", "--preset", "smoke", "--output", uri, f"run.storage_path={s3}/mn/runs",
-            "run.name=mn-smoke", "stage1.epochs=4", "data.max_train_examples=1024"]  # fmt: skip
+    args = [
+        "train",
+        "--preset",
+        "smoke",
+        "--output",
+        uri,
+        f"run.storage_path={s3}/mn/runs",
+        "run.name=mn-smoke",
+        "stage1.epochs=4",
+        "data.max_train_examples=1024",
+    ]
     log = open(cwd / "train.log", "w")
-    driver = subprocess.Popen([sys.executable, "-m", "emotions.cli", *args], cwd=cwd, env=env,
-                              stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "emotions.cli", *args], cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT
+    )
     try:
         deadline = time.monotonic() + COMMAND_TIMEOUT_S
         while not s3_exists(f"{s3}/mn/runs/mn-smoke/checkpoint_manager_snapshot.json"):
@@ -164,8 +183,9 @@ def test_training_runs_on_the_worker_nodes_with_everything_on_s3(bundle, s3):
 
 
 def test_evaluate_writes_its_report_to_s3(cluster, bundle, s3, tmp_path):
-    emotions(cluster, tmp_path, "evaluate", "--model", bundle, "--data", "goemotions:dev",
-             "--report", f"{s3}/mn/report")  # fmt: skip
+    emotions(
+        cluster, tmp_path, "evaluate", "--model", bundle, "--data", "goemotions:dev", "--report", f"{s3}/mn/report"
+    )
     for name in ("metrics.json", "report.md", "per_label_f1.png"):
         assert s3_exists(f"{s3}/mn/report/{name}"), name
     assert read_json(f"{s3}/mn/report/metrics.json")["n_examples"] > 5000
@@ -178,8 +198,11 @@ def test_tagging_reads_and_writes_s3_from_the_worker_nodes(cluster, bundle, s3, 
     for part in range(3):
         rows = texts * (40 * (part + 1))
         ids = [f"{part}-{i}" for i in range(len(rows))]
-        pq.write_table(pa.table({"id": ids, "body": pa.array(rows, pa.string())}),
-                       f"emo/mn/dump/part-{part}.parquet", filesystem=fs)  # fmt: skip
+        pq.write_table(
+            pa.table({"id": ids, "body": pa.array(rows, pa.string())}),
+            f"emo/mn/dump/part-{part}.parquet",
+            filesystem=fs,
+        )
         rows_in += len(rows)
     emotions(cluster, tmp_path, "tag", "--model", bundle, "--input", f"{s3}/mn/dump/", "--output", f"{s3}/mn/tagged")
     manifest = read_json(f"{s3}/mn/tagged/_manifest.json")
@@ -194,14 +217,28 @@ def test_sweep_trials_train_on_the_worker_nodes_and_export_to_s3(cluster, s3, tm
     from emotions.bundle import load_bundle
 
     out = f"{s3}/mn/sweep"
-    emotions(cluster, tmp_path, "tune", "--preset", "smoke", "--output", out, f"run.storage_path={s3}/mn/tune",
-             "tune.num_samples=2", "stage1.epochs=1", "stage2.epochs=1")  # fmt: skip
+    emotions(
+        cluster,
+        tmp_path,
+        "tune",
+        "--preset",
+        "smoke",
+        "--output",
+        out,
+        f"run.storage_path={s3}/mn/tune",
+        "tune.num_samples=2",
+        "stage1.epochs=1",
+        "stage2.epochs=1",
+    )
     for name in ("results.csv", "results.md", "sweep.png", "best_config.json"):
         assert s3_exists(f"{out}/{name}"), name
     assert load_bundle(f"{out}/best_bundle").predict(["thanks!"]) is not None
     # Tune's experiment itself lives on S3, each trial's results beside it (what a re-run restores).
-    trials = [i.path for i in s3_fs().get_file_info(pafs.FileSelector("emo/mn/sweep/sweep/sweep"))
-              if i.type == pafs.FileType.Directory]  # fmt: skip
+    trials = [
+        i.path
+        for i in s3_fs().get_file_info(pafs.FileSelector("emo/mn/sweep/sweep/sweep"))
+        if i.type == pafs.FileType.Directory
+    ]
     assert len(trials) == 2 and all(s3_exists(f"s3://{t}/result.json") for t in trials)
 
 
@@ -209,8 +246,18 @@ def test_head_sweep_caches_features_on_s3(cluster, bundle, s3, tmp_path):
     from emotions.bundle import load_bundle
 
     out = f"{s3}/mn/heads"
-    emotions(cluster, tmp_path, "tune", "--from-bundle", bundle, "--output", out,
-             f"run.storage_path={s3}/mn/head-runs", "tune.num_samples=2", "stage2.epochs=2")  # fmt: skip
+    emotions(
+        cluster,
+        tmp_path,
+        "tune",
+        "--from-bundle",
+        bundle,
+        "--output",
+        out,
+        f"run.storage_path={s3}/mn/head-runs",
+        "tune.num_samples=2",
+        "stage2.epochs=2",
+    )
     cache = s3_fs().get_file_info(pafs.FileSelector("emo/mn/head-runs/features"))
     assert [i.base_name for i in cache if i.base_name.endswith(".safetensors")], "no feature cache on S3"
     assert load_bundle(f"{out}/best_bundle").predict(["thanks!"]) is not None

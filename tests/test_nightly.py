@@ -25,12 +25,19 @@ import pyarrow.parquet as pq
 import pytest
 
 from emotions.leases import CREATE_IF_ABSENT, WRITE_WAIT_READ, Lease
-from emotions.nightly import (FAILURES, LEASES, DateLease, DateTemplate, NightlyError, new_owner, plan_dates,
-                              tag_nightly)  # fmt: skip
+from emotions.nightly import (
+    FAILURES,
+    LEASES,
+    DateLease,
+    DateTemplate,
+    NightlyError,
+    new_owner,
+    plan_dates,
+    tag_nightly,
+)
 from emotions.storage import Folder
 from emotions.tagging import tag_corpus
 
-ROOT = Path(__file__).resolve().parents[1]
 TEXTS = ["I love this so much", "why would you do that", "thanks, that helps", "[deleted]"]
 
 
@@ -73,8 +80,11 @@ def test_templates_name_the_partition_folder_and_refuse_what_cannot_be_searched(
     assert t.parent == "s3://b/dumps" and t.fill("2026-11-25") == "s3://b/dumps/dt=2026-11-25/"
     assert t.entry.match("dt=2026-11-25") and not t.entry.match("dt=2026-11-25.tmp")
     assert DateTemplate.parse("dumps/{date}.parquet", "--input").entry.match("2026-11-25.parquet")
-    for bad, why in [("s3://b/dumps/", "has no {date}"), ("s3://{date}/x", "inside a folder"),
-                     ("dumps/dt={date}*/", "plain text")]:  # fmt: skip
+    for bad, why in [
+        ("s3://b/dumps/", "has no {date}"),
+        ("s3://{date}/x", "inside a folder"),
+        ("dumps/dt={date}*/", "plain text"),
+    ]:
         with pytest.raises(NightlyError, match=why):
             DateTemplate.parse(bad, "--input")
 
@@ -98,7 +108,10 @@ def test_dates_are_found_oldest_first_without_the_committed_the_empty_and_today(
     assert plan.committed == ["2026-01-02"]
     assert [d for d, _ in plan.no_dump] == ["2026-01-04"] and "no Parquet files" in plan.no_dump[0][1]
     assert plan_dates(inputs, output, since="2026-01-03", until="2026-01-09").pending == [
-        "2026-01-03", "2026-01-05", "2026-01-09"]  # fmt: skip
+        "2026-01-03",
+        "2026-01-05",
+        "2026-01-09",
+    ]
 
 
 # ----------------------------------------------------------------------------- leases
@@ -119,10 +132,9 @@ def test_runs_racing_for_a_date_leave_exactly_one_holder(kind, tmp_path, request
     folder = lease_folder(kind, tmp_path, request)
     for race in range(2):
         start, held = threading.Barrier(4), []
-        leases = [DateLease(folder, f"2026-01-0{race + 1}", new_owner(), ttl_s=30, settle_s=0.3)
-                  for _ in range(4)]  # fmt: skip
+        leases = [DateLease(folder, f"2026-01-0{race + 1}", new_owner(), ttl_s=30, settle_s=0.3) for _ in range(4)]
 
-        def run(lease: DateLease, late_s: float) -> None:
+        def run(lease: DateLease, late_s: float, start=start, held=held) -> None:
             start.wait()
             time.sleep(late_s)  # the later runs find claims already written, some still settling
             if lease.acquire():
@@ -160,7 +172,7 @@ def test_where_the_store_can_create_if_absent_acquiring_needs_no_settle_wait(kin
         start, held = threading.Barrier(6), []
         racers = [Lease(folder, "2026-01-02", new_owner(), ttl_s=30, settle_s=0) for _ in range(6)]
 
-        def run(lease: Lease) -> None:
+        def run(lease: Lease, start=start, held=held) -> None:
             start.wait()
             if lease.acquire():
                 held.append(lease)
@@ -230,18 +242,17 @@ def test_a_stalled_run_learns_it_lost_its_lease(kind, tmp_path, request):
 
 
 def run_job(argv: list[str], capsys) -> tuple[int, str]:
-    """jobs/tag_nightly.py's main(), in this process (it joins the session's local Ray)."""
-    import importlib.util
+    """`emotions nightly ARGV` (what jobs/tag_nightly.py runs), in this process (it joins the
+    session's local Ray)."""
+    from emotions.cli import main
 
-    spec = importlib.util.spec_from_file_location("tag_nightly_job", ROOT / "jobs" / "tag_nightly.py")
-    job = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(job)
-    code = job.main(argv)
+    code = main(["nightly", *argv])
     return code, capsys.readouterr().out
 
 
 def test_dates_missed_in_the_middle_are_tagged_by_the_next_run_and_a_rerun_changes_nothing(
-        smoke_bundle, local_ray, tmp_path, capsys):  # fmt: skip
+    smoke_bundle, local_ray, tmp_path, capsys
+):
     dumps, tagged = tmp_path / "dumps", tmp_path / "tagged"
     days = ["2026-01-01", "2026-01-02", "2026-01-03", "2026-01-04"]
     for day in days:
@@ -249,13 +260,26 @@ def test_dates_missed_in_the_middle_are_tagged_by_the_next_run_and_a_rerun_chang
     for day in (days[0], days[3]):  # nights 1 and 4 ran; the operator was down on nights 2 and 3
         commit_marker(str(tagged), day)
     before = snapshot(tagged)
-    argv = ["--model", str(smoke_bundle), "--input", f"{dumps}/dt={{date}}/", "--output",
-            f"{tagged}/dt={{date}}/", "--actors", "1", "--lease-settle", "0.3", "--no-report"]  # fmt: skip
+    argv = [
+        "--model",
+        str(smoke_bundle),
+        "--input",
+        f"{dumps}/dt={{date}}/",
+        "--output",
+        f"{tagged}/dt={{date}}/",
+        "--actors",
+        "1",
+        "--lease-settle",
+        "0.3",
+        "--no-report",
+    ]
 
     code, out = run_job(argv, capsys)  # the next night
     assert code == 0, out
     assert [line.split(":")[0] for line in out.splitlines() if line.startswith("tagged ")] == [
-        "tagged 2026-01-02", "tagged 2026-01-03"]  # fmt: skip
+        "tagged 2026-01-02",
+        "tagged 2026-01-03",
+    ]
     assert "2 already committed" in out
     assert {k: v for k, v in snapshot(tagged).items() if k in before} == before  # nights 1 and 4 untouched
     for day in days[1:3]:
@@ -291,8 +315,16 @@ def test_two_runs_started_together_commit_each_date_exactly_once(smoke_bundle, l
 
     def night(name: str) -> None:  # what KubeRay does after an outage: several runs at once
         start.wait()
-        reports[name] = tag_nightly(str(smoke_bundle), [f"{dumps}/dt={{date}}/"], f"{tagged}/dt={{date}}/",
-                                    owner=name, num_actors=1, report=False, tagger=tag_in_turn, **fast)  # fmt: skip
+        reports[name] = tag_nightly(
+            str(smoke_bundle),
+            [f"{dumps}/dt={{date}}/"],
+            f"{tagged}/dt={{date}}/",
+            owner=name,
+            num_actors=1,
+            report=False,
+            tagger=tag_in_turn,
+            **fast,
+        )
 
     threads = [threading.Thread(target=night, args=(name,)) for name in ("run-a", "run-b")]
     [t.start() for t in threads]
@@ -316,9 +348,10 @@ def test_a_nights_report_is_compared_with_the_committed_nights_before_it(tmp_pat
         if day != "2026-02-09":  # a night that never committed is no baseline
             commit_marker(str(tmp_path), day)
     output = DateTemplate.parse(f"{tmp_path}/dt={{date}}/", "--output")
-    assert earlier_nights(output, "2026-02-11") == [f"{tmp_path}/dt={d}/" for d in
-                                                    ("2026-02-03", "2026-02-04", "2026-02-05", "2026-02-06",
-                                                     "2026-02-07", "2026-02-08", "2026-02-10")]  # fmt: skip
+    assert earlier_nights(output, "2026-02-11") == [
+        f"{tmp_path}/dt={d}/"
+        for d in ("2026-02-03", "2026-02-04", "2026-02-05", "2026-02-06", "2026-02-07", "2026-02-08", "2026-02-10")
+    ]
     assert earlier_nights(output, "2026-02-01") == []  # the first night has none
 
 
@@ -326,10 +359,13 @@ def test_each_night_writes_its_report_against_the_nights_before(smoke_bundle, lo
     dumps, tagged = tmp_path / "dumps", tmp_path / "tagged"
     for day in ("2026-03-01", "2026-03-02"):
         write_dump(str(dumps), day)
-    report = tag_nightly(str(smoke_bundle), [f"{dumps}/dt={{date}}/"], f"{tagged}/dt={{date}}/", num_actors=1,
-                         settle_s=0.1)  # the report is on by default  # fmt: skip
+    report = tag_nightly(
+        str(smoke_bundle), [f"{dumps}/dt={{date}}/"], f"{tagged}/dt={{date}}/", num_actors=1, settle_s=0.1
+    )  # the report is on by default
     assert [d for d, _ in report.committed] == ["2026-03-01", "2026-03-02"]
-    first, second = (json.loads((tagged / f"dt={d}" / "_report.json").read_text()) for d in ("2026-03-01", "2026-03-02"))
+    first, second = (
+        json.loads((tagged / f"dt={d}" / "_report.json").read_text()) for d in ("2026-03-01", "2026-03-02")
+    )
     assert first["baselines"] == [] and [b["output"] for b in second["baselines"]] == [f"{tagged}/dt=2026-03-01"]
 
 
@@ -344,8 +380,7 @@ class StandInTagger:
     def __init__(self, failing=()):
         self.failing, self.calls, self.on_tag = set(failing), [], None
 
-    def __call__(self, model, inputs, output, *, overwrite=False, keep_unchanged=False, before_commit=None,
-                 **options):  # fmt: skip
+    def __call__(self, model, inputs, output, *, overwrite=False, keep_unchanged=False, before_commit=None, **options):
         from types import SimpleNamespace
 
         from emotions.tagging import TaggingError, resolve_inputs
@@ -360,8 +395,10 @@ class StandInTagger:
         if self.on_tag:
             self.on_tag(output)
         fs, paths = resolve_inputs(inputs)
-        files = [{"path": uri, "rows": 1, "bytes": fs.get_file_info(path).size, "output": Path(path).name}
-                 for path, uri in paths]  # fmt: skip
+        files = [
+            {"path": uri, "rows": 1, "bytes": fs.get_file_info(path).size, "output": Path(path).name}
+            for path, uri in paths
+        ]
         if before_commit:
             before_commit()
         target.write_json({"inputs": files, "rows_in": len(files), "rows_out": len(files)}, "_manifest.json")
@@ -370,8 +407,16 @@ class StandInTagger:
 
 
 def nightly(root: Path, tagger, **options):
-    return tag_nightly("no-model", [f"{root}/dumps/dt={{date}}/"], f"{root}/tagged/dt={{date}}/", tagger=tagger,
-                       until="2026-12-31", settle_s=0.05, report=False, **options)  # fmt: skip
+    return tag_nightly(
+        "no-model",
+        [f"{root}/dumps/dt={{date}}/"],
+        f"{root}/tagged/dt={{date}}/",
+        tagger=tagger,
+        until="2026-12-31",
+        settle_s=0.05,
+        report=False,
+        **options,
+    )
 
 
 def test_a_date_is_tagged_only_once_its_dump_is_ready(tmp_path, capsys):
@@ -392,8 +437,17 @@ def test_a_date_is_tagged_only_once_its_dump_is_ready(tmp_path, capsys):
     assert [name for name, _ in tagger.calls] == ["dt=2026-04-01", "dt=2026-04-02"]
 
     write_dump(f"{tmp_path}/dumps", "2026-04-03", ready=False)  # a producer that writes no marker
-    argv = ["--model", "no-model", "--input", f"{tmp_path}/dumps/dt={{date}}/", "--output",
-            f"{tmp_path}/tagged/dt={{date}}/", "--until", "2026-12-31", "--dry-run"]  # fmt: skip
+    argv = [
+        "--model",
+        "no-model",
+        "--input",
+        f"{tmp_path}/dumps/dt={{date}}/",
+        "--output",
+        f"{tmp_path}/tagged/dt={{date}}/",
+        "--until",
+        "2026-12-31",
+        "--dry-run",
+    ]
     code, out = run_job(argv, capsys)
     assert code == 0 and "waiting 2026-04-03: no _SUCCESS" in out and "1 waiting" in out, out
     code, out = run_job([*argv, "--ready-marker", ""], capsys)
@@ -416,8 +470,10 @@ def test_a_committed_date_whose_dump_changed_is_reopened_and_an_unchanged_one_is
     write_dump(f"{tmp_path}/dumps", "2026-05-01", part="part-1", rows=3)  # a file that came late
     write_dump(f"{tmp_path}/dumps", "2026-05-02", rows=5)  # a file rewritten, smaller
     report = nightly(tmp_path, tagger)
-    assert report.reopened == [("2026-05-01", "1 new file, 0 changed, 0 removed"),
-                               ("2026-05-02", "0 new files, 1 changed, 0 removed")]  # fmt: skip
+    assert report.reopened == [
+        ("2026-05-01", "1 new file, 0 changed, 0 removed"),
+        ("2026-05-02", "0 new files, 1 changed, 0 removed"),
+    ]
     assert tagger.calls == [("dt=2026-05-01", True), ("dt=2026-05-02", True)]  # tagged again, overwriting
     assert "re-opened 2026-05-01: 1 new file, 0 changed, 0 removed" in report.lines()
     assert "2 re-opened" in report.lines()[-1] and report.already == ["2026-04-30"]
@@ -430,7 +486,9 @@ def test_a_committed_date_whose_dump_changed_is_reopened_and_an_unchanged_one_is
     Folder.from_uri(f"{tmp_path}/dumps/dt=2026-05-01").delete("_SUCCESS")  # the producer is rewriting it
     report = nightly(tmp_path, tagger)
     assert not report.committed and report.waiting[0][0] == "2026-05-01"
-    assert report.waiting[0][1].startswith("inputs changed since the commit (0 new files, 0 changed, 1 removed), but no _SUCCESS")
+    assert report.waiting[0][1].startswith(
+        "inputs changed since the commit (0 new files, 0 changed, 1 removed), but no _SUCCESS"
+    )
 
 
 def test_dates_failing_night_after_night_are_set_aside_and_new_nights_go_on(tmp_path):
@@ -439,7 +497,7 @@ def test_dates_failing_night_after_night_are_set_aside_and_new_nights_go_on(tmp_
         write_dump(f"{tmp_path}/dumps", day)
     tagger = StandInTagger(failing=old)
     options = dict(max_dates=2, set_aside_after=2)
-    for run in (1, 2):  # the two old dates use up the budget: the new night waits
+    for _ in (1, 2):  # the two old dates use up the budget: the new night waits
         report = nightly(tmp_path, tagger, **options)
         assert [d for d, _ in report.failed] == old and report.deferred == ["2026-06-03"] and not report.ok
     assert "set aside" in report.failed[0][1]
@@ -484,12 +542,22 @@ def test_a_run_that_lost_its_lease_before_the_commit_commits_nothing(tmp_path):
     assert "lease lost before the commit, not committed" in "\n".join(report.lines())
 
 
-def test_a_file_added_after_its_date_was_committed_is_tagged_by_the_next_run(smoke_bundle, local_ray, tmp_path,
-                                                                            capsys):  # fmt: skip
+def test_a_file_added_after_its_date_was_committed_is_tagged_by_the_next_run(smoke_bundle, local_ray, tmp_path, capsys):
     dumps, tagged, day = tmp_path / "dumps", tmp_path / "tagged", "2026-08-01"
     write_dump(str(dumps), day, rows=200)
-    argv = ["--model", str(smoke_bundle), "--input", f"{dumps}/dt={{date}}/", "--output",
-            f"{tagged}/dt={{date}}/", "--actors", "1", "--no-report", "--until", day]  # fmt: skip
+    argv = [
+        "--model",
+        str(smoke_bundle),
+        "--input",
+        f"{dumps}/dt={{date}}/",
+        "--output",
+        f"{tagged}/dt={{date}}/",
+        "--actors",
+        "1",
+        "--no-report",
+        "--until",
+        day,
+    ]
     code, out = run_job(argv, capsys)
     assert code == 0 and f"tagged {day}: tagged 200 rows" in out, out
 

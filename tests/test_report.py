@@ -13,13 +13,45 @@ import pytest
 
 from emotions import storage
 from emotions.labels import EKMAN, EMOTIONS, SENTIMENT, roll_up
-from emotions.report import (MIN_Z, NONE, SHARE_RATIO, Counts, ReportError, count_block, label_drift,
-                             write_report)  # fmt: skip
+from emotions.tagging.report import ReportError, write_tagging_report
+from emotions.tagging.report_counts import MIN_Z, NONE, SHARE_RATIO, Counts, count_block, label_drift
 
 # GoEmotions-like label shares (train split, rounded): neutral a third, grief 0.2%.
-SHARES = dict(zip(EMOTIONS, (0.095, 0.053, 0.036, 0.057, 0.068, 0.025, 0.029, 0.05, 0.015, 0.029, 0.047,
-                             0.018, 0.007, 0.02, 0.014, 0.061, 0.002, 0.034, 0.048, 0.004, 0.036, 0.003,
-                             0.025, 0.004, 0.013, 0.03, 0.024, 0.33)))  # fmt: skip
+SHARES = dict(
+    zip(
+        EMOTIONS,
+        (
+            0.095,
+            0.053,
+            0.036,
+            0.057,
+            0.068,
+            0.025,
+            0.029,
+            0.05,
+            0.015,
+            0.029,
+            0.047,
+            0.018,
+            0.007,
+            0.02,
+            0.014,
+            0.061,
+            0.002,
+            0.034,
+            0.048,
+            0.004,
+            0.036,
+            0.003,
+            0.025,
+            0.004,
+            0.013,
+            0.03,
+            0.024,
+            0.33,
+        ),
+    )
+)
 REASONS = {"[deleted]": 0.02, "empty text": 0.01}
 ROWS = 4000
 
@@ -34,39 +66,64 @@ def write_tagged(uri: str, shares: dict[str, float], seed: int, rows: int = ROWS
     emotions = [None if f else [EMOTIONS[j] for j in np.flatnonzero(row)] for row, f in zip(chosen, flagged)]
     folder = storage.Folder.from_uri(uri)
     for i, part in enumerate(np.array_split(np.arange(rows), files)):
-        table = pa.table({
-            "id": [f"t{seed}_{r}" for r in part],
-            "emotions": pa.array([emotions[r] for r in part], pa.list_(pa.string())),
-            "top_emotion": [None if flagged[r] else (emotions[r] or ["neutral"])[0] for r in part],
-            "top_score": pa.array([None if flagged[r] else rng.beta(4, 3) for r in part], pa.float32()),
-            "ekman": pa.array([None if flagged[r] else roll_up(emotions[r], EKMAN) for r in part], pa.list_(pa.string())),
-            "sentiment": pa.array([None if flagged[r] else roll_up(emotions[r], SENTIMENT) for r in part],
-                                  pa.list_(pa.string())),
-            "model_hash": ["0123456789abcdef"] * len(part),
-            "error": pa.array(reason[part].tolist(), pa.string()),
-        })  # fmt: skip
+        table = pa.table(
+            {
+                "id": [f"t{seed}_{r}" for r in part],
+                "emotions": pa.array([emotions[r] for r in part], pa.list_(pa.string())),
+                "top_emotion": [None if flagged[r] else (emotions[r] or ["neutral"])[0] for r in part],
+                "top_score": pa.array([None if flagged[r] else rng.beta(4, 3) for r in part], pa.float32()),
+                "ekman": pa.array(
+                    [None if flagged[r] else roll_up(emotions[r], EKMAN) for r in part], pa.list_(pa.string())
+                ),
+                "sentiment": pa.array(
+                    [None if flagged[r] else roll_up(emotions[r], SENTIMENT) for r in part], pa.list_(pa.string())
+                ),
+                "model_hash": ["0123456789abcdef"] * len(part),
+                "error": pa.array(reason[part].tolist(), pa.string()),
+            }
+        )
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink)
         folder.write_bytes(sink.getvalue().to_pybytes(), f"comments-{i:05d}-{seed:08x}.parquet")
-    folder.write_json({"format": "emotions-tagging", "run_id": f"run-{seed}", "created_utc": "2026-11-25T03:00:00Z",
-                       "model": {"hash": "0123456789abcdef"}, "rows_out": rows}, "_manifest.json")  # fmt: skip
+    folder.write_json(
+        {
+            "format": "emotions-tagging",
+            "run_id": f"run-{seed}",
+            "created_utc": "2026-11-25T03:00:00Z",
+            "model": {"hash": "0123456789abcdef"},
+            "rows_out": rows,
+        },
+        "_manifest.json",
+    )
     folder.write_json({"run_id": f"run-{seed}", "rows": rows}, "_SUCCESS")
     return uri
 
 
 def test_block_counts_are_exact_and_flagged_rows_count_only_by_reason():
-    block = pa.table({
-        "emotions": pa.array([["joy", "love"], [], None, ["neutral"]], pa.list_(pa.string())),
-        "ekman": pa.array([["joy"], [], None, []], pa.list_(pa.string())),
-        "sentiment": pa.array([["positive"], [], None, []], pa.list_(pa.string())),
-        "top_score": pa.array([0.91, 0.2, None, 0.55], pa.float32()),
-        "error": pa.array([None, None, "[deleted]", None], pa.string()),
-    })  # fmt: skip
+    block = pa.table(
+        {
+            "emotions": pa.array([["joy", "love"], [], None, ["neutral"]], pa.list_(pa.string())),
+            "ekman": pa.array([["joy"], [], None, []], pa.list_(pa.string())),
+            "sentiment": pa.array([["positive"], [], None, []], pa.list_(pa.string())),
+            "top_score": pa.array([0.91, 0.2, None, 0.55], pa.float32()),
+            "error": pa.array([None, None, "[deleted]", None], pa.string()),
+        }
+    )
     totals = {(k, key): v for k, key, v in zip(*(count_block(block)[c].to_pylist() for c in ("kind", "key", "value")))}
     counts = Counts.from_totals(totals)
     assert (counts.rows, counts.tagged, counts.flagged, counts.reasons) == (4, 3, 1, {"[deleted]": 1})
-    assert (counts.emotions["joy"], counts.emotions["love"], counts.emotions["neutral"], counts.emotions[NONE]) == (1, 1, 1, 1)
-    assert (counts.ekman["joy"], counts.ekman[NONE], counts.sentiment["positive"], counts.sentiment[NONE]) == (1, 2, 1, 2)
+    assert (counts.emotions["joy"], counts.emotions["love"], counts.emotions["neutral"], counts.emotions[NONE]) == (
+        1,
+        1,
+        1,
+        1,
+    )
+    assert (counts.ekman["joy"], counts.ekman[NONE], counts.sentiment["positive"], counts.sentiment[NONE]) == (
+        1,
+        2,
+        1,
+        2,
+    )
     assert sum(counts.top_score_bins) == 3 and counts.top_score_bins[18] == 1  # 0.91 in [0.90, 0.95)
     assert counts.top_score_sum == pytest.approx(0.91 + 0.2 + 0.55, abs=1e-6)
 
@@ -91,15 +148,18 @@ def runs(local_ray, s3, tmp_path_factory):
     tripled and fear quadrupled."""
     root = tmp_path_factory.mktemp("tagged")
     baseline = write_tagged(str(root / "2026-11-23"), SHARES, seed=1)
-    write_report(baseline)
+    write_tagging_report(baseline)
     unchanged = write_tagged(str(root / "2026-11-24"), SHARES, seed=2)
     shifted = {**SHARES, "joy": SHARES["joy"] * 3, "fear": SHARES["fear"] * 4}
-    return {"baseline": baseline, "unchanged": unchanged,
-            "shifted": write_tagged(storage.join(s3, "report", "2026-11-25"), shifted, seed=3)}
+    return {
+        "baseline": baseline,
+        "unchanged": unchanged,
+        "shifted": write_tagged(storage.join(s3, "report", "2026-11-25"), shifted, seed=3),
+    }
 
 
 def test_unchanged_run_is_not_called_out(runs):
-    calm = write_report(runs["unchanged"], [runs["baseline"]])
+    calm = write_tagging_report(runs["unchanged"], [runs["baseline"]])
     assert calm.called_out == () and not calm.top_score_called_out
     text = storage.Folder.from_uri(runs["unchanged"]).read_text("_report.md")
     assert "No label called out against 1 baseline run(s)" in text.split("## Emotions")[0]
@@ -138,11 +198,11 @@ def test_uncommitted_or_foreign_folders_are_refused_before_counting(tmp_path, ca
     write_tagged(str(tmp_path / "run"), SHARES, seed=6, rows=10)
     (tmp_path / "run" / "_SUCCESS").unlink()
     with pytest.raises(ReportError, match="has no _SUCCESS"):
-        write_report(str(tmp_path / "run"))
+        write_tagging_report(str(tmp_path / "run"))
     assert main(["report", str(tmp_path / "x")]) == 2
     assert "does not exist" in capsys.readouterr().err
     (tmp_path / "other").mkdir()
     pq.write_table(pa.table({"id": ["a"]}), tmp_path / "other" / "part-0.parquet")
     (tmp_path / "other" / "_SUCCESS").write_text("")
     with pytest.raises(ReportError, match=r"without the columns \['emotions'"):
-        write_report(str(tmp_path / "other"))
+        write_tagging_report(str(tmp_path / "other"))

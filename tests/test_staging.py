@@ -7,17 +7,25 @@ import pyarrow.parquet as pq
 import pytest
 
 from emotions.storage import Folder
+from emotions.tagging.commit import COMMITTING, DONE, FORMAT, MANIFEST, STAGING, SUCCESS, Committed, check_output
 from emotions.tagging.inputs import FILE_COLUMN, InputFile
 from emotions.tagging.settings import TaggingError
-from emotions.tagging.staging import (COMMITTING, DONE, FORMAT, MANIFEST, PARTS, STAGING, SUCCESS, Committed, PartLedger,
-                                      Staging, check_output, merge_parts, write_parts)  # fmt: skip
+from emotions.tagging.staging import PARTS, PartLedger, Staging, merge_parts, write_parts
 
 SCHEMA = pa.schema([("id", pa.string()), ("error", pa.string())])
 
 
 def inputs(tmp_path, rows=(3, 2)) -> list[InputFile]:
-    return [InputFile(uri=str(tmp_path / f"in-{k}.parquet"), path=str(tmp_path / f"in-{k}.parquet"), rows=n,
-                      bytes=100 + k, schema=SCHEMA) for k, n in enumerate(rows)]  # fmt: skip
+    return [
+        InputFile(
+            uri=str(tmp_path / f"in-{k}.parquet"),
+            path=str(tmp_path / f"in-{k}.parquet"),
+            rows=n,
+            bytes=100 + k,
+            schema=SCHEMA,
+        )
+        for k, n in enumerate(rows)
+    ]
 
 
 def stage(staging: Staging, files: list[InputFile], only=None) -> None:
@@ -28,8 +36,12 @@ def stage(staging: Staging, files: list[InputFile], only=None) -> None:
             continue
         ids = [f"{k}-{i}" for i in range(f.rows)]
         for batch in (ids[:1], ids[1:]):
-            report = write_parts(pa.table({FILE_COLUMN: [k] * len(batch), "id": batch, "error": [None] * len(batch)}),
-                                 staging.target.child(STAGING), [g.output_name for g in files], SCHEMA)  # fmt: skip
+            report = write_parts(
+                pa.table({FILE_COLUMN: [k] * len(batch), "id": batch, "error": [None] * len(batch)}),
+                staging.target.child(STAGING),
+                [g.output_name for g in files],
+                SCHEMA,
+            )
             for j, parts, reasons in ledger.add(report):
                 staging.record(merge_parts(staging.target.uri, files[j], parts, reasons, SCHEMA, staging.run))
 
@@ -43,7 +55,8 @@ def test_a_commit_moves_every_staged_file_and_writes_success_last(tmp_path):
     assert all((m["key"], m["run_id"]) == ("k1", staging.run_id) for m in markers)  # whose marker it is
     staging.commit(markers, {"rows_out": 5}, None)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
-        [f.output_name for f in files] + [MANIFEST, SUCCESS])  # no staging, no parts left
+        [f.output_name for f in files] + [MANIFEST, SUCCESS]
+    )  # no staging, no parts left
     assert target.read_json(SUCCESS) == {"format": FORMAT, "run_id": staging.run_id, "rows": 5}
     assert pq.read_table(tmp_path / "out" / files[0].output_name).column("id").to_pylist() == ["0-0", "0-1", "0-2"]
 
@@ -145,8 +158,11 @@ def test_only_outputs_this_project_committed_are_ever_replaced(tmp_path):
     files, target = inputs(tmp_path, rows=(3,)), Folder.from_uri(tmp_path / "ours")
     staging = Staging.open(target, key="k1")
     stage(staging, files)
-    staging.commit(staging.check_finished(files), {"format": FORMAT, "run_id": staging.run_id, "rows_out": 3,
-                                                   "inputs": [{"output": files[0].output_name}]}, None)  # fmt: skip
+    staging.commit(
+        staging.check_finished(files),
+        {"format": FORMAT, "run_id": staging.run_id, "rows_out": 3, "inputs": [{"output": files[0].output_name}]},
+        None,
+    )
     assert check_output(target).run_id == staging.run_id
     (tmp_path / "ours" / "notes.parquet").write_bytes(b"a user's file")
     with pytest.raises(TaggingError, match=r"did not write: \['notes.parquet'\]"):
@@ -205,7 +221,7 @@ def test_files_an_interrupted_commit_moved_in_are_deleted_even_when_its_staging_
 
 def test_an_input_rewritten_in_place_with_the_same_size_is_not_the_same_input(tmp_path):
     from emotions.tagging.inputs import inspect_inputs
-    from emotions.tagging.run import check_committed
+    from emotions.tagging.reuse import check_committed
     from emotions.tagging.settings import TaggingSettings
 
     path = tmp_path / "in.parquet"
@@ -217,14 +233,30 @@ def test_an_input_rewritten_in_place_with_the_same_size_is_not_the_same_input(tm
     os.utime(path, ns=(before.mtime_ns + 10**9, before.mtime_ns + 10**9))  # a second later (same footer stats)
     (after,), _ = inspect_inputs(fs, [(str(path), str(path))], settings)
     assert (after.bytes, after.rows) == (before.bytes, before.rows) and after.identity != before.identity
-    marker = {"key": "k", "run_id": "r", "input": before.uri, "rows_in": 2, "input_bytes": before.bytes,
-              "input_fingerprint": before.fingerprint, "input_mtime_ns": before.mtime_ns, "staged": "x"}  # fmt: skip
+    marker = {
+        "key": "k",
+        "run_id": "r",
+        "input": before.uri,
+        "rows_in": 2,
+        "input_bytes": before.bytes,
+        "input_fingerprint": before.fingerprint,
+        "input_mtime_ns": before.mtime_ns,
+        "staged": "x",
+    }
     from emotions.tagging.staging import marker_matches
 
     assert marker_matches(marker, before, {"key": "k", "run_id": "r"})
     assert not marker_matches(marker, after, {"key": "k", "run_id": "r"})  # resumed from stale tags: never
-    entry = {"path": before.uri, "rows": 2, "bytes": before.bytes, "fingerprint": before.fingerprint,
-             "mtime_ns": before.mtime_ns, "output": before.output_name, "rows_out": 2, "flagged": 0}  # fmt: skip
+    entry = {
+        "path": before.uri,
+        "rows": 2,
+        "bytes": before.bytes,
+        "fingerprint": before.fingerprint,
+        "mtime_ns": before.mtime_ns,
+        "output": before.output_name,
+        "rows_out": 2,
+        "flagged": 0,
+    }
     previous = Committed("r", "k", {"inputs": [entry], "skipped_files": []})
     target = Folder.from_uri(tmp_path / "out")
     with pytest.raises(TaggingError, match=r"from other inputs \(0 new, 1 changed, 0 removed\)"):

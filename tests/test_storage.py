@@ -19,14 +19,34 @@ def s3_folder(s3: str, name: str) -> str:
 
 def test_evaluate_writes_the_report_to_s3(smoke_bundle, s3, tmp_path):
     data = tmp_path / "few.jsonl"
-    data.write_text("\n".join(json.dumps(r) for r in [
-        {"text": "Thank you so much!", "labels": ["gratitude"]},
-        {"text": "This is terrible.", "labels": ["disgust", "anger"]},
-    ]))  # fmt: skip
+    data.write_text(
+        "\n".join(
+            json.dumps(r)
+            for r in [
+                {"text": "Thank you so much!", "labels": ["gratitude"]},
+                {"text": "This is terrible.", "labels": ["disgust", "anger"]},
+            ]
+        )
+    )
     report = s3_folder(s3, "reports")
-    result = subprocess.run([sys.executable, "-m", "emotions.cli", "evaluate", "--model", str(smoke_bundle),
-                             "--data", str(data), "--report", report],
-                            capture_output=True, text=True, timeout=300, cwd=tmp_path)  # fmt: skip
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "emotions.cli",
+            "evaluate",
+            "--model",
+            str(smoke_bundle),
+            "--data",
+            str(data),
+            "--report",
+            report,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     assert not (tmp_path / "s3:").exists()  # the old code wrote ./s3:/emo/reports-.../
     folder = storage.Folder.from_uri(report)

@@ -12,7 +12,9 @@ def test_thresholds_beat_half_for_under_confident_labels():
     rng = np.random.default_rng(0)
     labels = (rng.random((2000, 3)) < [0.05, 0.3, 0.5]).astype(np.float32)
     # A rare label whose positives score ~0.3: at 0.5 it is never predicted.
-    probs = np.clip(labels * rng.normal(0.3, 0.05, labels.shape) + (1 - labels) * rng.normal(0.1, 0.05, labels.shape), 0, 1)
+    probs = np.clip(
+        labels * rng.normal(0.3, 0.05, labels.shape) + (1 - labels) * rng.normal(0.1, 0.05, labels.shape), 0, 1
+    )
     thresholds = fit_thresholds(probs, labels)
     for j in range(3):
         tuned = f1_score(labels[:, j], probs[:, j] >= thresholds[j])

@@ -24,18 +24,14 @@ def metrics_of(bundle_path) -> dict:
     return json.loads((bundle_path / "metrics.json").read_text())
 
 
-def test_two_stages_run_and_stage_two_is_cheap(smoke_bundle):
+def test_two_stages_run_and_report_their_epochs_under_their_names(smoke_bundle):
     history = metrics_of(smoke_bundle)["history"]
-    assert [(h["stage"], h["epoch"]) for h in history] == [
-        ("stage1", 1), ("stage1", 2), ("stage2", 1), ("stage2", 2)]  # fmt: skip
-    # Stage 2 trains only the head on features computed once: far cheaper per epoch. (Its total,
-    # feature pass included, is measured on the real model by the default run: see README.)
-    stage1 = np.mean([h["epoch_seconds"] for h in history if h["stage"] == "stage1"])
-    stage2 = np.mean([h["epoch_seconds"] for h in history if h["stage"] == "stage2"])
-    assert stage2 < stage1 / 10
+    assert [(h["stage"], h["epoch"]) for h in history] == [("stage1", 1), ("stage1", 2), ("stage2", 1), ("stage2", 2)]
+    # (How much cheaper stage 2's epochs are is measured in benchmarks/, not asserted here.)
     seconds = metrics_of(smoke_bundle)["stage_seconds"]
-    assert seconds["stage1"] > 0 and seconds["stage2"] > 0
+    assert set(seconds) == {"stage1", "stage2"} and all(s > 0 for s in seconds.values())
     assert "stage1/val_macro_f1" in history[0] and "stage2/val_loss" in history[-1]
+    assert "stage2/val_loss" not in history[0] and "stage1/val_loss" not in history[-1]
     # Stage 1 learns: validation loss falls from the untrained start.
     assert history[1]["val_loss"] < history[0]["val_loss"]
 
@@ -69,14 +65,41 @@ def test_the_bundle_keeps_the_head_that_wins_held_out(smoke_bundle):
     head = json.loads((smoke_bundle / "bundle.json").read_text())["head"]
     assert head["depth"] == (2 if choice["kept"] == "stage2" else 1)  # smoke: stage 1 depth 1, stage 2 depth 2
     # The per-epoch history reports the held-out number, and the in-sample one under its own name.
-    assert all(0 <= h["val_macro_f1_heldout"] <= 1 and 0 <= h["val_macro_f1_in_sample"] <= 1 for h in metrics["history"])
+    assert all(
+        0 <= h["val_macro_f1_heldout"] <= 1 and 0 <= h["val_macro_f1_in_sample"] <= 1 for h in metrics["history"]
+    )
 
 
-def test_fitted_thresholds_beat_half(smoke_bundle):
-    metrics = metrics_of(smoke_bundle)
-    assert metrics["at_thresholds"]["macro_f1"] > metrics["at_0.5"]["macro_f1"]
-    bundle = load_bundle(smoke_bundle)
-    assert not np.allclose(bundle.thresholds, 0.5)
+def test_bundle_thresholds_are_fitted_on_the_final_checkpoints_predictions(smoke_bundle, runs_dir, tmp_path):
+    """The driver fits each label's threshold on the gathered predictions in the final checkpoint:
+    a label whose positives all score 0.3 and negatives 0.1 there gets a threshold between the two,
+    so the bundle tags every positive that a 0.5 cut would miss."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    from emotions.evaluation import fit_thresholds
+    from emotions.training import write_bundle_from_checkpoint
+
+    states = {c: c / "state.json" for run in runs_dir.glob("bundle-*") for c in run.glob("checkpoint_*")}
+    finals = [c for c, state in states.items() if state.exists() and json.loads(state.read_text())["head_choice"]]
+    assert finals, "the smoke run left no final checkpoint"
+    checkpoint = shutil.copytree(finals[0], tmp_path / "final")
+    config = build_config("smoke", overrides=[f"run.storage_path={runs_dir}"])
+    split = config.thresholds.split
+    predictions = load_file(str(checkpoint / "predictions.safetensors"))
+    labels, probs = predictions[f"{split}_labels"], predictions[f"{split}_probs"].copy()
+    label = int(labels.sum(0).argmax())  # the label with the most positives
+    probs[:, label] = np.where(labels[:, label] > 0, 0.3, 0.1)
+    save_file({**predictions, f"{split}_probs": probs}, str(checkpoint / "predictions.safetensors"))
+
+    bundle = load_bundle(write_bundle_from_checkpoint(checkpoint, config, tmp_path / "bundle"))
+    assert 0.1 < bundle.thresholds[label] <= 0.3
+    np.testing.assert_array_equal(bundle.thresholds, fit_thresholds(probs, labels, fallback=config.thresholds.fallback))
+    tagged = probs[:, label] >= bundle.thresholds[label]
+    np.testing.assert_array_equal(tagged, labels[:, label] > 0)  # every positive, no negative
+    assert tagged.any() and not (probs[:, label] >= 0.5).any()  # a 0.5 cut tags none of them
+    assert bundle.metrics["thresholds_fitted_on"] == split
 
 
 def test_bundle_round_trip_gives_identical_predictions(smoke_bundle, tmp_path):
@@ -85,11 +108,16 @@ def test_bundle_round_trip_gives_identical_predictions(smoke_bundle, tmp_path):
     first = load_bundle(smoke_bundle)
     texts = ["I love this so much!", "This is awful and I'm angry.", "ok", "Why would you do that?"]
     probs = first.predict_proba(texts)
-    copy = save_bundle(tmp_path / "copy", weights=first.model.state_dict(),
-                       encoder_config=json.loads((smoke_bundle / "encoder_config.json").read_text()),
-                       head=json.loads((smoke_bundle / "bundle.json").read_text())["head"],
-                       tokenizer=first.tokenizer, thresholds=first.thresholds, config=first.config,
-                       metrics=first.metrics)  # fmt: skip
+    copy = save_bundle(
+        tmp_path / "copy",
+        weights=first.model.state_dict(),
+        encoder_config=first.model.encoder.config.to_dict(),
+        head=json.loads((smoke_bundle / "bundle.json").read_text())["head"],
+        tokenizer=first.tokenizer,
+        thresholds=first.thresholds,
+        config=first.config,
+        metrics=first.metrics,
+    )
     second = load_bundle(copy)
     np.testing.assert_array_equal(second.predict_proba(texts), probs)
     assert second.predict(texts) == first.predict(texts)
@@ -121,12 +149,13 @@ def kill_a_worker_after_a_checkpoint_of(stage: str, run_dir, deadline: float) ->
     while latest_checkpoint_metrics(run_dir).get("stage") != stage:
         assert time.time() < deadline, f"no {stage} checkpoint was registered"
         time.sleep(0.05)
+    import ray
     from ray.util.state import list_actors  # this cluster's workers only, not other sessions' Ray
 
-    import ray
-
-    workers = list_actors(address=ray.get_runtime_context().gcs_address,
-                          filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])  # fmt: skip
+    workers = list_actors(
+        address=ray.get_runtime_context().gcs_address,
+        filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
+    )
     assert len(workers) == 2, workers
     os.kill(workers[-1].pid, signal.SIGKILL)
 
@@ -144,11 +173,19 @@ def test_workers_killed_in_each_stage_resume_from_checkpoints(local_ray, runs_di
     from safetensors.numpy import load_file
 
     storage = runs_dir / "kill"
-    config = build_config("smoke", overrides=[f"run.storage_path={storage}", "run.name=kill",
-                                              "stage1.epochs=2", "stage2.epochs=8",
-                                              "data.max_train_examples=1024",
-                                              # resumed too: the weight average and per-layer rates
-                                              "stage1.ema_decay=0.99", "stage1.layer_lr_decay=0.8"])  # fmt: skip
+    config = build_config(
+        "smoke",
+        overrides=[
+            f"run.storage_path={storage}",
+            "run.name=kill",
+            "stage1.epochs=2",
+            "stage2.epochs=8",
+            "data.max_train_examples=1024",
+            # resumed too: the weight average and per-layer rates
+            "stage1.ema_decay=0.99",
+            "stage1.layer_lr_decay=0.8",
+        ],
+    )
     result: dict = {}
     thread = threading.Thread(target=lambda: result.update(path=train(config, tmp_path / "bundle")))
     thread.start()
@@ -171,15 +208,19 @@ def test_workers_killed_in_each_stage_resume_from_checkpoints(local_ray, runs_di
     # that file. (A kill that lands after the first attempt already began stage 2 leaves that
     # attempt's encoder file behind, unreferenced; a worker killed while writing one leaves a hidden
     # .<name>.partial-<pid>. Neither is ever read.)
-    states = [json.loads((c / "state.json").read_text()) for c in (storage / "kill").glob("checkpoint_*")
-              if (c / "state.json").exists()]  # fmt: skip
+    states = [
+        json.loads((c / "state.json").read_text())
+        for c in (storage / "kill").glob("checkpoint_*")
+        if (c / "state.json").exists()
+    ]
     referenced = {s["frozen_encoder"]["sha256"] for s in states if s.get("stage") == "stage2"}
-    assert len(referenced) == 1 and any(s["resumed_from"][-1]["stage"] == "stage2" for s in states
-                                        if s.get("stage") == "stage2")  # fmt: skip
+    assert len(referenced) == 1 and any(
+        s["resumed_from"][-1]["stage"] == "stage2" for s in states if s.get("stage") == "stage2"
+    )
     encoder = storage / "kill" / "frozen-encoder" / f"{referenced.pop()}.safetensors"
-    bundle = load_file(str(result["path"] / "model.safetensors"))
+    bundle = load_bundle(result["path"]).model.state_dict()  # encoder.* and head.*, whatever the file layout
     for name, tensor in load_file(str(encoder)).items():
-        np.testing.assert_array_equal(bundle[name], tensor)
+        np.testing.assert_array_equal(bundle[name].numpy(), tensor)
     kept = [c for c in (storage / "kill").glob("checkpoint_*") if (c / "state.json").exists()]
     for checkpoint in kept:  # stage 2's hold the head only (a kill may leave a stage-1 one kept)
         if json.loads((checkpoint / "state.json").read_text()).get("stage") == "stage2":
@@ -187,11 +228,9 @@ def test_workers_killed_in_each_stage_resume_from_checkpoints(local_ray, runs_di
 
 
 def test_frozen_stage_checkpoints_hold_the_head_only(smoke_bundle, runs_dir):
-    from safetensors.numpy import load_file
-
     runs = [run for run in runs_dir.glob("bundle-*") if (run / "frozen-encoder").is_dir()]
     assert runs, "the smoke run stored no frozen encoder"
-    bundle = load_file(str(smoke_bundle / "model.safetensors"))
+    bundle = load_bundle(smoke_bundle).model.state_dict()  # encoder.* and head.*, whatever the file layout
     for run in runs:
         (encoder,) = (run / "frozen-encoder").iterdir()
         assert encoder.name == hashlib.sha256(encoder.read_bytes()).hexdigest() + ".safetensors"
@@ -216,7 +255,7 @@ def test_optimizer_state_is_restored_by_parameter_name(tmp_path):
     import torch
 
     from emotions.model import EmotionClassifier, build_head, load_encoder
-    from emotions.training import load_optimizer_state, save_optimizer_state
+    from emotions.training import ResumeError, load_optimizer_state, save_optimizer_state
 
     torch.manual_seed(0)
     model = EmotionClassifier(load_encoder("tiny-random"), build_head(32, 2, 0.1), "mean")
@@ -231,21 +270,23 @@ def test_optimizer_state_is_restored_by_parameter_name(tmp_path):
         torch.testing.assert_close(reordered.state[p]["exp_avg"], optimizer.state[p]["exp_avg"])
     # Other parameters (a 1-layer head): refused, not loaded by position.
     model.head = build_head(32, 1, 0.1)
-    with pytest.raises(RuntimeError, match="other parameters"):
-        load_optimizer_state(torch.optim.AdamW(model.head.parameters()), model,
-                             tmp_path / "optimizer.safetensors", torch.device("cpu"))  # fmt: skip
+    with pytest.raises(ResumeError, match="other parameters.*start the run over with --fresh"):
+        load_optimizer_state(
+            torch.optim.AdamW(model.head.parameters()), model, tmp_path / "optimizer.safetensors", torch.device("cpu")
+        )
 
 
 def test_resuming_under_another_config_is_refused_and_fresh_starts_over(local_ray, s3, capsys, monkeypatch):
-    """All on S3: the run's checkpoints, the bundles, and the driver's check of the snapshot. The
-    `emotions train` command runs in this process (``cli.main``), on the session's Ray."""
-    from emotions import cli
+    """All on S3: the run's checkpoints, the bundles, and the driver's reading of the run's record
+    (``ray.train.Result.from_path``). The `emotions train` command runs in this process
+    (``cli.main``), on the session's Ray."""
+    from emotions import cli, cluster
 
     run = ["run.name=resume", f"run.storage_path={s3}/runs", "stage1.epochs=1", "stage2.epochs=1"]
     train(build_config("smoke", overrides=run), f"{s3}/bundles/first")
     changed = [*run, "stage1.learning_rate=0.002"]
     with monkeypatch.context() as patch:  # refused before Ray: connecting would fail the test
-        patch.setattr(cli, "connect_ray", lambda address: pytest.fail("Ray was reached"))
+        patch.setattr(cluster, "connect", lambda address=None: pytest.fail("Ray was reached"))
         code = cli.main(["train", "--preset", "smoke", "--output", f"{s3}/bundles/second", *changed])
     stderr = capsys.readouterr().err
     assert code == 2, stderr
@@ -255,12 +296,13 @@ def test_resuming_under_another_config_is_refused_and_fresh_starts_over(local_ra
     assert second["resumed_from"] == [] and len(second["history"]) == 2
     # The same config (but for a key that may change) finds the run finished: the bundle comes
     # from its final checkpoint on S3, and no worker group starts.
-    from emotions import training
+    import ray.train.torch
 
     with monkeypatch.context() as patch:
-        patch.setattr(training.ray.train.torch, "TorchTrainer", lambda *a, **k: pytest.fail("workers were started"))
-        third = load_bundle(train(build_config("smoke", overrides=[*changed, "run.max_failures=1"]),
-                                  f"{s3}/bundles/third"))  # fmt: skip
+        patch.setattr(ray.train.torch, "TorchTrainer", lambda *a, **k: pytest.fail("workers were started"))
+        third = load_bundle(
+            train(build_config("smoke", overrides=[*changed, "run.max_failures=1"]), f"{s3}/bundles/third")
+        )
     assert third.metrics["resumed_from"] == [] and third.metrics["history"] == second["history"]
     texts = ["what a lovely surprise", "I am so sorry for your loss"]
     np.testing.assert_array_equal(third.predict_proba(texts), load_bundle(f"{s3}/bundles/second").predict_proba(texts))
@@ -345,8 +387,9 @@ def test_layer_lr_decay_gives_lower_layers_smaller_rates():
     from emotions.training import build_optimizer
 
     model = EmotionClassifier(load_encoder("tiny-random"), build_head(32, 1, 0.1), "mean")
-    stage = build_config("smoke", overrides=["stage1.layer_lr_decay=0.5", "stage1.learning_rate=1e-3",
-                                             "stage1.head_learning_rate=1e-2"]).stage1  # fmt: skip
+    stage = build_config(
+        "smoke", overrides=["stage1.layer_lr_decay=0.5", "stage1.learning_rate=1e-3", "stage1.head_learning_rate=1e-2"]
+    ).stage1
     groups = build_optimizer(stage, model.head, model.encoder).param_groups
     rate = {id(p): g["lr"] for g in groups for p in g["params"]}
     named = dict(model.named_parameters())
@@ -396,8 +439,9 @@ def test_linear_schedule_warms_up_then_decays_to_its_floor():
     from emotions.training import build_scheduler
 
     def rates(floor: float) -> list[float]:
-        stage = build_config("smoke", overrides=["stage1.epochs=2", "stage1.warmup_ratio=0.1",
-                                                 f"stage1.lr_floor={floor}"]).stage1  # fmt: skip
+        stage = build_config(
+            "smoke", overrides=["stage1.epochs=2", "stage1.warmup_ratio=0.1", f"stage1.lr_floor={floor}"]
+        ).stage1
         optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
         scheduler, seen = build_scheduler(optimizer, stage, steps_per_epoch=50), []
         for _ in range(100):
@@ -413,7 +457,7 @@ def test_linear_schedule_warms_up_then_decays_to_its_floor():
     assert floored[55] > plain[55]
     with pytest.raises(ValueError, match=r"stage1.lr_floor: 1.0 must be in \[0, 1\)"):
         rates(1.0)
-    with pytest.raises(ValueError, match=r"stage1.lr_floor: 0.3 needs stage1.schedule=linear"):
+    with pytest.raises(ValueError, match=r"stage1.lr_floor: 0.3 needs (stage1.)?schedule=linear"):
         build_config("smoke", overrides=["stage1.lr_floor=0.3", "stage1.schedule=constant"])
 
 
@@ -422,8 +466,16 @@ def test_cpu_bf16_steps_train_in_bfloat16_and_keep_float32_weights(monkeypatch):
 
     from emotions import environment
     from emotions.model import EmotionClassifier, build_head, load_encoder
-    from emotions.training import (Shards, build_optimizer, build_scheduler, loss_function, stage_inputs,
-                                   step_autocast, train_epoch, train_precision)  # fmt: skip
+    from emotions.training import (
+        Shards,
+        build_optimizer,
+        build_scheduler,
+        loss_function,
+        stage_inputs,
+        step_autocast,
+        train_epoch,
+        train_precision,
+    )
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     config = build_config("smoke", overrides=["scaling.cpu_bf16=auto"])
@@ -431,10 +483,16 @@ def test_cpu_bf16_steps_train_in_bfloat16_and_keep_float32_weights(monkeypatch):
         monkeypatch.setattr(environment, "cpu_has_bf16", lambda native=native: native)
         assert train_precision(config, cpu) == expected
     assert train_precision(build_config("smoke"), cpu) == "fp32"  # off unless asked for
-    assert train_precision(build_config("smoke", overrides=["scaling.cpu_bf16=false"]), gpu) == "bf16"  # GPU: scaling.bf16
+    assert (
+        train_precision(build_config("smoke", overrides=["scaling.cpu_bf16=false"]), gpu) == "bf16"
+    )  # GPU: scaling.bf16
 
-    tokens = tokenize(["so happy for you", "this is awful", "ok", "thanks a lot"] * 4,
-                      np.eye(28, dtype=np.float32)[[0, 1, 27, 15] * 4], load_tokenizer("tiny-random"), 32)  # fmt: skip
+    tokens = tokenize(
+        ["so happy for you", "this is awful", "ok", "thanks a lot"] * 4,
+        np.eye(28, dtype=np.float32)[[0, 1, 27, 15] * 4],
+        load_tokenizer("tiny-random"),
+        32,
+    )
     shards = Shards(train=tokens, validation=tokens, pad_id=0, device=cpu, rank=0, world=1, train_precision="bf16")
     model = EmotionClassifier(load_encoder("tiny-random"), build_head(32, 1, 0.1), "mean")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -444,12 +502,20 @@ def test_cpu_bf16_steps_train_in_bfloat16_and_keep_float32_weights(monkeypatch):
     autocast = step_autocast(shards)
     with autocast:
         seen.append(inputs.logits(model, np.arange(4)).dtype)
-    losses = train_epoch(model, inputs, 0, loss_function(config.stage1, tokens.labels.mean(0), cpu), optimizer,
-                         build_scheduler(optimizer, config.stage1, 2), autocast=autocast)  # fmt: skip
+    losses = train_epoch(
+        model,
+        inputs,
+        0,
+        loss_function(config.stage1, tokens.labels.mean(0), cpu),
+        optimizer,
+        build_scheduler(optimizer, config.stage1, 2),
+        autocast=autocast,
+    )
     assert seen == [torch.bfloat16] and np.isfinite(losses).all()
     assert all(p.dtype == torch.float32 for p in model.parameters())
-    assert not torch.equal(before["encoder.encoder.layer.0.output.dense.weight"],
-                           model.encoder.encoder.layer[0].output.dense.weight)  # fmt: skip
+    assert not torch.equal(
+        before["encoder.encoder.layer.0.output.dense.weight"], model.encoder.encoder.layer[0].output.dense.weight
+    )
 
 
 def test_frozen_bottom_layers_get_no_gradients_and_no_optimizer_slot():
@@ -459,8 +525,9 @@ def test_frozen_bottom_layers_get_no_gradients_and_no_optimizer_slot():
     from emotions.training import Shards, build_optimizer, stage_inputs
 
     config = build_config("smoke", overrides=["model.freeze_layers=1"])
-    tokens = tokenize(["so happy for you", "this is awful", "ok"], np.zeros((3, 28), np.float32),
-                      load_tokenizer("tiny-random"), 32)  # fmt: skip
+    tokens = tokenize(
+        ["so happy for you", "this is awful", "ok"], np.zeros((3, 28), np.float32), load_tokenizer("tiny-random"), 32
+    )
     shards = Shards(train=tokens, validation=tokens, pad_id=0, device=torch.device("cpu"), rank=0, world=1)
     model = EmotionClassifier(load_encoder("tiny-random"), build_head(32, 1, 0.1), "mean")
     inputs = stage_inputs(config.stage1, model, shards, config)

@@ -91,19 +91,20 @@ def test_concurrency_sizes_for_the_autoscalers_maximum_and_the_flag_wins():
     assert concurrency(gpu, TuneSettings(), {"CPU": 8.0}, None) == 1  # none now: still one trial
 
 
-def test_tune_flag_max_concurrent_trials_reaches_the_settings(monkeypatch):
+def test_tune_flag_max_concurrent_trials_reaches_the_settings(monkeypatch, s3):  # check_output_folder reads S3
     import emotions.cli as cli
+    from emotions.commands.tune import run_tune
 
     seen = {}
-    monkeypatch.setattr(cli, "connect_ray", lambda address: None)
+    monkeypatch.setattr("emotions.cluster.connect", lambda address: None)
     monkeypatch.setattr("emotions.tuning.run_sweep", lambda raw, output, resume: seen.update(raw=raw) or {})
     args = cli.build_parser().parse_args(["tune", "--preset", "smoke", "--output", "s3://emo/x",
                                           "--max-concurrent-trials", "5", "tune.max_concurrent_trials=2"])  # fmt: skip
-    assert cli.run_tune(args) == 0
+    assert run_tune(args) == 0
     assert split_tune_settings(seen["raw"])[1].max_concurrent_trials == 5  # the flag wins over the override
     args = cli.build_parser().parse_args(["tune", "--preset", "smoke", "--output", "x", "--max-concurrent-trials", "0"])
     with pytest.raises(ConfigError, match="--max-concurrent-trials"):
-        cli.run_tune(args)
+        run_tune(args)
 
 
 def test_head_sweep_encodes_once_in_a_ray_task_and_exports_the_best_head(smoke_bundle, local_ray, s3, tmp_path,

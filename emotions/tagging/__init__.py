@@ -3,6 +3,7 @@
     inputs -> footers checked -> planned reads (Ray tasks; normalized per block)   inputs.py
            [-> Tokenizer actors (CPU: token ids per row; GPU runs)]                 pipeline.py
            -> Tagger actors (bundle loaded once each, at a checked precision)      pipeline.py, inference.py
+              (the precision gate they pass: emotions/precision.py, which training runs too)
               -> part files in OUTPUT/_staging; the driver gets part names and row counts only
            -> merge task per finished input file -> rows in == rows out -> commit  staging.py
                                                                           run.py: tag_corpus
@@ -20,11 +21,22 @@ tagging them would count "neutral" for text nobody wrote). Texts longer than the
 ``max_length`` tokens are truncated, not rejected.
 """
 
-from emotions.tagging.inference import MAX_F1_LOSS, check_precision
+from emotions.precision import MAX_F1_LOSS, check_precision  # the gate's home; kept here for old callers
+from emotions.tagging.commit import MANIFEST, SUCCESS
 from emotions.tagging.inputs import resolve_inputs
-from emotions.tagging.run import TagSummary, tag_corpus
+from emotions.tagging.run import tag_corpus
 from emotions.tagging.settings import PRECISIONS, TaggingError, TaggingSettings
-from emotions.tagging.staging import MANIFEST, SUCCESS
+from emotions.tagging.summary import TagSummary
 
-__all__ = ["MANIFEST", "MAX_F1_LOSS", "PRECISIONS", "SUCCESS", "TagSummary", "TaggingError", "TaggingSettings",
-           "check_precision", "resolve_inputs", "tag_corpus"]  # fmt: skip
+__all__ = [
+    "MANIFEST",
+    "MAX_F1_LOSS",
+    "PRECISIONS",
+    "SUCCESS",
+    "TagSummary",
+    "TaggingError",
+    "TaggingSettings",
+    "check_precision",
+    "resolve_inputs",
+    "tag_corpus",
+]

@@ -72,7 +72,6 @@ class InputFile:
         return f"{stem}-{hashlib.sha1(self.uri.encode()).hexdigest()[:8]}.parquet"
 
 
-
 def resolve_inputs(inputs, exclude: Folder | None = None) -> tuple[pafs.FileSystem, list[tuple[str, str]]]:
     """Parquet files (fs path, URI) named by files, folders (searched recursively; ``_``- and
     ``.``-prefixed paths skipped, as Spark and Hive do) or globs, on one filesystem."""
@@ -83,8 +82,7 @@ def resolve_inputs(inputs, exclude: Folder | None = None) -> tuple[pafs.FileSyst
     for item in map(str, items):
         item_fs, path, prefix = filesystem(item)
         if fs is not None and not fs.equals(item_fs):
-            raise TaggingError(f"inputs are on different filesystems ({item}); tag each filesystem "
-                               "in its own run")  # fmt: skip
+            raise TaggingError(f"inputs are on different filesystems ({item}); tag each filesystem in its own run")
         fs = item_fs
         paths = _expand(fs, path, item)
         if not paths:
@@ -93,10 +91,10 @@ def resolve_inputs(inputs, exclude: Folder | None = None) -> tuple[pafs.FileSyst
     if exclude is not None and fs.equals(exclude.fs):
         inside = [uri for p, uri in found.items() if p.startswith(exclude.root + "/")]
         if inside:
-            raise TaggingError(f"input {inside[0]} is inside the output folder {exclude.uri}; "
-                               "choose an output outside the inputs")  # fmt: skip
+            raise TaggingError(
+                f"input {inside[0]} is inside the output folder {exclude.uri}; choose an output outside the inputs"
+            )
     return fs, sorted(found.items())
-
 
 
 def _expand(fs: pafs.FileSystem, path: str, item: str) -> list[str]:
@@ -113,7 +111,6 @@ def _expand(fs: pafs.FileSystem, path: str, item: str) -> list[str]:
     return _parquet_files(fs, path)
 
 
-
 def _parquet_files(fs: pafs.FileSystem, base: str) -> list[str]:
     selector = pafs.FileSelector(base, recursive=True, allow_not_found=True)
     out = []
@@ -125,9 +122,9 @@ def _parquet_files(fs: pafs.FileSystem, base: str) -> list[str]:
     return out
 
 
-
-def inspect_inputs(fs: pafs.FileSystem, paths: list[tuple[str, str]],
-                   settings: TaggingSettings) -> tuple[list[InputFile], list[tuple[str, str]]]:  # fmt: skip
+def inspect_inputs(
+    fs: pafs.FileSystem, paths: list[tuple[str, str]], settings: TaggingSettings
+) -> tuple[list[InputFile], list[tuple[str, str]]]:
     """Read every file's footer (in parallel threads: this is I/O) before any work is done.
     A file that cannot be read, or lacks a needed column, stops the job (or is skipped)."""
     needed = [settings.id_column, settings.text_column, *settings.keep_columns]
@@ -138,15 +135,16 @@ def inspect_inputs(fs: pafs.FileSystem, paths: list[tuple[str, str]],
     if bad and settings.on_bad_file == "fail":
         listing = "; ".join(f"{uri}: {reason}" for uri, reason in bad[:3])
         more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
-        raise TaggingError(f"{len(bad)} input file(s) cannot be tagged, nothing was written: "
-                           f"{listing}{more}. Fix or remove them, or pass --skip-bad-files "
-                           "(on_bad_file='skip') to tag the rest and list them in the manifest")  # fmt: skip
+        raise TaggingError(
+            f"{len(bad)} input file(s) cannot be tagged, nothing was written: "
+            f"{listing}{more}. Fix or remove them, or pass --skip-bad-files "
+            "(on_bad_file='skip') to tag the rest and list them in the manifest"
+        )
     for uri, reason in bad:
         log.warning("skipping %s: %s", uri, reason)
     if not files:
         raise TaggingError("every input file was skipped as unreadable; nothing to tag")
     return files, bad
-
 
 
 def _inspect(fs: pafs.FileSystem, path: str, uri: str, needed: list[str]) -> InputFile | tuple[str, str]:
@@ -162,10 +160,16 @@ def _inspect(fs: pafs.FileSystem, path: str, uri: str, needed: list[str]) -> Inp
     missing = [c for c in needed if c not in schema.names]
     if missing:
         return uri, f"no column(s) {missing}; columns found: {schema.names}"
-    return InputFile(uri=uri, path=path, rows=rows, bytes=size, schema=schema, row_groups=groups,
-                     fingerprint=hashlib.sha1(footer.encode()).hexdigest()[:16],
-                     mtime_ns=info.mtime_ns or 0)  # fmt: skip
-
+    return InputFile(
+        uri=uri,
+        path=path,
+        rows=rows,
+        bytes=size,
+        schema=schema,
+        row_groups=groups,
+        fingerprint=hashlib.sha1(footer.encode()).hexdigest()[:16],
+        mtime_ns=info.mtime_ns or 0,
+    )
 
 
 def output_schema(files: list[InputFile], s: TaggingSettings) -> tuple[pa.Schema, dict[str, pa.DataType]]:
@@ -176,36 +180,42 @@ def output_schema(files: list[InputFile], s: TaggingSettings) -> tuple[pa.Schema
     for name in carried:
         types = {f.uri: _plain(f.schema.field(name).type) for f in files}
         try:
-            column_types[name] = pa.unify_schemas([pa.schema([(name, t)]) for t in types.values()],
-                                                  promote_options="permissive").field(name).type  # fmt: skip
+            column_types[name] = (
+                pa.unify_schemas([pa.schema([(name, t)]) for t in types.values()], promote_options="permissive")
+                .field(name)
+                .type
+            )
         except (pa.ArrowInvalid, pa.ArrowTypeError) as error:
             examples = {str(t): uri for uri, t in types.items()}
-            raise TaggingError(f"column {name!r} has types that cannot be merged across files "
-                               f"({examples}): {error}. Rewrite the odd files with one type"
-                               ) from error  # fmt: skip
+            raise TaggingError(
+                f"column {name!r} has types that cannot be merged across files "
+                f"({examples}): {error}. Rewrite the odd files with one type"
+            ) from error
     labels = pa.list_(pa.string())
-    fields = [pa.field(s.id_column, column_types[s.id_column]), pa.field("emotions", labels),
-              pa.field("top_emotion", pa.string()), pa.field("top_score", pa.float32())]  # fmt: skip
+    fields = [
+        pa.field(s.id_column, column_types[s.id_column]),
+        pa.field("emotions", labels),
+        pa.field("top_emotion", pa.string()),
+        pa.field("top_score", pa.float32()),
+    ]
     if s.probabilities:
         fields += [pa.field(f"p_{name}", pa.float32()) for name in EMOTIONS]
     fields += [pa.field("ekman", labels), pa.field("sentiment", labels), pa.field("model_hash", pa.string())]
-    fields += [pa.field(c, pa.large_string() if c == s.text_column else column_types[c])
-               for c in s.keep_columns]  # fmt: skip
+    fields += [pa.field(c, pa.large_string() if c == s.text_column else column_types[c]) for c in s.keep_columns]
     return pa.schema([*fields, pa.field("error", pa.string())]), column_types
-
 
 
 def _plain(t: pa.DataType) -> pa.DataType:
     return t.value_type if pa.types.is_dictionary(t) else t
 
 
-
 def is_text(type_: pa.DataType) -> bool:
     """Whether a text column of this type may hold text: strings, and bytes (UTF-8 or flagged)."""
     type_ = _plain(type_)
-    return any(check(type_) for check in (pa.types.is_string, pa.types.is_large_string, pa.types.is_binary,
-                                          pa.types.is_large_binary))  # fmt: skip
-
+    return any(
+        check(type_)
+        for check in (pa.types.is_string, pa.types.is_large_string, pa.types.is_binary, pa.types.is_large_binary)
+    )
 
 
 def plan_reads(files: list[InputFile], batch_size: int, actors: int) -> list[dict]:
@@ -229,9 +239,14 @@ def plan_reads(files: list[InputFile], batch_size: int, actors: int) -> list[dic
     return units
 
 
-
-def read_units(units: pa.Table, fs: pafs.FileSystem, paths: list[str], needed: list[str], text_column: str,
-               column_types: dict[str, pa.DataType]):  # fmt: skip
+def read_units(
+    units: pa.Table,
+    fs: pafs.FileSystem,
+    paths: list[str],
+    needed: list[str],
+    text_column: str,
+    column_types: dict[str, pa.DataType],
+):
     """Read units (``plan_reads``) -> normalized blocks, read straight from storage by the Ray
     task that runs this."""
     for k, group, start, stop in zip(*(units.column(c).to_pylist() for c in ("file", "row_group", "start", "stop"))):
@@ -240,7 +255,6 @@ def read_units(units: pa.Table, fs: pafs.FileSystem, paths: list[str], needed: l
             block = _rows(batches, start, stop)
         block = block.append_column("path", pa.array([paths[k]] * block.num_rows, pa.string()))
         yield normalize_block(block, paths, text_column, column_types)
-
 
 
 def _rows(batches, start: int, stop: int) -> pa.Table:
@@ -256,9 +270,9 @@ def _rows(batches, start: int, stop: int) -> pa.Table:
     return pa.Table.from_batches(kept)
 
 
-
-def normalize_block(block: pa.Table, paths: list[str], text_column: str,
-                    column_types: dict[str, pa.DataType]) -> pa.Table:  # fmt: skip
+def normalize_block(
+    block: pa.Table, paths: list[str], text_column: str, column_types: dict[str, pa.DataType]
+) -> pa.Table:
     """One read block -> the columns the actors expect, with one schema for every file:
     input file index, text as large_string, the flag reason, carried columns cast to one type."""
     files = pc.index_in(block.column("path"), value_set=pa.array(paths))
@@ -268,7 +282,6 @@ def normalize_block(block: pa.Table, paths: list[str], text_column: str,
     for name, type_ in column_types.items():
         columns[name] = block.column(name).cast(type_)
     return pa.table(columns)
-
 
 
 def check_texts(column: pa.ChunkedArray) -> tuple[pa.ChunkedArray, pa.ChunkedArray]:
@@ -283,8 +296,13 @@ def check_texts(column: pa.ChunkedArray) -> tuple[pa.ChunkedArray, pa.ChunkedArr
         return pa.nulls(len(column), pa.large_string()), reason
     text = column.cast(pa.large_string())
     stripped = pc.utf8_trim_whitespace(text)
-    conditions = [pc.is_null(text), pc.equal(text, ""), pc.equal(stripped, ""),
-                  pc.equal(stripped, "[deleted]"), pc.equal(stripped, "[removed]")]  # fmt: skip
+    conditions = [
+        pc.is_null(text),
+        pc.equal(text, ""),
+        pc.equal(stripped, ""),
+        pc.equal(stripped, "[deleted]"),
+        pc.equal(stripped, "[removed]"),
+    ]
     reasons = ["null text", "empty text", "whitespace only", "[deleted]", "[removed]"]
     if invalid is not None:  # first: an invalid row's text is null too
         conditions, reasons = [invalid, *conditions], ["invalid UTF-8", *reasons]

@@ -1,16 +1,9 @@
 """The Ray Data pipeline and its actors: planned reads -> [Tokenizer actors] -> Tagger actors,
-which write part files; merge tasks per finished input file.
+which write part files; merge tasks per finished input file. How many actors, and what each
+reserves so that read and merge tasks still find room: ``emotions.tagging.actor_plan``.
 
-Actor sizing. Read and merge tasks need ``ROOM_CPUS`` on some node while the actors run; a pool
-that reserves every CPU leaves them unschedulable and the pipeline hangs without a word. So by
-default there is one actor per ``cpus_per_actor`` CPUs (per ``gpus_per_actor`` GPUs on GPU), each
-running ``cpus_per_actor`` torch threads, but each *reserves* only so much that every node keeps
-``ROOM_CPUS`` free when it hosts its share of the pool: on one 2-CPU node, 2 actors x 1 thread
-that reserve 0.75 CPU each; on 1-CPU nodes, one actor each reserving 0.5. Reads and merges are
-light next to the encoder, so running them beside the actors costs little.
-
-Tokenizing. On GPU runs a pool of Tokenizer actors (``TOKENIZER_CPUS`` each, one per GPU actor)
-turns text into token ids ahead of the encoder, so GPU actors only run the encoder. On CPU the
+Tokenizing. On GPU runs a pool of Tokenizer actors (one per GPU actor, up to ``actor_plan.TOKENIZER_CPUS``
+each) turns text into token ids ahead of the encoder, so GPU actors only run the encoder. On CPU the
 actors tokenize their own batches: on 2 CPUs a separate stage takes the tokenizer's CPU from the
 encoder's and sends token ids through the object store, and was slower (100k rows, smoke bundle,
 fresh drivers: 3,108-3,812 vs 4,642-5,098 rows/s, in the previous version of
@@ -23,11 +16,9 @@ bytes) is not sent through Ray Data: a Ray task (``flag_file``) writes its rows,
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 import uuid
-from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -39,91 +30,79 @@ from emotions import environment
 from emotions.labels import EKMAN, EMOTIONS, SENTIMENT
 from emotions.progress import Progress
 from emotions.storage import Folder, filesystem
-from emotions.tagging.inference import ENCODER_BATCH, load_tokenizer, predict_tokens, prepare_model, tokenize_texts
-from emotions.tagging.inputs import (ERROR_COLUMN, FILE_COLUMN, TEXT_COLUMN, InputFile, is_text, normalize_block,
-                                     plan_reads, read_units)  # fmt: skip
-from emotions.tagging.settings import TaggingError, TaggingSettings
+from emotions.tagging.actor_plan import MERGE_CPUS, READ_CPUS, ActorPlan
+from emotions.tagging.commit import STAGING
 from emotions.tagging.crashpoints import crash_point
-from emotions.tagging.staging import STAGING, PartLedger, Staging, check_owner, merge_parts, write_marker, write_parts
+from emotions.tagging.inputs import (
+    ERROR_COLUMN,
+    FILE_COLUMN,
+    TEXT_COLUMN,
+    InputFile,
+    is_text,
+    normalize_block,
+    plan_reads,
+    read_units,
+)
+from emotions.tagging.predictor import (
+    ENCODER_BATCH,
+    load_bundle_tokenizer,
+    predict_tokens,
+    prepare_model,
+    tokenize_texts,
+)
+from emotions.tagging.settings import TaggingError, TaggingSettings
+from emotions.tagging.staging import PartLedger, Staging, check_owner, merge_parts, write_marker, write_parts
 
 log = logging.getLogger("emotions.tagging")
 
 
-READ_CPUS = 0.25  # per read task: decoding a few Parquet columns is light next to the encoder
-TOKENIZER_CPUS = 1.0  # per Tokenizer actor, when tokenizing is a stage of its own
-MERGE_CPUS = 0.25  # per merge task: reading parts and writing one file is I/O
-ROOM_CPUS = READ_CPUS + MERGE_CPUS  # kept free on every node beside the actors (see Actor sizing)
 IDS_COLUMN = "__ids"  # internal: token ids (list<int32>, empty where flagged), from the Tokenizer stage
 _EKMAN_MATRIX = np.array([[name in members for members in EKMAN.values()] for name in EMOTIONS])
 _SENTIMENT_MATRIX = np.array([[name in members for members in SENTIMENT.values()] for name in EMOTIONS])
 
 
-@dataclass(frozen=True)
-class ActorPlan:
-    actors: int
-    cpus_reserved: float  # per actor: what Ray schedules on (see the module docstring)
-    gpus: float  # per actor
-    threads: int  # torch threads per actor
-    tokenizers: int = 0  # Tokenizer actors ahead of the encoder (0: the actors tokenize)
-    tokenizer_cpus: float = 0.0  # reserved per Tokenizer actor
-
-
-
-def plan_actors(s: TaggingSettings, node_cpus: list[float], cluster_gpus: float) -> ActorPlan:
-    """Actor count and reservations that leave ROOM_CPUS on every node for the read and merge
-    tasks, each node hosting its share of the pool (``node_cpus``: the CPUs of each node)."""
-    nodes = [c for c in node_cpus if c > 0] or [1.0]
-    if s.gpus_per_actor > 0:
-        actors = s.num_actors or max(1, int(cluster_gpus // s.gpus_per_actor))
-        if cluster_gpus < actors * s.gpus_per_actor:
-            log.warning("the pool asks for %.2f GPUs, the cluster has %.2f now: it waits for the "
-                        "autoscaler (or forever)", actors * s.gpus_per_actor, cluster_gpus)  # fmt: skip
-    else:
-        actors = s.num_actors or max(1, sum(int(c // s.cpus_per_actor) for c in nodes))
-    stage = s.gpus_per_actor > 0 if s.tokenize_stage is None else s.tokenize_stage
-    tokenizers = actors if stage else 0  # one CPU tokenizer keeps one GPU encoder fed (MiniLM)
-    members, total = actors + tokenizers, sum(nodes)
-    # A node of c CPUs hosts about members * c / total of the pool (Ray spreads the actors).
-    room = [(c - ROOM_CPUS) / max(1, math.ceil(members * c / total)) for c in nodes if c > ROOM_CPUS]
-    share = max(0.01, float(np.floor(100 * min(room or [0.01])) / 100))
-    reserved = min(float(s.cpus_per_actor), share)
-    if actors * s.cpus_per_actor > total:
-        log.warning("%d actors x %d threads oversubscribe the cluster's %.0f CPUs", actors,
-                    s.cpus_per_actor, total)  # fmt: skip
-    return ActorPlan(actors=actors, cpus_reserved=reserved, gpus=s.gpus_per_actor, threads=s.cpus_per_actor,
-                     tokenizers=tokenizers, tokenizer_cpus=min(TOKENIZER_CPUS, share) if tokenizers else 0.0)
-
-
-
-def write_outputs(input_fs: pafs.FileSystem, files: list[InputFile], staging: Staging, schema: pa.Schema,
-                  column_types: dict[str, pa.DataType], s: TaggingSettings, plan: ActorPlan,
-                  model_hash: str, max_length: int, stop=None) -> float | None:  # fmt: skip
+def write_outputs(
+    input_fs: pafs.FileSystem,
+    files: list[InputFile],
+    staging: Staging,
+    schema: pa.Schema,
+    column_types: dict[str, pa.DataType],
+    s: TaggingSettings,
+    plan: ActorPlan,
+    model_hash: str,
+    max_length: int,
+    stop=None,
+) -> float | None:
     """Tag ``files`` into the staging folder, on Ray workers only: files of text through the Ray
     Data pipeline, whose actors write part files and report them here, then one ``merge_parts``
     task per file once its parts hold all its rows; files without rows, or whose text column holds
     no text (every row flagged), by one ``flag_file`` task each. The driver counts rows and
-    records the markers the tasks return; ``stop`` (an Event) set stops it. Returns the seconds until the first parts were reported
-    (actor start-up, mostly), if the pipeline ran."""
+    records the markers the tasks return; ``stop`` (an Event) set stops it. Returns the seconds
+    until the first parts were reported (actor start-up, mostly), if the pipeline ran."""
     import ray
 
     target = staging.target.uri
     direct = {f.output_name for f in files if f.rows == 0 or not is_text(f.schema.field(s.text_column).type)}
     flag = ray.remote(flag_file).options(num_cpus=MERGE_CPUS)
-    tasks = [flag.remote(target, f, column_types, schema, s, model_hash, staging.run) for f in files
-             if f.output_name in direct]  # fmt: skip
+    tasks = [
+        flag.remote(target, f, column_types, schema, s, model_hash, staging.run)
+        for f in files
+        if f.output_name in direct
+    ]
     readable = [f for f in files if f.output_name not in direct]
     startup_s = None
     if readable:
         start = time.perf_counter()
-        pipeline = tag_pipeline(input_fs, readable, staging, schema, column_types, s, plan, model_hash,
-                                max_length)  # fmt: skip
+        pipeline = tag_pipeline(input_fs, readable, staging, schema, column_types, s, plan, model_hash, max_length)
         ledger = PartLedger(readable)
         merge = ray.remote(merge_parts).options(num_cpus=MERGE_CPUS)
         progress = Progress("tagging", sum(f.rows for f in readable), unit="rows")
         for block in pipeline.iter_batches(batch_size=None, batch_format="pyarrow"):  # PART_SCHEMA rows
             if stop is not None and stop.is_set():  # the output's lease was lost: another run writes it
-                raise TaggingError(f"stopped tagging {target}: this run lost its lease on the output to "
-                                   "another run (it stalled past the lease's expiry)")  # fmt: skip
+                raise TaggingError(
+                    f"stopped tagging {target}: this run lost its lease on the output to "
+                    "another run (it stalled past the lease's expiry)"
+                )
             startup_s = startup_s or time.perf_counter() - start
             for k, parts, reasons in ledger.add(block):  # files whose last rows just arrived
                 crash_point("part-reported")
@@ -135,10 +114,17 @@ def write_outputs(input_fs: pafs.FileSystem, files: list[InputFile], staging: St
     return startup_s
 
 
-
-def tag_pipeline(input_fs: pafs.FileSystem, files: list[InputFile], staging: Staging, schema: pa.Schema,
-                 column_types: dict[str, pa.DataType], s: TaggingSettings, plan: ActorPlan,
-                 model_hash: str, max_length: int):  # fmt: skip
+def tag_pipeline(
+    input_fs: pafs.FileSystem,
+    files: list[InputFile],
+    staging: Staging,
+    schema: pa.Schema,
+    column_types: dict[str, pa.DataType],
+    s: TaggingSettings,
+    plan: ActorPlan,
+    model_hash: str,
+    max_length: int,
+):
     """The Ray Data pipeline over ``files``: a Dataset of PART_SCHEMA rows, one per part file the
     Tagger actors wrote into the staging folder (__file: the part's input file, an index in
     ``files``). Tagged rows stay on the workers."""
@@ -148,31 +134,63 @@ def tag_pipeline(input_fs: pafs.FileSystem, files: list[InputFile], staging: Sta
     needed = list(dict.fromkeys([s.id_column, s.text_column, *s.keep_columns]))
     units = plan_reads(files, s.batch_size, plan.actors)
     ds = ray.data.from_items(units, override_num_blocks=max(1, len(units)))
-    ds = ds.map_batches(read_units, batch_size=1, batch_format="pyarrow", num_cpus=READ_CPUS,
-                        fn_kwargs={"fs": input_fs, "paths": paths, "needed": needed,
-                                   "text_column": s.text_column, "column_types": column_types})  # fmt: skip
+    ds = ds.map_batches(
+        read_units,
+        batch_size=1,
+        batch_format="pyarrow",
+        num_cpus=READ_CPUS,
+        fn_kwargs={
+            "fs": input_fs,
+            "paths": paths,
+            "needed": needed,
+            "text_column": s.text_column,
+            "column_types": column_types,
+        },
+    )
     # No repartition: its tasks ask for a whole CPU, which the actors may not leave.
     if plan.tokenizers:
         ds = ds.map_batches(
-            Tokenizer, batch_size=s.batch_size, batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=plan.tokenizers), num_cpus=plan.tokenizer_cpus,
-            fn_constructor_kwargs={"model": s.model, "max_length": max_length,
-                                   "keep_text": s.text_column in s.keep_columns},
-        )  # fmt: skip
+            Tokenizer,
+            batch_size=s.batch_size,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=plan.tokenizers),
+            num_cpus=plan.tokenizer_cpus,
+            fn_constructor_kwargs={
+                "model": s.model,
+                "max_length": max_length,
+                "keep_text": s.text_column in s.keep_columns,
+            },
+        )
     return ds.map_batches(
-        Tagger, batch_size=s.batch_size, batch_format="pyarrow",
+        Tagger,
+        batch_size=s.batch_size,
+        batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=plan.actors),
-        num_cpus=plan.cpus_reserved, num_gpus=plan.gpus or None,
-        fn_constructor_kwargs={"model": s.model, "model_hash": model_hash, "threads": plan.threads,
-                               "use_gpu": plan.gpus > 0, "precision": s.precision, "schema": schema,
-                               "text_column": s.text_column, "staging": staging.target.uri_of(STAGING),
-                               "names": [f.output_name for f in files]},
-    )  # fmt: skip
+        num_cpus=plan.cpus_reserved,
+        num_gpus=plan.gpus or None,
+        fn_constructor_kwargs={
+            "model": s.model,
+            "model_hash": model_hash,
+            "threads": plan.threads,
+            "use_gpu": plan.gpus > 0,
+            "precision": s.precision,
+            "schema": schema,
+            "text_column": s.text_column,
+            "staging": staging.target.uri_of(STAGING),
+            "names": [f.output_name for f in files],
+        },
+    )
 
 
-
-def flag_file(target_uri: str, f: InputFile, column_types: dict[str, pa.DataType], schema: pa.Schema,
-              s: TaggingSettings, model_hash: str, run: dict) -> dict:  # fmt: skip
+def flag_file(
+    target_uri: str,
+    f: InputFile,
+    column_types: dict[str, pa.DataType],
+    schema: pa.Schema,
+    s: TaggingSettings,
+    model_hash: str,
+    run: dict,
+) -> dict:
     """A Ray task: the output file of an input with nothing to tag (no rows, or a text column that
     is neither string nor bytes), streamed by row group with every row flagged; its marker.
     -> the marker."""
@@ -182,8 +200,10 @@ def flag_file(target_uri: str, f: InputFile, column_types: dict[str, pa.DataType
     reasons: dict[str, int] = {}
     check_owner(target, run)
     staged = f"{f.output_name}.{uuid.uuid4().hex[:12]}"  # a file of its own, as merge_parts writes
-    with (pq.ParquetWriter(target.path(STAGING, staged), schema, filesystem=target.fs) as writer,
-          input_fs.open_input_file(path) as handle):  # fmt: skip
+    with (
+        pq.ParquetWriter(target.path(STAGING, staged), schema, filesystem=target.fs) as writer,
+        input_fs.open_input_file(path) as handle,
+    ):
         for batch in pq.ParquetFile(handle).iter_batches(columns=needed):
             block = pa.Table.from_batches([batch])
             block = block.append_column("path", pa.array([path] * block.num_rows, pa.string()))
@@ -199,7 +219,6 @@ def flag_file(target_uri: str, f: InputFile, column_types: dict[str, pa.DataType
     return write_marker(target, f, reasons, staged, run)
 
 
-
 class Tokenizer:
     """A Ray Data actor on CPU, ahead of the encoder actors (GPU runs): adds __ids, the token ids
     of every taggable row (empty where flagged), so the GPU actors only run the encoder."""
@@ -207,7 +226,7 @@ class Tokenizer:
     def __init__(self, model: str, max_length: int, keep_text: bool):
         environment.setup_logging()
         os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per actor, as reserved
-        self.tokenizer, self.max_length, self.keep_text = load_tokenizer(model), max_length, keep_text
+        self.tokenizer, self.max_length, self.keep_text = load_bundle_tokenizer(model), max_length, keep_text
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         flagged = _flagged(batch)
@@ -220,15 +239,12 @@ class Tokenizer:
         return batch if self.keep_text else batch.drop_columns([TEXT_COLUMN])
 
 
-
 def _flagged(batch: pa.Table) -> np.ndarray:
     return batch.column(ERROR_COLUMN).is_valid().to_numpy(zero_copy_only=False)  # [batch] bool
 
 
-
 def _texts(batch: pa.Table, flagged: np.ndarray) -> list[str]:
     return batch.column(TEXT_COLUMN).filter(pa.array(~flagged)).to_pylist()
-
 
 
 def _token_ids(batch: pa.Table, flagged: np.ndarray):
@@ -238,9 +254,12 @@ def _token_ids(batch: pa.Table, flagged: np.ndarray):
     ids = batch.column(IDS_COLUMN).combine_chunks().filter(pa.array(~flagged))
     offsets = np.zeros(len(ids) + 1, dtype=np.int64)
     np.cumsum(pc.list_value_length(ids).to_numpy(zero_copy_only=False), out=offsets[1:])
-    return TokenizedSet(ids.flatten().to_numpy(zero_copy_only=False), offsets,
-                        np.zeros((len(ids), 0), dtype=np.float32), np.arange(len(ids)))  # fmt: skip
-
+    return TokenizedSet(
+        ids.flatten().to_numpy(zero_copy_only=False),
+        offsets,
+        np.zeros((len(ids), 0), dtype=np.float32),
+        np.arange(len(ids)),
+    )
 
 
 class Tagger:
@@ -250,8 +269,18 @@ class Tagger:
     Batch in: __file, __text (or __ids from the Tokenizer stage), __error, carried columns.
     Batch out: PART_SCHEMA rows, one per part file written."""
 
-    def __init__(self, model: str, model_hash: str, threads: int, use_gpu: bool, precision: str,
-                 schema: pa.Schema, text_column: str, staging: str, names: list[str]):  # fmt: skip
+    def __init__(
+        self,
+        model: str,
+        model_hash: str,
+        threads: int,
+        use_gpu: bool,
+        precision: str,
+        schema: pa.Schema,
+        text_column: str,
+        staging: str,
+        names: list[str],
+    ):
         start = time.perf_counter()
         import torch
 
@@ -263,13 +292,20 @@ class Tagger:
         self.device = "cuda" if use_gpu else "cpu"
         self.bundle = load_bundle(model, device=self.device)
         if self.bundle.hash != model_hash:
-            raise BundleError(f"model bundle {model} changed while tagging (hash {self.bundle.hash}, "
-                              f"expected {model_hash}); re-run against an unchanging bundle")  # fmt: skip
+            raise BundleError(
+                f"model bundle {model} changed while tagging (hash {self.bundle.hash}, "
+                f"expected {model_hash}); re-run against an unchanging bundle"
+            )
         self.model, self.precision = prepare_model(self.bundle.model, precision), precision
         self.schema, self.text_column = schema, text_column
         self.staging, self.names = Folder.from_uri(staging), names
-        log.info("tagging actor ready in %.1fs (%s, %d threads, %s)", time.perf_counter() - start,
-                 self.device, threads, precision)  # fmt: skip
+        log.info(
+            "tagging actor ready in %.1fs (%s, %d threads, %s)",
+            time.perf_counter() - start,
+            self.device,
+            threads,
+            precision,
+        )
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return write_parts(self.tag(batch), self.staging, self.names, self.schema)
@@ -280,17 +316,20 @@ class Tagger:
         probs = np.zeros((batch.num_rows, len(EMOTIONS)), dtype=np.float32)  # [batch, 28]
         if not flagged.all():
             tokenizer = self.bundle.tokenizer
-            data = (_token_ids(batch, flagged) if IDS_COLUMN in batch.column_names
-                    else tokenize_texts(_texts(batch, flagged), tokenizer, self.bundle.max_length))  # fmt: skip
-            probs[~flagged] = predict_tokens(self.model, data, tokenizer.pad_token_id or 0,
-                                             ENCODER_BATCH[self.device], self.precision, self.device)  # fmt: skip
-        return label_batch(batch, probs, self.bundle.thresholds, self.bundle.hash, self.schema,
-                           self.text_column)  # fmt: skip
+            data = (
+                _token_ids(batch, flagged)
+                if IDS_COLUMN in batch.column_names
+                else tokenize_texts(_texts(batch, flagged), tokenizer, self.bundle.max_length)
+            )
+            probs[~flagged] = predict_tokens(
+                self.model, data, tokenizer.pad_token_id or 0, ENCODER_BATCH[self.device], self.precision, self.device
+            )
+        return label_batch(batch, probs, self.bundle.thresholds, self.bundle.hash, self.schema, self.text_column)
 
 
-
-def label_batch(batch: pa.Table, probs: np.ndarray, thresholds: np.ndarray, model_hash: str,
-                schema: pa.Schema, text_column: str) -> pa.Table:  # fmt: skip
+def label_batch(
+    batch: pa.Table, probs: np.ndarray, thresholds: np.ndarray, model_hash: str, schema: pa.Schema, text_column: str
+) -> pa.Table:
     """A normalized batch and its [n, 28] probabilities -> __file + the output columns. Rows
     with a flag reason get null predictions."""
     flagged = batch.column(ERROR_COLUMN).is_valid().to_numpy(zero_copy_only=False)  # [n] bool
@@ -304,14 +343,16 @@ def label_batch(batch: pa.Table, probs: np.ndarray, thresholds: np.ndarray, mode
         "sentiment": _label_lists(chosen.astype(np.int32) @ _SENTIMENT_MATRIX > 0, tuple(SENTIMENT), flagged),
         "model_hash": pa.array([model_hash] * batch.num_rows, pa.string()),
         "error": batch.column(ERROR_COLUMN),
-        **{f"p_{name}": pa.array(probs[:, j], pa.float32(), mask=flagged) for j, name in enumerate(EMOTIONS)
-           if f"p_{name}" in schema.names},
-    }  # fmt: skip
+        **{
+            f"p_{name}": pa.array(probs[:, j], pa.float32(), mask=flagged)
+            for j, name in enumerate(EMOTIONS)
+            if f"p_{name}" in schema.names
+        },
+    }
     for name in schema.names:
         if name not in columns:  # the id and keep columns
             columns[name] = batch.column(TEXT_COLUMN if name == text_column else name)
     return pa.table({FILE_COLUMN: batch.column(FILE_COLUMN), **{name: columns[name] for name in schema.names}})
-
 
 
 def _label_lists(chosen: np.ndarray, names: tuple[str, ...], null: np.ndarray) -> pa.ListArray:

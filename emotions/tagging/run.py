@@ -1,70 +1,67 @@
-"""``tag_corpus``: one tagging run, from the inputs to the committed output folder."""
+"""``tag_corpus``: one tagging run, from the inputs to the committed output folder.
+
+settings checked -> inputs inspected -> bundle and precision checked
+-> already committed with these settings and inputs? nothing to do (reuse.py)
+-> Ray joined, actors planned (actor_plan.py)
+-> under the output's lease (output_lease.py):
+     staging opened (staging.py) -> pending files tagged (pipeline.py)
+     -> every file's rows checked -> manifest built -> commit (commit.py)
+-> the output's report (report.py) -> TagSummary (summary.py)
+"""
 
 from __future__ import annotations
 
 import logging
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pyarrow as pa
 
-from emotions import environment, storage
-from emotions import cluster
+from emotions import cluster, environment, storage
 from emotions.storage import Folder
-from emotions.tagging.inference import resolve_precision
+from emotions.tagging.actor_plan import ActorPlan, plan_actors
+from emotions.tagging.commit import FORMAT, MANIFEST, check_output
 from emotions.tagging.inputs import InputFile, inspect_inputs, output_schema, resolve_inputs
-from emotions.tagging.pipeline import ActorPlan, plan_actors, write_outputs
-from emotions.tagging.settings import OutputBusy, TaggingError, TaggingSettings, check_settings
-from emotions.tagging.staging import (FORMAT, LEASE, MANIFEST, STAGING, SUCCESS, Committed, Staging, check_output,
-                                      staged_rows)  # fmt: skip
+from emotions.tagging.output_lease import check_lease, remove_leftover_staging, writing
+from emotions.tagging.pipeline import write_outputs
+from emotions.tagging.predictor import resolve_precision
+from emotions.tagging.reuse import check_committed, reusable
+from emotions.tagging.settings import TaggingError, TaggingSettings, check_settings
+from emotions.tagging.staging import Staging
+from emotions.tagging.summary import TagSummary
 
 log = logging.getLogger("emotions.tagging")
 
 
-@dataclass(frozen=True)
-class TagSummary:
-    rows_in: int
-    rows_out: int
-    rows_flagged: int
-    seconds: float
-    rows_per_s: float  # rows tagged by this run (resumed files excluded) per second of it
-    output: str
-    manifest: str
-    files: int = 0
-    files_resumed: int = 0
-    files_skipped: tuple[str, ...] = ()  # unreadable inputs left out (on_bad_file="skip")
-    report: str | None = None  # the output's _report.md, when one was written
-    files_reused: int = 0  # output files of unchanged inputs kept from the committed output
-    unchanged: bool = False  # already committed with these settings and inputs: nothing was done
-
-    def line(self) -> str:
-        if self.unchanged:
-            return (f"{self.output} is already committed with these settings and inputs ({self.rows_out:,} "
-                    f"rows from {self.files} files): nothing to do")  # fmt: skip
-        skipped = f", {len(self.files_skipped)} bad files skipped" if self.files_skipped else ""
-        resumed = f", {self.files_resumed} files resumed" if self.files_resumed else ""
-        resumed += f", {self.files_reused} unchanged files kept" if self.files_reused else ""
-        return (f"tagged {self.rows_out:,} rows ({self.rows_flagged:,} flagged) from {self.files} "
-                f"files in {self.seconds:.1f}s, {self.rows_per_s:,.0f} rows/s{resumed}{skipped} "
-                f"-> {self.output}")  # fmt: skip
-
-
-
-def tag_corpus(model: str | Path, inputs: str | Path | list, output: str | Path, *,
-               text_column: str = "body", id_column: str = "id", keep_columns=(),
-               probabilities: bool = False, overwrite: bool = False, num_actors: int | None = None,
-               batch_size: int = 1024, cpus_per_actor: int = 1, gpus_per_actor: float = 0,
-               precision: str | None = None, int8: bool = False, tokenize_stage: bool | None = None,
-               on_bad_file: str = "fail", report: bool = True, baselines=(),
-               before_commit: Callable[[], None] | None = None, keep_unchanged: bool = False,
-               ray_address: str | None = None) -> TagSummary:  # fmt: skip
+def tag_corpus(
+    model: str | Path,
+    inputs: str | Path | list,
+    output: str | Path,
+    *,
+    text_column: str = "body",
+    id_column: str = "id",
+    keep_columns=(),
+    probabilities: bool = False,
+    overwrite: bool = False,
+    num_actors: int | None = None,
+    batch_size: int = 1024,
+    cpus_per_actor: int = 1,
+    gpus_per_actor: float = 0,
+    precision: str | None = None,
+    tokenize_stage: bool | None = None,
+    on_bad_file: str = "fail",
+    report: bool = True,
+    baselines=(),
+    before_commit: Callable[[], None] | None = None,
+    keep_unchanged: bool = False,
+    ray_address: str | None = None,
+) -> TagSummary:
     """Tag every row of the Parquet ``inputs`` (file, folder, glob, or a list; local or a pyarrow
     URI) with the bundle at ``model``; write the committed output folder ``output``.
     ``precision`` is auto (default: int8 on CPU when the bundle's recorded check allows it, else
-    fp32), fp32, bf16 or int8; ``int8=True`` means ``precision="int8"``.
+    fp32), fp32, bf16 or int8.
 
     ``model`` is read by every actor: on a multi-node cluster, a URI (s3://...) or a shared
     folder. ``ray_address``: the Ray cluster to join (None: ``RAY_ADDRESS``, else a local Ray), once
@@ -80,24 +77,28 @@ def tag_corpus(model: str | Path, inputs: str | Path | list, output: str | Path,
     and checked, before the commit's first write: if it raises, nothing is committed and the
     error propagates.
 
-    ``report``: once committed, the output gets its report (``emotions.report.write_report``:
+    ``report``: once committed, the output gets its report (``emotions.tagging.report.write_tagging_report``:
     ``_report.md``, ``_report/*.png``, ``_report.json``), with drift against the committed
     ``baselines`` (earlier outputs). A report that fails is logged; the output stays committed."""
     start = time.perf_counter()
     if isinstance(keep_columns, str):
         keep_columns = keep_columns.split(",")
-    if int8 and precision not in (None, "int8"):
-        raise TaggingError(f"--int8 is --precision int8, but --precision {precision} was also given; pass one")
-    settings = TaggingSettings(
-        model=storage.expand(str(model)), output=str(output),
-        text_column=text_column, id_column=id_column,
+    settings = check_settings(
+        model=storage.expand(str(model)),
+        output=str(output),
+        text_column=text_column,
+        id_column=id_column,
         keep_columns=tuple(dict.fromkeys(c for c in keep_columns if c != id_column)),
-        probabilities=probabilities, overwrite=overwrite, num_actors=num_actors,
-        batch_size=batch_size, cpus_per_actor=cpus_per_actor, gpus_per_actor=float(gpus_per_actor),
-        precision="int8" if int8 else precision or "auto", tokenize_stage=tokenize_stage,
+        probabilities=probabilities,
+        overwrite=overwrite,
+        num_actors=num_actors,
+        batch_size=batch_size,
+        cpus_per_actor=cpus_per_actor,
+        gpus_per_actor=float(gpus_per_actor),
+        precision=precision or "auto",
+        tokenize_stage=tokenize_stage,
         on_bad_file=on_bad_file,
-    )  # fmt: skip
-    check_settings(settings)
+    )
     target = Folder.from_uri(settings.output)
     previous = check_output(target)
     input_fs, paths = resolve_inputs(inputs, exclude=target)
@@ -124,9 +125,17 @@ def tag_corpus(model: str | Path, inputs: str | Path | list, output: str | Path,
     cluster.connect(ray_address)
     record = environment.log_environment(asdict(settings), "tag")
     plan = plan_actors(settings, cluster.node_cpus(), cluster.gpus())
-    log.info("%d input files, %d rows; %d actors x %d threads (%.2f CPU, %.2f GPU reserved each), "
-             "%s, %d tokenizer actors", len(files), sum(f.rows for f in files), plan.actors, plan.threads,
-             plan.cpus_reserved, plan.gpus, settings.precision, plan.tokenizers)  # fmt: skip
+    log.info(
+        "%d input files, %d rows; %d actors x %d threads (%.2f CPU, %.2f GPU reserved each), %s, %d tokenizer actors",
+        len(files),
+        sum(f.rows for f in files),
+        plan.actors,
+        plan.threads,
+        plan.cpus_reserved,
+        plan.gpus,
+        settings.precision,
+        plan.tokenizers,
+    )
     with writing(target) as lease:
         previous = check_output(target)  # again, now that no other run writes here
         kept = reusable(target, previous, key, files) if keep_unchanged else {}
@@ -136,16 +145,32 @@ def tag_corpus(model: str | Path, inputs: str | Path | list, output: str | Path,
         if resumed:
             log.info("resuming: %d of %d files were finished by an earlier run", len(resumed), len(files))
         if kept:
-            log.info("keeping %d of %d files of the committed output: their inputs did not change", len(kept),
-                     len(files))  # fmt: skip
-        startup_s = write_outputs(input_fs, pending, staging, schema, column_types, settings, plan, model_hash,
-                                  max_length, stop=lease.lost)  # fmt: skip
+            log.info(
+                "keeping %d of %d files of the committed output: their inputs did not change", len(kept), len(files)
+            )
+        startup_s = write_outputs(
+            input_fs, pending, staging, schema, column_types, settings, plan, model_hash, max_length, stop=lease.lost
+        )
         tagged = time.perf_counter()
 
         markers = staging.check_finished(files, kept)  # each file's footer holds its rows, or no commit
-        manifest = build_manifest(files, markers, bad, resumed, settings, plan, staging.run_id, model_hash,
-                                  max_length, schema, record, inspect_s=inspected - start,
-                                  tag_s=tagged - inspected, startup_s=startup_s, skipped_bytes=skipped_bytes)  # fmt: skip
+        manifest = build_manifest(
+            files,
+            markers,
+            bad,
+            resumed,
+            settings,
+            plan,
+            staging.run_id,
+            model_hash,
+            max_length,
+            schema,
+            record,
+            inspect_s=inspected - start,
+            tag_s=tagged - inspected,
+            startup_s=startup_s,
+            skipped_bytes=skipped_bytes,
+        )
         manifest["key"] = key
         manifest["precision"] = settings.precision  # the thresholds were checked for this precision
         manifest["precision_requested"] = requested
@@ -155,12 +180,19 @@ def tag_corpus(model: str | Path, inputs: str | Path | list, output: str | Path,
         check_lease(lease, target)
         staging.commit(markers, manifest, previous)
     seconds = time.perf_counter() - start
-    summary = TagSummary(rows_in=manifest["rows_in"], rows_out=manifest["rows_out"],
-                         rows_flagged=manifest["rows_flagged"], seconds=seconds,
-                         rows_per_s=sum(f.rows for f in pending) / max(seconds, 1e-9),
-                         output=target.uri, manifest=target.uri_of(MANIFEST), files=len(files),
-                         files_resumed=len(resumed), files_skipped=tuple(uri for uri, _ in bad),
-                         files_reused=len(kept))  # fmt: skip
+    summary = TagSummary(
+        rows_in=manifest["rows_in"],
+        rows_out=manifest["rows_out"],
+        rows_flagged=manifest["rows_flagged"],
+        seconds=seconds,
+        rows_per_s=sum(f.rows for f in pending) / max(seconds, 1e-9),
+        output=target.uri,
+        manifest=target.uri_of(MANIFEST),
+        files=len(files),
+        files_resumed=len(resumed),
+        files_skipped=tuple(uri for uri, _ in bad),
+        files_reused=len(kept),
+    )
     log.info("%s", summary.line())
     if report:
         summary = replace(summary, report=write_report_safely(target.uri, baselines))
@@ -173,148 +205,79 @@ def check_output_names(files: list[InputFile]) -> None:
     seen: dict[str, str] = {}
     for f in files:
         if f.output_name in seen:
-            raise TaggingError(f"inputs {seen[f.output_name]} and {f.uri} map to the same output file "
-                               f"{f.output_name}; rename one of them, or tag them in two runs")  # fmt: skip
+            raise TaggingError(
+                f"inputs {seen[f.output_name]} and {f.uri} map to the same output file "
+                f"{f.output_name}; rename one of them, or tag them in two runs"
+            )
         seen[f.output_name] = f.uri
-
-
-def check_committed(target: Folder, previous: Committed | None, key: str, files: list[InputFile],
-                    bad: list[tuple[str, str]], overwrite: bool, force: bool = False) -> TagSummary | None:
-    """A committed output with these settings and inputs -> its summary (nothing to do), unless
-    ``force``. One with other settings or inputs is refused unless ``overwrite``. -> None: tag."""
-    if previous is None or force:
-        return None
-    entries = previous.manifest.get("inputs", [])
-    before = {(i["path"], i["rows"], i["bytes"], i.get("fingerprint"), i.get("mtime_ns")) for i in entries}
-    now = {f.identity for f in files}
-    skipped_before = {s["path"] for s in previous.manifest.get("skipped_files", [])}
-    same = previous.key == key and before == now and skipped_before == {uri for uri, _ in bad}
-    kept = reusable(target, previous, key, files) if same else {}
-    if same and len(kept) < len(files) and not overwrite:
-        broken = sorted({f.output_name for f in files} - set(kept))
-        raise TaggingError(f"output {target.uri} is committed with these settings and inputs, but its files "
-                           f"{broken[:5]} are missing or do not hold their rows; pass --overwrite to tag "
-                           "the inputs again")  # fmt: skip
-    if same and len(kept) == len(files):
-        m = previous.manifest
-        log.info("%s is already committed with these settings and inputs; nothing to do", target.uri)
-        return TagSummary(rows_in=m["rows_in"], rows_out=m["rows_out"], rows_flagged=m["rows_flagged"],
-                          seconds=0.0, rows_per_s=0.0, output=target.uri, manifest=target.uri_of(MANIFEST),
-                          files=len(files), files_skipped=tuple(uri for uri, _ in bad), unchanged=True)  # fmt: skip
-    if overwrite:
-        return None
-    if previous.key != key:
-        why = "with other settings or another model"
-    else:
-        paths_before, paths_now = {i[0] for i in before}, {f.uri for f in files}
-        changed = len({i[0] for i in before - now} & paths_now)
-        why = (f"from other inputs ({len(paths_now - paths_before)} new, {changed} changed, "
-               f"{len(paths_before - paths_now)} removed)")  # fmt: skip
-    raise TaggingError(f"output {target.uri} already holds a committed tagging output made {why}; pass "
-                       "--overwrite (overwrite=True) to replace it, or choose another output folder")  # fmt: skip
-
-
-def reusable(target: Folder, previous: Committed | None, key: str, files: list[InputFile]) -> dict[str, dict]:
-    """Output files of ``previous`` that this run keeps as they are: same settings key, same input
-    (URI, rows, bytes), and a footer that holds its rows. -> {output name: its marker}."""
-    if previous is None or previous.key != key:
-        return {}
-    entries = {i["output"]: i for i in previous.manifest.get("inputs", [])}
-    kept = {}
-    for f in files:
-        entry = entries.get(f.output_name)
-        if entry and (entry["path"], entry["rows"], entry["bytes"], entry.get("fingerprint"),
-                      entry.get("mtime_ns")) == f.identity \
-                and staged_rows(target, f.output_name) == f.rows:  # fmt: skip
-            kept[f.output_name] = {"output": f.output_name, "rows_out": entry["rows_out"],
-                                   "flagged": entry["flagged"], "reasons": entry.get("reasons", {}),
-                                   "written_by": entry.get("written_by"), "reused": True}  # fmt: skip
-    return kept
-
-
-OUTPUT_LEASE_TTL_S = 300.0  # a run killed on another host blocks its output this long at most
-
-
-@contextmanager
-def writing(target: Folder):
-    """Hold the output's lease while the block runs: one run writes an output at a time. A lease
-    whose holder was a process on this host that is gone (a killed run, re-run on the same
-    machine or head pod) is taken over at once; one from elsewhere when it expires."""
-    from emotions.leases import Lease, new_owner
-
-    lease = Lease(target.child(LEASE), "output", new_owner(), ttl_s=OUTPUT_LEASE_TTL_S)
-    if not lease.acquire():
-        holder = lease.holder.owner if lease.holder else "unknown"
-        until = (f", its lease runs until {time.strftime('%H:%M:%S', time.localtime(lease.holder.expires))}"
-                 if lease.holder else "")  # fmt: skip
-        raise OutputBusy(f"output {target.uri} is being written by another run ({holder}{until}); wait for it "
-                         "to finish, or choose another output folder", holder)  # fmt: skip
-    with lease.held():
-        yield lease
-
-
-def remove_leftover_staging(target: Folder) -> None:
-    """The staging folder of the run that committed the output, left by a run killed after its
-    ``_SUCCESS``: removed under the output's lease (left for later if another run holds it)."""
-    committed = target.read_json(SUCCESS) or {}
-    run = target.read_json(STAGING, "run.json") or {}
-    if not target.exists(STAGING) or run.get("run_id") != committed.get("run_id"):
-        return
-    try:
-        with writing(target):
-            if (target.read_json(STAGING, "run.json") or {}).get("run_id") == committed.get("run_id"):
-                target.delete(STAGING)
-    except TaggingError:  # another run writes here now; Staging.open discards it
-        pass
-
-
-def check_lease(lease, target: Folder) -> None:
-    """Raise unless this run still holds the output's lease (claims read again, not only the
-    heartbeat's word): a run that stalled past the lease's expiry must not commit."""
-    if lease.lost.is_set() or not lease.renew():
-        raise TaggingError(f"not committing {target.uri}: this run lost its lease on the output to another "
-                           "run while tagging (it stalled past the lease's expiry); the other run finishes it")  # fmt: skip
 
 
 def write_report_safely(output: str, baselines) -> str | None:
     """The report of a committed output -> where it went; None (logged) if it could not be made."""
-    from emotions.report import write_report
+    from emotions.tagging.report import write_tagging_report
 
     try:
-        written = write_report(output, list(baselines))
+        written = write_tagging_report(output, list(baselines))
     except Exception:  # the tags are committed and correct; the report is a view of them
         log.exception("the report of %s could not be written; `emotions report %s` retries", output, output)
         return None
     return written.report
 
-def build_manifest(files: list[InputFile], markers: list[dict], bad: list[tuple[str, str]],
-                   resumed: set[str], settings: TaggingSettings, plan: ActorPlan, run_id: str,
-                   model_hash: str, max_length: int, schema: pa.Schema, environment_record: dict,
-                   inspect_s: float, tag_s: float, startup_s: float | None,
-                   skipped_bytes: dict[str, int] | None = None) -> dict:  # fmt: skip
+
+def build_manifest(
+    files: list[InputFile],
+    markers: list[dict],
+    bad: list[tuple[str, str]],
+    resumed: set[str],
+    settings: TaggingSettings,
+    plan: ActorPlan,
+    run_id: str,
+    model_hash: str,
+    max_length: int,
+    schema: pa.Schema,
+    environment_record: dict,
+    inspect_s: float,
+    tag_s: float,
+    startup_s: float | None,
+    skipped_bytes: dict[str, int] | None = None,
+) -> dict:
     skipped_bytes = skipped_bytes or {}
     tagged_rows = sum(f.rows for f, m in zip(files, markers) if f.output_name not in resumed and not m.get("reused"))
     return {
-        "format": FORMAT, "version": 1, "run_id": run_id,
+        "format": FORMAT,
+        "version": 1,
+        "run_id": run_id,
         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "model": {"path": settings.model, "hash": model_hash, "max_length": max_length},
-        "settings": asdict(settings), "actors": asdict(plan),
-        "inputs": [{"path": f.uri, "rows": f.rows, "bytes": f.bytes, "fingerprint": f.fingerprint,
-                    "mtime_ns": f.mtime_ns, "output": f.output_name,
-                    "rows_out": m["rows_out"], "flagged": m["flagged"], "reasons": m["reasons"],
-                    "resumed": f.output_name in resumed, "reused": bool(m.get("reused")),
-                    "written_by": m.get("written_by")}
-                   for f, m in zip(files, markers)],
+        "settings": asdict(settings),
+        "actors": asdict(plan),
+        "inputs": [
+            {
+                "path": f.uri,
+                "rows": f.rows,
+                "bytes": f.bytes,
+                "fingerprint": f.fingerprint,
+                "mtime_ns": f.mtime_ns,
+                "output": f.output_name,
+                "rows_out": m["rows_out"],
+                "flagged": m["flagged"],
+                "reasons": m["reasons"],
+                "resumed": f.output_name in resumed,
+                "reused": bool(m.get("reused")),
+                "written_by": m.get("written_by"),
+            }
+            for f, m in zip(files, markers)
+        ],
         "skipped_files": [{"path": uri, "reason": reason, "bytes": skipped_bytes.get(uri)} for uri, reason in bad],
-        "rows_in": sum(f.rows for f in files), "rows_out": sum(m["rows_out"] for m in markers),
+        "rows_in": sum(f.rows for f in files),
+        "rows_out": sum(m["rows_out"] for m in markers),
         "rows_flagged": sum(m["flagged"] for m in markers),
         "flag_reasons": _add_counts(m["reasons"] for m in markers),
         "output_schema": schema.to_string(show_schema_metadata=False).splitlines(),
         "timings": {"inspect_s": inspect_s, "tag_s": tag_s, "startup_s": startup_s},  # to the first rows
         "rows_per_s": tagged_rows / max(tag_s, 1e-9),  # this run's rows over its tagging time
         "environment": environment_record,
-    }  # fmt: skip
-
+    }
 
 
 def _add_counts(dicts) -> dict[str, int]:

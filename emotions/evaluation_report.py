@@ -12,8 +12,12 @@ import numpy as np
 
 from emotions.labels import EMOTIONS, NUM_LABELS
 
-SUMMARY_KEYS = (("macro_f1", "macro-F1"), ("weighted_f1", "weighted-F1"),
-                ("micro_f1", "micro-F1"), ("accuracy", "accuracy"))  # fmt: skip
+SUMMARY_KEYS = (
+    ("macro_f1", "macro-F1"),
+    ("weighted_f1", "weighted-F1"),
+    ("micro_f1", "micro-F1"),
+    ("accuracy", "accuracy"),
+)
 N_WORST = 4  # lowest-F1 labels marked in report.md
 
 
@@ -22,8 +26,11 @@ def settings(report: dict) -> list[tuple[str, str]]:
     thresholds is labelled in-sample where they were fitted on these rows. Reports written before
     the held-out protocol (no "heldout") show their two rows as before."""
     fitted = report.get("thresholds_in_sample")
-    title = {True: "fitted thresholds, in-sample", False: "bundle's thresholds, unseen data",
-             None: "fitted thresholds"}[fitted]  # fmt: skip
+    title = {
+        True: "fitted thresholds, in-sample",
+        False: "bundle's thresholds, unseen data",
+        None: "fitted thresholds",
+    }[fitted]
     rows = [("heldout", "held-out halves")] if report.get("heldout") else []
     return rows + [("at_0.5", "threshold 0.5"), ("at_thresholds", title)]
 
@@ -34,8 +41,7 @@ def format_summary(report: dict) -> str:
     width = max(len(title) for _, title in rows)
     lines = [" " * width + "".join(f"  {head:>11}" for _, head in SUMMARY_KEYS)]
     for key, title in rows:
-        lines.append(f"{title:<{width}}" + "".join(
-            f"  {report[key][metric]:>11.4f}" for metric, _ in SUMMARY_KEYS))  # fmt: skip
+        lines.append(f"{title:<{width}}" + "".join(f"  {report[key][metric]:>11.4f}" for metric, _ in SUMMARY_KEYS))
     if report.get("labels_absent"):
         lines.append(f"left out of macro averages (no positive example): {', '.join(report['labels_absent'])}")
     return "\n".join(lines)
@@ -45,24 +51,36 @@ def _markdown(report: dict, title: str) -> str:
     """report.md: header, summary table, per-label table with the lowest-F1 labels marked."""
     lo, hi = report["at_0.5"]["per_label"], report["at_thresholds"]["per_label"]
     worst = set(sorted(EMOTIONS, key=lambda name: hi[name]["f1"])[:N_WORST])
-    lines = [f"# {title}", "",
-             f"- source: {report['source'] or '-'}", f"- model: {report['model'] or '-'}",
-             f"- examples: {report['n_examples']}"]  # fmt: skip
+    lines = [
+        f"# {title}",
+        "",
+        f"- source: {report['source'] or '-'}",
+        f"- model: {report['model'] or '-'}",
+        f"- examples: {report['n_examples']}",
+    ]
     if report.get("heldout"):
-        lines.append("- held-out halves: thresholds fitted on one half of these examples and scored on the "
-                     "other, both ways, averaged (the number to compare models by)")  # fmt: skip
+        lines.append(
+            "- held-out halves: thresholds fitted on one half of these examples and scored on the "
+            "other, both ways, averaged (the number to compare models by)"
+        )
     if report.get("thresholds_in_sample"):
         lines.append("- the fitted thresholds were fitted on these examples: their row is in-sample and flatters")
     if report.get("labels_absent"):
         lines.append(f"- left out of macro averages (no positive example): {', '.join(report['labels_absent'])}")
-    lines += ["", "| setting | " + " | ".join(head for _, head in SUMMARY_KEYS) + " |",
-              "|---|" + "---:|" * len(SUMMARY_KEYS)]  # fmt: skip
+    lines += [
+        "",
+        "| setting | " + " | ".join(head for _, head in SUMMARY_KEYS) + " |",
+        "|---|" + "---:|" * len(SUMMARY_KEYS),
+    ]
     for key, name in settings(report):
-        lines.append(f"| {name} | " + " | ".join(
-            f"{report[key][metric]:.4f}" for metric, _ in SUMMARY_KEYS) + " |")  # fmt: skip
-    lines += ["", f"Per label; **bold** marks the {N_WORST} lowest F1 at fitted thresholds.", "",
-              "| label | support | threshold | P@0.5 | R@0.5 | F1@0.5 | P@thr | R@thr | F1@thr |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+        lines.append(f"| {name} | " + " | ".join(f"{report[key][metric]:.4f}" for metric, _ in SUMMARY_KEYS) + " |")
+    lines += [
+        "",
+        f"Per label; **bold** marks the {N_WORST} lowest F1 at fitted thresholds.",
+        "",
+        "| label | support | threshold | P@0.5 | R@0.5 | F1@0.5 | P@thr | R@thr | F1@thr |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for name in EMOTIONS:
         a, b = lo[name], hi[name]
         shown = f"**{name}**" if name in worst else name
@@ -105,7 +123,7 @@ def _plot_per_label(report: dict, title: str) -> bytes:
     return png.getvalue()
 
 
-def write_report(report: dict, directory: str | Path, title: str = "Evaluation") -> dict[str, Path | str]:
+def write_evaluation_report(report: dict, directory: str | Path, title: str = "Evaluation") -> dict[str, Path | str]:
     """Write metrics.json, report.md and per_label_f1.png into ``directory`` (a local folder or a
     URI such as s3://bucket/reports/x); return their paths (URIs for a URI)."""
     from emotions import storage
