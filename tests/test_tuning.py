@@ -11,8 +11,14 @@ import pytest
 
 from emotions.bundle import load_bundle
 from emotions.config import ConfigError, from_dict
-from emotions.tuning import (TuneSettings, build_sweep_config, concurrency, run_sweep, split_tune_settings,
-                             trial_resources)  # fmt: skip
+from emotions.tuning import (
+    TuneSettings,
+    build_sweep_config,
+    concurrency,
+    run_sweep,
+    split_tune_settings,
+    trial_resources,
+)
 
 
 @pytest.fixture(scope="module")
@@ -98,8 +104,18 @@ def test_tune_flag_max_concurrent_trials_reaches_the_settings(monkeypatch, s3): 
     seen = {}
     monkeypatch.setattr("emotions.cluster.connect", lambda address: None)
     monkeypatch.setattr("emotions.tuning.run_sweep", lambda raw, output, resume: seen.update(raw=raw) or {})
-    args = cli.build_parser().parse_args(["tune", "--preset", "smoke", "--output", "s3://emo/x",
-                                          "--max-concurrent-trials", "5", "tune.max_concurrent_trials=2"])  # fmt: skip
+    args = cli.build_parser().parse_args(
+        [
+            "tune",
+            "--preset",
+            "smoke",
+            "--output",
+            "s3://emo/x",
+            "--max-concurrent-trials",
+            "5",
+            "tune.max_concurrent_trials=2",
+        ]
+    )
     assert run_tune(args) == 0
     assert split_tune_settings(seen["raw"])[1].max_concurrent_trials == 5  # the flag wins over the override
     args = cli.build_parser().parse_args(["tune", "--preset", "smoke", "--output", "x", "--max-concurrent-trials", "0"])
@@ -107,15 +123,16 @@ def test_tune_flag_max_concurrent_trials_reaches_the_settings(monkeypatch, s3): 
         run_tune(args)
 
 
-def test_head_sweep_encodes_once_in_a_ray_task_and_exports_the_best_head(smoke_bundle, local_ray, s3, tmp_path,
-                                                                          monkeypatch):  # fmt: skip
+def test_head_sweep_encodes_once_in_a_ray_task_and_exports_the_best_head(
+    smoke_bundle, local_ray, s3, tmp_path, monkeypatch
+):
     """All on S3: the feature cache, the sweep's outputs and the best bundle."""
     import os
     import uuid
 
-    import emotions.head_sweep as head_sweep
     from safetensors.torch import load_file
 
+    import emotions.head_sweep as head_sweep
     from emotions import storage
 
     monkeypatch.chdir(tmp_path)
@@ -147,8 +164,9 @@ def test_head_sweep_encodes_once_in_a_ray_task_and_exports_the_best_head(smoke_b
     info = out.read_json("best_config.json")["features"]
     assert info["file"] == cache and info["reused"] is False and info["worker_id"] == meta["worker_id"]
     # Another sweep over the same bundle and data reads the cached object: the encoder never runs.
-    raw = head_sweep.build_head_sweep_config(source, "heads", overrides=[*overrides[:1], "tune.num_samples=2",
-                                                                         "stage2.epochs=2"])  # fmt: skip
+    raw = head_sweep.build_head_sweep_config(
+        source, "heads", overrides=[*overrides[:1], "tune.num_samples=2", "stage2.epochs=2"]
+    )
     second = head_sweep.run_head_sweep(source, raw, f"{root}/second")
     assert second["features"] == cache and second["trials"] == 2
     info = storage.Folder.from_uri(f"{root}/second").read_json("best_config.json")["features"]
