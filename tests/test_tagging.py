@@ -25,7 +25,7 @@ from emotions.corpus import make_corpus
 from emotions.labels import EKMAN, EMOTIONS, SENTIMENT, roll_up
 from emotions.precision import MAX_F1_LOSS, check_precision, prepare_model
 from emotions.storage import Folder
-from emotions.tagging import MANIFEST, SUCCESS, TaggingError, TaggingSettings, inference
+from emotions.tagging import MANIFEST, SUCCESS, TaggingError, TaggingSettings, predictor
 from emotions.tagging import tag_corpus as tag_and_report
 from emotions.tagging.actor_plan import ROOM_CPUS, plan_actors
 from emotions.tagging.commit import STAGING
@@ -626,22 +626,22 @@ def test_auto_precision_follows_the_check_recorded_in_the_bundle(smoke_bundle, m
     assert recorded["kernels"] == gate.kernels() and "interval_95" in recorded  # written by training
     for allowed in (True, False):
         bundle.metrics["precision_checks"]["int8"] = {**recorded, "allowed": allowed}
-        precision, check = inference.resolve_precision(bundle, "auto", gpu=False)
+        precision, check = predictor.resolve_precision(bundle, "auto", gpu=False)
         assert precision == ("int8" if allowed else "fp32") and check["allowed"] == allowed
         assert check["source"] == "the bundle's metrics.json"
-    assert inference.resolve_precision(bundle, "auto", gpu=True) == ("fp32", None)
+    assert predictor.resolve_precision(bundle, "auto", gpu=True) == ("fp32", None)
     bundle.metrics["precision_checks"]["int8"] = {**recorded, "allowed": False}
     with pytest.raises(TaggingError, match="int8"):  # asked for explicitly: refused, not downgraded
-        inference.resolve_precision(bundle, "int8", gpu=False)
+        predictor.resolve_precision(bundle, "int8", gpu=False)
     # A check made with other kernels (another machine's) is ignored, whatever it said: the gate runs
     # now and its verdict decides. The bound is set so that the verdict is known in advance.
     stale = {**recorded, "kernels": "torch 0.0, other"}
     bundle.metrics["precision_checks"]["int8"] = {**stale, "allowed": False}
     monkeypatch.setattr(gate, "MAX_F1_LOSS", 1.0)  # any change passes
-    precision, check = inference.resolve_precision(bundle, "int8", gpu=False)
+    precision, check = predictor.resolve_precision(bundle, "int8", gpu=False)
     assert precision == "int8" and check["allowed"] and check["max_loss"] == 1.0
     assert check["source"] == "checked now" and check["kernels"] == gate.kernels()
     bundle.metrics["precision_checks"]["int8"] = {**stale, "allowed": True}
     monkeypatch.setattr(gate, "MAX_F1_LOSS", -1.0)  # no interval rules out every loss
     with pytest.raises(TaggingError, match=r"int8 vs fp32 .* is not ruled out: tag in fp32"):
-        inference.resolve_precision(bundle, "int8", gpu=False)
+        predictor.resolve_precision(bundle, "int8", gpu=False)
