@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from emotions.ablation import ROWS, ablation_base, row_config, run_ablation
 from emotions.config import build_config
 
@@ -45,6 +47,7 @@ def test_rows_are_the_seed_table():
     assert one.stage1.learning_rate == 5e-5
 
 
+@pytest.mark.slow  # 35 s; the rows' configs are checked in CI above; python -m pytest -m slow
 def test_ablation_runs_rows_and_writes_the_table(local_ray, runs_dir, tmp_path):
     results = run_ablation(
         "smoke", tmp_path, "tiny", [f"run.storage_path={runs_dir}/ablate", "data.max_length=32"], rows=[4, 5]

@@ -173,6 +173,7 @@ def test_training_job_writes_a_bundle_that_predicts(training_job):
     assert any((runs / "jobs-smoke").glob("checkpoint_*")), "no Ray Train checkpoint under run.storage_path"
 
 
+@pytest.mark.slow  # 40 s; nightly on a real Ray runs in CI (test_nightly.py); python -m pytest -m slow
 def test_nightly_job_tags_the_untagged_night_and_a_rerun_changes_nothing(ray_head_process, training_job, tmp_path):
     status, logs, bundle_dir, _, runtime_env = training_job
     if status != "SUCCEEDED":

@@ -213,6 +213,7 @@ def test_tagging_reads_and_writes_s3_from_the_worker_nodes(cluster, bundle, s3, 
     assert manifest["rows_flagged"] == 2 * rows_in // len(texts)  # [deleted] and null, kept and flagged
 
 
+@pytest.mark.slow  # 100 s; the one-node sweep (test_tuning.py) runs in CI; python -m pytest -m slow
 def test_sweep_trials_train_on_the_worker_nodes_and_export_to_s3(cluster, s3, tmp_path):
     from emotions.bundle import load_bundle
 
@@ -242,6 +243,7 @@ def test_sweep_trials_train_on_the_worker_nodes_and_export_to_s3(cluster, s3, tm
     assert len(trials) == 2 and all(s3_exists(f"s3://{t}/result.json") for t in trials)
 
 
+@pytest.mark.slow  # 45 s; the one-node head sweep (test_tuning.py) runs in CI; python -m pytest -m slow
 def test_head_sweep_caches_features_on_s3(cluster, bundle, s3, tmp_path):
     from emotions.bundle import load_bundle
 

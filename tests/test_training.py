@@ -167,6 +167,7 @@ def safetensors_keys(path) -> list[str]:
         return list(f.keys())
 
 
+@pytest.mark.slow  # 75 s; resuming after a lost node runs in CI (test_multinode.py); python -m pytest -m slow
 def test_workers_killed_in_each_stage_resume_from_checkpoints(local_ray, runs_dir, tmp_path):
     """A worker dies mid-stage-1 (full checkpoint), then another mid-stage-2 (head-only checkpoint
     plus the frozen encoder stored once): both restores continue where the checkpoint left off."""
