@@ -31,7 +31,6 @@ from dataclasses import asdict, dataclass
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from emotions import cluster
 from emotions.storage import Folder
 from emotions.tagging.commit import MANIFEST, REPORT_JSON, REPORT_MD, SUCCESS
 from emotions.tagging.commit import REPORT_PLOTS as PLOTS  # folder of the PNGs
@@ -77,7 +76,7 @@ def check_columns(folder: Folder, path: str) -> None:
         )
 
 
-def read_run(uri: str) -> tuple[Folder, dict, Counts]:
+def read_run(uri: str, ray_address: str | None = None) -> tuple[Folder, dict, Counts]:
     """(folder, its _SUCCESS record, its counts): counted, or read from the run's own
     _report.json when that report was made for this same committed run."""
     folder = Folder.from_uri(uri)
@@ -92,7 +91,7 @@ def read_run(uri: str) -> tuple[Folder, dict, Counts]:
     files = parquet_files(folder)
     if files:
         check_columns(folder, files[0])
-    return folder, success, count_run(folder, files)
+    return folder, success, count_run(folder, files, ray_address)
 
 
 def check_committed(folder: Folder) -> dict:
@@ -144,9 +143,8 @@ def write_tagging_report(
         check_committed(Folder.from_uri(uri))
     if any(Folder.from_uri(uri).uri == folder.uri for uri in baselines):
         raise ReportError(f"{folder.uri} is among its own baselines; pass earlier runs only")
-    cluster.connect(ray_address)
-    folder, success, counts = read_run(tagged)
-    runs = [read_run(uri) for uri in baselines]
+    folder, success, counts = read_run(tagged, ray_address)
+    runs = [read_run(uri, ray_address) for uri in baselines]
     pooled = None
     for _, _, run in runs:
         pooled = run if pooled is None else pooled.add(run)

@@ -125,13 +125,14 @@ def _value_counts(kind: str, values: pa.ChunkedArray | pa.Array) -> list[tuple[s
     return [(kind, key, n) for key, n in zip(counted.field("values").to_pylist(), counted.field("counts").to_pylist())]
 
 
-def count_run(folder: Folder, files: list[str]) -> Counts:
-    """The counts of a committed output folder's Parquet ``files``: one Ray Data pass."""
+def count_run(folder: Folder, files: list[str], ray_address: str | None = None) -> Counts:
+    """The counts of a committed output folder's Parquet ``files``: one Ray Data pass, on the
+    cluster at ``ray_address`` (joined only here, so a report whose counts are stored starts no Ray)."""
     import ray
 
     if not files:
         return Counts()
-    cluster.connect()
+    cluster.connect(ray_address)
     blocks = (
         ray.data.read_parquet(files, filesystem=folder.fs, num_cpus=READ_CPUS)
         .select_columns(COLUMNS)
