@@ -48,6 +48,7 @@ from emotions.bundle_manifest import (
     BundleError,
     check_file_set,
     check_hashes,
+    read_bundle_json,
     read_manifest,
     write_manifest,
 )
@@ -278,13 +279,7 @@ def read_meta(path: Path) -> dict:
             f"model bundle {path} is incomplete: missing ['bundle.json']. "
             "Copy the whole bundle folder, or retrain with `emotions train`."
         )
-    try:
-        meta = json.loads((path / "bundle.json").read_text())
-    except ValueError as error:
-        raise BundleError(
-            f"{path}/bundle.json is not JSON ({error}). Use an unmodified copy of the "
-            "bundle, or retrain with `emotions train`."
-        ) from error
+    meta = read_bundle_json(path, "bundle.json")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise BundleError(
             f"{path}/bundle.json is not an emotions bundle "

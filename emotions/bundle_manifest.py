@@ -45,15 +45,20 @@ def is_bundle_folder(folder: storage.Folder) -> bool:
     )
 
 
-def read_manifest(path: Path) -> dict:
-    """manifest.json: ``files`` (relative path -> sha256) and ``hash`` (the content hash)."""
+def read_bundle_json(path: Path, name: str):
+    """The JSON file ``name`` of the bundle at ``path``; BundleError if it does not parse."""
     try:
-        manifest = json.loads((path / "manifest.json").read_text())
+        return json.loads((path / name).read_text())
     except ValueError as error:
         raise BundleError(
-            f"{path}/manifest.json is not JSON ({error}). Use an unmodified copy of the "
+            f"{path}/{name} is not JSON ({error}). Use an unmodified copy of the "
             "bundle, or retrain with `emotions train`."
         ) from error
+
+
+def read_manifest(path: Path) -> dict:
+    """manifest.json: ``files`` (relative path -> sha256) and ``hash`` (the content hash)."""
+    manifest = read_bundle_json(path, "manifest.json")
     if not (
         isinstance(manifest, dict) and isinstance(manifest.get("files"), dict) and isinstance(manifest.get("hash"), str)
     ):
