@@ -55,7 +55,7 @@ def check_encoder(name: str) -> None:
     """Refuse (ConfigError) an encoder whose Hugging Face config cannot be found, before Ray starts."""
     from transformers import AutoConfig
 
-    from emotions.model import resolve_encoder
+    from emotions.encoders import resolve_encoder
 
     try:
         AutoConfig.from_pretrained(resolve_encoder(name))
