@@ -18,6 +18,7 @@ column order; a label is predicted when its probability is >= its threshold.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,11 @@ from emotions.labels import EMOTIONS, NUM_LABELS
 
 GRID = np.round(np.arange(0.01, 1.0, 0.01), 2)  # candidate thresholds
 SUMMARY = ("macro_f1", "weighted_f1", "micro_f1", "accuracy", "macro_precision", "macro_recall")
+DEFAULT_SHRINK = 40.0  # the threshold prior, in positives (ThresholdRule)
+DEFAULT_PRIOR = "share"
+DEFAULT_MAX_SHARE_RATIO = 2.0  # tagged at most this many times as often as true, on the fitting rows
+DEFAULT_MIN_POSITIVES = 40  # fewer positives than this: named in the log and metrics.json
+SHARE_JUDGED = 10  # labels with fewer positives in a scored set are left out of its largest share ratio
 HELDOUT_SEED = 0  # the split of the validation rows into halves
 RESAMPLES = 1000  # bootstrap resamples for an interval on a paired change
 
@@ -36,31 +42,207 @@ log = logging.getLogger("emotions.evaluation")
 # ----------------------------------------------------------------------------- thresholds
 
 
-def fit_thresholds(probs: np.ndarray, labels: np.ndarray, fallback: float = 0.5, grid: np.ndarray = GRID) -> np.ndarray:
-    """[n, L] probabilities and 0/1 labels -> [L] thresholds, each the grid value with the best F1
-    for its label (ties go to the higher threshold: fewer false positives on new data).
-    A label with no positive example keeps ``fallback``: there is nothing to fit.
+@dataclass(frozen=True)
+class ThresholdRule:
+    """How per-label thresholds are fitted (``thresholds`` in a training config).
 
-    Robust variants for labels with few positives (shrinking toward a pooled threshold by the
-    label's positive count, or smoothing each F1 curve) were measured on held-out halves of dev
-    and did not win (``benchmarks/threshold_choices.py``), so the plain best-F1 choice stays."""
-    f1, support = f1_curves(probs, labels, grid)
-    best = len(grid) - 1 - np.argmax(f1[::-1], axis=0)  # last index of the max
-    thresholds = grid[best].astype(np.float32)
-    thresholds[support == 0] = fallback
-    return thresholds
+    Each label starts from its best-F1 grid value on the fitting rows. On a label with few
+    positives that value is a guess (the quickstart's relief threshold, 0.07 from a handful of
+    positives, tagged relief on 14.6% of unseen comments against a true 0.2%), so two guards:
+
+    - ``shrink`` m: a label with n positives gets (n * own + m * target) / (n + m): a prior worth
+      m positives. A label with many positives keeps close to its own value; one with few leans
+      on the target. ``prior="share"`` (default): the target is the label's own share-matching
+      value, the lowest grid value at which it is tagged no more often than it is true; it lives
+      in the label's own probability scale, however the loss calibrated it. ``prior="pooled"``:
+      the one grid value best for macro-F1 over all labels; it won on bundles trained with
+      positive weights but cost plain-BCE bundles, whose rare labels score far below the pooled
+      value (-0.023 on an earlier `default` bundle).
+    - ``max_share_ratio`` c: the threshold is then raised, where needed, to the lowest grid value
+      at which its label is tagged on at most c times as many fitting rows as it is true.
+
+    Chosen on held-out halves of dev over 10 split seeds, by macro-F1 and by the largest ratio of
+    tagged to true share (``benchmarks/threshold_choices.py``, docs/results.md): against each
+    label's best-F1 value alone, +0.0036 macro-F1 on the ``default`` bundle (worst label 3.2x ->
+    2.1x its share) and +0.0063 on the quickstart's (3.8x -> 2.3x; fitted on 1,000 rows, as the
+    quickstart did, best F1 tagged a label at 15.3x). On a barely trained plain-BCE bundle, where
+    best F1 tags every label at about 40x its share, the cap costs 0.020 macro-F1 and brings
+    that to 2.4x: F1 there rewards over-tagging. Labels with fewer than ``min_positives``
+    positives are named in the training log and metrics.json.
+    A label with no positive example keeps ``fallback``: there is nothing to fit."""
+
+    fallback: float = 0.5
+    shrink: float = DEFAULT_SHRINK
+    prior: str = DEFAULT_PRIOR  # "pooled" or "share": what a label's threshold is shrunk toward
+    max_share_ratio: float | None = DEFAULT_MAX_SHARE_RATIO
+    min_positives: int = DEFAULT_MIN_POSITIVES
+
+    def as_dict(self) -> dict:
+        return {
+            "fallback": self.fallback,
+            "shrink": self.shrink,
+            "prior": self.prior,
+            "max_share_ratio": self.max_share_ratio,
+            "min_positives": self.min_positives,
+        }
 
 
-def f1_curves(probs: np.ndarray, labels: np.ndarray, grid: np.ndarray = GRID) -> tuple[np.ndarray, np.ndarray]:
-    """([grid, L] each label's F1 at each grid threshold, [L] positives per label)."""
+PLAIN = ThresholdRule(shrink=0.0, max_share_ratio=None)  # each label's best-F1 value alone
+
+
+def rule_of(config: dict) -> ThresholdRule:
+    """The rule a bundle's thresholds were fitted by, from its training config (a dict). Bundles
+    made before the rule had settings were fitted by each label's best-F1 value alone."""
+    section = config.get("thresholds", {})
+    return ThresholdRule(
+        fallback=section.get("fallback", 0.5),
+        shrink=section.get("shrink", 0.0),
+        prior=section.get("prior", DEFAULT_PRIOR),
+        max_share_ratio=section.get("max_share_ratio"),
+        min_positives=section.get("min_positives", DEFAULT_MIN_POSITIVES),
+    )
+
+
+def fit_thresholds(
+    probs: np.ndarray, labels: np.ndarray, rule: ThresholdRule | None = None, grid: np.ndarray = GRID
+) -> np.ndarray:
+    """[n, L] probabilities and 0/1 labels -> [L] thresholds by ``rule`` (default: ``ThresholdRule()``)."""
+    return explain_thresholds(probs, labels, rule, grid)["thresholds"]
+
+
+def explain_thresholds(
+    probs: np.ndarray, labels: np.ndarray, rule: ThresholdRule | None = None, grid: np.ndarray = GRID
+) -> dict:
+    """``fit_thresholds`` with its workings: [L] ``thresholds``, ``positives``, ``own`` (best-F1
+    value; ties go to the higher threshold: fewer false positives on new data), ``shrunk``
+    (after the prior), ``floor`` (the share cap's lowest allowed value), and ``pooled``."""
+    rule = rule or ThresholdRule()
+    tp, predicted, support = grid_counts(probs, labels, grid)
+    f1 = 2 * tp / np.maximum(predicted + support[None, :], 1)
+    own = grid[len(grid) - 1 - np.argmax(f1[::-1], axis=0)].astype(np.float64)  # last index of the max
+    present = support > 0
+    pooled = float(grid[len(grid) - 1 - np.argmax(f1[:, present].mean(1)[::-1])]) if present.any() else rule.fallback
+
+    def lowest_within(ratio: float) -> np.ndarray:  # [L] lowest grid value tagging <= ratio x positives
+        allowed = predicted <= ratio * support[None, :]  # [grid, L]; rows tagged fall as the grid rises
+        return np.where(allowed.any(0), grid[np.argmax(allowed, axis=0)], grid[-1])
+
+    if rule.prior not in ("pooled", "share"):
+        raise ValueError(f"ThresholdRule.prior is {rule.prior!r}; use 'pooled' or 'share'")
+    target = np.full(len(support), pooled) if rule.prior == "pooled" else lowest_within(1.0)
+    shrunk = (support * own + rule.shrink * target) / np.maximum(support + rule.shrink, 1e-12)
+    floor = np.zeros(len(support)) if rule.max_share_ratio is None else lowest_within(rule.max_share_ratio)
+    thresholds = np.maximum(shrunk, floor)
+    thresholds[~present] = rule.fallback
+    return {
+        "thresholds": thresholds.astype(np.float32),
+        "positives": support,
+        "own": own,
+        "shrunk": shrunk,
+        "floor": floor,
+        "target": target,
+        "pooled": pooled,
+    }
+
+
+def threshold_notes(explained: dict, rule: ThresholdRule | None = None) -> dict:
+    """What ``metrics.json`` records of a fit: the rule, and for every label whose threshold rests
+    on fewer than ``rule.min_positives`` positives (or which the cap raised), its positives, its
+    own best-F1 value and the value it got, with what moved it."""
+    rule = rule or ThresholdRule()
+    labels = {}
+    for j, name in enumerate(EMOTIONS):
+        n = int(explained["positives"][j])
+        final, own = float(explained["thresholds"][j]), float(explained["own"][j])
+        capped = bool(explained["floor"][j] > explained["shrunk"][j]) and n > 0
+        if n >= rule.min_positives and not capped:
+            continue
+        if n == 0:
+            why = f"no positive example: fallback {rule.fallback:g}"
+        else:
+            why = []
+            if rule.shrink and n < rule.min_positives:
+                toward = (
+                    f"the pooled {explained['pooled']:.2f}"
+                    if rule.prior == "pooled"
+                    else f"its share-matching {explained['target'][j]:.2f}"
+                )
+                why.append(f"shrunk toward {toward} ({n} positives against a prior of {rule.shrink:g})")
+            if capped:
+                why.append(f"raised so it is tagged on at most {rule.max_share_ratio:g}x its positives")
+            why = "; ".join(why) or "kept its own best-F1 value"
+        labels[name] = {
+            "positives": n,
+            "own": round(own, 4),
+            "threshold": round(final, 4),
+            "few_positives": n < rule.min_positives,
+            "what_was_done": why,
+        }
+    return {"rule": rule.as_dict(), "pooled": float(explained["pooled"]), "labels": labels}
+
+
+def fit_bundle_thresholds(
+    probs: np.ndarray, labels: np.ndarray, rule: ThresholdRule | None = None
+) -> tuple[np.ndarray, dict]:
+    """A bundle's thresholds and ``threshold_notes`` on them, with a warning in the log naming
+    every label whose threshold rests on fewer than ``rule.min_positives`` positives or which the
+    share cap raised, and what was done about it."""
+    rule = rule or ThresholdRule()
+    explained = explain_thresholds(probs, labels, rule)
+    notes = threshold_notes(explained, rule)
+    few = {name: row for name, row in notes["labels"].items() if row["few_positives"]}
+    if few:
+        log.warning(
+            "thresholds: %d label(s) rest on fewer than %d positives: %s",
+            len(few),
+            rule.min_positives,
+            "; ".join(
+                f"{name} ({row['positives']}): {row['own']:.2f} -> {row['threshold']:.2f}, {row['what_was_done']}"
+                for name, row in few.items()
+            ),
+        )
+    capped = [name for name, row in notes["labels"].items() if not row["few_positives"]]
+    if capped:
+        log.info("thresholds raised by the share cap (%gx): %s", rule.max_share_ratio, ", ".join(capped))
+    return explained["thresholds"], notes
+
+
+def grid_counts(
+    probs: np.ndarray, labels: np.ndarray, grid: np.ndarray = GRID
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """([grid, L] true positives and [grid, L] rows predicted at each grid threshold, [L] positives)."""
     if probs.shape != labels.shape:
         raise ValueError(f"probs {probs.shape} and labels {labels.shape} differ in shape")
     positive = labels.astype(bool)
     # [grid, n, L] predictions are too big for large n; count per grid value instead.
     tp = np.stack([((probs >= t) & positive).sum(0) for t in grid])  # [grid, L]
     predicted = np.stack([(probs >= t).sum(0) for t in grid])  # [grid, L]
-    support = positive.sum(0)  # [L]
+    return tp, predicted, positive.sum(0)
+
+
+def f1_curves(probs: np.ndarray, labels: np.ndarray, grid: np.ndarray = GRID) -> tuple[np.ndarray, np.ndarray]:
+    """([grid, L] each label's F1 at each grid threshold, [L] positives per label)."""
+    tp, predicted, support = grid_counts(probs, labels, grid)
     return 2 * tp / np.maximum(predicted + support[None, :], 1), support
+
+
+def label_shares(labels: np.ndarray, predicted: np.ndarray) -> dict[str, np.ndarray]:
+    """How often each label is tagged against how often it is true, for [n, L] 0/1 ``labels`` and
+    ``predicted``: [L] ``positives``, ``tagged`` (counts), ``true_share``, ``predicted_share``
+    (fractions of rows) and ``ratio`` (predicted over true share; nan where the label is never
+    true)."""
+    labels, predicted = np.asarray(labels).astype(bool), np.asarray(predicted).astype(bool)
+    n = max(len(labels), 1)
+    positives, tagged = labels.sum(0), predicted.sum(0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(positives > 0, tagged / np.maximum(positives, 1), np.nan)
+    return {
+        "positives": positives,
+        "tagged": tagged,
+        "true_share": positives / n,
+        "predicted_share": tagged / n,
+        "ratio": ratio,
+    }
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -113,6 +295,8 @@ def compute_metrics(labels: np.ndarray, probs: np.ndarray, thresholds: np.ndarra
             "f1": float(f[i]),
             "support": int(s[i]),
             "threshold": float(th[i]),
+            "true_share": float(s[i]) / max(len(y_true), 1),
+            "predicted_share": float(y_pred[:, i].sum()) / max(len(y_true), 1),
         }
         for i, name in enumerate(EMOTIONS)
     }
@@ -142,49 +326,87 @@ def heldout_halves(labels: np.ndarray, seed: int = HELDOUT_SEED) -> tuple[np.nda
 
 
 def heldout_metrics(
-    labels: np.ndarray, probs: np.ndarray, *, fallback: float = 0.5, seed: int = HELDOUT_SEED
+    labels: np.ndarray, probs: np.ndarray, *, rule: ThresholdRule | None = None, seed: int = HELDOUT_SEED
 ) -> dict | None:
     """The held-out estimate: thresholds fitted on one half of these rows, the metrics scored on
     the other, both ways, averaged (``SUMMARY`` keys), with each fold's thresholds' source rows
     never among its scored rows. ``labels_absent``: labels absent from either scored half.
-    None for a set too small to halve (a half would be empty)."""
+    ``shares``: per label, how often it is tagged (each row at the thresholds of the half it was
+    not in) against how often it is true; ``largest_share_ratio``: the worst of them among labels
+    with ``SHARE_JUDGED`` or more positives. None for a set too small to halve."""
     labels, probs = np.asarray(labels), np.asarray(probs)
     _check_inputs(labels, probs, 0.5)
     halves = _folds(labels, seed)
     if not all(len(half) for half in halves[0]):
         return None
-    folds = []
+    folds, predicted = [], np.zeros(labels.shape, dtype=bool)
     for fit, scored in halves:
-        thresholds = fit_thresholds(probs[fit], labels[fit], fallback=fallback)
+        thresholds = fit_thresholds(probs[fit], labels[fit], rule)
         folds.append(compute_metrics(labels[scored], probs[scored], thresholds))
+        predicted[scored] = probs[scored] >= thresholds
     out = {key: float(np.mean([fold[key] for fold in folds])) for key in SUMMARY}
     out["labels_absent"] = sorted({name for fold in folds for name in fold["labels_absent"]}, key=EMOTIONS.index)
     out.update(seed=seed, examples=int(len(labels)))
+    out["shares"] = share_table(labels, predicted)
+    out["largest_share_ratio"] = largest_share_ratio(out["shares"])
     return out
 
 
+def share_table(labels: np.ndarray, predicted: np.ndarray) -> dict[str, dict]:
+    """``label_shares`` as ``{label: {positives, tagged, true_share, predicted_share, ratio}}``
+    (ratio None where the label is never true), in ``EMOTIONS`` order."""
+    shares = label_shares(labels, predicted)
+    return {
+        name: {
+            "positives": int(shares["positives"][j]),
+            "tagged": int(shares["tagged"][j]),
+            "true_share": float(shares["true_share"][j]),
+            "predicted_share": float(shares["predicted_share"][j]),
+            "ratio": None if np.isnan(shares["ratio"][j]) else float(shares["ratio"][j]),
+        }
+        for j, name in enumerate(EMOTIONS)
+    }
+
+
+def largest_share_ratio(table: dict[str, dict], judged: int = SHARE_JUDGED) -> dict | None:
+    """The label tagged most often against its true share, among those with ``judged`` or more
+    positives: ``{"label", "ratio", "predicted_share", "true_share", "positives"}``; None if none qualifies."""
+    ratios = {name: row for name, row in table.items() if row["positives"] >= judged and row["ratio"] is not None}
+    if not ratios:
+        return None
+    name = max(ratios, key=lambda label: ratios[label]["ratio"])
+    row = ratios[name]
+    keys = ("ratio", "predicted_share", "true_share", "positives")
+    return {"label": name, **{key: row[key] for key in keys}}
+
+
 def heldout_macro_f1(
-    labels: np.ndarray, probs: np.ndarray, *, fallback: float = 0.5, seed: int = HELDOUT_SEED
+    labels: np.ndarray, probs: np.ndarray, *, rule: ThresholdRule | None = None, seed: int = HELDOUT_SEED
 ) -> float:
     """``heldout_metrics``' macro-F1 alone (nan for a set too small to halve): what epochs, trials
     and the choice of a stage's head compare."""
-    metrics = heldout_metrics(labels, probs, fallback=fallback, seed=seed)
+    metrics = heldout_metrics(labels, probs, rule=rule, seed=seed)
     return float("nan") if metrics is None else metrics["macro_f1"]
 
 
-def validation_scores(labels: np.ndarray, probs: np.ndarray, *, fallback: float = 0.5) -> dict[str, float]:
-    """What every epoch reports, in training and in the head sweep: the validation loss and
-    macro-F1 three ways. ``val_macro_f1_heldout`` (thresholds fitted on one half, scored on the
-    other) is what runs are compared by; the one at 0.5 needs no thresholds; the in-sample one
-    (thresholds fitted on the rows scored) flatters and chooses nothing."""
+def validation_scores(labels: np.ndarray, probs: np.ndarray, *, rule: ThresholdRule | None = None) -> dict[str, float]:
+    """What every epoch reports, in training and in the head sweep: the validation loss, macro-F1
+    three ways, and the largest held-out ratio of tagged to true share. ``val_macro_f1_heldout``
+    (thresholds fitted on one half, scored on the other) is what runs are compared by; the one at
+    0.5 needs no thresholds; the in-sample one (thresholds fitted on the rows scored) flatters and
+    chooses nothing."""
     eps = 1e-7
     loss = float(-np.mean(labels * np.log(probs + eps) + (1 - labels) * np.log(1 - probs + eps)))
-    in_sample = compute_metrics(labels, probs, fit_thresholds(probs, labels, fallback=fallback))
+    in_sample = compute_metrics(labels, probs, fit_thresholds(probs, labels, rule))
+    held = heldout_metrics(labels, probs, rule=rule)
+    largest = (held or {}).get("largest_share_ratio") or {}
     return {
         "val_loss": loss,
-        "val_macro_f1_heldout": heldout_macro_f1(labels, probs, fallback=fallback),
+        "val_macro_f1_heldout": float("nan") if held is None else held["macro_f1"],
         "val_macro_f1": compute_metrics(labels, probs, 0.5)["macro_f1"],
         "val_macro_f1_in_sample": in_sample["macro_f1"],
+        # the label tagged most often against its true share, held out (labels with 10+ positives)
+        "val_share_ratio_max": float(largest.get("ratio", float("nan"))),
     }
 
 
@@ -212,6 +434,7 @@ def paired_change(
     *,
     seed: int = HELDOUT_SEED,
     resamples: int = RESAMPLES,
+    rule: ThresholdRule | None = None,
 ) -> dict:
     """Held-out macro-F1 of ``candidate`` probabilities minus ``reference``'s on the same rows, at
     thresholds fitted on ``reference`` (as a bundle's are) on the other half, both ways, averaged;
@@ -221,13 +444,13 @@ def paired_change(
     rng = np.random.default_rng(seed)
     point, spread = {"reference": 0.0, "candidate": 0.0}, np.zeros(resamples)
     for fit, scored in _folds(labels, seed):
-        thresholds = fit_thresholds(reference[fit], labels[fit])
+        thresholds = fit_thresholds(reference[fit], labels[fit], rule)
         y, a, b = labels[scored], reference[scored] >= thresholds, candidate[scored] >= thresholds
         point["reference"] += float(macro_f1(y, a)[0]) / 2
         point["candidate"] += float(macro_f1(y, b)[0]) / 2
         counts = rng.multinomial(len(scored), np.full(len(scored), 1 / len(scored)), size=resamples)
         spread += (macro_f1(y, b, counts) - macro_f1(y, a, counts)) / 2
-    thresholds = fit_thresholds(reference, labels)
+    thresholds = fit_thresholds(reference, labels, rule)
     changed = ((reference >= thresholds) != (candidate >= thresholds)).any(axis=1).mean()
     low, high = np.percentile(spread, [2.5, 97.5])
     return {
@@ -253,7 +476,7 @@ def evaluation_report(
     in_sample: bool,
     source: str = "",
     model: str = "",
-    fallback: float = 0.5,
+    rule: ThresholdRule | None = None,
 ) -> dict:
     """The held-out estimate first, then the metrics at 0.5 and at ``thresholds``; ``in_sample``:
     whether ``thresholds`` were fitted on these very rows (then ``at_thresholds`` flatters, and
@@ -264,7 +487,7 @@ def evaluation_report(
         "model": model,
         "n_examples": int(np.asarray(labels).shape[0]),
         "labels_absent": at_thresholds["labels_absent"],
-        "heldout": heldout_metrics(labels, probs, fallback=fallback),
+        "heldout": heldout_metrics(labels, probs, rule=rule),
         "at_0.5": compute_metrics(labels, probs, 0.5),
         "at_thresholds": at_thresholds,
         "thresholds_in_sample": bool(in_sample),
@@ -307,6 +530,7 @@ def evaluate_bundle(
         in_sample=data == fitted_on,
         source=labelled.source,
         model=f"{bundle.path} ({bundle.hash})",
+        rule=rule_of(bundle.config),
     )
     report["thresholds_fitted_on"] = fitted_on
     if report_dir is not None:

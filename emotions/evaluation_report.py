@@ -44,7 +44,77 @@ def format_summary(report: dict) -> str:
         lines.append(f"{title:<{width}}" + "".join(f"  {report[key][metric]:>11.4f}" for metric, _ in SUMMARY_KEYS))
     if report.get("labels_absent"):
         lines.append(f"left out of macro averages (no positive example): {', '.join(report['labels_absent'])}")
+    largest = (report.get("heldout") or {}).get("largest_share_ratio")
+    if largest:
+        lines.append(
+            f"tagged most often against its true share (held out): {largest['label']} on "
+            f"{largest['predicted_share']:.2%} of rows, true on {largest['true_share']:.2%} ({largest['ratio']:.1f}x)"
+        )
     return "\n".join(lines)
+
+
+def format_shares(report: dict) -> str:
+    """Per label, how often it is true and how often it is tagged, held out (each row at
+    thresholds fitted on the half it was not in), for a terminal; "" for a report without them."""
+    shares = (report.get("heldout") or {}).get("shares")
+    if not shares:
+        return ""
+    lines = [f"{'label':<15}{'positives':>10}{'true':>9}{'tagged':>9}{'ratio':>8}"]
+    for name in EMOTIONS:
+        row = shares[name]
+        ratio = "-" if row["ratio"] is None else f"{row['ratio']:.2f}x"
+        lines.append(
+            f"{name:<15}{row['positives']:>10,}{row['true_share']:>9.2%}{row['predicted_share']:>9.2%}{ratio:>8}"
+        )
+    return "\n".join(lines)
+
+
+def _share_lines(report: dict) -> list[str]:
+    """report.md's share table: true against tagged share per label, held out."""
+    shares = (report.get("heldout") or {}).get("shares")
+    if not shares:
+        return []
+    lines = [
+        "",
+        "## How often each label is tagged",
+        "",
+        "Held out: each example tagged at thresholds fitted on the half it was not in. A label tagged "
+        "far more often than it is true makes every share built on it (tagging reports, drift) misleading.",
+        "",
+        "| label | positives | true share | tagged share | ratio |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name in EMOTIONS:
+        row = shares[name]
+        ratio = "–" if row["ratio"] is None else f"{row['ratio']:.2f}x"
+        lines.append(
+            f"| {name} | {row['positives']} | {row['true_share']:.2%} | {row['predicted_share']:.2%} | {ratio} |"
+        )
+    return lines
+
+
+def _threshold_lines(report: dict) -> list[str]:
+    """report.md's note on labels whose thresholds rest on few positives (``thresholds_fit``)."""
+    notes = report.get("thresholds_fit")
+    if not notes or not notes.get("labels"):
+        return []
+    rule = notes["rule"]
+    lines = [
+        "",
+        "## Thresholds resting on few positives",
+        "",
+        f"Rule: prior worth {rule['shrink']:g} positives toward the pooled threshold {notes['pooled']:.2f}, "
+        f"tagged on at most {rule['max_share_ratio']}x the positives of the fitting rows; labels with fewer "
+        f"than {rule['min_positives']} positives listed.",
+        "",
+        "| label | positives | own best-F1 | threshold | what was done |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for name, row in notes["labels"].items():
+        lines.append(
+            f"| {name} | {row['positives']} | {row['own']:.2f} | {row['threshold']:.2f} | {row['what_was_done']} |"
+        )
+    return lines
 
 
 def _markdown(report: dict, title: str) -> str:
@@ -89,6 +159,7 @@ def _markdown(report: dict, title: str) -> str:
             f"{a['recall']:.3f} | {a['f1']:.3f} | {b['precision']:.3f} | {b['recall']:.3f} | "
             f"{b['f1']:.3f} |"
         )
+    lines += _share_lines(report) + _threshold_lines(report)
     return "\n".join(lines) + "\n"
 
 

@@ -32,7 +32,7 @@ from torch import nn
 from emotions import cluster, environment, storage
 from emotions.bundle import Bundle, BundleError, check_output_folder, load_bundle
 from emotions.config import ConfigError, TrainConfig, from_dict
-from emotions.evaluation import evaluation_report, fit_thresholds, validation_scores
+from emotions.evaluation import evaluation_report, fit_bundle_thresholds, validation_scores
 from emotions.evaluation_report import format_summary
 from emotions.inference import head_probs
 from emotions.model import build_head
@@ -242,7 +242,7 @@ def train_head(config: TrainConfig, features: dict[str, np.ndarray], report) -> 
             "stage": "stage2",
             "epoch": epoch + 1,
             "train_loss": float(np.mean(losses)),
-            **validation_scores(features["validation_y"], probs, fallback=config.thresholds.fallback),
+            **validation_scores(features["validation_y"], probs, rule=config.thresholds.rule()),
             "epoch_seconds": time.perf_counter() - start,
             "final": last,
         }
@@ -331,7 +331,7 @@ def write_head_bundle(
     split = config.thresholds.split
     # torch.tensor copies: the features may be read-only (from the object store or the cache's bytes).
     probs = {name: head_probs(head, torch.tensor(features[f"{name}_x"])) for name in ("train", "validation")}
-    thresholds = fit_thresholds(probs[split], features[f"{split}_y"], fallback=config.thresholds.fallback)
+    thresholds, notes = fit_bundle_thresholds(probs[split], features[f"{split}_y"], config.thresholds.rule())
     report = evaluation_report(
         features["validation_y"],
         probs["validation"],
@@ -339,9 +339,10 @@ def write_head_bundle(
         in_sample=split == "validation",
         source=config.data.validation,
         model=config.model.encoder,
-        fallback=config.thresholds.fallback,
+        rule=config.thresholds.rule(),
     )
     report["thresholds_fitted_on"] = split
+    report["thresholds_fit"] = notes
     report["head_sweep"] = {"from_bundle": source.hash}
     weights = {k: v for k, v in source.model.state_dict().items() if not k.startswith("head.")}
     weights.update({f"head.{k}": v for k, v in head_state.items()})

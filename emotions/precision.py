@@ -71,7 +71,7 @@ def check_precision(bundle, precision: str, seed: int = 0) -> dict:
 
     from emotions.batching import tokenize
     from emotions.data import DataError, load_labelled
-    from emotions.evaluation import paired_change
+    from emotions.evaluation import paired_change, rule_of
     from emotions.inference import run_rows
 
     assert precision in ("bf16", "int8"), precision
@@ -99,7 +99,7 @@ def check_precision(bundle, precision: str, seed: int = 0) -> dict:
         start = time.perf_counter()
         probs[name] = run_rows(model, tokens, pad_id, batch_size=CPU_BATCH, device="cpu", precision=name).numpy()
         seconds[name] = time.perf_counter() - start
-    check = paired_change(validation.labels, probs["fp32"], probs[precision], seed=seed)
+    check = paired_change(validation.labels, probs["fp32"], probs[precision], seed=seed, rule=rule_of(bundle.config))
     low, high = check["interval_95"]
     allowed = low > -MAX_F1_LOSS
     verdict = (

@@ -84,6 +84,8 @@ REFUSED = [
     ("stage1.weight_decay=-0.01", "stage1.weight_decay: -0.01 must be >= 0"),
     ("stage1.head_learning_rate=-1e-3", "stage1.head_learning_rate: -1e-3 must be > 0"),
     ("thresholds.fallback=7", "thresholds.fallback: 7 must be in [0, 1]"),
+    ("thresholds.shrink=-5", "thresholds.shrink: -5 must be >= 0"),
+    ("thresholds.max_share_ratio=0.5", "thresholds.max_share_ratio: 0.5 must be >= 1"),
     ("data.max_length=256", "data.max_length: 256 is more than the 128 positions of model.encoder=tiny-random"),
     ("run.checkpoints_to_keep=0", "run.checkpoints_to_keep: 0 must be >= 1"),
     ("run.max_failures=-1", "run.max_failures: -1 must be >= 0"),

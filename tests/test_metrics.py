@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from emotions.evaluation import (
+    PLAIN,
     compute_metrics,
     evaluation_report,
     fit_thresholds,
@@ -62,7 +63,16 @@ def test_hand_computed_small_case() -> None:
     assert m["micro_f1"] == pytest.approx(5 / 6)  # tp 5, fp 1, fn 1
     assert m["accuracy"] == pytest.approx(3 / 5)  # examples 0, 3, 4 match exactly
     neutral = m["per_label"]["neutral"]
-    assert neutral == {"precision": 1.0, "recall": 0.5, "f1": pytest.approx(2 / 3), "support": 2, "threshold": 0.5}
+    assert neutral == {
+        "precision": 1.0,
+        "recall": 0.5,
+        "f1": pytest.approx(2 / 3),
+        "support": 2,
+        "threshold": 0.5,
+        "true_share": 2 / 5,  # true on examples 2 and 4
+        "predicted_share": 1 / 5,  # tagged on example 4 only
+    }
+    assert m["per_label"]["annoyance"]["true_share"] == 0 and m["per_label"]["annoyance"]["predicted_share"] == 1 / 5
     assert m["per_label"]["annoyance"]["support"] == 0
     assert list(m["per_label"]) == list(EMOTIONS)
     json.dumps(m)  # plain Python types only
@@ -107,7 +117,9 @@ def test_write_report_writes_three_readable_files(tmp_path) -> None:
     assert json.loads(paths["json"].read_text()) == report
     md = paths["markdown"].read_text()
     rows = [line for line in md.splitlines() if line.startswith("| ") and line.split("|")[1].strip(" *") in EMOTIONS]
-    assert [r.split("|")[1].strip(" *") for r in rows] == list(EMOTIONS)
+    # The per-label metrics, then the held-out shares: each label once in each table.
+    assert [r.split("|")[1].strip(" *") for r in rows] == list(EMOTIONS) * 2
+    assert "## How often each label is tagged" in md
     assert md.count("| **") == 4  # the four lowest-F1 labels are marked
     assert "| held-out halves |" in md and "in-sample" in md
     assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -150,9 +162,10 @@ def test_heldout_metrics_never_score_rows_their_thresholds_were_fitted_on():
     rng = np.random.default_rng(4)
     labels = (rng.random((600, NUM_LABELS)) < 0.03).astype(int)
     probs = rng.random(labels.shape)  # no signal at all
-    in_sample = compute_metrics(labels, probs, fit_thresholds(probs, labels))["macro_f1"]
-    held = heldout_metrics(labels, probs)
-    assert held["macro_f1"] < in_sample - 0.01  # in-sample thresholds flatter pure noise
+    # Each label's own best-F1 value (PLAIN): in-sample it flatters pure noise.
+    in_sample = compute_metrics(labels, probs, fit_thresholds(probs, labels, PLAIN))["macro_f1"]
+    assert heldout_metrics(labels, probs, rule=PLAIN)["macro_f1"] < in_sample - 0.01
+    held = heldout_metrics(labels, probs)  # the default rule, by hand below
     assert held["macro_f1"] == pytest.approx(heldout_macro_f1(labels, probs))
     # By hand: each half's thresholds scored on the other half.
     a, b = heldout_halves(labels)
@@ -170,3 +183,50 @@ def test_a_set_too_small_to_halve_has_no_heldout_row():
     assert heldout_metrics(labels[:1], probs[:1]) is None and np.isnan(heldout_macro_f1(labels[:1], probs[:1]))
     report = evaluation_report(labels[:1], probs[:1], 0.5, in_sample=False)
     assert report["heldout"] is None and "held-out" not in format_summary(report)
+
+
+def test_share_table_by_hand_and_in_the_printed_report() -> None:
+    from emotions.evaluation import label_shares, largest_share_ratio, share_table
+    from emotions.evaluation_report import format_shares
+
+    labels, probs = _small_case()
+    shares = label_shares(labels, probs >= 0.5)
+    # admiration: true on 2 of 5, tagged on 2; anger 1 and 2 (the false annoyance is its own label);
+    # annoyance: never true, tagged once (no ratio); neutral: true on 2, tagged on 1.
+    assert shares["positives"][ADM] == 2 and shares["tagged"][ADM] == 2 and shares["ratio"][ADM] == 1
+    assert shares["true_share"][NEUTRAL] == pytest.approx(0.4) and shares["predicted_share"][NEUTRAL] == pytest.approx(
+        0.2
+    )
+    assert shares["ratio"][NEUTRAL] == pytest.approx(0.5)
+    assert np.isnan(shares["ratio"][ANNOY]) and shares["predicted_share"][ANNOY] == pytest.approx(0.2)
+    table = share_table(labels, probs >= 0.5)
+    assert table["annoyance"]["ratio"] is None and table["joy"] == {
+        "positives": 1,
+        "tagged": 1,
+        "true_share": 0.2,
+        "predicted_share": 0.2,
+        "ratio": 1.0,
+    }
+    # Labels with fewer positives than `judged` are left out of the largest ratio.
+    assert largest_share_ratio(table, judged=2)["label"] == "admiration"  # 1.0, above neutral's 0.5
+    assert largest_share_ratio(table) is None  # no label has 10 positives here
+    printed = format_shares({"heldout": {"shares": table}})
+    assert "neutral                 2   40.00%   20.00%   0.50x" in printed
+    assert "annoyance               0    0.00%   20.00%       -" in printed
+
+
+def test_heldout_shares_tag_each_row_at_the_other_halfs_thresholds() -> None:
+    rng = np.random.default_rng(3)
+    labels = (rng.random((400, NUM_LABELS)) < 0.1).astype(int)
+    probs = np.clip(labels * 0.3 + rng.random(labels.shape) * 0.6, 0, 1)
+    held = heldout_metrics(labels, probs)
+    tagged = np.zeros(NUM_LABELS)
+    for fit, scored in (heldout_halves(labels), heldout_halves(labels)[::-1]):
+        tagged += (probs[scored] >= fit_thresholds(probs[fit], labels[fit])).sum(0)
+    assert [held["shares"][name]["tagged"] for name in EMOTIONS] == tagged.astype(int).tolist()
+    assert held["shares"]["joy"]["true_share"] == pytest.approx(labels[:, JOY].mean())
+    worst = max(EMOTIONS, key=lambda name: held["shares"][name]["ratio"])
+    assert held["largest_share_ratio"]["label"] == worst
+    assert f"({held['largest_share_ratio']['ratio']:.1f}x)" in format_summary(
+        {"heldout": held, "at_0.5": held, "at_thresholds": held}
+    )

@@ -15,6 +15,7 @@ from emotions import storage
 from emotions.labels import EKMAN, EMOTIONS, SENTIMENT, roll_up
 from emotions.tagging.report import ReportError, write_tagging_report
 from emotions.tagging.report_counts import MIN_Z, NONE, SHARE_RATIO, Counts, count_block, label_drift
+from emotions.tagging.report_reference import validation_reference
 
 # GoEmotions-like label shares (train split, rounded): neutral a third, grief 0.2%.
 SHARES = dict(
@@ -64,22 +65,32 @@ def write_tagged(uri: str, shares: dict[str, float], seed: int, rows: int = ROWS
     reason = rng.choice([None, *REASONS], size=rows, p=[1 - sum(REASONS.values()), *REASONS.values()])
     flagged = reason != None  # noqa: E711 (elementwise)
     emotions = [None if f else [EMOTIONS[j] for j in np.flatnonzero(row)] for row, f in zip(chosen, flagged)]
+    scores = [None if f else rng.beta(4, 3) for f in flagged]
+    return write_committed(uri, emotions, reason.tolist(), scores, seed, files)
+
+
+def write_committed(
+    uri: str, emotions: list, reasons: list, scores: list, seed: int, files: int = 1, model: dict | None = None, **extra
+) -> str:
+    """Rows (``emotions``: each row's labels, None where flagged for ``reasons``) committed at ``uri``
+    in the tagged output's schema, in ``files`` files; the manifest names ``model`` and holds ``extra``."""
+    rows = len(emotions)
     folder = storage.Folder.from_uri(uri)
     for i, part in enumerate(np.array_split(np.arange(rows), files)):
         table = pa.table(
             {
                 "id": [f"t{seed}_{r}" for r in part],
                 "emotions": pa.array([emotions[r] for r in part], pa.list_(pa.string())),
-                "top_emotion": [None if flagged[r] else (emotions[r] or ["neutral"])[0] for r in part],
-                "top_score": pa.array([None if flagged[r] else rng.beta(4, 3) for r in part], pa.float32()),
+                "top_emotion": [None if reasons[r] else (emotions[r] or ["neutral"])[0] for r in part],
+                "top_score": pa.array([scores[r] for r in part], pa.float32()),
                 "ekman": pa.array(
-                    [None if flagged[r] else roll_up(emotions[r], EKMAN) for r in part], pa.list_(pa.string())
+                    [None if reasons[r] else roll_up(emotions[r], EKMAN) for r in part], pa.list_(pa.string())
                 ),
                 "sentiment": pa.array(
-                    [None if flagged[r] else roll_up(emotions[r], SENTIMENT) for r in part], pa.list_(pa.string())
+                    [None if reasons[r] else roll_up(emotions[r], SENTIMENT) for r in part], pa.list_(pa.string())
                 ),
                 "model_hash": ["0123456789abcdef"] * len(part),
-                "error": pa.array(reason[part].tolist(), pa.string()),
+                "error": pa.array([reasons[r] for r in part], pa.string()),
             }
         )
         sink = pa.BufferOutputStream()
@@ -90,8 +101,9 @@ def write_tagged(uri: str, shares: dict[str, float], seed: int, rows: int = ROWS
             "format": "emotions-tagging",
             "run_id": f"run-{seed}",
             "created_utc": "2026-11-25T03:00:00Z",
-            "model": {"hash": "0123456789abcdef"},
+            "model": model or {"hash": "0123456789abcdef"},
             "rows_out": rows,
+            **extra,
         },
         "_manifest.json",
     )
@@ -206,3 +218,105 @@ def test_uncommitted_or_foreign_folders_are_refused_before_counting(tmp_path, ca
     (tmp_path / "other" / "_SUCCESS").write_text("")
     with pytest.raises(ReportError, match=r"without the columns \['emotions'"):
         write_tagging_report(str(tmp_path / "other"))
+
+
+def small_run(uri: str, seed: int, model: dict, **extra) -> str:
+    """20 tagged rows: relief on 3 (15%), joy on 2 (10%), neutral on the other 15; no flagged rows."""
+    emotions = [["relief"]] * 3 + [["joy"]] * 2 + [["neutral"]] * 15
+    return write_committed(uri, emotions, [None] * 20, [0.9] * 20, seed, model=model, **extra)
+
+
+def write_bundle_metrics(uri: str, metrics: dict, content_hash: str = "feedc0ffee000001") -> dict:
+    """The two files of a bundle that the report reads (metrics.json, manifest.json's hash) -> the
+    tagged manifest's "model" naming it."""
+    bundle = storage.Folder.from_uri(uri)
+    bundle.write_json(metrics, "metrics.json")
+    bundle.write_json({"files": {}, "hash": content_hash}, "manifest.json")
+    return {"path": uri, "hash": content_hash}
+
+
+def metrics_with_heldout_shares(examples: int = 1000) -> dict:
+    """metrics.json of a bundle trained with held-out shares: every label true and tagged on 10 of
+    1,000 validation rows (1%), but relief (true on 2, tagged on 5), joy (40, 50) and grief (0, 0)."""
+    counts = {label: (10, 10) for label in EMOTIONS} | {"relief": (2, 5), "joy": (40, 50), "grief": (0, 0)}
+    shares = {
+        label: {
+            "positives": p,
+            "tagged": t,
+            "true_share": p / examples,
+            "predicted_share": t / examples,
+            "ratio": t / p if p else None,
+        }
+        for label, (p, t) in counts.items()
+    }
+    return {"n_examples": examples, "heldout": {"examples": examples, "shares": shares}}
+
+
+def test_report_sets_each_share_beside_the_bundles_heldout_validation_shares(local_ray, s3, tmp_path):
+    """Relief on 15% of this run's rows, true on 0.2% of validation rows: x75. The reference recorded
+    in the manifest at tag time (the bundle since deleted), and read from the bundle on S3 for an
+    output committed before it was recorded."""
+    model = write_bundle_metrics(storage.join(s3, "report-bundles", "heldout"), metrics_with_heldout_shares())
+    read_from_bundle = small_run(str(tmp_path / "before"), seed=11, model=model)
+    deleted = {"path": str(tmp_path / "deleted-bundle"), "hash": model["hash"]}
+    recorded = small_run(
+        str(tmp_path / "now"), seed=12, model=deleted, reference=validation_reference(metrics_with_heldout_shares())
+    )
+    for run in (read_from_bundle, recorded):
+        write_tagging_report(run)
+        text = storage.Folder.from_uri(run).read_text("_report.md")
+        emotions = text.split("## Emotions")[1].split("## Ekman")[0]
+        assert "Reference: the bundle that tagged this run, on its 1,000 validation rows" in emotions
+        assert "| label | rows | share | validation true | validation tagged | x validation |" in emotions
+        assert "| relief | 3 | 15.00% | 0.20% | 0.50% | 75.00 |" in emotions  # 0.15 / 0.002
+        assert "| joy | 2 | 10.00% | 4.00% | 5.00% | 2.50 |" in emotions  # 0.10 / 0.04
+        assert "| anger | 0 | 0.00% | 1.00% | 1.00% | 0.00 |" in emotions
+        assert "| grief | 0 | 0.00% | 0.00% | 0.00% | – |" in emotions  # never true in validation: no ratio
+        assert "| (none) | 0 | 0.00% |  |  |  |" in emotions
+        reference = storage.Folder.from_uri(run).read_json("_report.json")["reference"]
+        assert reference["source"] == "heldout.shares"
+        assert reference["labels"]["relief"] == {"true_share": 0.002, "predicted_share": 0.005, "positives": 2}
+
+
+def test_an_older_bundle_gives_the_true_share_from_support_and_no_tagged_share(local_ray, tmp_path):
+    support = {label: 5 for label in EMOTIONS} | {"relief": 1, "joy": 20}  # of 500 rows: 1%, 0.2%, 4%
+    metrics = {
+        "n_examples": 500,
+        "heldout": {"macro_f1": 0.4},  # held out, but without shares
+        "at_thresholds": {"per_label": {label: {"f1": 0.5, "support": n} for label, n in support.items()}},
+    }
+    run = small_run(str(tmp_path / "run"), seed=13, model=write_bundle_metrics(str(tmp_path / "bundle"), metrics))
+    write_tagging_report(run)
+    text = storage.Folder.from_uri(run).read_text("_report.md")
+    assert "on its 500 validation rows" in text and "*validation tagged*: – (the bundle was trained before" in text
+    assert "| relief | 3 | 15.00% | 0.20% | – | 75.00 |" in text  # 0.15 / (1 / 500)
+    assert "| joy | 2 | 10.00% | 4.00% | – | 2.50 |" in text  # 0.10 / (20 / 500)
+    assert "| anger | 0 | 0.00% | 1.00% | – | 0.00 |" in text
+    assert storage.Folder.from_uri(run).read_json("_report.json")["reference"]["source"] == "at_thresholds.support"
+
+
+@pytest.mark.parametrize(
+    "change, warning",
+    [
+        ("replaced", "is no longer the one that tagged this run"),
+        ("deleted", "cannot be read: it has no manifest.json"),
+        ("no shares", "its metrics.json gives no validation shares"),
+    ],
+)
+def test_a_bundle_that_cannot_give_the_reference_leaves_it_out_with_a_warning(
+    local_ray, tmp_path, caplog, change, warning
+):
+    bundle = str(tmp_path / "bundle")
+    model = write_bundle_metrics(bundle, metrics_with_heldout_shares())
+    run = small_run(str(tmp_path / "run"), seed=14, model=model)
+    if change == "replaced":
+        write_bundle_metrics(bundle, metrics_with_heldout_shares(), content_hash="0000000000000002")
+    elif change == "deleted":
+        storage.Folder.from_uri(bundle).delete()
+    else:
+        write_bundle_metrics(bundle, {"n_examples": 1000}, content_hash=model["hash"])
+    write_tagging_report(run)
+    text = storage.Folder.from_uri(run).read_text("_report.md")
+    assert "validation" not in text and "| label | rows | share |\n" in text and "| relief | 3 | 15.00% |\n" in text
+    assert storage.Folder.from_uri(run).read_json("_report.json")["reference"] is None
+    assert warning in caplog.text and bundle in caplog.text

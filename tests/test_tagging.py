@@ -40,6 +40,7 @@ from emotions.tagging.inputs import (
     resolve_inputs,
 )
 from emotions.tagging.pipeline import Tagger, flag_file
+from emotions.tagging.report_reference import validation_reference
 from emotions.tagging.staging import PART_SCHEMA, PARTS, PartLedger, Staging, merge_parts, write_parts
 
 
@@ -165,6 +166,10 @@ def test_every_row_is_tagged_exactly_once_across_mixed_schemas(corpus, tagged):
     assert summary.report == str(out / "_report.md") and (out / "_report.json").exists()  # by default
     assert all(pq.read_metadata(out / i["output"]).num_rows == i["rows"] for i in manifest["inputs"])
     assert manifest["model"]["hash"] == load_bundle(manifest["model"]["path"]).hash
+    # The bundle's validation shares, recorded for the report, which sets each label's share beside them.
+    reference = validation_reference(load_bundle(manifest["model"]["path"]).metrics)
+    assert reference is not None and manifest["reference"] == reference
+    assert "| validation true | validation tagged | x validation |" in (out / "_report.md").read_text()
     assert manifest["actors"] == {
         "actors": 2,
         "cpus_reserved": 0.75,

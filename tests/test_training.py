@@ -95,7 +95,7 @@ def test_bundle_thresholds_are_fitted_on_the_final_checkpoints_predictions(smoke
 
     bundle = load_bundle(write_bundle_from_checkpoint(checkpoint, config, tmp_path / "bundle"))
     assert 0.1 < bundle.thresholds[label] <= 0.3
-    np.testing.assert_array_equal(bundle.thresholds, fit_thresholds(probs, labels, fallback=config.thresholds.fallback))
+    np.testing.assert_array_equal(bundle.thresholds, fit_thresholds(probs, labels, config.thresholds.rule()))
     tagged = probs[:, label] >= bundle.thresholds[label]
     np.testing.assert_array_equal(tagged, labels[:, label] > 0)  # every positive, no negative
     assert tagged.any() and not (probs[:, label] >= 0.5).any()  # a 0.5 cut tags none of them

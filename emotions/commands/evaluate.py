@@ -23,7 +23,7 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
 def run_evaluate(args: argparse.Namespace) -> int:
     from emotions import storage
     from emotions.evaluation import evaluate_bundle
-    from emotions.evaluation_report import format_summary
+    from emotions.evaluation_report import format_shares, format_summary
 
     report = evaluate_bundle(
         args.model,
@@ -34,6 +34,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         label_format=args.label_format,
     )
     print(format_summary(report))
+    print(format_shares(report))
     if args.report:
         print(f"report: {storage.join(args.report, 'report.md')}")
     return 0

@@ -32,7 +32,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     from emotions.bundle import check_output_folder
-    from emotions.evaluation_report import format_summary
+    from emotions.evaluation_report import format_shares, format_summary
     from emotions.storage import is_uri
     from emotions.training import load_training_data, prepare_run, train
 
@@ -46,7 +46,9 @@ def run_train(args: argparse.Namespace) -> int:
     cluster.connect(args.ray_address)
     path = train(config, args.output, data=data)
     if not is_uri(path):
-        print(format_summary(json.loads((Path(path) / "metrics.json").read_text())))
+        metrics = json.loads((Path(path) / "metrics.json").read_text())
+        print(format_summary(metrics))
+        print(format_shares(metrics))
     print(f"bundle: {path}")
     return 0
 

@@ -23,6 +23,10 @@ RESUMABLE_KEYS = frozenset(
         "scaling.cpu_bf16",
         "thresholds.split",
         "thresholds.fallback",
+        "thresholds.shrink",
+        "thresholds.prior",
+        "thresholds.max_share_ratio",
+        "thresholds.min_positives",
         "model.head_choice",
     }
 )

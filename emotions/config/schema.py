@@ -171,8 +171,31 @@ class StageConfig:
 
 @dataclass(frozen=True, config=SETTINGS)
 class ThresholdConfig:
+    """How per-label thresholds are fitted: ``evaluation.ThresholdRule`` (measured there)."""
+
     split: Literal["validation", "train"] = "validation"  # the seed study fitted on train
     fallback: Probability = 0.5  # for labels with no positive example in the split
+    # A prior worth this many positives pulls each label's best-F1 threshold toward `prior`;
+    # 0 = each label's own best-F1 value (the rule until 2026-12).
+    shrink: Annotated[Float, Field(ge=0)] = 40.0
+    # What a label's threshold is shrunk toward: "share", the label's own lowest value that tags
+    # it no more often than it is true; or "pooled", the one value best over all labels.
+    prior: Literal["pooled", "share"] = "share"
+    # No label tagged on more than this many times its positives in the split; None = no cap.
+    max_share_ratio: Annotated[Float | None, Field(ge=1)] = 2.0
+    # Labels with fewer positives in the split are named in the training log and metrics.json.
+    min_positives: Annotated[Int, Field(ge=0)] = 40
+
+    def rule(self):
+        from emotions.evaluation import ThresholdRule
+
+        return ThresholdRule(
+            fallback=self.fallback,
+            shrink=self.shrink,
+            prior=self.prior,
+            max_share_ratio=self.max_share_ratio,
+            min_positives=self.min_positives,
+        )
 
 
 @dataclass(frozen=True, config=SETTINGS)

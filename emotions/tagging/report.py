@@ -5,10 +5,12 @@
     OUTPUT/_report/emotions.png, groups.png, top_score.png
     OUTPUT/_report.json                               the counts and the drift, as numbers
 
-What it shows: each label's share of the tagged rows, Ekman and sentiment shares, the share of
-rows flagged by reason, the ``top_score`` distribution, and, against earlier committed runs
-(the baselines), drift per label, the labels beyond the threshold called out at the top.
-Counting and drift: emotions.tagging.report_counts; the pages: emotions.tagging.report_pages.
+What it shows: each label's share of the tagged rows beside its share in the validation data of
+the bundle that tagged them (the reference: true there, and tagged there held out), Ekman and
+sentiment shares, the share of rows flagged by reason, the ``top_score`` distribution, and,
+against earlier committed runs (the baselines), drift per label, the labels beyond the threshold
+called out at the top. Counting and drift: emotions.tagging.report_counts; the reference:
+emotions.tagging.report_reference; the pages: emotions.tagging.report_pages.
 
 Baselines are pooled: their counts are added up and the run is compared with that sum. Against
 one earlier night a label moves with that night's topics and noise; the pool of the last few
@@ -46,6 +48,7 @@ from emotions.tagging.report_counts import (
     psi,
 )
 from emotions.tagging.report_pages import markdown, plot_emotions, plot_groups, plot_top_score
+from emotions.tagging.report_reference import read_reference
 
 log = logging.getLogger("emotions.report")
 
@@ -154,6 +157,7 @@ def write_tagging_report(
     called = sorted((d for d in drift if d.called_out), key=lambda d: -abs(math.log(d.ratio)))
     score_psi = psi(counts.top_score_bins, pooled.top_score_bins) if pooled else None
     manifest = folder.read_json(MANIFEST) or {}
+    reference = read_reference(manifest)
     data = {
         "format": FORMAT,
         "version": VERSION,
@@ -162,6 +166,7 @@ def write_tagging_report(
         "created_utc": manifest.get("created_utc"),
         "model": manifest.get("model", {}).get("hash"),
         "counts": asdict(counts),
+        "reference": reference,  # the bundle's validation shares; None if unknown
         "baselines": [
             {"output": f.uri, "run_id": s.get("run_id"), "rows": c.rows, "tagged": c.tagged} for f, s, c in runs
         ],
@@ -171,13 +176,13 @@ def write_tagging_report(
         "top_score_psi": score_psi,
     }
     plots = {
-        "emotions.png": plot_emotions(counts, pooled, drift),
+        "emotions.png": plot_emotions(counts, pooled, drift, reference),
         "groups.png": plot_groups(counts, pooled),
         "top_score.png": plot_top_score(counts, pooled),
     }
     for name, png in plots.items():
         folder.write_bytes_atomic(png, PLOTS, name)
-    folder.write_bytes_atomic(markdown(data, counts, pooled, drift, called).encode(), REPORT_MD)
+    folder.write_bytes_atomic(markdown(data, counts, pooled, drift, called, reference).encode(), REPORT_MD)
     folder.write_json_atomic(data, REPORT_JSON)
     summary = ReportSummary(
         report=folder.uri_of(REPORT_MD),

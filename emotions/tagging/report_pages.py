@@ -8,10 +8,16 @@ import numpy as np
 
 from emotions.labels import EMOTIONS
 from emotions.tagging.report_counts import MIN_Z, NONE, PSI_BINS, PSI_LIMIT, SCORE_BINS, SHARE_RATIO, Counts, LabelDrift
+from emotions.tagging.report_reference import HELDOUT
 
 
 def markdown(
-    data: dict, counts: Counts, pooled: Counts | None, drift: list[LabelDrift], called: list[LabelDrift]
+    data: dict,
+    counts: Counts,
+    pooled: Counts | None,
+    drift: list[LabelDrift],
+    called: list[LabelDrift],
+    reference: dict | None = None,
 ) -> str:
     name = data["output"].rstrip("/").rsplit("/", 1)[-1]
     lines = [
@@ -35,21 +41,9 @@ def markdown(
         + (" Ratio: this run's share over the baselines'; z: the change in standard errors." if pooled else ""),
         "",
     ]
-    if pooled:
-        lines += ["| label | rows | share | baselines | ratio | z | |", "|---|---:|---:|---:|---:|---:|---|"]
-        for d in drift:
-            lines.append(
-                f"| {d.label} | {counts.emotions.get(d.label, 0):,} | {d.share:.2%} | {d.baseline_share:.2%} "
-                f"| {d.ratio:.2f} | {d.z:+.1f} | {'**called out**' if d.called_out else ''} |"
-            )
-    else:
-        lines += ["| label | rows | share |", "|---|---:|---:|"]
-        lines += [
-            f"| {label} | {counts.emotions.get(label, 0):,} | {_pct(counts.emotions.get(label, 0), counts.tagged)} |"
-            for label in EMOTIONS
-        ]
-    none = f"| {NONE} | {counts.emotions.get(NONE, 0):,} | {_pct(counts.emotions.get(NONE, 0), counts.tagged)} |"
-    lines.append(none + (f" {_pct(pooled.emotions.get(NONE, 0), pooled.tagged)} | | | |" if pooled else ""))
+    if reference:
+        lines += [reference_sentence(reference), ""]
+    lines += emotion_table(counts, pooled, drift, reference)
     lines += ["", "## Ekman and sentiment", "", "![Ekman and sentiment shares](_report/groups.png)", ""]
     for title, kind in (("Ekman group", "ekman"), ("sentiment", "sentiment")):
         lines += [
@@ -84,6 +78,63 @@ def markdown(
     if pooled:
         lines.append(f"Baselines: {score_summary(pooled)}")
     return "\n".join(lines) + "\n"
+
+
+def reference_sentence(reference: dict) -> str:
+    """What the reference columns are: the bundle's validation shares, held out where recorded."""
+    rows = f"its {reference['examples']:,} validation rows" if reference.get("examples") else "its validation rows"
+    tagged = (
+        "the share of them the bundle tagged with the label, each row at thresholds fitted on the other half "
+        "of the rows (held out)"
+        if reference["source"] == HELDOUT
+        else "– (the bundle was trained before it recorded how often it tags each label)"
+    )
+    return (
+        f"Reference: the bundle that tagged this run, on {rows}. *validation true*: the share of them on "
+        f"which the label is true; *validation tagged*: {tagged}; *x validation*: this run's share over "
+        "validation true (far above 1: tagged here far more often than the label is true in validation)."
+    )
+
+
+def emotion_table(counts: Counts, pooled: Counts | None, drift: list[LabelDrift], reference: dict | None) -> list[str]:
+    """One row per label and one for rows with none: rows and share, then the reference's columns
+    (with a reference) and the baselines' (with baselines)."""
+    head, rule = "| label | rows | share |", "|---|---:|---:|"
+    if reference:
+        head, rule = head + " validation true | validation tagged | x validation |", rule + "---:|---:|---:|"
+    if pooled:
+        head, rule = head + " baselines | ratio | z | |", rule + "---:|---:|---:|---|"
+    lines = [head, rule]
+    by_label = {d.label: d for d in drift}
+    for label in [*EMOTIONS, NONE]:
+        rows = counts.emotions.get(label, 0)
+        cells = [label, f"{rows:,}", _pct(rows, counts.tagged)]
+        if reference:
+            cells += _reference_cells(reference["labels"].get(label), rows / counts.tagged if counts.tagged else None)
+        if pooled and label in by_label:
+            d = by_label[label]
+            cells += [
+                f"{d.baseline_share:.2%}",
+                f"{d.ratio:.2f}",
+                f"{d.z:+.1f}",
+                "**called out**" if d.called_out else "",
+            ]
+        elif pooled:
+            cells += [_pct(pooled.emotions.get(label, 0), pooled.tagged), "", "", ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _reference_cells(row: dict | None, share: float | None) -> list[str]:
+    """validation true, validation tagged, x validation; "–" where unknown ("" for no label)."""
+    if row is None:
+        return ["", "", ""]
+    true, tagged = row["true_share"], row.get("predicted_share")
+    return [
+        f"{true:.2%}",
+        "–" if tagged is None else f"{tagged:.2%}",
+        f"{share / true:.2f}" if share is not None and true > 0 else "–",
+    ]
 
 
 def drift_lines(data: dict, pooled: Counts | None, called: list[LabelDrift]) -> list[str]:
@@ -159,31 +210,40 @@ def _png(fig) -> bytes:
     return out.getvalue()
 
 
-def _bars(ax, names: list[str], shares: list[float], baseline: list[float] | None, marked=()) -> None:
+def _bars(ax, names: list[str], shares: list[float], baseline: list[float] | None, marked=()) -> np.ndarray:
     """Horizontal bars, this run beside the baselines; ``marked`` names drawn in red. The caller
-    adds one legend below the axes (inside them it would cover the longest bars)."""
+    adds one legend below the axes (inside them it would cover the longest bars). -> the y of
+    this run's bars."""
     y = np.arange(len(names))
     height = 0.4 if baseline is not None else 0.8
     colors = ["tab:red" if name in marked else "tab:blue" for name in names]
-    ax.barh(y - (height / 2 if baseline is not None else 0), shares, height, color=colors, label="this run")
+    mine = y - (height / 2 if baseline is not None else 0)
+    ax.barh(mine, shares, height, color=colors, label="this run")
     if baseline is not None:
         ax.barh(y + height / 2, baseline, height, color="tab:gray", alpha=0.6, label="baselines")
     ax.set_yticks(y, names)
     ax.invert_yaxis()
     ax.xaxis.set_major_formatter(lambda value, _: f"{value:.0%}")
     ax.grid(axis="x", alpha=0.3)
+    return mine
 
 
-def plot_emotions(counts: Counts, pooled: Counts | None, drift: list[LabelDrift]) -> bytes:
-    """Each label's share of tagged rows (PNG), called-out labels in red."""
+def plot_emotions(
+    counts: Counts, pooled: Counts | None, drift: list[LabelDrift], reference: dict | None = None
+) -> bytes:
+    """Each label's share of tagged rows (PNG), called-out labels in red; with a reference, a black
+    diamond on each bar at the label's true share in the bundle's validation data."""
     fig = _figure(8)
     ax = fig.add_subplot()
     names = [*EMOTIONS, NONE]
     shares = [counts.emotions.get(n, 0) / max(counts.tagged, 1) for n in names]
     base = [pooled.emotions.get(n, 0) / max(pooled.tagged, 1) for n in names] if pooled else None
-    _bars(ax, names, shares, base, marked={d.label for d in drift if d.called_out})
+    y = _bars(ax, names, shares, base, marked={d.label for d in drift if d.called_out})
+    if reference:
+        true = [reference["labels"][n]["true_share"] if n in reference["labels"] else np.nan for n in names]
+        ax.scatter(true, y, marker="D", s=16, color="black", zorder=3, label="validation (true share)")
     ax.set_title("Share of tagged rows per label" + (" (red: called out)" if pooled else ""))
-    _legend_below(fig, ax, pooled)
+    _legend_below(fig, ax)
     fig.subplots_adjust(left=0.17, right=0.97, top=0.96, bottom=0.08)
     return _png(fig)
 
@@ -198,14 +258,19 @@ def plot_groups(counts: Counts, pooled: Counts | None) -> bytes:
         base = [getattr(pooled, kind).get(n, 0) / max(pooled.tagged, 1) for n in names] if pooled else None
         _bars(ax, names, shares, base)
         ax.set_title(title)
-    _legend_below(fig, ax, pooled)
+    _legend_below(fig, ax)
     fig.subplots_adjust(left=0.11, right=0.98, top=0.92, bottom=0.17, wspace=0.35)
     return _png(fig)
 
 
-def _legend_below(fig, ax, pooled: Counts | None) -> None:
-    if pooled:
-        fig.legend(*ax.get_legend_handles_labels(), loc="lower center", ncol=2, frameon=False)
+def _legend_below(fig, ax) -> None:
+    """One legend below the axes, when there is more than this run to tell apart: the bars first,
+    then markers (matplotlib lists markers first)."""
+    from matplotlib.container import BarContainer
+
+    entries = sorted(zip(*ax.get_legend_handles_labels()), key=lambda entry: not isinstance(entry[0], BarContainer))
+    if len(entries) > 1:
+        fig.legend(*zip(*entries), loc="lower center", ncol=len(entries), frameon=False)
 
 
 def plot_top_score(counts: Counts, pooled: Counts | None) -> bytes:

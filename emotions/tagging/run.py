@@ -27,6 +27,7 @@ from emotions.tagging.inputs import InputFile, inspect_inputs, output_schema, re
 from emotions.tagging.output_lease import check_lease, remove_leftover_staging, writing
 from emotions.tagging.pipeline import write_outputs
 from emotions.tagging.predictor import resolve_precision
+from emotions.tagging.report_reference import validation_reference
 from emotions.tagging.reuse import check_committed, reusable
 from emotions.tagging.settings import TaggingError, TaggingSettings, check_settings
 from emotions.tagging.staging import Staging
@@ -113,6 +114,7 @@ def tag_corpus(
     requested = settings.precision
     precision, precision_check = resolve_precision(bundle, requested, gpu=settings.gpus_per_actor > 0)
     settings = replace(settings, precision=precision)  # the output's key names the precision used
+    reference = validation_reference(bundle.metrics)  # what the report sets each label's share beside
     del bundle  # the actors load their own copy; the driver only needed to check it
     key = settings.output_key(model_hash)
     schema, column_types = output_schema(files, settings)
@@ -175,6 +177,7 @@ def tag_corpus(
         manifest["precision"] = settings.precision  # the thresholds were checked for this precision
         manifest["precision_requested"] = requested
         manifest["precision_check"] = precision_check  # None for fp32 (the thresholds' own) unless auto refused int8
+        manifest["reference"] = reference  # the bundle's validation shares (report_reference.py)
         if before_commit is not None:
             before_commit()
         check_lease(lease, target)

@@ -27,8 +27,8 @@ from emotions import bundle, cluster, environment, storage
 from emotions.batching import tokenize
 from emotions.config import AUTO, ConfigError, TrainConfig, config_changes, config_hash
 from emotions.data import LabelledData, expand_by_concatenation, load_labelled
-from emotions.evaluation import evaluation_report, fit_thresholds
-from emotions.evaluation_report import format_summary
+from emotions.evaluation import evaluation_report, fit_bundle_thresholds
+from emotions.evaluation_report import format_shares, format_summary
 from emotions.model import encoder_layers, load_tokenizer
 from emotions.precision import save_checked_bundle
 from emotions.training.checkpoints import PREDICTIONS_FILE, STATE_FILE, ResumeError, checkpoint_weights
@@ -208,8 +208,8 @@ def write_bundle_from_checkpoint(final: Path, config: TrainConfig, output: Path)
     tokenizer = load_tokenizer(config.model.encoder)
     predictions = load_numpy(str(final / PREDICTIONS_FILE))
     split = config.thresholds.split
-    thresholds = fit_thresholds(
-        predictions[f"{split}_probs"], predictions[f"{split}_labels"], fallback=config.thresholds.fallback
+    thresholds, notes = fit_bundle_thresholds(
+        predictions[f"{split}_probs"], predictions[f"{split}_labels"], config.thresholds.rule()
     )
     report = evaluation_report(
         predictions["validation_labels"],
@@ -218,9 +218,10 @@ def write_bundle_from_checkpoint(final: Path, config: TrainConfig, output: Path)
         in_sample=split == "validation",
         source=val_source,
         model=config.model.encoder,
-        fallback=config.thresholds.fallback,
+        rule=config.thresholds.rule(),
     )
     report["thresholds_fitted_on"] = split
+    report["thresholds_fit"] = notes
     report["head_choice"] = state.get("head_choice", {})
     report["history"] = state["history"]
     report["resumed_from"] = state.get("resumed_from", [])
@@ -237,6 +238,6 @@ def write_bundle_from_checkpoint(final: Path, config: TrainConfig, output: Path)
         config=config.to_dict(),
         metrics=report,
     )
-    log.info("validation metrics (%s):\n%s", val_source, format_summary(report))
+    log.info("validation metrics (%s):\n%s\n%s", val_source, format_summary(report), format_shares(report))
     log.info("bundle written to %s", path)
     return path

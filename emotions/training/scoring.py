@@ -74,7 +74,7 @@ def epoch_metrics(
         "stage": stage.name,
         "epoch": epoch + 1,
         "train_loss": float(np.mean(losses)) if losses else float("nan"),
-        **validation_scores(labels, probs, fallback=config.thresholds.fallback),
+        **validation_scores(labels, probs, rule=config.thresholds.rule()),
         "samples_per_s": samples / max(elapsed, 1e-9),
         "epoch_seconds": elapsed,
     }
@@ -92,7 +92,7 @@ def choose_head(
     return the kept head's validation probs. Every rank computes the same choice from the same
     gathered predictions."""
     scores = {
-        name: heldout_macro_f1(labels, c.validation_probs, fallback=config.thresholds.fallback)
+        name: heldout_macro_f1(labels, c.validation_probs, rule=config.thresholds.rule())
         for name, c in state.candidates.items()
     }
     names = list(state.candidates)

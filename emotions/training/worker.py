@@ -162,7 +162,7 @@ def run_stage(
         if shards.rank == 0:
             log.info(
                 "%s epoch %d/%d done in %.0fs: train_loss %.4f, val_loss %.4f, val macro-F1 "
-                "%.4f held out (%.4f at 0.5, %.4f in-sample)",
+                "%.4f held out (%.4f at 0.5, %.4f in-sample); most over-tagged label at %.1fx its share",
                 stage.name,
                 epoch + 1,
                 stage.epochs,
@@ -172,6 +172,7 @@ def run_stage(
                 metrics["val_macro_f1_heldout"],
                 metrics["val_macro_f1"],
                 metrics["val_macro_f1_in_sample"],
+                metrics["val_share_ratio_max"],
             )
         state.stage, state.epoch = stage.name, epoch + 1
         state.stage_seconds[stage.name] = state.stage_seconds.get(stage.name, 0.0) + (time.perf_counter() - stage_start)

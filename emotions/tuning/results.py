@@ -107,6 +107,7 @@ def _trial_row(result, keys: list[str], metric: str, baseline: bool, base_values
         "best_" + metric: best_f1,
         "val_macro_f1_at_0.5": result.metrics.get("val_macro_f1"),
         "val_macro_f1_in_sample": result.metrics.get("val_macro_f1_in_sample"),  # flatters: not for choosing
+        "val_share_ratio_max": result.metrics.get("val_share_ratio_max"),  # the most over-tagged label, held out
         "stopped_early": not result.metrics.get("final", False),
         "minutes": round(result.metrics.get("time_total_s", math.nan) / 60, 2),
         "ended": result.metrics.get("timestamp"),  # unix seconds of the last report
