@@ -309,6 +309,23 @@ def test_resuming_under_another_config_is_refused_and_fresh_starts_over(local_ra
     np.testing.assert_array_equal(third.predict_proba(texts), load_bundle(f"{s3}/bundles/second").predict_proba(texts))
 
 
+def test_a_named_run_with_an_auto_layout_is_republished_not_refused(local_ray, runs_dir, tmp_path, monkeypatch):
+    """The default and quickstart presets ask for ``scaling.num_workers: auto``; checkpoints record
+    the resolved count. Submitting the same named run again (a retried job) must find it finished,
+    not refuse it as "scaling.num_workers: 1 -> auto" before Ray starts."""
+    import ray.train.torch
+
+    from emotions import cli
+
+    run = ["run.name=auto-layout", f"run.storage_path={runs_dir}", "stage1.epochs=1", "stage2.epochs=0"]
+    run += ["scaling.num_workers=auto", "scaling.cpus_per_worker=auto", "data.max_train_examples=64"]
+    assert cli.main(["train", "--preset", "smoke", "--output", str(tmp_path / "first"), *run]) == 0
+    with monkeypatch.context() as patch:
+        patch.setattr(ray.train.torch, "TorchTrainer", lambda *a, **k: pytest.fail("workers were started"))
+        assert cli.main(["train", "--preset", "smoke", "--output", str(tmp_path / "again"), *run]) == 0
+    assert load_bundle(tmp_path / "again").metrics["history"] == load_bundle(tmp_path / "first").metrics["history"]
+
+
 def test_bucketing_covers_every_row_once_and_pads_less():
     lengths = np.random.default_rng(0).integers(3, 60, size=1000)
     bucketed = bucket_batches(lengths, 16, seed=1)

@@ -59,6 +59,10 @@ def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     for key in sorted(before.keys() | after.keys()):
         if key in RESUMABLE_KEYS:
             continue
+        if after.get(key) == "auto":
+            # Checkpoints record the layout as resolved ("auto" -> 1 worker): before Ray starts
+            # "auto" cannot be compared; ``training.fit`` compares again once it is resolved.
+            continue
         if before.get(key, defaults.get(key, ...)) != after.get(key, defaults.get(key, ...)):
             changes.append(f"{key}: {_shown(before, key)} -> {_shown(after, key)}")
     return changes
