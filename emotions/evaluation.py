@@ -482,6 +482,10 @@ def evaluation_report(
     whether ``thresholds`` were fitted on these very rows (then ``at_thresholds`` flatters, and
     says so), or elsewhere (then it is the true test)."""
     at_thresholds = compute_metrics(labels, probs, thresholds)
+    if not in_sample:  # the bundle's own thresholds on data they never saw: the shares a user will get
+        th = _check_inputs(labels, probs, thresholds)
+        at_thresholds["shares"] = share_table(labels, np.asarray(probs) >= th[None, :])
+        at_thresholds["largest_share_ratio"] = largest_share_ratio(at_thresholds["shares"])
     return {
         "source": source,
         "model": model,

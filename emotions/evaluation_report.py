@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from emotions.evaluation import largest_share_ratio
 from emotions.labels import EMOTIONS, NUM_LABELS
 
 SUMMARY_KEYS = (
@@ -44,22 +45,33 @@ def format_summary(report: dict) -> str:
         lines.append(f"{title:<{width}}" + "".join(f"  {report[key][metric]:>11.4f}" for metric, _ in SUMMARY_KEYS))
     if report.get("labels_absent"):
         lines.append(f"left out of macro averages (no positive example): {', '.join(report['labels_absent'])}")
-    largest = (report.get("heldout") or {}).get("largest_share_ratio")
+    where, table = _shares_of(report)
+    largest = largest_share_ratio(table) if table else None
     if largest:
         lines.append(
-            f"tagged most often against its true share (held out): {largest['label']} on "
+            f"tagged most often against its true share ({where}): {largest['label']} on "
             f"{largest['predicted_share']:.2%} of rows, true on {largest['true_share']:.2%} ({largest['ratio']:.1f}x)"
         )
     return "\n".join(lines)
 
 
+def _shares_of(report: dict) -> tuple[str, dict | None]:
+    """(how they were tagged, the share table) a report is read by: on data the bundle's thresholds
+    never saw, the shares at those thresholds (what tagging will give); else held out."""
+    unseen = (report.get("at_thresholds") or {}).get("shares")
+    if report.get("thresholds_in_sample") is False and unseen:
+        return "bundle's thresholds, unseen data", unseen
+    return "held out", (report.get("heldout") or {}).get("shares")
+
+
 def format_shares(report: dict) -> str:
-    """Per label, how often it is true and how often it is tagged, held out (each row at
-    thresholds fitted on the half it was not in), for a terminal; "" for a report without them."""
-    shares = (report.get("heldout") or {}).get("shares")
+    """Per label, how often it is true and how often it is tagged, for a terminal: held out (each
+    row at thresholds fitted on the half it was not in), or at the bundle's thresholds on data they
+    never saw; "" for a report without them."""
+    where, shares = _shares_of(report)
     if not shares:
         return ""
-    lines = [f"{'label':<15}{'positives':>10}{'true':>9}{'tagged':>9}{'ratio':>8}"]
+    lines = [f"{'label':<15}{'positives':>10}{'true':>9}{'tagged':>9}{'ratio':>8}   ({where})"]
     for name in EMOTIONS:
         row = shares[name]
         ratio = "-" if row["ratio"] is None else f"{row['ratio']:.2f}x"
@@ -70,16 +82,21 @@ def format_shares(report: dict) -> str:
 
 
 def _share_lines(report: dict) -> list[str]:
-    """report.md's share table: true against tagged share per label, held out."""
-    shares = (report.get("heldout") or {}).get("shares")
+    """report.md's share table: true against tagged share per label."""
+    where, shares = _shares_of(report)
     if not shares:
         return []
+    how = (
+        "Held out: each example tagged at thresholds fitted on the half it was not in."
+        if where == "held out"
+        else "At the bundle's thresholds, on data they were not fitted on: the shares tagging will give."
+    )
     lines = [
         "",
         "## How often each label is tagged",
         "",
-        "Held out: each example tagged at thresholds fitted on the half it was not in. A label tagged "
-        "far more often than it is true makes every share built on it (tagging reports, drift) misleading.",
+        f"{how} A label tagged far more often than it is true makes every share built on it "
+        "(tagging reports, drift) misleading.",
         "",
         "| label | positives | true share | tagged share | ratio |",
         "|---|---:|---:|---:|---:|",

@@ -230,3 +230,20 @@ def test_heldout_shares_tag_each_row_at_the_other_halfs_thresholds() -> None:
     assert f"({held['largest_share_ratio']['ratio']:.1f}x)" in format_summary(
         {"heldout": held, "at_0.5": held, "at_thresholds": held}
     )
+
+
+def test_on_unseen_data_the_shares_shown_are_those_at_the_bundles_thresholds() -> None:
+    from emotions.evaluation_report import format_shares
+
+    labels, probs = _small_case()
+    thresholds = np.full(NUM_LABELS, 0.5)
+    thresholds[NEUTRAL] = 0.05  # neutral tagged on every example: 5 of 5 against 2 true
+    report = evaluation_report(labels, probs, thresholds, in_sample=False)
+    shares = report["at_thresholds"]["shares"]
+    assert shares["neutral"]["predicted_share"] == 1.0 and shares["neutral"]["ratio"] == pytest.approx(2.5)
+    assert report["at_thresholds"]["largest_share_ratio"] is None  # no label has 10 positives here
+    printed = format_shares(report)
+    assert "(bundle's thresholds, unseen data)" in printed.splitlines()[0]
+    assert "neutral                 2   40.00%  100.00%   2.50x" in printed
+    # In-sample thresholds: the held-out shares are the ones shown.
+    assert "(held out)" in format_shares(evaluation_report(labels, probs, thresholds, in_sample=True))
