@@ -283,7 +283,10 @@ def test_resuming_under_another_config_is_refused_and_fresh_starts_over(local_ra
     (``cli.main``), on the session's Ray."""
     from emotions import cli, cluster
 
+    # scaling.num_workers=auto, as the default and quickstart presets ask: checkpoints record the
+    # resolved count, and a resubmitted run must not be refused as "num_workers: 2 -> auto".
     run = ["run.name=resume", f"run.storage_path={s3}/runs", "stage1.epochs=1", "stage2.epochs=1"]
+    run += ["scaling.num_workers=auto"]
     train(build_config("smoke", overrides=run), f"{s3}/bundles/first")
     changed = [*run, "stage1.learning_rate=0.002"]
     with monkeypatch.context() as patch:  # refused before Ray: connecting would fail the test
@@ -295,35 +298,18 @@ def test_resuming_under_another_config_is_refused_and_fresh_starts_over(local_ra
     assert cli.main(["train", "--preset", "smoke", "--output", f"{s3}/bundles/second", "--fresh", *changed]) == 0
     second = load_bundle(f"{s3}/bundles/second").metrics
     assert second["resumed_from"] == [] and len(second["history"]) == 2
-    # The same config (but for a key that may change) finds the run finished: the bundle comes
-    # from its final checkpoint on S3, and no worker group starts.
+    # The same config (but for a key that may change), submitted again as a command, finds the
+    # run finished: the bundle comes from its final checkpoint on S3, and no worker group starts.
     import ray.train.torch
 
     with monkeypatch.context() as patch:
         patch.setattr(ray.train.torch, "TorchTrainer", lambda *a, **k: pytest.fail("workers were started"))
-        third = load_bundle(
-            train(build_config("smoke", overrides=[*changed, "run.max_failures=1"]), f"{s3}/bundles/third")
-        )
+        again = ["train", "--preset", "smoke", "--output", f"{s3}/bundles/third", *changed, "run.max_failures=1"]
+        assert cli.main(again) == 0, capsys.readouterr().err
+        third = load_bundle(f"{s3}/bundles/third")
     assert third.metrics["resumed_from"] == [] and third.metrics["history"] == second["history"]
     texts = ["what a lovely surprise", "I am so sorry for your loss"]
     np.testing.assert_array_equal(third.predict_proba(texts), load_bundle(f"{s3}/bundles/second").predict_proba(texts))
-
-
-def test_a_named_run_with_an_auto_layout_is_republished_not_refused(local_ray, runs_dir, tmp_path, monkeypatch):
-    """The default and quickstart presets ask for ``scaling.num_workers: auto``; checkpoints record
-    the resolved count. Submitting the same named run again (a retried job) must find it finished,
-    not refuse it as "scaling.num_workers: 1 -> auto" before Ray starts."""
-    import ray.train.torch
-
-    from emotions import cli
-
-    run = ["run.name=auto-layout", f"run.storage_path={runs_dir}", "stage1.epochs=1", "stage2.epochs=0"]
-    run += ["scaling.num_workers=auto", "scaling.cpus_per_worker=auto", "data.max_train_examples=64"]
-    assert cli.main(["train", "--preset", "smoke", "--output", str(tmp_path / "first"), *run]) == 0
-    with monkeypatch.context() as patch:
-        patch.setattr(ray.train.torch, "TorchTrainer", lambda *a, **k: pytest.fail("workers were started"))
-        assert cli.main(["train", "--preset", "smoke", "--output", str(tmp_path / "again"), *run]) == 0
-    assert load_bundle(tmp_path / "again").metrics["history"] == load_bundle(tmp_path / "first").metrics["history"]
 
 
 def test_bucketing_covers_every_row_once_and_pads_less():
