@@ -3,7 +3,7 @@ on, by two measures at once: held-out macro-F1, and how often each label is tagg
 often it is true (a label tagged at 70x its share is a failure macro-F1 hardly sees).
 
 For each split seed the rows are cut in two stratified halves; thresholds are fitted on one half
-(or on ``--fit-rows`` rows drawn from it: the quickstart fits on 1,000 rows per half) and scored on
+(or on ``--fit-rows`` rows drawn from it: 1,000 per half is what a 2,000-row validation split gives) and scored on
 the other, both ways. Per rule the table shows the mean held-out macro-F1, its change from the
 plain best-F1 rule with the spread of that change over seeds, the largest ratio of predicted to
 true share among labels with at least 10 positives in a scored half (worst fold of each seed,
@@ -11,7 +11,8 @@ then the worst and the mean over seeds), how many (label, fold) pairs go above 4
 of rows given 4 or more labels.
 
 Rules:
-- best F1: each label's grid value with the best F1 on the fitting rows (the rule until now);
+- best F1: each label's grid value with the best F1 on the fitting rows (``PLAIN``: the rule until
+  2026-12);
 - cap c: best F1, then raised until the label is predicted on at most c times its positives among
   the fitting rows (``evaluation.ThresholdRule(max_share_ratio=c)``);
 - min k, match: best F1 where a label has k or more positives in the fitting rows; below k, the
@@ -19,11 +20,12 @@ Rules:
 - shrink m: a label with n positives gets (n * own + m * pooled) / (n + m), ``pooled`` the one
   grid value best for macro-F1 over all labels (``ThresholdRule(shrink=m)``); with a cap, the cap
   applies after the shrinkage;
+- to share m: the same, toward the label's own share-matching value (``prior="share"``);
 - default: ``ThresholdRule()``, what training fits a bundle's thresholds with;
 - smooth k: each label's F1 curve averaged over k grid steps either side before its maximum.
 
-    python benchmarks/threshold_choices.py --model /tmp/qs/emotions-quickstart/model \\
-        --data goemotions:dev --fit-rows 1000
+    python benchmarks/threshold_choices.py --model emotions-quickstart/model \\
+        --data goemotions:dev --fit-rows 1000 --name quickstart_fit1000
 """
 
 from __future__ import annotations
