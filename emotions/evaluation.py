@@ -17,8 +17,8 @@ column order; a label is predicted when its probability is >= its threshold.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +42,7 @@ log = logging.getLogger("emotions.evaluation")
 # ----------------------------------------------------------------------------- thresholds
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class ThresholdRule:
     """How per-label thresholds are fitted (``thresholds`` in a training config).
 
@@ -78,13 +78,7 @@ class ThresholdRule:
     min_positives: int = DEFAULT_MIN_POSITIVES
 
     def as_dict(self) -> dict:
-        return {
-            "fallback": self.fallback,
-            "shrink": self.shrink,
-            "prior": self.prior,
-            "max_share_ratio": self.max_share_ratio,
-            "min_positives": self.min_positives,
-        }
+        return dataclasses.asdict(self)
 
 
 PLAIN = ThresholdRule(shrink=0.0, max_share_ratio=None)  # each label's best-F1 value alone
@@ -93,14 +87,8 @@ PLAIN = ThresholdRule(shrink=0.0, max_share_ratio=None)  # each label's best-F1 
 def rule_of(config: dict) -> ThresholdRule:
     """The rule a bundle's thresholds were fitted by, from its training config (a dict). Bundles
     made before the rule had settings were fitted by each label's best-F1 value alone."""
-    section = config.get("thresholds", {})
-    return ThresholdRule(
-        fallback=section.get("fallback", 0.5),
-        shrink=section.get("shrink", 0.0),
-        prior=section.get("prior", DEFAULT_PRIOR),
-        max_share_ratio=section.get("max_share_ratio"),
-        min_positives=section.get("min_positives", DEFAULT_MIN_POSITIVES),
-    )
+    section = {**PLAIN.as_dict(), **config.get("thresholds", {})}
+    return ThresholdRule(**{field.name: section[field.name] for field in dataclasses.fields(ThresholdRule)})
 
 
 def fit_thresholds(

@@ -120,9 +120,18 @@ def _threshold_lines(report: dict) -> list[str]:
         "",
         "## Thresholds resting on few positives",
         "",
-        f"Rule: prior worth {rule['shrink']:g} positives toward the pooled threshold {notes['pooled']:.2f}, "
-        f"tagged on at most {rule['max_share_ratio']}x the positives of the fitting rows; labels with fewer "
-        f"than {rule['min_positives']} positives listed.",
+        f"Rule: prior worth {rule['shrink']:g} positives toward "
+        + (
+            f"the pooled threshold {notes['pooled']:.2f}"
+            if rule.get("prior") == "pooled"
+            else "each label's share-matching threshold"
+        )
+        + (
+            f", tagged on at most {rule['max_share_ratio']:g}x the positives of the fitting rows"
+            if rule["max_share_ratio"] is not None
+            else ", no share cap"
+        )
+        + f"; labels with fewer than {rule['min_positives']} positives listed.",
         "",
         "| label | positives | own best-F1 | threshold | what was done |",
         "|---|---:|---:|---:|---|",

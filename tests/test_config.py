@@ -330,3 +330,11 @@ def test_a_setting_added_since_a_checkpoint_is_no_change_at_its_default():
     assert config_changes(new, build_config("smoke", overrides=["stage1.epochs=3"]).to_dict()) == [
         "stage1.epochs: 2 -> 3"
     ]
+
+
+def test_the_threshold_settings_default_to_the_rule_fitting_uses():
+    """The config's defaults and ``ThresholdRule()`` (what ``fit_thresholds`` uses when given no
+    rule) are written in two places; they must not drift apart."""
+    from emotions.evaluation import ThresholdRule
+
+    assert build_config("smoke").thresholds.rule() == ThresholdRule()

@@ -96,3 +96,8 @@ def test_labels_on_few_positives_are_named_with_what_was_done(caplog):
     assert thresholds[EMOTIONS.index("pride")] == np.float32(0.5)
     assert notes["rule"] == ThresholdRule(min_positives=40).as_dict()
     assert "joy" not in notes["labels"] or not notes["labels"]["joy"]["few_positives"]
+    # report.md's note names the rule as it is (the share-matching prior, the cap) and each label.
+    from emotions.evaluation_report import _threshold_lines
+
+    page = "\n".join(_threshold_lines({"thresholds_fit": notes}))
+    assert "toward each label's share-matching threshold, tagged on at most 2x" in page and "| grief | 3 |" in page

@@ -187,15 +187,12 @@ class ThresholdConfig:
     min_positives: Annotated[Int, Field(ge=0)] = 40
 
     def rule(self):
+        """This section as the ``evaluation.ThresholdRule`` that fitting takes (``split`` aside)."""
+        import dataclasses
+
         from emotions.evaluation import ThresholdRule
 
-        return ThresholdRule(
-            fallback=self.fallback,
-            shrink=self.shrink,
-            prior=self.prior,
-            max_share_ratio=self.max_share_ratio,
-            min_positives=self.min_positives,
-        )
+        return ThresholdRule(**{field.name: getattr(self, field.name) for field in dataclasses.fields(ThresholdRule)})
 
 
 @dataclass(frozen=True, config=SETTINGS)
