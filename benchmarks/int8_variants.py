@@ -23,9 +23,8 @@ import torch
 from torch.ao.quantization import default_dynamic_qconfig, per_channel_dynamic_qconfig, quantize_dynamic
 
 from emotions.bundle import load_bundle
-from emotions.data import load_labelled
 from emotions.evaluation import paired_change
-from emotions.precision import MAX_F1_LOSS
+from emotions.precision import MAX_F1_LOSS, validation_set
 from emotions.tagging.predictor import predict_tokens, tokenize_texts
 
 RESULTS = Path(__file__).parent / "results" / "int8_variants.json"
@@ -46,13 +45,7 @@ def main() -> None:
     args = parser.parse_args()
     warnings.simplefilter("ignore")  # torch announces the move of quantize_dynamic to torchao
     bundle = load_bundle(args.model)
-    data = bundle.config["data"]
-    validation = load_labelled(
-        data["validation"],
-        text_column=data["text_column"],
-        labels_column=data["labels_column"],
-        label_format=data["label_format"],
-    )
+    validation = validation_set(bundle)  # the rows the gate scores
     tokens = tokenize_texts(validation.texts, bundle.tokenizer, bundle.max_length)
     pad_id = bundle.tokenizer.pad_token_id or 0
     rows = []

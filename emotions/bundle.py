@@ -180,13 +180,18 @@ class Bundle:
 
     def run(self, texts: list[str], batch_size: int = 64, precision: str = "fp32", output: str = "probs") -> np.ndarray:
         """[n] texts -> ``inference.run_rows`` on the model's device: [n, 28] probabilities or
-        [n, hidden] pooled features (float32)."""
+        [n, hidden] pooled features (float32). ``precision``: a runtime of ``precision.RUNTIMES``
+        (int8 and the ONNX runtimes on CPU only)."""
         from emotions.inference import run_rows
+        from emotions.precision import RUNTIMES, runtime_model
 
-        data = tokenize(texts, np.zeros((len(texts), len(EMOTIONS))), self.tokenizer, self.max_length)
         device = next(self.model.parameters()).device
+        if precision not in RUNTIMES or (device.type != "cpu" and precision not in ("fp32", "bf16")):
+            raise ValueError(f"precision {precision!r} on {device.type}: use one of {sorted(RUNTIMES)} (CPU)")
+        data = tokenize(texts, np.zeros((len(texts), len(EMOTIONS))), self.tokenizer, self.max_length)
+        model = runtime_model(self, precision)
         pad = self.tokenizer.pad_token_id or 0
-        rows = run_rows(self.model, data, pad, batch_size=batch_size, device=device, precision=precision, output=output)
+        rows = run_rows(model, data, pad, batch_size=batch_size, device=device, precision=precision, output=output)
         return rows.cpu().numpy()
 
     def predict_proba(self, texts: list[str], batch_size: int = 64, precision: str = "fp32") -> np.ndarray:

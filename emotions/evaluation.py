@@ -495,8 +495,10 @@ def evaluate_bundle(
     labels_column: str = "labels",
     label_format: str = "auto",
     batch_size: int = 64,
+    precision: str = "fp32",
 ) -> dict:
-    """Predict ``data`` with the bundle at ``model``; optionally write metrics.json, report.md and
+    """Predict ``data`` with the bundle at ``model`` on runtime ``precision`` (``precision.RUNTIMES``:
+    fp32, bf16, int8, onnx-fp32, onnx-int8); optionally write metrics.json, report.md and
     per_label_f1.png into ``report_dir`` (a local folder or a URI). Returns the report dict. On
     data its thresholds never saw, the metrics at its thresholds are the true test; on the data
     they were fitted on they are in-sample, and the report says so."""
@@ -513,7 +515,7 @@ def evaluate_bundle(
         len(labelled),
         labelled.source,
     )
-    probs = bundle.predict_proba(labelled.texts, batch_size=batch_size)
+    probs = bundle.predict_proba(labelled.texts, batch_size=batch_size, precision=precision)
     fitted_on = thresholds_source(bundle.config)
     report = evaluation_report(
         labelled.labels,
@@ -525,6 +527,7 @@ def evaluate_bundle(
         rule=rule_of(bundle.config),
     )
     report["thresholds_fitted_on"] = fitted_on
+    report["precision"] = precision
     if report_dir is not None:
         write_evaluation_report(report, report_dir, title=f"Evaluation of {str(model).rstrip('/').rsplit('/', 1)[-1]}")
     log.info("\n%s", format_summary(report))

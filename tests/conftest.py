@@ -30,6 +30,8 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 # tests/test_crashes.py arms this file to make the process reaching a named step die there
 # (emotions/tagging/crashpoints.py); set before any Ray process starts, so every worker has it.
 os.environ.setdefault("EMOTIONS_CRASH_FILE", os.path.join(tempfile.mkdtemp(prefix="emotions-crash-"), "crash"))
+# The ONNX exports and precision checks cached per machine (emotions/onnx_model.py): the session's own.
+os.environ.setdefault("EMOTIONS_CACHE", tempfile.mkdtemp(prefix="emotions-cache-"))
 
 S3_BUCKET = "emo"  # created by the s3 fixture; tests write under s3://emo/<their own prefix>
 MOTO_MIN_VERSION = (5, 2, 5)  # 5.2.1 fails pyarrow's upload of an empty object (Ray Train's marker)

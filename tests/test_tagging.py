@@ -23,7 +23,7 @@ from emotions import precision as gate
 from emotions.bundle import load_bundle
 from emotions.corpus import make_corpus
 from emotions.labels import EKMAN, EMOTIONS, SENTIMENT, roll_up
-from emotions.precision import MAX_F1_LOSS, check_precision, prepare_model
+from emotions.precision import MAX_F1_LOSS, check_precision
 from emotions.storage import Folder
 from emotions.tagging import MANIFEST, SUCCESS, TaggingError, TaggingSettings, predictor
 from emotions.tagging import tag_corpus as tag_and_report
@@ -178,11 +178,15 @@ def test_every_row_is_tagged_exactly_once_across_mixed_schemas(corpus, tagged):
         "tokenizers": 0,
         "tokenizer_cpus": 0.0,
     }  # CPU: the actors tokenize
-    # auto: int8 on CPU when the check recorded in the bundle at training time passed, else fp32.
-    recorded = load_bundle(manifest["model"]["path"]).metrics["precision_checks"]["int8"]
+    # auto: on CPU the fastest runtime whose check, recorded in the bundle at training time, passed.
+    recorded = load_bundle(manifest["model"]["path"]).metrics["precision_checks"]
+    assert sorted(recorded) == sorted(gate.auto_candidates())
     assert manifest["precision_requested"] == "auto"
-    assert manifest["precision"] == ("int8" if recorded["allowed"] else "fp32")
-    assert manifest["precision_check"]["interval_95"] == recorded["interval_95"]  # read, not run again
+    assert manifest["precision"] == gate.fastest_allowed(recorded)
+    assert (manifest["backend"], manifest["numeric_precision"]) == gate.RUNTIMES[manifest["precision"]]
+    assert set(manifest["precision_checks"]) == set(recorded)
+    for name, check in manifest["precision_checks"].items():  # read, not run again
+        assert check["interval_95"] == recorded[name]["interval_95"] and check["source"] == "the bundle's metrics.json"
 
 
 def test_tagged_files_are_written_by_workers_and_never_by_the_driver(tagged):
@@ -336,13 +340,12 @@ def test_probabilities_match_the_bundle_and_long_texts_are_truncated(smoke_bundl
     _, out = tagged
     rows = {r["id"]: r for r in read_output(out).to_pylist()}
     bundle = load_bundle(smoke_bundle)
-    precision = json.loads((out / MANIFEST).read_text())["precision"]  # auto: fp32 or int8
-    bundle.model = prepare_model(bundle.model, precision)
+    precision = json.loads((out / MANIFEST).read_text())["precision"]  # auto: the runtime it chose
     ids = ["h-long", "h-url", "h-emoji", "h-ok"]
-    expected = bundle.predict_proba([HANDMADE[i][0] for i in ids])  # the tokenizer truncates
+    expected = bundle.predict_proba([HANDMADE[i][0] for i in ids], precision=precision)  # the tokenizer truncates
     got = np.array([[rows[i][f"p_{name}"] for name in EMOTIONS] for i in ids])
     # int8 quantizes activations per batch, and the actors' batches hold other rows
-    np.testing.assert_allclose(got, expected, atol=1e-5 if precision == "fp32" else 0.05)
+    np.testing.assert_allclose(got, expected, atol=1e-5 if gate.RUNTIMES[precision][1] == "fp32" else 0.05)
 
 
 def test_committed_output_is_refused_and_replaced_only_with_overwrite(smoke_bundle, corpus, tagged, tmp_path):
@@ -440,7 +443,7 @@ def test_killed_run_resumes_and_commits_every_row_exactly_once(smoke_bundle, loc
     assert not (out / STAGING).exists() and "dup" not in ids
 
 
-@pytest.mark.parametrize("precision", ["bf16", "int8"])
+@pytest.mark.parametrize("precision", ["bf16", "int8", "onnx-int8"])
 def test_precision_is_checked_on_the_validation_split_and_stays_close_to_fp32(
     smoke_bundle, corpus, precision, tmp_path
 ):
@@ -486,7 +489,7 @@ def test_precision_is_refused_past_the_tolerance_and_recorded_in_the_manifest(
     with pytest.raises(TaggingError, match=r"bf16 vs fp32 .* held-out .* is not ruled out: tag in fp32"):
         tag_corpus(smoke_bundle, corpus / "handmade.parquet", tmp_path / "refused", precision="bf16")
     assert not (tmp_path / "refused").exists()  # refused before anything was written
-    with pytest.raises(TaggingError, match="int8 quantization is for CPU"):
+    with pytest.raises(TaggingError, match="int8 is for CPU inference"):
         tag_corpus(smoke_bundle, corpus, tmp_path / "gpu", precision="int8", gpus_per_actor=1)
 
     monkeypatch.setattr(gate, "MAX_F1_LOSS", 1.0)  # any change passes
@@ -627,28 +630,42 @@ def test_cli_refuses_a_missing_input_before_ray_starts(smoke_bundle, tmp_path):
     assert "nope does not exist" in result.stderr and "Started a local Ray" not in result.stderr
 
 
-def test_auto_precision_follows_the_check_recorded_in_the_bundle(smoke_bundle, monkeypatch):
+def test_auto_precision_picks_the_fastest_runtime_the_recorded_checks_allow(smoke_bundle, monkeypatch, tmp_path):
+    monkeypatch.setenv("EMOTIONS_CACHE", str(tmp_path / "cache"))  # no checks cached on this machine yet
     bundle = load_bundle(smoke_bundle)
-    recorded = bundle.metrics["precision_checks"]["int8"]
-    assert recorded["kernels"] == gate.kernels() and "interval_95" in recorded  # written by training
-    for allowed in (True, False):
-        bundle.metrics["precision_checks"]["int8"] = {**recorded, "allowed": allowed}
-        precision, check = predictor.resolve_precision(bundle, "auto", gpu=False)
-        assert precision == ("int8" if allowed else "fp32") and check["allowed"] == allowed
-        assert check["source"] == "the bundle's metrics.json"
-    assert predictor.resolve_precision(bundle, "auto", gpu=True) == ("fp32", None)
-    bundle.metrics["precision_checks"]["int8"] = {**recorded, "allowed": False}
+    recorded = bundle.metrics["precision_checks"]
+    names = list(recorded)
+    assert sorted(names) == sorted(gate.auto_candidates())  # written by training, one per candidate
+    for name, check in recorded.items():
+        assert check["kernels"] == gate.kernels(name) and "interval_95" in check and check["seconds"] > 0
+
+    def resolve_with(speedups: dict, allowed: set, requested="auto"):
+        bundle.metrics["precision_checks"] = {
+            n: {**c, "seconds": c["fp32_s"] / speedups[n], "speedup": speedups[n], "allowed": n in allowed}
+            for n, c in recorded.items()
+        }
+        return predictor.resolve_precision(bundle, requested, gpu=False)
+
+    speeds = {n: 1.5 + k for k, n in enumerate(names)}  # the last one the fastest
+    chosen, check, checks = resolve_with(speeds, set(names))
+    assert chosen == names[-1] and check["allowed"] and set(checks) == set(names)
+    assert all(c["source"] == "the bundle's metrics.json" for c in checks.values())  # none run again
+    assert resolve_with(speeds, set(names[:-1]))[0] == names[-2]  # the fastest one allowed
+    assert resolve_with(speeds, set())[:2] == ("fp32", None)  # none allowed
+    assert resolve_with(dict.fromkeys(names, 0.8), set(names))[:2] == ("fp32", None)  # none faster than fp32
+    assert predictor.resolve_precision(bundle, "auto", gpu=True) == ("fp32", None, {})
     with pytest.raises(TaggingError, match="int8"):  # asked for explicitly: refused, not downgraded
-        predictor.resolve_precision(bundle, "int8", gpu=False)
+        resolve_with(speeds, set(names) - {"int8"}, requested="int8")
     # A check made with other kernels (another machine's) is ignored, whatever it said: the gate runs
-    # now and its verdict decides. The bound is set so that the verdict is known in advance.
-    stale = {**recorded, "kernels": "torch 0.0, other"}
-    bundle.metrics["precision_checks"]["int8"] = {**stale, "allowed": False}
+    # now, its verdict decides, and it is cached for this machine. The bound makes the verdict known.
+    bundle.metrics["precision_checks"] = {**recorded, "int8": {**recorded["int8"], "kernels": "torch 0.0, other"}}
     monkeypatch.setattr(gate, "MAX_F1_LOSS", 1.0)  # any change passes
-    precision, check = predictor.resolve_precision(bundle, "int8", gpu=False)
+    precision, check, _ = predictor.resolve_precision(bundle, "int8", gpu=False)
     assert precision == "int8" and check["allowed"] and check["max_loss"] == 1.0
-    assert check["source"] == "checked now" and check["kernels"] == gate.kernels()
-    bundle.metrics["precision_checks"]["int8"] = {**stale, "allowed": True}
+    assert check["source"] == "checked now" and check["kernels"] == gate.kernels("int8")
+    again = predictor.resolve_precision(bundle, "int8", gpu=False)[1]
+    assert again["source"].startswith("checked earlier on this machine") and again["max_loss"] == 1.0
+    monkeypatch.setenv("EMOTIONS_CACHE", str(tmp_path / "other-cache"))  # another machine of this kind
     monkeypatch.setattr(gate, "MAX_F1_LOSS", -1.0)  # no interval rules out every loss
     with pytest.raises(TaggingError, match=r"int8 vs fp32 .* is not ruled out: tag in fp32"):
         predictor.resolve_precision(bundle, "int8", gpu=False)

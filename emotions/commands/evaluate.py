@@ -18,6 +18,12 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text-column", default="text")
     parser.add_argument("--labels-column", default="labels")
     parser.add_argument("--label-format", default="auto", choices=["auto", "names", "ids", "columns"])
+    parser.add_argument(
+        "--precision",
+        default="fp32",
+        choices=["fp32", "bf16", "int8", "onnx-fp32", "onnx-int8"],
+        help="runtime to score with (default fp32, torch): the numbers tagging at that precision gives",
+    )
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
@@ -32,6 +38,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         text_column=args.text_column,
         labels_column=args.labels_column,
         label_format=args.label_format,
+        precision=args.precision,
     )
     print(format_summary(report))
     print(format_shares(report))

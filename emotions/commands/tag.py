@@ -49,11 +49,12 @@ def add_tag_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs per actor (default: 0)")
     parser.add_argument(
         "--precision",
-        choices=["auto", "fp32", "bf16", "int8"],
+        choices=["auto", "fp32", "bf16", "int8", "onnx-int8", "onnx-fp32"],
         default=None,
-        help="auto (default): int8 on CPU when the bundle's recorded check rules out a "
-        "held-out macro-F1 loss over 0.01, else fp32; fp32 on GPU. bf16/int8 only "
-        "when that check passes (run before tagging if the bundle has none)",
+        help="auto (default): on CPU the fastest of ONNX Runtime int8 and fp32, torch int8, and "
+        "bf16 where the CPU computes it natively, among those whose check rules out a held-out "
+        "macro-F1 loss over 0.01 (recorded in the bundle by training, or run once on this kind "
+        "of CPU), else torch fp32; fp32 on GPU. Any other value: that runtime, only if its check passes",
     )
     parser.add_argument(
         "--skip-bad-files",

@@ -47,7 +47,6 @@ from emotions.tagging.predictor import (
     ENCODER_BATCH,
     load_bundle_tokenizer,
     predict_tokens,
-    prepare_model,
     tokenize_texts,
 )
 from emotions.tagging.settings import TaggingError, TaggingSettings
@@ -71,13 +70,15 @@ def write_outputs(
     plan: ActorPlan,
     model_hash: str,
     max_length: int,
+    exported: bytes | None = None,
     stop=None,
 ) -> float | None:
     """Tag ``files`` into the staging folder, on Ray workers only: files of text through the Ray
     Data pipeline, whose actors write part files and report them here, then one ``merge_parts``
     task per file once its parts hold all its rows; files without rows, or whose text column holds
     no text (every row flagged), by one ``flag_file`` task each. The driver counts rows and
-    records the markers the tasks return; ``stop`` (an Event) set stops it. Returns the seconds
+    records the markers the tasks return; ``exported``: the ONNX graph of an ONNX runtime, sent to
+    the actors; ``stop`` (an Event) set stops it. Returns the seconds
     until the first parts were reported (actor start-up, mostly), if the pipeline ran."""
     import ray
 
@@ -93,7 +94,9 @@ def write_outputs(
     startup_s = None
     if readable:
         start = time.perf_counter()
-        pipeline = tag_pipeline(input_fs, readable, staging, schema, column_types, s, plan, model_hash, max_length)
+        pipeline = tag_pipeline(
+            input_fs, readable, staging, schema, column_types, s, plan, model_hash, max_length, exported
+        )
         ledger = PartLedger(readable)
         merge = ray.remote(merge_parts).options(num_cpus=MERGE_CPUS)
         progress = Progress("tagging", sum(f.rows for f in readable), unit="rows")
@@ -124,6 +127,7 @@ def tag_pipeline(
     plan: ActorPlan,
     model_hash: str,
     max_length: int,
+    exported: bytes | None = None,
 ):
     """The Ray Data pipeline over ``files``: a Dataset of PART_SCHEMA rows, one per part file the
     Tagger actors wrote into the staging folder (__file: the part's input file, an index in
@@ -174,6 +178,7 @@ def tag_pipeline(
             "threads": plan.threads,
             "use_gpu": plan.gpus > 0,
             "precision": s.precision,
+            "exported": exported,
             "schema": schema,
             "text_column": s.text_column,
             "staging": staging.target.uri_of(STAGING),
@@ -263,7 +268,8 @@ def _token_ids(batch: pa.Table, flagged: np.ndarray):
 
 
 class Tagger:
-    """A Ray Data actor: loads the bundle once, then tags a batch of rows and writes them as part
+    """A Ray Data actor: loads the bundle once (and its runtime: ``precision.runtime_model``; an
+    ONNX runtime from the ``exported`` bytes the driver sent), then tags a batch of rows and writes them as part
     files into the staging folder (``write_parts``).
 
     Batch in: __file, __text (or __ids from the Tokenizer stage), __error, carried columns.
@@ -280,11 +286,13 @@ class Tagger:
         text_column: str,
         staging: str,
         names: list[str],
+        exported: bytes | None = None,
     ):
         start = time.perf_counter()
         import torch
 
         from emotions.bundle import BundleError, load_bundle
+        from emotions.precision import runtime_model
 
         environment.setup_logging()  # a fresh worker process: its lines reach the driver's log
         os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the actor's threads are torch's alone
@@ -296,7 +304,7 @@ class Tagger:
                 f"model bundle {model} changed while tagging (hash {self.bundle.hash}, "
                 f"expected {model_hash}); re-run against an unchanging bundle"
             )
-        self.model, self.precision = prepare_model(self.bundle.model, precision), precision
+        self.model, self.precision = runtime_model(self.bundle, precision, threads, exported), precision
         self.schema, self.text_column = schema, text_column
         self.staging, self.names = Folder.from_uri(staging), names
         log.info(

@@ -1,8 +1,8 @@
-"""The encoder at a precision, as tagging's actors run it: the bundle's tokenizer, tokenizing
-with a character cap, the forward pass, and which precision a run tags at (``resolve_precision``).
+"""The encoder on a runtime, as tagging's actors run it: the bundle's tokenizer, tokenizing
+with a character cap, the forward pass, and which runtime a run tags with (``resolve_precision``).
 
-The precision gate itself (``check_precision``, MAX_F1_LOSS, int8 quantization) is
-``emotions.precision``: training records its verdict in every bundle, and tagging reads it here.
+The precision gate itself (``check_runtimes``, MAX_F1_LOSS, the runtimes) is
+``emotions.precision``: training records its verdicts in every bundle, and tagging reads them here.
 """
 
 from __future__ import annotations
@@ -11,8 +11,7 @@ import logging
 
 import numpy as np
 
-from emotions.precision import CPU_BATCH, PrecisionError, check_precision, kernels
-from emotions.precision import prepare_model as prepare_model  # the actors' (pipeline.py) way in
+from emotions.precision import CPU_BATCH, RUNTIMES, PrecisionError, auto_candidates, fastest_allowed, known_checks
 from emotions.storage import Folder
 from emotions.tagging.settings import TaggingError
 
@@ -55,39 +54,57 @@ def tokenize_texts(texts: list[str], tokenizer, max_length: int):
 
 def predict_tokens(model, data, pad_id: int, batch_size: int, precision: str, device: str) -> np.ndarray:
     """[n] tokenized texts -> [n, 28] probabilities (float32): ``inference.run_rows``, the loop
-    evaluation and training score with, at the tagging run's precision and device. An int8 model
-    comes quantized (``prepare_model``)."""
+    evaluation and training score with, at the tagging run's precision and device. ``model`` is
+    the runtime's (``precision.runtime_model``)."""
     from emotions.inference import run_rows  # torch: not imported by Ray Data's read tasks
 
     return run_rows(model, data, pad_id, batch_size=batch_size, device=device, precision=precision).cpu().numpy()
 
 
-def resolve_precision(bundle, requested: str, gpu: bool) -> tuple[str, dict | None]:
-    """(precision to tag at, the check that allows it or that refused int8 under "auto").
-    "auto": int8 on CPU when the bundle's recorded check passed (``save_checked_bundle``), else
-    fp32; fp32 on GPU. bf16/int8: the recorded check if made with these kernels, else one run
-    now (``precision.check_precision``); a failed check raises TaggingError."""
+def resolve_precision(bundle, requested: str, gpu: bool) -> tuple[str, dict | None, dict]:
+    """(runtime to tag with, the check that allows it, every check consulted {name: check}).
+    "auto": on GPU fp32; on CPU the fastest runtime of ``auto_candidates()`` the gate allows
+    (``fastest_allowed``), from the checks recorded in the bundle at training time or cached on
+    this machine, the missing ones run now (``known_checks``); fp32 if none is faster, or if the
+    gate cannot run. Any other name but fp32: its check, recorded or run now; a refusal raises
+    TaggingError."""
     if requested == "fp32" or (requested == "auto" and gpu):
-        return "fp32", None
-    recorded = (bundle.metrics.get("precision_checks") or {}).get("int8" if requested == "auto" else requested)
-    if recorded and recorded.get("kernels") == kernels():
-        recorded = {**recorded, "source": "the bundle's metrics.json"}
-    else:
-        recorded = None
-    if requested == "auto":
-        if recorded and recorded["allowed"]:
-            return "int8", recorded
-        log.info(
-            "tagging in fp32: %s",
-            recorded["verdict"]
-            if recorded
-            else "the bundle records no int8 check made with these kernels (--precision int8 runs one)",
-        )
-        return "fp32", recorded
+        return "fp32", None, {}
+    names = auto_candidates() if requested == "auto" else [requested]
     try:
-        check = recorded or {**check_precision(bundle, requested), "source": "checked now"}
+        checks = known_checks(bundle, names)
     except PrecisionError as error:
-        raise TaggingError(str(error)) from error
+        if requested != "auto":
+            raise TaggingError(str(error)) from error
+        log.warning("tagging in fp32: %s", error)
+        return "fp32", None, {}
+    if requested == "auto":
+        chosen = fastest_allowed(checks)
+        for name, check in checks.items():
+            log.info("%s %s: %s", "chose" if name == chosen else "considered", name, check["verdict"])
+        log.info("tagging with %s (--precision auto)", chosen)
+        return chosen, checks.get(chosen), checks
+    check = checks[requested]
     if not check["allowed"]:
         raise TaggingError(check["verdict"])
-    return requested, check
+    return requested, check, checks
+
+
+def runtime_bytes(bundle, name: str) -> bytes | None:
+    """The exported graph an ONNX runtime runs (from the local cache, or exported now), which the
+    driver sends its actors so that no node exports; None for the torch runtimes."""
+    backend, precision = RUNTIMES[name]
+    if backend != "onnxruntime":
+        return None
+    from emotions.onnx_model import OnnxExportError, onnx_bytes
+
+    try:
+        return onnx_bytes(bundle, precision)
+    except OnnxExportError as error:
+        raise TaggingError(str(error)) from error
+
+
+def check_summary(check: dict) -> dict:
+    """The fields of a gate check a tagged output's manifest keeps."""
+    keys = ("allowed", "change", "interval_95", "rows_changed", "speedup", "kernels", "source")
+    return {k: check.get(k) for k in keys}

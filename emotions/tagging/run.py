@@ -20,13 +20,14 @@ from pathlib import Path
 import pyarrow as pa
 
 from emotions import cluster, environment, storage
+from emotions.precision import RUNTIMES
 from emotions.storage import Folder
 from emotions.tagging.actor_plan import ActorPlan, plan_actors
 from emotions.tagging.commit import FORMAT, MANIFEST, check_output
 from emotions.tagging.inputs import InputFile, inspect_inputs, output_schema, resolve_inputs
 from emotions.tagging.output_lease import check_lease, remove_leftover_staging, writing
 from emotions.tagging.pipeline import write_outputs
-from emotions.tagging.predictor import resolve_precision
+from emotions.tagging.predictor import check_summary, resolve_precision, runtime_bytes
 from emotions.tagging.report_reference import validation_reference
 from emotions.tagging.reuse import check_committed, reusable
 from emotions.tagging.settings import TaggingError, TaggingSettings, check_settings
@@ -112,9 +113,10 @@ def tag_corpus(
     bundle = load_bundle(settings.model)
     model_hash, max_length = bundle.hash, bundle.max_length
     requested = settings.precision
-    precision, precision_check = resolve_precision(bundle, requested, gpu=settings.gpus_per_actor > 0)
-    settings = replace(settings, precision=precision)  # the output's key names the precision used
+    precision, precision_check, checks = resolve_precision(bundle, requested, gpu=settings.gpus_per_actor > 0)
+    settings = replace(settings, precision=precision)  # the output's key names the runtime used
     reference = validation_reference(bundle.metrics)  # what the report sets each label's share beside
+    exported = runtime_bytes(bundle, precision)  # an ONNX runtime's graph (cached), sent to the actors
     del bundle  # the actors load their own copy; the driver only needed to check it
     key = settings.output_key(model_hash)
     schema, column_types = output_schema(files, settings)
@@ -151,7 +153,17 @@ def tag_corpus(
                 "keeping %d of %d files of the committed output: their inputs did not change", len(kept), len(files)
             )
         startup_s = write_outputs(
-            input_fs, pending, staging, schema, column_types, settings, plan, model_hash, max_length, stop=lease.lost
+            input_fs,
+            pending,
+            staging,
+            schema,
+            column_types,
+            settings,
+            plan,
+            model_hash,
+            max_length,
+            exported=exported,
+            stop=lease.lost,
         )
         tagged = time.perf_counter()
 
@@ -174,9 +186,11 @@ def tag_corpus(
             skipped_bytes=skipped_bytes,
         )
         manifest["key"] = key
-        manifest["precision"] = settings.precision  # the thresholds were checked for this precision
+        manifest["precision"] = settings.precision  # the thresholds were checked for this runtime
+        manifest["backend"], manifest["numeric_precision"] = RUNTIMES[settings.precision]
         manifest["precision_requested"] = requested
-        manifest["precision_check"] = precision_check  # None for fp32 (the thresholds' own) unless auto refused int8
+        manifest["precision_check"] = precision_check  # None for fp32: the thresholds' own
+        manifest["precision_checks"] = {n: check_summary(c) for n, c in checks.items()}  # what auto chose from
         manifest["reference"] = reference  # the bundle's validation shares (report_reference.py)
         if before_commit is not None:
             before_commit()
