@@ -87,14 +87,18 @@ def export_bundle(bundle, precision: str) -> Path:
         return path
     fp32 = onnx_path(bundle.hash, "fp32")
     if not fp32.exists():
-        start = time.perf_counter()
-        _write_whole(fp32, lambda tmp: export_fp32(bundle.model, bundle.tokenizer, bundle.max_length, bundle.hash, tmp))
-        worst = verify_export(bundle.model, bundle.tokenizer, bundle.max_length, fp32)
+        start, worst = time.perf_counter(), []
+
+        def export_and_verify(tmp: Path) -> None:  # verified before it enters the cache
+            export_fp32(bundle.model, bundle.tokenizer, bundle.max_length, bundle.hash, tmp)
+            worst.append(verify_export(bundle.model, bundle.tokenizer, bundle.max_length, tmp))
+
+        _write_whole(fp32, export_and_verify)
         log.info(
             "exported bundle %s to ONNX in %.1fs (largest logit difference from torch %.1e): %s",
             bundle.hash,
             time.perf_counter() - start,
-            worst,
+            worst[0],
             fp32,
         )
     if precision == "int8":
@@ -202,7 +206,7 @@ def verify_export(model, tokenizer, max_length: int, path: Path) -> float:
     padding = max(float(np.abs(rows[0] - row).max()) for rows in alone.values() for row in rows)
     if worst > EXPORT_TOLERANCE or padding > EXPORT_TOLERANCE:
         raise OnnxExportError(
-            f"the ONNX export of {path.parent.name} does not match the torch model: largest logit "
+            f"the ONNX export of bundle {session.bundle_hash} does not match the torch model: largest logit "
             f"difference {worst:.2e}, largest change of a row's logits with its padding {padding:.2e} "
             f"(allowed {EXPORT_TOLERANCE:.0e}); tag with a torch precision (--precision fp32, bf16 or int8)"
         )

@@ -15,7 +15,7 @@ from emotions.batching import collate, tokenize
 from emotions.bundle import load_bundle
 from emotions.data import load_labelled
 from emotions.inference import run_rows
-from emotions.precision import PrecisionError, runtime_model
+from emotions.precision import PrecisionError, check_runtimes, runtime_model
 
 
 @pytest.fixture
@@ -98,3 +98,13 @@ def test_a_graph_that_drops_the_mask_or_belongs_to_another_bundle_is_refused(bun
         other = copy.copy(bundle)
         other.hash = "other"
         runtime_model(bundle, "onnx-fp32", exported=onnx_model.onnx_bytes(other, "fp32"))
+
+
+def test_an_export_that_fails_its_check_never_enters_the_cache(bundle, monkeypatch):
+    monkeypatch.setattr(onnx_model, "EXPORT_TOLERANCE", -1.0)  # no export can pass
+    with pytest.raises(onnx_model.OnnxExportError, match=f"export of bundle {bundle.hash} does not match"):
+        onnx_model.export_bundle(bundle, "int8")
+    folder = onnx_model.onnx_path(bundle.hash, "fp32").parent
+    assert not folder.exists() or not list(folder.iterdir())  # neither the graph nor a temp file
+    with pytest.raises(PrecisionError, match="does not match the torch model"):  # the gate says so
+        check_runtimes(bundle, ["onnx-int8"])

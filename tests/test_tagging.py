@@ -669,3 +669,20 @@ def test_auto_precision_picks_the_fastest_runtime_the_recorded_checks_allow(smok
     monkeypatch.setattr(gate, "MAX_F1_LOSS", -1.0)  # no interval rules out every loss
     with pytest.raises(TaggingError, match=r"int8 vs fp32 .* is not ruled out: tag in fp32"):
         predictor.resolve_precision(bundle, "int8", gpu=False)
+
+
+def test_onnx_int8_tags_through_ray_with_the_graph_the_driver_sent(smoke_bundle, corpus, tmp_path, monkeypatch):
+    monkeypatch.setattr(gate, "MAX_F1_LOSS", 1.0)  # the smoke bundle's verdict known in advance: allowed
+    out = tmp_path / "onnx"
+    summary = tag_corpus(smoke_bundle, corpus / "handmade.parquet", out, precision="onnx-int8", probabilities=True)
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert summary.rows_out == len(HANDMADE) and manifest["precision"] == "onnx-int8"
+    assert (manifest["backend"], manifest["numeric_precision"]) == ("onnxruntime", "int8")
+    assert manifest["precision_check"]["allowed"] and set(manifest["precision_checks"]) == {"onnx-int8"}
+    rows = {r["id"]: r for r in read_output(out).to_pylist()}
+    ids = [i for i, (_, error) in HANDMADE.items() if error is None]
+    expected = load_bundle(smoke_bundle).predict_proba([HANDMADE[i][0] for i in ids], precision="onnx-int8")
+    got = np.array([[rows[i][f"p_{name}"] for name in EMOTIONS] for i in ids])
+    # int8 quantizes activations per pass, and the actors' passes hold other rows
+    np.testing.assert_allclose(got, expected, atol=0.05)
+    assert all(rows[i]["error"] == error for i, (_, error) in HANDMADE.items())
