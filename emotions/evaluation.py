@@ -431,17 +431,33 @@ def paired_change(
     labels = np.asarray(labels).astype(bool)
     rng = np.random.default_rng(seed)
     point, spread = {"reference": 0.0, "candidate": 0.0}, np.zeros(resamples)
+    tagged = {"reference": np.zeros(labels.shape[1]), "candidate": np.zeros(labels.shape[1])}  # held out
     for fit, scored in _folds(labels, seed):
         thresholds = fit_thresholds(reference[fit], labels[fit], rule)
         y, a, b = labels[scored], reference[scored] >= thresholds, candidate[scored] >= thresholds
         point["reference"] += float(macro_f1(y, a)[0]) / 2
         point["candidate"] += float(macro_f1(y, b)[0]) / 2
+        tagged["reference"] += a.sum(axis=0)
+        tagged["candidate"] += b.sum(axis=0)
         counts = rng.multinomial(len(scored), np.full(len(scored), 1 / len(scored)), size=resamples)
         spread += (macro_f1(y, b, counts) - macro_f1(y, a, counts)) / 2
     thresholds = fit_thresholds(reference, labels, rule)
     changed = ((reference >= thresholds) != (candidate >= thresholds)).any(axis=1).mean()
     low, high = np.percentile(spread, [2.5, 97.5])
+    # How much more often the candidate tags a label than the reference does, held out, among labels
+    # with SHARE_JUDGED or more positives: a runtime can keep macro-F1 and still over-tag a label.
+    judged = np.flatnonzero(labels.sum(axis=0) >= SHARE_JUDGED)
+    ratios = tagged["candidate"][judged] / np.maximum(tagged["reference"][judged], 1)
+    worst = int(judged[np.argmax(ratios)]) if len(judged) else None
     return {
+        "share_change": None
+        if worst is None
+        else {
+            "label": EMOTIONS[worst],
+            "ratio": float(ratios.max()),
+            "reference_share": float(tagged["reference"][worst] / len(labels)),
+            "candidate_share": float(tagged["candidate"][worst] / len(labels)),
+        },
         "heldout_macro_f1_reference": point["reference"],
         "heldout_macro_f1_candidate": point["candidate"],
         "change": point["candidate"] - point["reference"],

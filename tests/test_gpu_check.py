@@ -74,6 +74,7 @@ def test_tagging_and_quality_parts_run_on_the_smoke_bundle(gpu_check, smoke_bund
     make_corpus(tmp_path / "corpus", rows=200, files=2, seed=1)
     # bf16 must pass the precision gate; with its bound set, the verdict is known in advance.
     monkeypatch.setattr(gate, "MAX_F1_LOSS", -1.0)  # no interval rules out every loss: refused
+    monkeypatch.setattr(gate, "MAX_SHARE_CHANGE", float("inf"))  # the F1 bound alone decides
     part = gpu_check.tag_part(str(smoke_bundle), tmp_path / "corpus", tmp_path / "refused", "bf16", 0.0)
     assert part.keys() == {"precision", "refused"} and part["precision"] == "bf16"  # a refusal is a result
     assert "is not ruled out: tag in fp32" in part["refused"] and not (tmp_path / "refused").exists()

@@ -140,6 +140,14 @@ def test_heldout_halves_are_stratified_and_paired_change_sees_a_real_loss():
     noisy = np.clip(probs + rng.normal(0, 0.3, probs.shape), 0, 1)  # a much worse candidate
     worse = paired_change(labels, probs, noisy, resamples=200)
     assert worse["interval_95"][1] < 0 and worse["rows_changed"] > 0.5
+    assert same["share_change"]["ratio"] == 1.0
+    # A candidate that tags one label on every row: held out, counted against the reference's tags of it.
+    label = int(np.argmax(labels.sum(0)))
+    flooded = probs.copy()
+    flooded[:, label] = 1.0
+    over = paired_change(labels, probs, flooded, resamples=200)["share_change"]
+    assert over["label"] == EMOTIONS[label] and over["candidate_share"] == 1.0
+    assert over["ratio"] == pytest.approx(1.0 / over["reference_share"])
 
 
 def test_macro_f1_leaves_out_absent_labels_so_subsets_compare():

@@ -486,6 +486,7 @@ def test_precision_is_refused_past_the_tolerance_and_recorded_in_the_manifest(
     smoke_bundle, corpus, tmp_path, monkeypatch
 ):
     monkeypatch.setattr(gate, "MAX_F1_LOSS", -1.0)  # no interval rules out every loss
+    monkeypatch.setattr(gate, "MAX_SHARE_CHANGE", float("inf"))  # the F1 bound alone decides
     with pytest.raises(TaggingError, match=r"bf16 vs fp32 .* held-out .* is not ruled out: tag in fp32"):
         tag_corpus(smoke_bundle, corpus / "handmade.parquet", tmp_path / "refused", precision="bf16")
     assert not (tmp_path / "refused").exists()  # refused before anything was written
@@ -493,6 +494,8 @@ def test_precision_is_refused_past_the_tolerance_and_recorded_in_the_manifest(
         tag_corpus(smoke_bundle, corpus, tmp_path / "gpu", precision="int8", gpus_per_actor=1)
 
     monkeypatch.setattr(gate, "MAX_F1_LOSS", 1.0)  # any change passes
+
+    monkeypatch.setattr(gate, "MAX_SHARE_CHANGE", float("inf"))
     out = tmp_path / "bf16"
     summary = tag_corpus(smoke_bundle, corpus / "handmade.parquet", out, precision="bf16", num_actors=1)
     manifest = json.loads((out / MANIFEST).read_text())
@@ -660,6 +663,7 @@ def test_auto_precision_picks_the_fastest_runtime_the_recorded_checks_allow(smok
     # now, its verdict decides, and it is cached for this machine. The bound makes the verdict known.
     bundle.metrics["precision_checks"] = {**recorded, "int8": {**recorded["int8"], "kernels": "torch 0.0, other"}}
     monkeypatch.setattr(gate, "MAX_F1_LOSS", 1.0)  # any change passes
+    monkeypatch.setattr(gate, "MAX_SHARE_CHANGE", float("inf"))
     precision, check, _ = predictor.resolve_precision(bundle, "int8", gpu=False)
     assert precision == "int8" and check["allowed"] and check["max_loss"] == 1.0
     assert check["source"] == "checked now" and check["kernels"] == gate.kernels("int8")
@@ -673,6 +677,7 @@ def test_auto_precision_picks_the_fastest_runtime_the_recorded_checks_allow(smok
 
 def test_onnx_int8_tags_through_ray_with_the_graph_the_driver_sent(smoke_bundle, corpus, tmp_path, monkeypatch):
     monkeypatch.setattr(gate, "MAX_F1_LOSS", 1.0)  # the smoke bundle's verdict known in advance: allowed
+    monkeypatch.setattr(gate, "MAX_SHARE_CHANGE", float("inf"))
     out = tmp_path / "onnx"
     summary = tag_corpus(smoke_bundle, corpus / "handmade.parquet", out, precision="onnx-int8", probabilities=True)
     manifest = json.loads((out / MANIFEST).read_text())
