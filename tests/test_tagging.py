@@ -453,7 +453,8 @@ def test_precision_is_checked_on_the_validation_split_and_stays_close_to_fp32(
     low, high = check["interval_95"]
     assert check["heldout_macro_f1_reference"] > 0 and low <= check["change"] <= high
     assert check["change"] == pytest.approx(check["heldout_macro_f1_candidate"] - check["heldout_macro_f1_reference"])
-    assert check["allowed"] == (low > -MAX_F1_LOSS) and 0 <= check["rows_changed"] <= 1
+    shares_kept = check["share_change"]["ratio"] <= gate.MAX_SHARE_CHANGE  # no label over-tagged against fp32
+    assert check["allowed"] == (low > -MAX_F1_LOSS and shares_kept) and 0 <= check["rows_changed"] <= 1
     # The actor's own code path, called in this process: same batch, fp32 and the other precision.
     block = pq.read_table(corpus / "handmade.parquet").append_column("path", pa.array(["h"] * len(HANDMADE)))
     batch = normalize_block(block, ["h"], "body", {"id": pa.string()})
