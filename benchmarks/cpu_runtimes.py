@@ -14,7 +14,8 @@ One bundle, one process, all threads; every variant scores the same texts throug
 
 For each: rows/s on ``--rows`` dev texts per pass size, and the gate's held-out macro-F1 change
 against torch fp32 on the bundle's validation split (``evaluation.paired_change``, thresholds fitted
-on torch fp32 outputs, 95% interval; passes when a loss over 0.01 is ruled out).
+on torch fp32 outputs, 95% interval; passes when a loss over 0.01 is ruled out and no label is
+tagged over 1.5x as often as in fp32).
 
     python benchmarks/cpu_runtimes.py --model BUNDLE [--rows 3000 --passes 16 32]
 
@@ -42,7 +43,7 @@ from emotions.data import load_labelled
 from emotions.environment import setup_logging
 from emotions.evaluation import paired_change, rule_of
 from emotions.inference import run_rows
-from emotions.precision import MAX_F1_LOSS, cpu_kind, quantize_int8, validation_set
+from emotions.precision import MAX_F1_LOSS, MAX_SHARE_CHANGE, cpu_kind, quantize_int8, validation_set
 
 RESULTS = Path(__file__).parent / "results" / "cpu_runtimes.json"
 
@@ -188,7 +189,9 @@ def main() -> None:
                     change=check["change"],
                     interval_95=check["interval_95"],
                     rows_changed=check["rows_changed"],
-                    passes=check["interval_95"][0] > -MAX_F1_LOSS,
+                    share_change=check["share_change"],
+                    passes=check["interval_95"][0] > -MAX_F1_LOSS
+                    and check["share_change"]["ratio"] <= MAX_SHARE_CHANGE,
                 )
             results["variants"][name] = row
             print(name, json.dumps(row, default=float), flush=True)
