@@ -183,10 +183,10 @@ class Bundle:
         [n, hidden] pooled features (float32). ``precision``: a runtime of ``precision.RUNTIMES``
         (int8 and the ONNX runtimes on CPU only)."""
         from emotions.inference import run_rows
-        from emotions.precision import RUNTIMES, runtime_model
+        from emotions.precision import GPU_RUNTIMES, RUNTIMES, runtime_model
 
         device = next(self.model.parameters()).device
-        if precision not in RUNTIMES or (device.type != "cpu" and precision not in ("fp32", "bf16")):
+        if precision not in RUNTIMES or (device.type != "cpu" and precision not in GPU_RUNTIMES):
             raise ValueError(f"precision {precision!r} on {device.type}: use one of {sorted(RUNTIMES)} (CPU)")
         data = tokenize(texts, np.zeros((len(texts), len(EMOTIONS))), self.tokenizer, self.max_length)
         model = runtime_model(self, precision)

@@ -248,7 +248,7 @@ class OnnxClassifier:
 
 def load_onnx(bundle, precision: str, threads: int | None = None) -> OnnxClassifier:
     """The bundle's ONNX model at ``precision`` (exported now if the cache lacks it), ready to run."""
-    return OnnxClassifier(export_bundle(bundle, precision).read_bytes(), threads)
+    return OnnxClassifier(onnx_bytes(bundle, precision), threads)
 
 
 def onnx_bytes(bundle, precision: str) -> bytes:

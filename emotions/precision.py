@@ -48,6 +48,7 @@ RUNTIMES = {
     "onnx-fp32": ("onnxruntime", "fp32"),
     "onnx-int8": ("onnxruntime", "int8"),
 }
+GPU_RUNTIMES = ("fp32", "bf16")  # the others run on CPU only
 
 
 class PrecisionError(ValueError):
@@ -111,7 +112,7 @@ def native_bf16() -> bool:
     return any(f in cpu_kind().split()[1:] for f in ("avx512_bf16", "amx_bf16", "bf16"))
 
 
-def kernels(name: str = "int8") -> str:
+def kernels(name: str) -> str:
     """What a check of runtime ``name`` depends on besides the bundle: the runtime's version and
     kernels, and the kind of CPU."""
     import torch

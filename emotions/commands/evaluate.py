@@ -8,6 +8,8 @@ HELP = "metrics of a bundle on labelled data"
 
 
 def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    from emotions.precision import RUNTIMES
+
     parser.add_argument("--model", required=True, help="model bundle folder")
     parser.add_argument(
         "--data",
@@ -21,7 +23,7 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--precision",
         default="fp32",
-        choices=["fp32", "bf16", "int8", "onnx-fp32", "onnx-int8"],
+        choices=list(RUNTIMES),
         help="runtime to score with (default fp32, torch): the numbers tagging at that precision gives",
     )
 

@@ -15,6 +15,8 @@ def comma_list(text: str) -> list[str]:
 def add_tag_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of ``emotions tag`` (and ``emotions nightly``). Every dest is a keyword of
     ``tagging.tag_corpus``, so ``tag_options`` passes a new flag on without a table."""
+    from emotions.precision import RUNTIMES
+
     parser.add_argument("--model", required=True, help="model bundle folder (or URI)")
     parser.add_argument(
         "--input",
@@ -49,7 +51,7 @@ def add_tag_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs per actor (default: 0)")
     parser.add_argument(
         "--precision",
-        choices=["auto", "fp32", "bf16", "int8", "onnx-int8", "onnx-fp32"],
+        choices=["auto", *RUNTIMES],
         default=None,
         help="auto (default): on CPU the fastest of ONNX Runtime int8 and fp32, torch int8, and "
         "bf16 where the CPU computes it natively, among those whose check rules out a held-out "

@@ -116,14 +116,14 @@ def tag_corpus(
     precision, precision_check, checks = resolve_precision(bundle, requested, gpu=settings.gpus_per_actor > 0)
     settings = replace(settings, precision=precision)  # the output's key names the runtime used
     reference = validation_reference(bundle.metrics)  # what the report sets each label's share beside
-    exported = runtime_bytes(bundle, precision)  # an ONNX runtime's graph (cached), sent to the actors
-    del bundle  # the actors load their own copy; the driver only needed to check it
     key = settings.output_key(model_hash)
     schema, column_types = output_schema(files, settings)
     unchanged = check_committed(target, previous, key, files, bad, overwrite or keep_unchanged, force=overwrite)
     if unchanged:
         remove_leftover_staging(target)
         return unchanged
+    exported = runtime_bytes(bundle, precision)  # an ONNX runtime's graph (cached), sent to the actors
+    del bundle  # the actors load their own copy; the driver only needed to check it
     inspected = time.perf_counter()
 
     cluster.connect(ray_address)

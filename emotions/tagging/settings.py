@@ -11,8 +11,9 @@ from pydantic.dataclasses import dataclass
 
 from emotions.config import SETTINGS, Bool, Float, Int, Problems, Str, describe_errors
 from emotions.labels import EMOTIONS
+from emotions.precision import GPU_RUNTIMES, RUNTIMES
 
-Precision = Literal["fp32", "bf16", "int8", "onnx-fp32", "onnx-int8"]
+Precision = Literal[tuple(RUNTIMES)]  # emotions.precision.RUNTIMES
 PRECISIONS = get_args(Precision)
 ON_BAD_FILE = ("fail", "skip")
 RESERVED = (
@@ -75,14 +76,14 @@ class TaggingSettings:
     cpus_per_actor: Annotated[Int, Field(ge=1)] = 1  # torch threads per actor
     gpus_per_actor: Annotated[Float, Field(ge=0)] = 0.0
     # auto: on CPU the fastest runtime the precision gate allows (emotions.precision), else fp32.
-    precision: Literal["auto", "fp32", "bf16", "int8", "onnx-fp32", "onnx-int8"] = "auto"
+    precision: Literal[("auto", *RUNTIMES)] = "auto"
     tokenize_stage: Bool | None = None  # None: a Tokenizer stage on GPU runs, in the actors on CPU
     on_bad_file: Literal["fail", "skip"] = "fail"  # an unreadable input file stops the job, or is listed
 
     @model_validator(mode="after")
     def _check_together(self) -> TaggingSettings:
         problems = []
-        if self.precision in ("int8", "onnx-fp32", "onnx-int8") and self.gpus_per_actor > 0:
+        if self.precision not in ("auto", *GPU_RUNTIMES) and self.gpus_per_actor > 0:
             fix = "use --precision bf16 or fp32 on GPUs, or drop --gpus-per-actor"
             problems.append(("precision", f"{self.precision} is for CPU inference: {fix}"))
         if self.text_column == self.id_column:
