@@ -12,6 +12,7 @@ date with real tagging.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import signal
 import subprocess
@@ -35,6 +36,7 @@ from emotions.nightly import (
     plan_dates,
     tag_nightly,
 )
+from emotions.nightly.run import StopTime, parse_duration, parse_stop_by, resolve_stop
 from emotions.storage import Folder
 from emotions.tagging import tag_corpus
 
@@ -540,6 +542,105 @@ def test_a_run_that_lost_its_lease_before_the_commit_commits_nothing(tmp_path):
     assert not (tmp_path / "tagged" / FAILURES).exists()  # not a failure of the date: the rival tags it
     assert [c.owner for c in rival.claims()] == ["rival"]  # the lost run left the rival's lease alone
     assert "lease lost before the commit, not committed" in "\n".join(report.lines())
+
+
+# ----------------------------------------------------------------------------- a wall-clock stop
+
+
+def utc(text: str) -> float:
+    return dt.datetime.fromisoformat(text).replace(tzinfo=dt.timezone.utc).timestamp()
+
+
+def nightly_argv(root: Path, *extra: str) -> list[str]:
+    return [
+        "--model",
+        "no-model",
+        "--input",
+        f"{root}/dumps/dt={{date}}/",
+        "--output",
+        f"{root}/tagged/dt={{date}}/",
+        "--until",
+        "2026-12-31",
+        *extra,
+    ]
+
+
+def test_a_run_that_starts_after_its_stop_tags_nothing_and_exits_0(tmp_path, capsys):
+    """A RayJob retry that starts after --stop-by: nothing tagged, the dates left for the next
+    night, exit 0 (so KubeRay does not retry again)."""
+    for day in ("2026-09-01", "2026-09-02"):
+        write_dump(f"{tmp_path}/dumps", day)
+    code, out = run_job(nightly_argv(tmp_path, "--stop-by", "2026-01-01T06:00Z"), capsys)
+    assert code == 0, out
+    assert (
+        "left for the next run, out of time (no date is started after 2026-01-01 06:00:00 UTC "
+        "(--stop-by 2026-01-01T06:00Z)): 2026-09-01, 2026-09-02" in out
+    ), out
+    assert "nightly: tagged 0 date(s), 0 failed" in out and "2 out of time" in out
+    assert not (tmp_path / "tagged").exists()  # no lease taken, nothing staged
+
+    code, out = run_job(nightly_argv(tmp_path, "--stop-after", "5h", "--stop-by", "2026-01-01T07:00+01:00"), capsys)
+    assert code == 0 and "(--stop-by 2026-01-01T07:00+01:00)): 2026-09-01, 2026-09-02" in out, out  # the earlier
+    code, out = run_job(nightly_argv(tmp_path, "--stop-by", "2026-01-01T06:00", "--dry-run"), capsys)
+    assert code == 0 and "would tag 2026" not in out and "would tag 0 date(s)" in out and "2 out of time" in out, out
+
+
+def test_a_stop_that_passes_while_a_date_is_tagged_commits_it_and_leaves_the_rest(tmp_path):
+    days = ["2026-10-01", "2026-10-02", "2026-10-03"]
+    for day in days:
+        write_dump(f"{tmp_path}/dumps", day)
+    now = [utc("2026-10-04T05:30")]
+    tagger = StandInTagger()
+    tagger.on_tag = lambda output: now.__setitem__(0, now[0] + 3600)  # a date takes an hour
+    stop = StopTime(utc("2026-10-04T06:00"), "--stop-by 06:00")
+    report = nightly(tmp_path, tagger, stop=stop, clock=lambda: now[0])
+    assert [d for d, _ in report.committed] == days[:1] and report.out_of_time == days[1:] and report.ok
+    assert (tmp_path / "tagged" / "dt=2026-10-01" / "_SUCCESS").exists()  # the date in hand is finished
+    assert not (tmp_path / "tagged" / "dt=2026-10-02").exists()  # the others are not started
+    assert (
+        "left for the next run, out of time (no date is started after 2026-10-04 06:00:00 UTC "
+        "(--stop-by 06:00)): 2026-10-02, 2026-10-03" in report.lines()
+    )
+    assert report.lines()[-1].endswith(", 2 out of time") and not report.deferred
+
+    tagger.failing = {days[1]}  # a failure before the stop: the run goes on, and exits 1
+    now[0] = utc("2026-10-05T04:30")
+    report = nightly(tmp_path, tagger, stop=StopTime(utc("2026-10-05T06:00")), clock=lambda: now[0])
+    assert [d for d, _ in report.failed] == days[1:2] and [d for d, _ in report.committed] == days[2:]
+    assert not report.out_of_time and not report.ok
+
+
+def test_stop_flags_read_the_same_instant_on_every_attempt_and_refuse_bad_values(tmp_path, capsys):
+    """--stop-by HH:MM is the occurrence within 12 h of the start, so a night's retries share it;
+    --stop-after counts from the start; with both, the earlier wins."""
+    night = utc("2026-12-08T06:00")
+    for start in ("2026-12-08T02:30", "2026-12-08T08:00", "2026-12-08T17:59", "2026-12-07T23:30"):
+        assert parse_stop_by("06:00", utc(start)) == night, start
+    assert parse_stop_by("06:00", utc("2026-12-08T18:30")) == night + 86400  # the next night's
+    assert parse_stop_by("2026-12-08T06:00Z", 0) == parse_stop_by("2026-12-08T07:00+01:00", 0) == night
+    assert parse_stop_by("2026-12-08T06:00", 0) == night  # no offset: UTC
+    assert [parse_duration(t) for t in ("5h", "90m", "3600s", "1.5h")] == [18000, 5400, 3600, 5400]
+
+    start = utc("2026-12-08T02:30")
+    assert resolve_stop("06:00", "5h", start) == StopTime(night, "--stop-by 06:00")
+    assert resolve_stop("06:00", "90m", start) == StopTime(start + 5400, "--stop-after 90m")
+    assert resolve_stop(None, None, start) is None
+    with pytest.raises(NightlyError, match="--stop-after '5' is not a duration"):
+        resolve_stop(None, "5", start)
+
+    from emotions.cli import main
+
+    for flag, value, message in [
+        ("--stop-by", "6am", "'6am' is not a time: give HH:MM in UTC (e.g. 06:00) or an ISO date-time"),
+        ("--stop-by", "24:00", "'24:00' is not a time of day: give HH:MM from 00:00 to 23:59"),
+        ("--stop-by", "2026-12-08", "'2026-12-08' is not a time"),
+        ("--stop-after", "5", "'5' is not a duration: give a number above 0 and a unit, e.g. 3600s, 90m or 5h"),
+        ("--stop-after", "0h", "'0h' is not a duration"),
+    ]:
+        with pytest.raises(SystemExit) as exit:
+            main(["nightly", *nightly_argv(tmp_path, flag, value)])
+        err = capsys.readouterr().err
+        assert exit.value.code == 2 and f"argument {flag}: {message}" in err, err
 
 
 def test_a_file_added_after_its_date_was_committed_is_tagged_by_the_next_run(smoke_bundle, local_ray, tmp_path, capsys):

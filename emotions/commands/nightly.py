@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import time
 
 from emotions.commands import tag
 
 HELP = (
     "tag every untagged (or changed) date of date-partitioned dumps ({date} in --input and "
-    "--output); exit 0: no date failed, 1: a date failed, 2: cannot start"
+    "--output); exit 0: no date failed (dates left for lack of time included), 1: a date failed, "
+    "2: cannot start"
 )
 
 
@@ -85,6 +87,23 @@ def add_nightly_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="DAYS",
         help=f"retry a set-aside date this long after its last failure (default: {SET_ASIDE_RETRY_S / 86400:g})",
     )
+    parser.add_argument(
+        "--stop-by",
+        type=stop_by_flag,
+        default=None,
+        metavar="TIME",
+        help="start no date after this wall-clock time, the same for every retry of a night: HH:MM in UTC "
+        "(the one within 12 h of the start, ahead or already passed) or an ISO date-time, e.g. "
+        "2026-12-08T06:00Z; the date in hand is finished, the others are left for the next run (exit 0)",
+    )
+    parser.add_argument(
+        "--stop-after",
+        type=duration_flag,
+        default=None,
+        metavar="DURATION",
+        help="start no date once this long has passed since the start, e.g. 5h, 90m, 3600s (a retry "
+        "starts counting again: --stop-by holds across retries); with --stop-by, the earlier wins",
+    )
 
 
 def date_flag(text: str) -> str:
@@ -117,6 +136,28 @@ def seconds(above_zero: bool):
     return parse
 
 
+def stop_by_flag(text: str) -> str:
+    from emotions.nightly import NightlyError
+    from emotions.nightly.run import parse_stop_by
+
+    try:
+        parse_stop_by(text, time.time())  # read again, relative to the run's start, by run_nightly
+    except NightlyError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
+def duration_flag(text: str) -> str:
+    from emotions.nightly import NightlyError
+    from emotions.nightly.run import parse_duration
+
+    try:
+        parse_duration(text)
+    except NightlyError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
 def marker_name(text: str) -> str:
     if "/" in text:
         raise argparse.ArgumentTypeError(
@@ -126,11 +167,15 @@ def marker_name(text: str) -> str:
 
 
 def run_nightly(args: argparse.Namespace) -> int:
-    """Exit status: 0 when no date failed (nothing to do and waiting dates included), 1 when a
-    date failed (the others are still tagged), 2 (from ``main``) when the run cannot start."""
+    """Exit status: 0 when no date failed (nothing to do, waiting dates and dates left out of time
+    by --stop-by/--stop-after included), 1 when a date failed (the others are still tagged), 2
+    (from ``main``) when the run cannot start."""
     from emotions.nightly import tag_nightly, yesterday_utc
+    from emotions.nightly.run import resolve_stop
 
+    started = time.time()  # --stop-after counts from here, --stop-by HH:MM is read relative to it
     check_nightly_flags(args)
+    stop = resolve_stop(args.stop_by, args.stop_after, started)
     options = tag.tag_options(args)
     model, inputs, output = options.pop("model"), options.pop("inputs"), options.pop("output")
     report = tag_nightly(
@@ -148,6 +193,7 @@ def run_nightly(args: argparse.Namespace) -> int:
         min_age_s=args.min_age,
         set_aside_after=args.set_aside_after,
         set_aside_retry_s=args.set_aside_retry_days * 86400,
+        stop=stop,
         **options,
     )
     for line in report.lines():

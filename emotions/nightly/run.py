@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
+import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from emotions.leases import LEASE_TTL_S, SETTLE_S, Claim, Lease, new_owner
@@ -28,12 +31,78 @@ log = logging.getLogger("emotions.nightly")
 LEASES = "_leases"  # beside the date partitions of the output; _-prefixed: Hive/Spark readers skip it
 MAX_DATES = 7  # dates tagged (or failed) per run, oldest first
 BASELINE_NIGHTS = 7  # a night's report compares it with this many earlier committed nights, pooled
+STOP_BY_WINDOW_S = 12 * 3600.0  # --stop-by HH:MM is the occurrence of that time within this of the start
+DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}  # --stop-after 3600s, 90m, 5h
 
 DateLease = Lease  # a lease named by a date: DateLease(folder, "2026-11-25", owner)
 
 
 class LeaseLost(RuntimeError):
     """Raised before a commit by a run whose lease on the date was taken over: it commits nothing."""
+
+
+@dataclass(frozen=True)
+class StopTime:
+    """The wall-clock time after which a run starts no new date: ``at`` (epoch seconds), and the
+    flag it came from (``--stop-by 06:00``), which the report names."""
+
+    at: float
+    flag: str = ""
+
+    def __str__(self) -> str:
+        when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.at))
+        return f"{when} ({self.flag})" if self.flag else when
+
+
+def parse_stop_by(text: str, now: float) -> float:
+    """``--stop-by``, in epoch seconds: an ISO date-time (``2026-12-08T06:00Z``,
+    ``2026-12-08T07:00+01:00``; UTC when it has no offset) or ``HH:MM`` in UTC. ``HH:MM`` is the
+    occurrence of that time nearest ``now``: at most 12 h ahead, else up to 12 h back, which has
+    passed. So every attempt of one night reads the same instant: a run that starts at 02:30 and
+    its retries at 08:00 or 14:00 all read 06:00 of that day (the retries start no date), and a
+    run at 23:30 reads 06:00 the next morning. NightlyError when ``text`` is neither."""
+    text = text.strip()
+    if match := re.fullmatch(r"(\d{1,2}):(\d{2})", text):
+        hour, minute = int(match[1]), int(match[2])
+        if hour > 23 or minute > 59:
+            raise NightlyError(f"{text!r} is not a time of day: give HH:MM from 00:00 to 23:59 (UTC)")
+        start = dt.datetime.fromtimestamp(now, dt.timezone.utc)
+        today = start.replace(hour=hour, minute=minute, second=0, microsecond=0).timestamp()
+        # the three candidates are 24 h apart: exactly one is in (now - 12 h, now + 12 h]
+        return next(t for t in (today - 86400, today, today + 86400) if -STOP_BY_WINDOW_S < t - now <= STOP_BY_WINDOW_S)
+    try:
+        when = dt.datetime.fromisoformat(text) if re.search(r"\d[T ]\d{1,2}:\d{2}", text) else None
+    except ValueError:
+        when = None
+    if when is None:
+        raise NightlyError(
+            f"{text!r} is not a time: give HH:MM in UTC (e.g. 06:00) or an ISO date-time (e.g. 2026-12-08T06:00Z)"
+        )
+    return (when if when.tzinfo else when.replace(tzinfo=dt.timezone.utc)).timestamp()
+
+
+def parse_duration(text: str) -> float:
+    """``--stop-after``: ``3600s``, ``90m``, ``5h`` or ``1.5h`` in seconds (above 0)."""
+    match = re.fullmatch(r"(\d+(?:\.\d*)?)([smh])", text.strip())
+    if not match or float(match[1]) <= 0:
+        raise NightlyError(f"{text!r} is not a duration: give a number above 0 and a unit, e.g. 3600s, 90m or 5h")
+    return float(match[1]) * DURATION_UNITS[match[2]]
+
+
+def resolve_stop(stop_by: str | None, stop_after: str | None, now: float) -> StopTime | None:
+    """The earlier of ``--stop-by`` and ``now`` + ``--stop-after`` (None when neither is given);
+    ``now`` is when the run started. NightlyError names the flag of a bad value."""
+    stops = []
+    for flag, text, parse in (
+        ("--stop-by", stop_by, lambda t: parse_stop_by(t, now)),
+        ("--stop-after", stop_after, lambda t: now + parse_duration(t)),
+    ):
+        if text:
+            try:
+                stops.append(StopTime(parse(text), f"{flag} {text}"))
+            except NightlyError as error:
+                raise NightlyError(f"{flag} {error}") from None
+    return min(stops, key=lambda s: s.at, default=None)
 
 
 @dataclass
@@ -49,6 +118,8 @@ class NightlyReport:
     waiting: list[tuple[str, str]] = field(default_factory=list)  # (date, why its dump is not ready)
     set_aside: list[tuple[str, str]] = field(default_factory=list)  # (date, failures; next retry), not tried
     deferred: list[str] = field(default_factory=list)  # pending, left for the next run (max_dates)
+    out_of_time: list[str] = field(default_factory=list)  # pending, not started: ``stop`` had passed
+    stop: StopTime | None = None  # no date is started after this
     lost: list[str] = field(default_factory=list)  # lease lost before the commit: not committed by this run
     planned: list[str] = field(default_factory=list)  # dry run: the dates a run would try, in order
     dry_run: bool = False
@@ -69,6 +140,11 @@ class NightlyReport:
         out += [f"skipped {d}: no dump ({why})" for d, why in self.no_dump]
         if self.deferred:
             out.append(f"left for the next run (--max-dates): {', '.join(self.deferred)}")
+        if self.out_of_time:
+            out.append(
+                f"left for the next run, out of time (no date is started after {self.stop}): "
+                f"{', '.join(self.out_of_time)}"
+            )
         if self.lost:
             out.append(
                 f"lease lost before the commit, not committed (the run holding it commits): {', '.join(self.lost)}"
@@ -78,6 +154,7 @@ class NightlyReport:
             f"nightly: {work} date(s), {len(self.failed)} failed, {len(self.already)} already "
             f"committed, {len(self.leased)} leased by other runs, {len(self.reopened)} re-opened, "
             f"{len(self.waiting)} waiting, {len(self.set_aside)} set aside"
+            + (f", {len(self.out_of_time)} out of time" if self.out_of_time else "")
         )
         return out
 
@@ -101,6 +178,8 @@ def tag_nightly(
     min_age_s: float = 0.0,
     set_aside_after: int = SET_ASIDE_AFTER,
     set_aside_retry_s: float = SET_ASIDE_RETRY_S,
+    stop: StopTime | None = None,
+    clock: Callable[[], float] = time.time,
     tagger=None,
     **tag_options,
 ) -> NightlyReport:
@@ -118,6 +197,11 @@ def tag_nightly(
     Dates another run holds are tried once more when those leases would expire unless renewed
     (``recheck_leased``): the holder may be a killed attempt of this same night (a RayJob retry
     starts while its lease is still live), and then this run takes the date over.
+
+    Once ``stop`` has passed (by ``clock``, epoch seconds) no date is started: the date in hand is
+    finished and committed, the dates not started go to ``report.out_of_time`` (not a failure),
+    and a run that starts after ``stop`` tags nothing. A RayJob's retries read the same absolute
+    ``stop`` (``--stop-by``), so it bounds the whole night, not one attempt.
 
     Raises NightlyError (or a TaggingError/StorageError) before any work for what a user can fix."""
     input_templates = [DateTemplate.parse(text, "--input") for text in inputs]
@@ -157,8 +241,19 @@ def tag_nightly(
     report.already, report.no_dump, report.waiting = plan.committed, plan.no_dump, plan.waiting
     # A date named with --date is tried even if set aside; the search puts set-aside dates last.
     pending = plan.pending if date else order_failed_last(plan, failures, report, clean=not dry_run)
+    report.stop = stop
+
+    def out_of_time() -> bool:
+        return stop is not None and clock() >= stop.at
+
+    if stop is not None:
+        log.info("no date is started after %s%s", stop, "; that has passed: nothing to do" if out_of_time() else "")
     if dry_run:
-        report.dry_run, report.planned, report.deferred = True, pending[:max_dates], pending[max_dates:]
+        report.dry_run = True
+        if out_of_time():
+            report.out_of_time = pending
+        else:
+            report.planned, report.deferred = pending[:max_dates], pending[max_dates:]
         report.reopened = [(d, plan.reopened[d]) for d in report.planned if d in plan.reopened]
         return report
 
@@ -194,18 +289,28 @@ def tag_nightly(
         if not budget_left():
             report.deferred = pending[i:]
             break
+        if out_of_time():
+            report.out_of_time = pending[i:]
+            log.warning("%s has passed: not starting %s; a later run tags them", stop, ", ".join(pending[i:]))
+            break
         holder = attempt(day)
         if holder:
             held.append((day, holder))
-    if held and recheck_leased and budget_left():
+    if held and recheck_leased and budget_left() and not out_of_time():
         wait = min(max(c.expires for _, c in held) - time.time(), lease_ttl_s) + settle_s
-        log.info(
-            "%d date(s) leased by other runs; checking them again in %.0f s, when their leases expire unless renewed",
-            len(held),
-            wait,
-        )
-        time.sleep(max(wait, 0.0))
-        held = [(day, attempt(day) if budget_left() else holder) for day, holder in held]
+        if stop is not None and clock() + wait >= stop.at:
+            log.info(
+                "%d date(s) leased by other runs; not waiting %.0f s for their leases: past %s", len(held), wait, stop
+            )
+        else:
+            log.info(
+                "%d date(s) leased by other runs; checking them again in %.0f s, when their leases expire unless "
+                "renewed",
+                len(held),
+                wait,
+            )
+            time.sleep(max(wait, 0.0))
+            held = [(day, attempt(day) if budget_left() and not out_of_time() else holder) for day, holder in held]
     report.leased += [(day, holder.owner) for day, holder in held if holder]  # after any output busy
     return report
 
