@@ -31,6 +31,13 @@ readers skip it), the report names it, and it is retried only once ``set_aside_r
 run, so a few dates that always fail never use up ``max_dates`` ahead of new nights. A success
 clears the record.
 
+Stopping in time (``stop``: ``--stop-by``/``--stop-after``, ``StopTime``). A run starts no date
+once its stop has passed: the date in hand is finished and committed, the others are reported
+"out of time" and left for the next run, and that shortfall alone is a success (exit 0), so a
+RayJob does not retry it. ``--stop-by 06:00`` names one instant that every attempt of a night
+reads alike (the 06:00 UTC within 12 hours of the attempt's start), so a retried RayJob, whose
+``activeDeadlineSeconds`` starts again with each attempt, still stops at 06:00.
+
 Leases (``emotions.leases``). When KubeRay catches up on missed schedules it starts several
 runs at once; they find the same dates, so each run takes a lease on a date before tagging it
 and skips dates leased by another run. A lease is a small JSON object (owner, expiry) in
