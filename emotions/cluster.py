@@ -4,7 +4,8 @@ Ray Train worker layout those nodes allow.
     emotions CLI / jobs ──connect(address)──▶ ray.init (once per process)
     training ──nodes()──▶ resolve_scaling(config.scaling, up, at_max) ──▶ workers x CPUs, device
     tuning, head sweep ──resources()──▶ how many trials fit at once
-    tagging ──node_cpus(), gpus()──▶ actor pool sizes
+    tagging ──nodes()──▶ plan_actors(settings, up, at_max) ──▶ an autoscaling actor pool, min..max
+    head sweep ──node_cpus()──▶ threads of the feature task
 
 Everything else in the package asks this module; nothing else imports ``ray._private``. The
 autoscaler's largest size has no public API in Ray 2.60: it is read here, from the same internal
@@ -62,13 +63,6 @@ def node_cpus() -> list[float]:
     import ray
 
     return [float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n["Alive"]]
-
-
-def gpus() -> float:
-    """The GPUs in the cluster now."""
-    import ray
-
-    return float(ray.cluster_resources().get("GPU", 0))
 
 
 def _autoscaler_node_groups():
@@ -149,7 +143,10 @@ def describe_layout(scaling: ScalingSettings) -> str:
     """``2 workers x 1 CPU (1 torch thread each), CPU`` for concrete settings."""
     n, c = scaling.num_workers, scaling.cpus_per_worker
     device = "1 GPU each" if scaling.use_gpu else "CPU"
-    return f"{n} worker{'s' * (n != 1)} x {c} CPU{'s' * (c != 1)} ({c} torch thread{'s' * (c != 1)} each), {device}"
+    layout = f"{n} worker{'s' * (n != 1)} x {c} CPU{'s' * (c != 1)} ({c} torch thread{'s' * (c != 1)} each), {device}"
+    if n > 1:
+        layout += f", placement {scaling.placement}, gradient compression {scaling.gradient_compression}"
+    return layout
 
 
 def _layout_on(scaling: ScalingSettings, nodes: list[dict[str, float]]) -> tuple[int, int, str] | None:
@@ -179,6 +176,11 @@ def _layout_on(scaling: ScalingSettings, nodes: list[dict[str, float]]) -> tuple
     workers = sum(c // scaling.cpus_per_worker for c in counts)
     how = f"as many {scaling.cpus_per_worker}-CPU workers as the {len(counts)} CPU node(s) hold"
     return (workers, scaling.cpus_per_worker, how) if workers else None
+
+
+def describe_nodes(nodes: list[dict[str, float]] | None) -> str:
+    """``1 x (CPU 0), 2 x (CPU 8, GPU 1)`` (``nodes()``'s lists, for logs), or ``none``."""
+    return _describe_nodes(nodes or [])
 
 
 def _describe_nodes(nodes: list[dict[str, float]]) -> str:

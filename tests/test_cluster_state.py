@@ -37,7 +37,7 @@ def test_a_local_ray_without_an_autoscaler_is_sized_by_its_nodes_up(local_ray):
     assert at_max is None
     now, largest = cluster.resources()
     assert now["CPU"] == 2.0 and largest is None
-    assert cluster.node_cpus() == [2.0] and cluster.gpus() == 0.0
+    assert cluster.node_cpus() == [2.0]
 
 
 @pytest.fixture

@@ -44,7 +44,16 @@ def add_tag_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         metavar="N",
-        help="actor pool size (default: one per --cpus-per-actor CPUs, or per GPU)",
+        help="the most tagging actors (default: one per --cpus-per-actor CPUs, or per GPU, of the nodes the "
+        "autoscaler can bring up, else of those up now); GPU actors are capped at the GPUs the autoscaler can bring",
+    )
+    parser.add_argument(
+        "--min-actors",
+        type=int,
+        default=None,
+        metavar="N",
+        help="the fewest tagging actors (default: 1): the pool starts with what the nodes up now hold and grows "
+        "as nodes join, and runs on what it gets rather than waiting for --actors",
     )
     parser.add_argument("--batch-size", type=int, default=1024, help="rows per actor call (default: 1024)")
     parser.add_argument("--cpus-per-actor", type=int, default=1, help="torch threads per actor (default: 1)")

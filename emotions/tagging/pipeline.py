@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 import uuid
 
@@ -136,7 +137,7 @@ def tag_pipeline(
 
     paths = [f.path for f in files]
     needed = list(dict.fromkeys([s.id_column, s.text_column, *s.keep_columns]))
-    units = plan_reads(files, s.batch_size, plan.actors)
+    units = plan_reads(files, s.batch_size, plan.max_actors)
     ds = ray.data.from_items(units, override_num_blocks=max(1, len(units)))
     ds = ds.map_batches(
         read_units,
@@ -157,7 +158,11 @@ def tag_pipeline(
             Tokenizer,
             batch_size=s.batch_size,
             batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=plan.tokenizers),
+            compute=ray.data.ActorPoolStrategy(
+                min_size=min(plan.min_actors, plan.tokenizers),
+                max_size=plan.tokenizers,
+                initial_size=min(plan.initial_actors, plan.tokenizers),
+            ),
             num_cpus=plan.tokenizer_cpus,
             fn_constructor_kwargs={
                 "model": s.model,
@@ -169,7 +174,7 @@ def tag_pipeline(
         Tagger,
         batch_size=s.batch_size,
         batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=plan.actors),
+        compute=tagger_pool(plan),
         num_cpus=plan.cpus_reserved,
         num_gpus=plan.gpus or None,
         fn_constructor_kwargs={
@@ -184,6 +189,40 @@ def tag_pipeline(
             "staging": staging.target.uri_of(STAGING),
             "names": [f.output_name for f in files],
         },
+    )
+
+
+def tagger_pool(plan: ActorPlan):
+    """The Tagger actors' pool: Ray Data's autoscaling actor pool, plan.min_actors to
+    plan.max_actors, starting with plan.initial_actors; two calls at once per actor, so that one
+    batch's part write overlaps the next batch's encoder pass (``Tagger.__call__``).
+
+    What Ray Data 2.60 does with it (read in its source, ``ray/data/_internal``):
+    - it starts ``initial_size`` actors and does not wait for them (``DataContext.wait_for_min_actors_s``
+      is -1): tasks go to the actors that are up, the others stay pending until their node joins
+      (``execution/operators/actor_pool_map_operator.py: ActorPoolMapOperator.start``);
+    - it adds actors while the pool's utilization (tasks in flight / (actors x calls per actor)) is
+      at least 1.75, never past ``max_size`` nor past what the cluster's resources up now leave the
+      operator (``actor_autoscaler/default_actor_autoscaler.py:
+      DefaultActorAutoscaler._derive_target_scaling_config``, ``_get_max_scale_up``); with 2 calls
+      and 4 tasks in flight per actor the utilization reaches 2.0, so a busy pool grows;
+    - it removes an idle (or pending) actor while the utilization is at most 0.5, not within 10 s
+      of growing and never below ``min_size`` (same function; ``_ActorPool._can_apply_request``):
+      reads that cannot keep the pool busy shrink it, and ``--min-actors`` keeps a floor;
+    - it asks the cluster's autoscaler for nodes for up to ``max_size`` actors as throughput calls
+      for them (``cluster_autoscaler/rate_based_cluster_autoscaler.py``, the default), and the
+      pending actors are a demand the autoscaler sees too;
+    - once every input is consumed it scales the pool down, pending actors included.
+    So a night with fewer GPUs than ``max_size`` runs on the actors it gets, and one that gets
+    more nodes later grows into them."""
+    import ray
+
+    return ray.data.ActorPoolStrategy(
+        min_size=plan.min_actors,
+        max_size=plan.max_actors,
+        initial_size=plan.initial_actors,
+        max_concurrent_calls_per_actor=2,  # one call on the model, one writing its parts
+        enable_true_multi_threading=True,  # else Ray Data runs an actor's calls one at a time
     )
 
 
@@ -275,6 +314,8 @@ class Tagger:
     Batch in: __file, __text (or __ids from the Tokenizer stage), __error, carried columns.
     Batch out: PART_SCHEMA rows, one per part file written."""
 
+    write = staticmethod(write_parts)  # the part writer; tests put a slow or a failing one in its place
+
     def __init__(
         self,
         model: str,
@@ -307,6 +348,7 @@ class Tagger:
         self.model, self.precision = runtime_model(self.bundle, precision, threads, exported), precision
         self.schema, self.text_column = schema, text_column
         self.staging, self.names = Folder.from_uri(staging), names
+        self.model_lock = threading.Lock()  # one batch on the model at a time (see __call__)
         log.info(
             "tagging actor ready in %.1fs (%s, %d threads, %s)",
             time.perf_counter() - start,
@@ -316,7 +358,15 @@ class Tagger:
         )
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return write_parts(self.tag(batch), self.staging, self.names, self.schema)
+        """Tag ``batch`` holding the model, then write its parts having let go of it: Ray Data runs
+        two calls at once on each actor (``tagger_pool``), so one batch's part write (to S3: seconds)
+        overlaps the next batch's encoder pass instead of leaving the GPU idle. A call returns its
+        parts' rows only once every part is written, so the driver never counts (nor merges) a part
+        that is not in storage; a write that fails raises from this call, and its parts, reported
+        by no one, are never merged (Ray retries the batch, or the run stops: nothing committed)."""
+        with self.model_lock:
+            tagged = self.tag(batch)
+        return self.write(tagged, self.staging, self.names, self.schema)
 
     def tag(self, batch: pa.Table) -> pa.Table:
         """A normalized batch -> __file + the output columns."""

@@ -35,6 +35,7 @@ FLAGS = {
     "id_column": "--id-column",
     "keep_columns": "--keep-columns",
     "num_actors": "--actors",
+    "min_actors": "--min-actors",
     "batch_size": "--batch-size",
     "cpus_per_actor": "--cpus-per-actor",
     "gpus_per_actor": "--gpus-per-actor",
@@ -69,8 +70,12 @@ class TaggingSettings:
     keep_columns: tuple[Name, ...] = ()
     probabilities: Bool = False  # add the 28 p_<label> columns
     overwrite: Bool = False  # replace a committed output
-    # None = one per cpus_per_actor CPUs (per gpus_per_actor GPUs).
+    # The most actors; None = one per cpus_per_actor CPUs (per gpus_per_actor GPUs) of the nodes the
+    # autoscaler can bring up (else of those up now). See emotions.tagging.actor_plan.
     num_actors: Annotated[Int | None, Field(ge=1)] = None
+    # The fewest: the pool starts with what fits now (at least these) and grows as nodes join;
+    # None = 1, so a night with fewer GPUs than asked runs on those it gets.
+    min_actors: Annotated[Int | None, Field(ge=1)] = None
     # Rows per actor call; sorted by length into ENCODER_BATCH passes.
     batch_size: Annotated[Int, Field(ge=1)] = 1024
     cpus_per_actor: Annotated[Int, Field(ge=1)] = 1  # torch threads per actor
@@ -86,6 +91,9 @@ class TaggingSettings:
         if self.precision not in ("auto", *GPU_RUNTIMES) and self.gpus_per_actor > 0:
             fix = "use --precision bf16 or fp32 on GPUs, or drop --gpus-per-actor"
             problems.append(("precision", f"{self.precision} is for CPU inference: {fix}"))
+        if self.min_actors and self.num_actors and self.min_actors > self.num_actors:
+            fix = "give --min-actors at most --actors"
+            problems.append(("min_actors", f"{self.min_actors} is more than --actors {self.num_actors}: {fix}"))
         if self.text_column == self.id_column:
             fix = "give two different names (--text-column, --id-column)"
             problems.append(("id_column", f"{self.id_column!r} is the text column too: {fix}"))
