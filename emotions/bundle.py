@@ -11,7 +11,8 @@ the project's own files sit beside them under their own names:
     model.safetensors      the encoder's weights, named as AutoModel.from_pretrained expects
     tokenizer.json, tokenizer_config.json, vocab.txt, ...   the tokenizer (save_pretrained)
     head.safetensors       the classification head's weights: [batch, hidden] -> [batch, 28]
-    bundle.json            format, version, labels, thresholds, head, pooling, max_length
+    bundle.json            format, version, labels, thresholds (and the precision they were fitted
+                           at: ``thresholds_precision``), head, pooling, max_length
     emotions_config.json   the resolved training config
     metrics.json           validation metrics at 0.5 and at the thresholds, training history
     manifest.json          sha256 of every file above and the bundle's content hash
@@ -104,10 +105,13 @@ def save_bundle(
     thresholds: np.ndarray,
     config: dict,
     metrics: dict,
+    thresholds_precision: dict | None = None,
 ) -> Path:
     """Write the bundle into ``output`` and return its path. ``weights`` is the classifier's
-    state dict (``encoder.*`` and ``head.*``). An earlier bundle there is replaced whole; a
-    folder holding anything else is refused (``check_output_folder``)."""
+    state dict (``encoder.*`` and ``head.*``). ``thresholds_precision``: the outputs the thresholds
+    were fitted on (``precision.fit_precision``); None: unknown (a bundle re-saved from one made
+    before it was recorded). An earlier bundle there is replaced whole; a folder holding anything
+    else is refused (``check_output_folder``)."""
     check_output_folder(output)
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -128,6 +132,7 @@ def save_bundle(
                 "version": VERSION,
                 "labels": list(EMOTIONS),
                 "thresholds": {name: float(t) for name, t in zip(EMOTIONS, thresholds)},
+                "thresholds_precision": thresholds_precision,
                 "head": head,
                 "max_length": config["data"]["max_length"],
                 "encoder": config["model"]["encoder"],
@@ -173,6 +178,10 @@ class Bundle:
     hash: str
     config: dict
     metrics: dict
+    # The outputs the thresholds were fitted on ({"backend", "numeric_precision", "matmuls",
+    # "device"}); None: unknown, a bundle made before it was recorded (a GPU run then fitted them
+    # on bf16 outputs).
+    thresholds_precision: dict | None = None
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -265,6 +274,12 @@ def read_bundle(path: Path, device: str = "cpu", verify: bool = True) -> Bundle:
         model.load_state_dict(load_file(str(path / "model.safetensors")))
     model.to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(path / layout.tokenizer), trust_remote_code=False)
+    if meta.get("thresholds_precision") is None:
+        log.info(
+            "model bundle %s does not record the precision its thresholds were fitted at (made before it was "
+            "recorded): unknown; the precision gate compares runtimes against torch fp32",
+            path,
+        )
     return Bundle(
         path=path,
         model=model,
@@ -274,7 +289,28 @@ def read_bundle(path: Path, device: str = "cpu", verify: bool = True) -> Bundle:
         hash=content_hash,
         config=json.loads((path / layout.training_config).read_text()),
         metrics=json.loads((path / "metrics.json").read_text()),
+        thresholds_precision=meta.get("thresholds_precision"),
     )
+
+
+def bundle_files(path: Path) -> dict[str, bytes]:
+    """Every file of the local bundle folder ``path`` (relative POSIX path -> bytes): how a bundle
+    travels to a Ray task on a node that cannot read this one's disk (``load_bundle_files``)."""
+    path = Path(path)
+    return {p.relative_to(path).as_posix(): p.read_bytes() for p in path.rglob("*") if p.is_file()}
+
+
+def load_bundle_files(files: dict[str, bytes], bundle_hash: str, device: str = "cpu") -> Bundle:
+    """The bundle ``bundle_files`` read, loaded on ``device`` from a temporary folder (removed once
+    loaded: ``Bundle.path`` then names a folder that is gone) and checked to be ``bundle_hash``."""
+    with tempfile.TemporaryDirectory(prefix="emotions-bundle-") as tmp:
+        for name, data in files.items():
+            (Path(tmp) / name).parent.mkdir(parents=True, exist_ok=True)
+            (Path(tmp) / name).write_bytes(data)
+        bundle = load_bundle(tmp, device=device)  # verifies every file against the manifest
+    if bundle.hash != bundle_hash:
+        raise BundleError(f"the bundle's files sent to this task are bundle {bundle.hash}, expected {bundle_hash}")
+    return bundle
 
 
 def read_meta(path: Path) -> dict:

@@ -543,6 +543,8 @@ def evaluate_bundle(
         rule=rule_of(bundle.config),
     )
     report["thresholds_fitted_on"] = fitted_on
+    # The outputs they were fitted on (torch fp32, IEEE matmuls); "unknown": a bundle made before it was recorded.
+    report["thresholds_precision"] = bundle.thresholds_precision or "unknown"
     report["precision"] = precision
     if report_dir is not None:
         write_evaluation_report(report, report_dir, title=f"Evaluation of {str(model).rstrip('/').rsplit('/', 1)[-1]}")

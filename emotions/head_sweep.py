@@ -6,7 +6,9 @@ features of the train and validation texts are written to
 ``<run.storage_path>/features/<key>.safetensors`` (a local file or an object; the key covers the
 bundle's hash, the data settings and the pooling), put in the object store once, and every trial
 trains only a fresh head on them: seconds per trial instead of an encoder pass. A later sweep over
-the same bundle and data reuses the file. The best head is written into a copy of the source bundle.
+the same bundle and data reuses the file. The best head is written into a copy of the source bundle,
+its thresholds fitted on fp32 outputs (features encoded again in fp32 where the sweep's were bf16,
+on a GPU with native bf16), and gated on CPU and, when the cluster has a GPU, on one.
 """
 
 from __future__ import annotations
@@ -30,13 +32,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from emotions import cluster, environment, storage
-from emotions.bundle import Bundle, BundleError, check_output_folder, load_bundle
+from emotions.bundle import Bundle, bundle_files, check_output_folder, load_bundle_files
 from emotions.config import ConfigError, TrainConfig, from_dict
 from emotions.evaluation import evaluation_report, fit_bundle_thresholds, validation_scores
 from emotions.evaluation_report import format_summary
 from emotions.inference import head_probs
 from emotions.model import build_head
-from emotions.precision import save_checked_bundle
+from emotions.precision import describe_device, fit_precision, save_checked_bundle
 from emotions.training import (
     WeightAverage,
     build_optimizer,
@@ -138,7 +140,7 @@ def cached_features(source: Bundle, config: TrainConfig, cache_dir: str) -> tupl
         len(validation),
         source.hash,
     )
-    encoded, info = encode_on_ray(source, {"train": train.texts, "validation": validation.texts})
+    encoded, info = encode_on_ray(source, {"train": train.texts, "validation": validation.texts}, "sweep")
     features = {
         "train_x": encoded["train"],
         "train_y": train.labels.astype(np.float32),
@@ -165,18 +167,33 @@ def read_metadata(blob: bytes) -> dict[str, str]:
     return json.loads(blob[8 : 8 + size]).get("__metadata__", {})
 
 
-def encode_on_ray(source: Bundle, texts: dict[str, list[str]]) -> tuple[dict[str, np.ndarray], dict]:
-    """{split: [n] texts} -> ({split: [n, hidden] features}, where they were computed), by one Ray
-    task: on a GPU when the cluster has (or can scale to) one, else on the largest node's CPUs.
+def encode_on_ray(
+    source: Bundle, texts: dict[str, list[str]], purpose: str = "sweep"
+) -> tuple[dict[str, np.ndarray], dict]:
+    """{split: [n] texts} -> ({split: [n, hidden] features}, where and at what precision they were
+    computed), by one Ray task: on a GPU when the cluster has (or can scale to) one, else on the
+    largest node's CPUs. ``purpose`` "sweep": at ``feature_precision``; "thresholds": IEEE fp32.
     The bundle travels as its files through the object store, so the task may run on a node that
     cannot read the driver's disk; the task loads them and checks the content hash."""
-    current, maximum = cluster.resources()
-    use_gpu = max(current.get("GPU", 0), (maximum or {}).get("GPU", 0)) > 0
-    files = {p.relative_to(source.path).as_posix(): p.read_bytes() for p in source.path.rglob("*") if p.is_file()}
+    use_gpu = cluster_has_gpu()
     # One CPU reserved, the largest node's CPUs as threads: asking Ray for the whole node waits
     # forever while any other actor holds a fraction of it.
     task = encode_texts.options(num_gpus=1, num_cpus=1) if use_gpu else encode_texts.options(num_cpus=1)
-    return ray.get(task.remote(ray.put(files), source.hash, texts, "cuda" if use_gpu else "cpu", node_cpus()))
+    files = ray.put(bundle_files(source.path))
+    return ray.get(task.remote(files, source.hash, texts, "cuda" if use_gpu else "cpu", node_cpus(), purpose))
+
+
+def cluster_has_gpu() -> bool:
+    """Whether the connected cluster has, or its autoscaler may start, a GPU."""
+    current, maximum = cluster.resources()
+    return max(current.get("GPU", 0), (maximum or {}).get("GPU", 0)) > 0
+
+
+def feature_precision(device) -> str:
+    """The precision the sweep's features are encoded at on ``device`` (a ``precision.Device``):
+    bf16 on a GPU that computes it natively (the features only feed heads trained in float32);
+    fp32 elsewhere (emulated bf16 on a T4 or V100 is slower than fp32)."""
+    return "bf16" if device.kind == "cuda" and device.bf16 else "fp32"
 
 
 def node_cpus() -> int:
@@ -186,26 +203,27 @@ def node_cpus() -> int:
 
 @ray.remote(max_retries=1)
 def encode_texts(
-    files: dict[str, bytes], bundle_hash: str, texts: dict[str, list[str]], device: str, threads: int = 1
+    files: dict[str, bytes],
+    bundle_hash: str,
+    texts: dict[str, list[str]],
+    device: str,
+    threads: int = 1,
+    purpose: str = "sweep",
 ) -> tuple[dict[str, np.ndarray], dict]:
-    """Ray task: write the bundle's files to a temporary folder, load it on ``device`` and encode
-    (``threads`` torch threads on CPU)."""
+    """Ray task: load the bundle's files on ``device`` and encode (``threads`` torch threads on
+    CPU), at ``feature_precision`` for a sweep, at IEEE fp32 for thresholds."""
     start = time.perf_counter()
     torch.set_num_threads(max(1, threads))
-    with tempfile.TemporaryDirectory(prefix="emotions-encoder-") as tmp:
-        for name, data in files.items():
-            (Path(tmp) / name).parent.mkdir(parents=True, exist_ok=True)
-            (Path(tmp) / name).write_bytes(data)
-        bundle = load_bundle(tmp, device=device)  # verifies every file against the manifest
-        if bundle.hash != bundle_hash:
-            raise BundleError(f"the encoder task got bundle {bundle.hash}, expected {bundle_hash}")
-        # bf16 on a GPU: features only feed a head trained in float32 (Bundle.features returns float32).
-        precision = "bf16" if device == "cuda" else "fp32"
-        encoded = {split: bundle.features(split_texts, precision=precision) for split, split_texts in texts.items()}
+    bundle = load_bundle_files(files, bundle_hash, device=device)  # verifies every file and the hash
+    hardware = describe_device(device)
+    precision = feature_precision(hardware) if purpose == "sweep" else "fp32"
+    encoded = {split: bundle.features(split_texts, precision=precision) for split, split_texts in texts.items()}
     context = ray.get_runtime_context()
     name = f"cuda ({torch.cuda.get_device_name()})" if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     info = {
         "device": name,
+        "device_kind": hardware.kind,
+        "precision": precision,
         "node_id": context.get_node_id(),
         "worker_id": context.get_worker_id(),
         "pid": os.getpid(),
@@ -241,7 +259,7 @@ def train_head(config: TrainConfig, features: dict[str, np.ndarray], report) -> 
         metrics = {
             "stage": "stage2",
             "epoch": epoch + 1,
-            "train_loss": float(np.mean(losses)),
+            "train_loss": losses.mean(),
             **validation_scores(features["validation_y"], probs, rule=config.thresholds.rule()),
             "epoch_seconds": time.perf_counter() - start,
             "final": last,
@@ -313,18 +331,36 @@ def write_head_results(
     summary = summarize(results, settings, base, output, extra, usable=lambda r: r.checkpoint is not None)
     with summary.best.checkpoint.as_directory() as d:
         head_state = load_file(os.path.join(d, HEAD_FILE))
+    fit_features = threshold_features(source, summary.config, features, origin)
     bundle = export_bundle(
         storage.join(output, "best_bundle"),
-        lambda local: write_head_bundle(source, summary.config, head_state, features, local),
+        lambda local: write_head_bundle(source, summary.config, head_state, fit_features, local),
     )
     log.info("best head %s: %s = %.4f; bundle %s", summary.best.path, settings.metric, summary.metric, bundle)
     return summary.as_dict(bundle=bundle, features=origin["file"])
 
 
-def write_head_bundle(
-    source: Bundle, config: TrainConfig, head_state: dict, features: dict[str, np.ndarray], output: Path
-) -> Path:
-    """The source bundle's encoder with this head, thresholds fitted as the config says."""
+def threshold_features(source: Bundle, config: TrainConfig, features: dict[str, np.ndarray], origin: dict) -> dict:
+    """The features the best head's thresholds are fitted (and its report scored) on: the sweep's
+    own where they are IEEE fp32 (encoded on CPU, or on a GPU without native bf16), else the fit
+    split's and the validation texts encoded again in fp32 (one more encoder pass). Cached files
+    made before the precision was recorded say only their device: bf16 if it was a GPU. Adds
+    ``precision``: the ``fit_precision`` record."""
+    precision = origin.get("precision") or ("bf16" if str(origin.get("device", "")).startswith("cuda") else "fp32")
+    kind = origin.get("device_kind") or ("cuda" if str(origin.get("device", "")).startswith("cuda") else "cpu")
+    if precision == "fp32":
+        return {**features, "precision": fit_precision(kind)}
+    train, validation = load_training_data(config)
+    splits = {"validation": validation.texts, **({"train": train.texts} if config.thresholds.split == "train" else {})}
+    log.info("encoding %s again in fp32 for the thresholds (the sweep's features are %s)", sorted(splits), precision)
+    encoded, info = encode_on_ray(source, splits, "thresholds")
+    again = {f"{split}_x": x for split, x in encoded.items()}
+    return {**features, **again, "precision": fit_precision(info["device_kind"])}
+
+
+def write_head_bundle(source: Bundle, config: TrainConfig, head_state: dict, features: dict, output: Path) -> Path:
+    """The source bundle's encoder with this head, thresholds fitted as the config says, on
+    ``features`` (``threshold_features``: fp32)."""
     s = config.stage2
     head = build_head(features["train_x"].shape[1], s.head_depth, s.dropout, s.head_hidden)
     head.load_state_dict(head_state)
@@ -348,6 +384,8 @@ def write_head_bundle(
     weights.update({f"head.{k}": v for k, v in head_state.items()})
     path = save_checked_bundle(
         output,
+        gpu=cluster_has_gpu(),  # bf16 checked on the kind of GPU the cluster tags on
+        thresholds_precision=features["precision"],
         weights=weights,
         encoder_config=source.model.encoder.config.to_dict(),
         head=describe_head(head, config.model.pooling),

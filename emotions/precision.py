@@ -1,27 +1,38 @@
 """The precision gate: a bundle may run on a runtime other than torch fp32 only if that costs it
 at most MAX_F1_LOSS held-out macro-F1; ``--precision auto`` takes the fastest runtime it allows.
 
-    bundle + its validation split --(torch fp32 and each runtime, on CPU, through inference.run_rows)-->
+    bundle + its validation split --(torch fp32 and each runtime, on a device, through inference.run_rows)-->
         paired held-out macro-F1 change, 95% bootstrap interval, seconds --> allowed or refused
 
 Runtimes (``RUNTIMES``): torch fp32, bf16 (autocast to bfloat16), int8 (dynamic quantization of
 every nn.Linear, ``prepare_model``); ONNX Runtime fp32 and int8 (the bundle exported to ONNX,
 ``emotions.onnx_model``). Training and the head sweep run the gate for ``auto_candidates()`` when
 they write a bundle (``save_checked_bundle``) and record each check in its metrics.json with the
-kernels and kind of CPU it was made on; tagging reads those (``known_checks``), or runs the gate
-once per bundle and CPU kind and caches it. Thresholds are applied to the runtime they were
-checked for.
+kernels and kind of CPU it was made on (``precision_checks``); a run on GPUs also checks bf16 on
+one of its GPUs (``checks_on_gpu``: a Ray task, never the driver's CPU) and records that under
+``gpu_precision_checks`` with the GPU's name, compute capability and torch/CUDA versions, so it
+matches only that kind of GPU. Tagging reads those (``known_checks``), or runs the gate once per
+bundle and device kind and caches it.
+
+The reference is torch fp32 with IEEE float32 matmuls (TF32 off): the numerics a bundle's
+thresholds are fitted at (``fit_precision``, recorded in bundle.json), on CPU and GPU alike.
+
+What a device can run is decided from a ``Device`` (``describe_device`` is the one place that asks
+torch.cuda), by pure functions: ``autocast_dtype``/``needs_grad_scaler`` (training steps),
+``gpu_candidates`` (tagging), ``uses_tf32`` (fp32 matmuls on Ampere and later).
 
 torch is imported inside the functions: tagging's Ray Data read tasks import this module.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
 import time
 import warnings
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -37,6 +48,7 @@ MAX_F1_LOSS = 0.01
 # trained tiny model's int8 tagged amusement on 56% of rows where fp32 kept it near its 5.6%).
 MAX_SHARE_CHANGE = 1.5
 CPU_BATCH = 16  # rows per forward pass on CPU: the gate's, and tagging's CPU actors'
+GPU_BATCH = 256  # rows per forward pass on a GPU: the gate's, and tagging's GPU actors'
 WARMUP_ROWS = 64  # scored once per precision before the timed pass, so the timings compare
 
 
@@ -49,6 +61,28 @@ RUNTIMES = {
     "onnx-int8": ("onnxruntime", "int8"),
 }
 GPU_RUNTIMES = ("fp32", "bf16")  # the others run on CPU only
+# Ampere and later compute bfloat16 and TF32 in their tensor cores. Before it (T4: 7.5, V100: 7.0)
+# torch emulates bf16, slower than fp32, though ``torch.cuda.is_bf16_supported()`` may say True
+# (it counts emulation): so the capability decides, not that call.
+NATIVE_CAPABILITY = (8, 0)
+# Where each device kind's checks live: the bundle's metrics.json key, the cache file's suffix.
+RECORDED = {"cpu": "precision_checks", "cuda": "gpu_precision_checks"}
+
+
+@dataclass(frozen=True)
+class Device:
+    """What a precision decision needs to know of the device a pass runs on. ``describe_device``
+    builds it from torch; tests build it by hand (``gpu_device("NVIDIA T4", (7, 5))``)."""
+
+    kind: str  # "cpu" or "cuda"
+    name: str  # the GPU's name ("NVIDIA A100-SXM4-80GB"), or the CPU's kind (``cpu_kind()``)
+    capability: tuple[int, int] | None = None  # CUDA compute capability; None on CPU
+    bf16: bool = False  # computes bfloat16 natively (CPU: AVX512-BF16, AMX, Arm BF16)
+    tf32: bool = False  # has TF32 tensor cores for float32 matmuls
+    versions: str = ""  # "torch 2.5.1, cuda 12.4": what a check made on it also depends on
+
+    def __str__(self) -> str:
+        return f"{self.name} (compute {self.capability[0]}.{self.capability[1]})" if self.capability else self.name
 
 
 class PrecisionError(ValueError):
@@ -112,12 +146,116 @@ def native_bf16() -> bool:
     return any(f in cpu_kind().split()[1:] for f in ("avx512_bf16", "amx_bf16", "bf16"))
 
 
-def kernels(name: str) -> str:
+def gpu_device(name: str, capability: tuple[int, int], versions: str = "") -> Device:
+    """A CUDA GPU as the decisions see it: bf16 and TF32 from its compute capability alone."""
+    capability = (int(capability[0]), int(capability[1]))
+    native = capability >= NATIVE_CAPABILITY
+    return Device("cuda", name, capability, bf16=native, tf32=native, versions=versions)
+
+
+@functools.lru_cache(maxsize=8)
+def describe_device(device="cpu") -> Device:
+    """The ``Device`` of a torch device (a name such as "cuda:0", or a torch.device): the one
+    function that asks torch.cuda."""
+    import torch
+
+    device = torch.device(device)
+    torch_version = f"torch {torch.__version__.split('+')[0]}"
+    if device.type != "cuda":
+        return Device("cpu", cpu_kind(), bf16=native_bf16(), versions=torch_version)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return gpu_device(
+        torch.cuda.get_device_name(index),
+        torch.cuda.get_device_capability(index),
+        f"{torch_version}, cuda {torch.version.cuda}",
+    )
+
+
+def autocast_dtype(device: Device, wanted: bool):
+    """The dtype a pass that asked for reduced precision (``wanted``: scaling.bf16 on GPU, the
+    resolved scaling.cpu_bf16 on CPU) autocasts to on ``device``: bfloat16, except on a GPU without
+    native bf16 (T4, V100), where float16 runs on their tensor cores instead (its training steps
+    then need a gradient scaler: ``needs_grad_scaler``); None when not wanted (float32)."""
+    import torch
+
+    if not wanted:
+        return None
+    return torch.float16 if device.kind == "cuda" and not device.bf16 else torch.bfloat16
+
+
+def needs_grad_scaler(dtype) -> bool:
+    """Whether training steps under autocast to ``dtype`` need ``torch.amp.GradScaler``: float16's
+    5-bit exponent underflows small gradients; bfloat16 keeps float32's range."""
+    import torch
+
+    return dtype == torch.float16
+
+
+def gpu_candidates(device: Device) -> list[str]:
+    """The runtimes ``--precision auto`` chooses among on this GPU, besides torch fp32: bf16 where
+    the GPU computes it natively; none elsewhere (emulated bf16 is slower than fp32)."""
+    return ["bf16"] if device.kind == "cuda" and device.bf16 else []
+
+
+def uses_tf32(device: Device) -> bool:
+    """Whether float32 matmuls on ``device`` run in TF32 where this project allows it (tagging's
+    fp32 passes and the training steps; never the gate's reference or the passes thresholds are
+    fitted on): on GPUs with TF32 tensor cores."""
+    return device.kind == "cuda" and device.tf32
+
+
+def runtime_label(name: str, device: Device) -> str:
+    """How a runtime ran on ``device``, for logs and records: "fp32 (tf32 matmuls)" where fp32
+    matmuls run in TF32."""
+    return f"{name} (tf32 matmuls)" if name == "fp32" and uses_tf32(device) else name
+
+
+def enable_tf32(device: Device) -> bool:
+    """TF32 float32 matmuls for the rest of this process where ``device`` has them (a training
+    worker's steps); True if on. Passes that must be IEEE float32 run under ``cuda_matmuls``."""
+    import torch
+
+    if not uses_tf32(device):
+        return False
+    torch.set_float32_matmul_precision("high")  # on CUDA: TF32; the stable API across torch versions
+    torch.backends.cudnn.allow_tf32 = True  # convolutions (torch's default; BERT encoders have none)
+    return True
+
+
+@contextlib.contextmanager
+def cuda_matmuls(device, tf32: bool = False):
+    """Inside: float32 matmuls on a CUDA ``device`` in TF32 (``tf32``) or IEEE float32; after: as
+    before. On CPU nothing changes (the setting would also reach oneDNN)."""
+    import torch
+
+    if torch.device(device).type != "cuda":
+        yield
+        return
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def fit_precision(kind: str) -> dict:
+    """What a bundle records (bundle.json ``thresholds_precision``) of the outputs its thresholds
+    were fitted on, computed on a device of ``kind`` ("cpu", "cuda"): always torch fp32 with IEEE
+    matmuls (TF32 off), so a bundle's thresholds mean the same on every device, and the gate's
+    reference runs at that precision."""
+    return {"backend": "torch", "numeric_precision": "fp32", "matmuls": "ieee", "device": kind}
+
+
+def kernels(name: str, device: Device | None = None) -> str:
     """What a check of runtime ``name`` depends on besides the bundle: the runtime's version and
-    kernels, and the kind of CPU."""
+    kernels, and the kind of CPU; on a GPU, torch's and CUDA's versions and the GPU's name and
+    compute capability."""
     import torch
 
     backend, _ = RUNTIMES[name]
+    if device is not None and device.kind == "cuda":
+        return f"{device.versions}, {device}"
     if backend == "onnxruntime":
         from emotions.onnx_model import versions
 
@@ -150,10 +288,13 @@ def check_precision(bundle, precision: str, seed: int = 0) -> dict:
     return check_runtimes(bundle, [precision], seed)[precision]
 
 
-def check_runtimes(bundle, names: list[str], seed: int = 0) -> dict[str, dict]:
+def check_runtimes(
+    bundle, names: list[str], seed: int = 0, device: Device | None = None, validation=None
+) -> dict[str, dict]:
     """The gate for each runtime in ``names`` (any but fp32), on the bundle's own validation split
-    (tokenized as training tokenized it), through the one inference loop (``inference.run_rows``,
-    on CPU here): torch fp32 and the runtime compared on held-out halves
+    (``validation``: those rows, read beforehand; tokenized as training tokenized them), through the
+    one inference loop (``inference.run_rows``, on ``device``: the CPU by default, else the GPU the
+    bundle's model is on): torch fp32 and the runtime compared on held-out halves
     (``evaluation.paired_change``: thresholds fitted on fp32 outputs of one half, scored on the
     other, both ways), with a 95% paired bootstrap interval, the share of rows whose label set
     changes, how much more often than fp32 it tags its most over-tagged label, and the seconds each
@@ -164,24 +305,18 @@ def check_runtimes(bundle, names: list[str], seed: int = 0) -> dict[str, dict]:
     import torch
 
     from emotions.batching import tokenize
-    from emotions.data import DataError
-    from emotions.evaluation import rule_of
     from emotions.inference import run_rows
     from emotions.onnx_model import OnnxExportError
 
     unknown = [n for n in names if n not in RUNTIMES or n == "fp32"]
     assert not unknown, unknown
+    device = device or describe_device("cpu")
+    on = next(bundle.model.parameters()).device if device.kind == "cuda" else torch.device("cpu")
     seed = bundle.config.get("seed", seed)
-    try:
-        validation = validation_set(bundle, seed)
-    except DataError as error:
-        raise PrecisionError(
-            f"--precision {'/'.join(names)} is checked on the bundle's validation data, which "
-            f"cannot be read here ({error}); tag in fp32 (--precision fp32)"
-        ) from error
+    validation = validation if validation is not None else read_validation(bundle, names, seed)
     tokens = tokenize(validation.texts, validation.labels, bundle.tokenizer, bundle.max_length)
     pad_id = bundle.tokenizer.pad_token_id or 0
-    threads = torch.get_num_threads()
+    threads, batch = torch.get_num_threads(), GPU_BATCH if device.kind == "cuda" else CPU_BATCH
     probs, seconds = {}, {}
     for name in ["fp32", *names]:
         try:
@@ -189,27 +324,43 @@ def check_runtimes(bundle, names: list[str], seed: int = 0) -> dict[str, dict]:
         except OnnxExportError as error:
             raise PrecisionError(str(error)) from error
         warmup = tokens.select(np.arange(min(WARMUP_ROWS, len(tokens))))
-        run_rows(model, warmup, pad_id, batch_size=CPU_BATCH, device="cpu", precision=name)
+        # The reference is IEEE fp32 (run_rows' default, TF32 off) on GPUs too: the thresholds were
+        # fitted at it (``fit_precision``), so a runtime is judged by what it changes against them.
+        # A TF32 reference would judge bf16 against an approximation, and let the two errors add up.
+        # Its seconds are IEEE fp32's too: fp32 tagging on a TF32 GPU is faster than that, so a GPU
+        # check's speedup is bf16's best case against fp32.
+        run_rows(model, warmup, pad_id, batch_size=batch, device=on, precision=name)
         start = time.perf_counter()
-        probs[name] = run_rows(model, tokens, pad_id, batch_size=CPU_BATCH, device="cpu", precision=name).numpy()
-        seconds[name] = time.perf_counter() - start
-    return {
-        name: _check(bundle, validation, probs["fp32"], probs[name], name, seconds, seed, rule_of(bundle.config))
-        for name in names
-    }
+        probs[name] = run_rows(model, tokens, pad_id, batch_size=batch, device=on, precision=name).cpu().numpy()
+        seconds[name] = time.perf_counter() - start  # .cpu() waited for the GPU
+    return {name: _check(bundle, validation, probs["fp32"], probs[name], name, seconds, seed, device) for name in names}
 
 
-def _check(bundle, validation, reference, candidate, name, seconds, seed, rule) -> dict:
-    from emotions.evaluation import paired_change
+def read_validation(bundle, names: list[str], seed: int = 0):
+    """``validation_set``, or PrecisionError saying what to do."""
+    from emotions.data import DataError
 
-    check = paired_change(validation.labels, reference, candidate, seed=seed, rule=rule)
+    try:
+        return validation_set(bundle, seed)
+    except DataError as error:
+        raise PrecisionError(
+            f"--precision {'/'.join(names)} is checked on the bundle's validation data, which "
+            f"cannot be read here ({error}); tag in fp32 (--precision fp32)"
+        ) from error
+
+
+def _check(bundle, validation, reference, candidate, name, seconds, seed, device: Device) -> dict:
+    from emotions.evaluation import paired_change, rule_of
+
+    check = paired_change(validation.labels, reference, candidate, seed=seed, rule=rule_of(bundle.config))
     low, high = check["interval_95"]
     shares = check["share_change"] or {"label": None, "ratio": 1.0}
     f1_ok, shares_ok = low > -MAX_F1_LOSS, shares["ratio"] <= MAX_SHARE_CHANGE
     allowed = f1_ok and shares_ok
     backend, precision = RUNTIMES[name]
+    where = f" on {device}" if device.kind == "cuda" else ""
     verdict = (
-        f"{name} vs fp32 on bundle {bundle.hash}, held-out halves of {len(validation)} examples "
+        f"{name} vs fp32{where} on bundle {bundle.hash}, held-out halves of {len(validation)} examples "
         f"of {validation.source}: macro-F1 {check['heldout_macro_f1_reference']:.4f} -> "
         f"{check['heldout_macro_f1_candidate']:.4f} ({check['change']:+.4f}, 95% interval "
         f"{low:+.4f} to {high:+.4f}); label sets change on {check['rows_changed']:.1%} of rows; "
@@ -233,7 +384,11 @@ def _check(bundle, validation, reference, candidate, name, seconds, seed, rule) 
         "speedup": seconds["fp32"] / seconds[name],
         "allowed": allowed,
         "verdict": verdict,
-        "kernels": kernels(name),
+        "kernels": kernels(name, device),
+        "device": asdict(device),
+        "reference": fit_precision(device.kind),  # what fp32 ran as: the numerics thresholds are fitted at
+        # what the bundle says its thresholds were fitted at (None: a bundle made before it was recorded)
+        "thresholds_precision": bundle.thresholds_precision,
     }
 
 
@@ -244,31 +399,42 @@ def fastest_allowed(checks: dict[str, dict]) -> str:
     return min(allowed, key=lambda c: c["seconds"] / c["fp32_s"])["precision"] if allowed else "fp32"
 
 
-def known_checks(bundle, names: list[str]) -> dict[str, dict]:
-    """The gate's checks of ``names`` valid on this machine: those recorded in the bundle (by
-    training) or in the local cache with this machine's kernels and today's bounds, the rest
-    run now and cached (``onnx_model.cache_dir()``/checks). Each says where it came from (``source``)."""
+def usable_checks(stored: dict, names: list[str], device: Device) -> dict[str, dict]:
+    """The checks of ``names`` in ``stored`` ({name: check}) that hold on ``device``: made with its
+    kernels (on a GPU: the same GPU name, compute capability, torch and CUDA) under today's bounds."""
+    found = {}
+    for name in names:
+        valid = {"kernels": kernels(name, device), "max_loss": MAX_F1_LOSS, "max_share_change": MAX_SHARE_CHANGE}
+        check = stored.get(name) or {}
+        if all(check.get(k) == v for k, v in valid.items()):
+            found[name] = check
+    return found
+
+
+def known_checks(bundle, names: list[str], device: Device | None = None, validation=None) -> dict[str, dict]:
+    """The gate's checks of ``names`` valid on ``device`` (default: this CPU; a GPU: the one the
+    bundle's model is on): those recorded in the bundle (by training; ``RECORDED`` says under which
+    key for the device's kind) or in this machine's cache, the rest run now on that device and
+    cached (``onnx_model.cache_dir()``/checks). Each says where it came from (``source``)."""
     import json
 
     from emotions.onnx_model import cache_dir
 
-    cached_file = cache_dir() / "checks" / f"{bundle.hash}.json"
+    device = device or describe_device("cpu")
+    suffix = "" if device.kind == "cpu" else f".{device.kind}"
+    cached_file = cache_dir() / "checks" / f"{bundle.hash}{suffix}.json"
     try:
         cached = json.loads(cached_file.read_text())
     except (OSError, ValueError):
         cached = {}
-    recorded = bundle.metrics.get("precision_checks") or {}
-    found = {}
-    for name in names:
-        valid = {"kernels": kernels(name), "max_loss": MAX_F1_LOSS, "max_share_change": MAX_SHARE_CHANGE}
-        if all((recorded.get(name) or {}).get(k) == v for k, v in valid.items()):
-            found[name] = {**recorded[name], "source": "the bundle's metrics.json"}
-        elif all((cached.get(name) or {}).get(k) == v for k, v in valid.items()):
-            found[name] = {**cached[name], "source": f"checked earlier on this machine ({cached_file})"}
+    recorded = usable_checks(bundle.metrics.get(RECORDED[device.kind]) or {}, names, device)
+    earlier = usable_checks(cached, [n for n in names if n not in recorded], device)
+    found = {n: {**c, "source": "the bundle's metrics.json"} for n, c in recorded.items()}
+    found.update({n: {**c, "source": f"checked earlier on this machine ({cached_file})"} for n, c in earlier.items()})
     missing = [n for n in names if n not in found]
     if missing:
-        log.info("checking %s on this machine (%s): the bundle records no check of them here", missing, cpu_kind())
-        fresh = check_runtimes(bundle, missing)
+        log.info("checking %s on this machine (%s): the bundle records no check of them here", missing, device)
+        fresh = check_runtimes(bundle, missing, device=device, validation=validation)
         cached_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = cached_file.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps({**cached, **fresh}, indent=1))
@@ -277,20 +443,89 @@ def known_checks(bundle, names: list[str]) -> dict[str, dict]:
     return {n: found[n] for n in names}
 
 
-def save_checked_bundle(output, precisions: list[str] | None = None, **fields):
+def choose_gpu_runtime(requested: str, device: Device, checks: dict[str, dict]) -> str:
+    """The runtime GPU actors tag with: "fp32" as asked; under "auto", bf16 where ``device``
+    computes it natively and a check made on this kind of GPU (``usable_checks``) allowed it
+    and found it faster, else fp32; "bf16" asked for by name is refused (PrecisionError) where
+    the GPU has no native bf16 or its check is missing or refused it, not downgraded."""
+    if requested == "fp32":
+        return "fp32"
+    assert requested in ("auto", "bf16"), requested
+    valid = usable_checks(checks, gpu_candidates(device), device)
+    if requested == "auto":
+        return fastest_allowed(valid)
+    if "bf16" not in gpu_candidates(device):
+        raise PrecisionError(
+            f"{device} has no native bfloat16 (compute capability under "
+            f"{NATIVE_CAPABILITY[0]}.{NATIVE_CAPABILITY[1]}): torch would emulate it, slower than fp32; "
+            "tag in fp32 (--precision fp32)"
+        )
+    if "bf16" not in valid:
+        raise PrecisionError(f"no check of bf16 on {device} could be made; tag in fp32 (--precision fp32)")
+    if not valid["bf16"]["allowed"]:
+        raise PrecisionError(valid["bf16"]["verdict"])
+    return "bf16"
+
+
+def checks_on_gpu(bundle, wanted: list[str], reuse: bool = True) -> tuple[Device, dict[str, dict]]:
+    """The gate for ``wanted`` on one GPU of the connected Ray cluster, never on this process's CPU:
+    a Ray task (one GPU) gets the bundle's files and its validation rows (read here: the GPU's node
+    may not see their path), describes its GPU and checks those of ``wanted`` the GPU computes
+    natively (``gpu_candidates``): recorded in the bundle or cached on that node for that kind of
+    GPU, else run there (``known_checks``); ``reuse`` False runs them (training's record of a new
+    bundle). -> (the GPU, {name: check}). PrecisionError when the validation data cannot be read."""
+    import ray
+
+    from emotions.bundle import bundle_files
+
+    validation = read_validation(bundle, wanted, bundle.config.get("seed", 0))
+    task = ray.remote(_checks_on_gpu).options(num_gpus=1, num_cpus=1, max_retries=1)
+    files = ray.put(bundle_files(bundle.path))
+    return ray.get(task.remote(files, bundle.hash, wanted, validation, reuse))
+
+
+def _checks_on_gpu(files, bundle_hash: str, wanted: list[str], validation, reuse: bool, where: str = "cuda"):
+    """``checks_on_gpu``'s task body (``where``: "cpu" in tests)."""
+    from emotions.bundle import load_bundle_files
+
+    bundle = load_bundle_files(files, bundle_hash, device=where)
+    device = describe_device(where)
+    names = [n for n in wanted if n in (gpu_candidates(device) if device.kind == "cuda" else auto_candidates())]
+    if not names:
+        log.info("%s: no runtime of %s to check here (no native bf16): tagging on it runs fp32", device, wanted)
+        return device, {}
+    if reuse:
+        return device, known_checks(bundle, names, device, validation)
+    return device, check_runtimes(bundle, names, device=device, validation=validation)
+
+
+def save_checked_bundle(output, precisions: list[str] | None = None, gpu: bool = False, **fields):
     """``bundle.save_bundle(output, **fields)``, then the precision gate for each runtime of
-    ``precisions`` (default: ``auto_candidates()``) on the saved bundle, recorded in its
-    metrics.json (the bundle is written again with it), so that tagging on this kind of CPU picks
-    its runtime without running the gate. -> the bundle's path."""
+    ``precisions`` (default: ``auto_candidates()``) on the saved bundle, on this CPU; with ``gpu``
+    (the run trained on GPUs) also bf16 on one of the cluster's GPUs (``checks_on_gpu``). Both are
+    recorded in its metrics.json (the bundle is written again with them: ``precision_checks``,
+    ``gpu_precision_checks``), so that tagging on this kind of CPU or GPU picks its runtime
+    without running the gate. -> the bundle's path."""
     from emotions.bundle import load_bundle, save_bundle
 
     start = time.perf_counter()
     path = save_bundle(output, **fields)
+    bundle, recorded = load_bundle(path), {}
     try:
-        checks = check_runtimes(load_bundle(path), precisions or auto_candidates())
+        recorded["precision_checks"] = check_runtimes(bundle, precisions or auto_candidates())
     except PrecisionError as error:  # the bundle stands; tagging checks on first use, or tags in fp32
-        log.warning("no precision checks recorded in the bundle: %s", error)
+        log.warning("no CPU precision checks recorded in the bundle: %s", error)
+    if gpu:
+        from ray.exceptions import RayError
+
+        try:
+            device, checks = checks_on_gpu(bundle, ["bf16"], reuse=False)
+            recorded["gpu_precision_checks"] = checks
+            log.info("GPU precision checks made on %s: %s", device, sorted(checks) or "none (no native bf16)")
+        except (PrecisionError, RayError) as error:  # the trained bundle stands; tagging checks on first use
+            log.warning("no GPU precision checks recorded in the bundle: %s", error)
+    if not recorded:
         return path
-    path = save_bundle(output, **{**fields, "metrics": {**fields["metrics"], "precision_checks": checks}})
+    path = save_bundle(output, **{**fields, "metrics": {**fields["metrics"], **recorded}})
     log.info("precision checks recorded in the bundle in %.1fs", time.perf_counter() - start)
     return path

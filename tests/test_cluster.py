@@ -516,9 +516,14 @@ def test_jobs_fit_the_clusters_their_manifests_bring_up():
 
     script, args = entrypoints()["rayjob-train.yaml"]
     config = build_config(args[args.index("--preset") + 1], overrides=[a for a in args if OVERRIDE.match(a)])
-    assert config.scaling.use_gpu and "gpu" in groups["rayjob-train.yaml"]
-    assert config.scaling.num_workers <= groups["rayjob-train.yaml"]["gpu"]["maxReplicas"]
-    assert config.scaling.cpus_per_worker < quantity(pod("rayjob-train.yaml", "gpu")["cpu"])  # one GPU worker per pod
+    s, gpu_pod = config.scaling, pod("rayjob-train.yaml", "gpu")
+    assert s.use_gpu and "gpu" in groups["rayjob-train.yaml"]
+    per_pod = int(gpu_pod["nvidia.com/gpu"])  # one worker per GPU
+    if s.placement == "strict_pack":  # every worker on one pod: no gradient crosses the network
+        assert s.num_workers <= per_pod and s.num_workers * s.cpus_per_worker < quantity(gpu_pod["cpu"])
+    else:
+        assert s.num_workers <= groups["rayjob-train.yaml"]["gpu"]["maxReplicas"] * per_pod
+        assert s.cpus_per_worker * per_pod < quantity(gpu_pod["cpu"])
 
     _, args = entrypoints()["raycronjob-tag-nightly.yaml"]
     actors, gpus_per_actor = int(args[args.index("--actors") + 1]), float(args[args.index("--gpus-per-actor") + 1])

@@ -8,7 +8,10 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +25,7 @@ import torch
 from emotions import precision as gate
 from emotions.bundle import load_bundle
 from emotions.corpus import make_corpus
+from emotions.inference import transfer_options
 from emotions.labels import EKMAN, EMOTIONS, SENTIMENT, roll_up
 from emotions.precision import MAX_F1_LOSS, check_precision
 from emotions.storage import Folder
@@ -39,8 +43,9 @@ from emotions.tagging.inputs import (
     read_units,
     resolve_inputs,
 )
-from emotions.tagging.pipeline import Tagger, flag_file
+from emotions.tagging.pipeline import Tagger, flag_file, tagger_pool
 from emotions.tagging.report_reference import validation_reference
+from emotions.tagging.settings import check_settings
 from emotions.tagging.staging import PART_SCHEMA, PARTS, PartLedger, Staging, merge_parts, write_parts
 
 
@@ -170,14 +175,17 @@ def test_every_row_is_tagged_exactly_once_across_mixed_schemas(corpus, tagged):
     reference = validation_reference(load_bundle(manifest["model"]["path"]).metrics)
     assert reference is not None and manifest["reference"] == reference
     assert "| validation true | validation tagged | x validation |" in (out / "_report.md").read_text()
-    assert manifest["actors"] == {
-        "actors": 2,
+    assert {k: v for k, v in manifest["actors"].items() if k != "why"} == {
+        "max_actors": 2,
         "cpus_reserved": 0.75,
         "gpus": 0.0,
         "threads": 1,
+        "min_actors": 1,
+        "initial_actors": 2,
         "tokenizers": 0,
         "tokenizer_cpus": 0.0,
-    }  # CPU: the actors tokenize
+    }  # CPU: the actors tokenize; an autoscaling pool of 1..2 that starts with the 2 the node holds
+    assert "nodes up now: 1 x (CPU 2)" in manifest["actors"]["why"]
     # auto: on CPU the fastest runtime whose check, recorded in the bundle at training time, passed.
     recorded = load_bundle(manifest["model"]["path"]).metrics["precision_checks"]
     assert sorted(recorded) == sorted(gate.auto_candidates())
@@ -506,27 +514,185 @@ def test_precision_is_refused_past_the_tolerance_and_recorded_in_the_manifest(
     assert "interval_95" in check and "is ruled out" in check["verdict"]
 
 
+def nodes(*cpus: float, gpus: float = 0) -> list[dict[str, float]]:
+    """Nodes as ``cluster.nodes()`` lists them: one of each CPU count, each with ``gpus`` GPUs."""
+    return [{"CPU": float(c), **({"GPU": float(gpus)} if gpus else {})} for c in cpus]
+
+
 def test_plan_leaves_room_for_reads_and_merges_on_every_node():
     settings = TaggingSettings(model="m", output="o")
-    plan = plan_actors(settings, node_cpus=[2], cluster_gpus=0)
-    assert (plan.actors, plan.threads, plan.cpus_reserved) == (2, 1, 0.75)
-    assert plan.actors * plan.cpus_reserved <= 2 - ROOM_CPUS
-    crowded = plan_actors(TaggingSettings(model="m", output="o", num_actors=4), [2], 0)
-    assert crowded.actors == 4 and crowded.actors * crowded.cpus_reserved <= 2 - ROOM_CPUS
+    plan = plan_actors(settings, nodes(2))
+    assert (plan.max_actors, plan.threads, plan.cpus_reserved) == (2, 1, 0.75)
+    assert plan.max_actors * plan.cpus_reserved <= 2 - ROOM_CPUS
+    crowded = plan_actors(TaggingSettings(model="m", output="o", num_actors=4), nodes(2))
+    assert crowded.max_actors == 4 and crowded.max_actors * crowded.cpus_reserved <= 2 - ROOM_CPUS
     # 1-CPU worker pods and a head without CPUs (KubeRay): one actor per pod, each leaving room
     # on its own pod, since Ray spreads the pool and no pod may be left without room for a read.
-    pods = plan_actors(settings, [0, 1, 1], 0)
-    assert (pods.actors, pods.cpus_reserved) == (2, 0.5) and 1 - pods.cpus_reserved >= ROOM_CPUS
-    uneven = plan_actors(settings, [4, 1], 0)
-    assert uneven.actors == 5 and 1 - uneven.cpus_reserved >= ROOM_CPUS and 4 - 4 * uneven.cpus_reserved >= ROOM_CPUS
-    big = plan_actors(TaggingSettings(model="m", output="o", cpus_per_actor=4), [64], 0)
-    assert (big.actors, big.cpus_reserved, big.threads) == (16, 3.96, 4)
-    gpu = plan_actors(TaggingSettings(model="m", output="o", gpus_per_actor=1), [32], 4)
-    assert (gpu.actors, gpu.gpus, gpu.cpus_reserved) == (4, 1.0, 1.0)
+    pods = plan_actors(settings, nodes(0, 1, 1))
+    assert (pods.max_actors, pods.cpus_reserved) == (2, 0.5) and 1 - pods.cpus_reserved >= ROOM_CPUS
+    uneven = plan_actors(settings, nodes(4, 1))
+    assert uneven.max_actors == 5 and 1 - uneven.cpus_reserved >= ROOM_CPUS
+    assert 4 - 4 * uneven.cpus_reserved >= ROOM_CPUS
+    big = plan_actors(TaggingSettings(model="m", output="o", cpus_per_actor=4), nodes(64))
+    assert (big.max_actors, big.cpus_reserved, big.threads) == (16, 3.96, 4)
+    gpu = plan_actors(TaggingSettings(model="m", output="o", gpus_per_actor=1), nodes(32, gpus=4))
+    assert (gpu.max_actors, gpu.gpus, gpu.cpus_reserved) == (4, 1.0, 1.0)
     assert (gpu.tokenizers, gpu.tokenizer_cpus) == (4, 1.0)  # GPU actors only run the encoder
-    staged = plan_actors(TaggingSettings(model="m", output="o", tokenize_stage=True), [2], 0)
+    staged = plan_actors(TaggingSettings(model="m", output="o", tokenize_stage=True), nodes(2))
     assert staged.tokenizers == 2
-    assert staged.actors * staged.cpus_reserved + 2 * staged.tokenizer_cpus <= 2 - ROOM_CPUS
+    assert staged.max_actors * staged.cpus_reserved + 2 * staged.tokenizer_cpus <= 2 - ROOM_CPUS
+
+
+def test_a_head_only_cluster_is_planned_for_the_nodes_its_autoscaler_brings():
+    """A KubeRay cron starts on a head without CPUs or GPUs; its workers scale from 0. The pool is
+    sized for the nodes the autoscaler can bring, not for a 1-CPU node, and starts with one actor
+    (a demand the autoscaler answers), not with a pool that waits for every node."""
+    head = nodes(0)
+    gpu = plan_actors(TaggingSettings(model="m", output="o", gpus_per_actor=1), head, nodes(8, 8, gpus=1))
+    assert (gpu.min_actors, gpu.initial_actors, gpu.max_actors) == (1, 1, 2)
+    # 2 actors + 2 tokenizers over two 8-CPU nodes: each reserves what it asks, not a 1-CPU node's 0.12
+    assert (gpu.cpus_reserved, gpu.tokenizers, gpu.tokenizer_cpus) == (1.0, 2, 1.0)
+    assert "at the autoscaler's largest: 2 x (CPU 8, GPU 1)" in gpu.why and "1 x (CPU 0)" in gpu.why
+    cpu = plan_actors(TaggingSettings(model="m", output="o"), head, nodes(8, 8))
+    assert (cpu.min_actors, cpu.initial_actors, cpu.max_actors, cpu.cpus_reserved) == (1, 1, 16, 0.93)
+    assert 8 - 8 * cpu.cpus_reserved >= ROOM_CPUS  # a full node of its share still has room for reads
+    # The nodes up now hold more than the autoscaler's groups (a head with CPUs of its own): those.
+    static = plan_actors(TaggingSettings(model="m", output="o"), nodes(4), nodes(2))
+    assert (static.initial_actors, static.max_actors) == (4, 4) and "1..4 actors" in static.why
+
+
+def test_more_gpu_actors_than_the_autoscaler_can_bring_are_capped_and_the_pool_can_start(caplog):
+    """--actors 4 with at most 2 GPUs to be had: a fixed pool of 4 would never start. The pool is
+    1..2 (a max over 2 would only ask the autoscaler for GPUs it cannot bring, and shrink every
+    actor's CPU share); without an autoscaler to ask, 4 stays the most and 1 is enough to start."""
+    asked = TaggingSettings(model="m", output="o", gpus_per_actor=1, num_actors=4)
+    head, two = nodes(0), nodes(8, 8, gpus=1)
+    plan = plan_actors(asked, head, two)
+    assert (plan.min_actors, plan.initial_actors, plan.max_actors) == (1, 1, 2) and plan.tokenizers == 2
+    assert "--actors 4 capped" in plan.why and "more than the autoscaler can ever bring" in caplog.text
+    unknown = plan_actors(asked, head + nodes(8, gpus=1))  # a GPU node up, no autoscaler seen
+    assert (unknown.min_actors, unknown.initial_actors, unknown.max_actors) == (1, 1, 4)
+    floor = plan_actors(replace(asked, min_actors=2), head, two)
+    assert (floor.min_actors, floor.initial_actors, floor.max_actors) == (2, 2, 2)
+    with pytest.raises(TaggingError, match="--min-actors 3 needs 3 GPUs, but the autoscaler can bring at most 2"):
+        plan_actors(replace(asked, min_actors=3), head, two)
+    with pytest.raises(TaggingError, match="drop --gpus-per-actor"):
+        plan_actors(TaggingSettings(model="m", output="o", gpus_per_actor=1), head, nodes(8, 8))
+    with pytest.raises(TaggingError, match=r"min_actors: 5 is more than --actors 4"):
+        check_settings(model="m", output="o", num_actors=4, min_actors=5)
+
+
+def test_the_tagger_pool_autoscales_within_the_plan_with_two_calls_per_actor():
+    plan = plan_actors(TaggingSettings(model="m", output="o", gpus_per_actor=1, num_actors=4), nodes(8, 8, gpus=1))
+    pool = tagger_pool(plan)
+    assert (pool.min_size, pool.initial_size, pool.max_size) == (1, 2, 4)
+    # one call on the model while the other writes its parts (Tagger.__call__)
+    assert pool.max_concurrent_calls_per_actor == 2 and pool.enable_true_multi_threading
+
+
+def test_a_pool_that_gets_fewer_nodes_than_its_autoscaler_promised_tags_every_row_once(
+    smoke_bundle, local_ray, tmp_path
+):
+    """The autoscaler publishes a largest cluster of two 2-CPU nodes; only this one ever comes. The
+    pool (1..4, starting with 2) runs on the actors it gets, and every row is tagged exactly once."""
+    from ray._raylet import GCS_AUTOSCALER_CLUSTER_CONFIG_KEY, GCS_AUTOSCALER_STATE_NAMESPACE
+    from ray.core.generated.autoscaler_pb2 import ClusterConfig
+    from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_put
+
+    config = ClusterConfig()
+    config.node_group_configs.add(max_count=2).resources["CPU"] = 2
+    key, namespace = GCS_AUTOSCALER_CLUSTER_CONFIG_KEY.encode(), GCS_AUTOSCALER_STATE_NAMESPACE.encode()
+    dump, out = tmp_path / "dump", tmp_path / "out"
+    make_corpus(dump, rows=1200, files=3, seed=11)
+    _internal_kv_put(key, config.SerializeToString(), overwrite=True, namespace=namespace)
+    try:
+        summary = tag_corpus(smoke_bundle, dump, out, batch_size=32, precision="fp32")
+    finally:
+        _internal_kv_del(key, namespace=namespace)
+    manifest = json.loads((out / MANIFEST).read_text())
+    actors = manifest["actors"]
+    assert (actors["min_actors"], actors["initial_actors"], actors["max_actors"]) == (1, 2, 4)
+    assert "at the autoscaler's largest: 2 x (CPU 2)" in actors["why"]
+    ids = read_output(out).column("id").to_pylist()
+    assert summary.rows_in == summary.rows_out == len(ids) == len(set(ids)) == 1200
+    assert sorted(ids) == sorted(read_inputs(dump).column("id").to_pylist())
+
+
+def handmade_tagger(smoke_bundle, corpus, staging: Path) -> tuple[Tagger, pa.Table, pa.Schema, InputFile]:
+    """A Tagger in this process writing into ``staging``, and the handmade file as one batch."""
+    block = pq.read_table(corpus / "handmade.parquet").append_column("path", pa.array(["h"] * len(HANDMADE)))
+    f = InputFile(uri="h.parquet", path="h.parquet", rows=len(HANDMADE), bytes=1, schema=block.schema)
+    schema = output_schema([f], TaggingSettings(model="m", output="o"))[0]
+    threads = torch.get_num_threads()
+    tagger = Tagger(
+        model=str(smoke_bundle),
+        model_hash=load_bundle(smoke_bundle).hash,
+        threads=1,
+        use_gpu=False,
+        precision="fp32",
+        schema=schema,
+        text_column="body",
+        staging=str(staging),
+        names=[f.output_name],
+    )
+    torch.set_num_threads(threads)  # the actor set 1 for itself; this is the test process
+    return tagger, normalize_block(block, ["h"], "body", {"id": pa.string()}), schema, f
+
+
+def test_a_slow_part_write_does_not_hold_up_the_next_batch(smoke_bundle, corpus, tmp_path):
+    """Ray Data runs two calls at once per Tagger (tagger_pool): while one batch's parts are being
+    written, the next batch is tagged and written, and each call reports only its written parts."""
+    tagger, batch, schema, f = handmade_tagger(smoke_bundle, corpus, tmp_path / STAGING)
+    writing, release = threading.Event(), threading.Event()
+
+    def slow_write(tagged, staging, names, schema):  # the first batch's write hangs until released
+        if not writing.is_set():
+            writing.set()
+            assert release.wait(120)
+        return write_parts(tagged, staging, names, schema)
+
+    tagger.write = slow_write
+    with ThreadPoolExecutor(max_workers=2) as calls:  # the actor's two call threads
+        first = calls.submit(tagger, batch)
+        assert writing.wait(120)  # the first batch is tagged; its write hangs
+        second = calls.submit(tagger, batch.slice(0, 4)).result(timeout=120)  # tagged and written meanwhile
+        assert not first.done()
+        release.set()
+        first = first.result(timeout=120)
+    assert first.column("rows").to_pylist() == [len(HANDMADE)] and second.column("rows").to_pylist() == [4]
+    for report in (first, second):
+        (part,) = report.column("part").to_pylist()
+        with pa.OSFile(str(tmp_path / STAGING / PARTS / part)) as handle:
+            assert pa.ipc.open_file(handle).read_all().num_rows == report.column("rows")[0].as_py()
+
+
+def test_a_failed_part_write_fails_its_batch_and_none_of_its_parts_is_merged(smoke_bundle, corpus, tmp_path):
+    """A write that fails raises from the call (Ray retries the batch, or the run stops); a part it
+    left behind is reported by no one, so the merge, from the retry's parts, has every row once."""
+    target = Folder.from_uri(tmp_path / "out")
+    staging = Staging.open(target, key="k")
+    tagger, batch, schema, f = handmade_tagger(smoke_bundle, corpus, tmp_path / "out" / STAGING)
+
+    def failing_write(tagged, staging, names, schema):  # one part lands, then the store fails
+        write_parts(tagged.slice(0, 3), staging, names, schema)
+        raise OSError("the object store refused the upload")
+
+    tagger.write = failing_write
+    with pytest.raises(OSError, match="refused the upload"):
+        tagger(batch)
+    del tagger.write  # Ray's retry of the batch, with the real writer
+    ledger = PartLedger([f])
+    ((k, parts, reasons),) = ledger.add(tagger(batch))
+    assert len(list((tmp_path / "out" / STAGING / PARTS / f.output_name).glob("part-*"))) == 2 and len(parts) == 1
+    marker = merge_parts(target.uri, f, parts, reasons, schema, staging.run)
+    ids = pq.read_table(tmp_path / "out" / STAGING / marker["staged"]).column("id").to_pylist()
+    assert sorted(ids) == sorted(HANDMADE) and marker["rows_out"] == len(HANDMADE)
+
+
+def test_host_to_device_copies_are_pinned_and_asynchronous_on_cuda_only():
+    assert transfer_options("cuda") == transfer_options(torch.device("cuda", 1)) == (True, True)
+    assert transfer_options("cpu") == transfer_options(torch.device("cpu")) == (False, False)
+    assert transfer_options("mps") == (False, False)
 
 
 def test_reads_cover_every_row_once_in_whole_row_groups_where_there_are_enough(tmp_path):

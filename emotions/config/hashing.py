@@ -21,6 +21,8 @@ RESUMABLE_KEYS = frozenset(
         "scaling.cpus_per_worker",
         "scaling.bf16",
         "scaling.cpu_bf16",
+        "scaling.placement",
+        "scaling.gradient_compression",
         "thresholds.split",
         "thresholds.fallback",
         "thresholds.shrink",

@@ -207,11 +207,36 @@ class ScalingSettings:
     # whose cores other busy processes share, multi-threaded workers slow down far more than
     # 1-thread ones (2-core machine at load 10-16: 1 x 2 ran at 0.22x of 2 x 1): set 1 there.
     cpus_per_worker: IntOrAuto = AUTO
-    bf16: Bool = True  # autocast to bfloat16 on GPU, in training and inference passes
+    # Training steps on GPU workers under autocast to bfloat16 where the GPU computes it natively
+    # (compute capability 8.0+: A100, A10G, L4, H100); on older GPUs (T4, V100) float16 with a
+    # gradient scaler instead. Thresholds are always fitted on float32 outputs.
+    bf16: Bool = True
     # Training steps on CPU workers under autocast to bfloat16 (validation, thresholds and tagging
     # stay float32): auto = where the CPU computes bfloat16 natively (AVX512-BF16 or AMX; the
     # default run's epochs 1.5x faster on the 2-core machine, README) and off elsewhere; true; false.
     cpu_bf16: BoolOrAuto = False
+    # How Ray places the workers (Ray Train's placement_strategy): pack fills a node before using
+    # the next; strict_pack puts every worker on one node, or waits for a node that holds them all,
+    # so no gradient crosses the network (docs/cluster.md, "Step time"); spread, one per node.
+    placement: Literal["pack", "strict_pack", "spread"] = "pack"
+    # Gradients all-reduced in 16 bits (a DDP communication hook: half the bytes per step).
+    # auto: bf16 when GPU workers span several nodes, where the network bounds the step; none
+    # otherwise. bf16 needs GPU workers (NCCL); fp16 also runs on CPU workers (gloo).
+    gradient_compression: Literal["auto", "none", "bf16", "fp16"] = AUTO
+
+    @model_validator(mode="after")
+    def _compression_needs_nccl(self) -> ScalingSettings:
+        if self.gradient_compression == "bf16" and not self.use_gpu:
+            raise Problems(
+                [
+                    (
+                        "gradient_compression",
+                        "bf16 all-reduces through NCCL, which needs scaling.use_gpu=true; "
+                        "CPU workers (gloo) take fp16 or none",
+                    )
+                ]
+            )
+        return self
 
 
 @dataclass(frozen=True, config=SETTINGS)

@@ -7,18 +7,32 @@ The precision gate itself (``check_runtimes``, MAX_F1_LOSS, the runtimes) is
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import numpy as np
 
-from emotions.precision import CPU_BATCH, RUNTIMES, PrecisionError, auto_candidates, fastest_allowed, known_checks
+from emotions.precision import (
+    CPU_BATCH,
+    GPU_BATCH,
+    RUNTIMES,
+    PrecisionError,
+    auto_candidates,
+    checks_on_gpu,
+    choose_gpu_runtime,
+    describe_device,
+    fastest_allowed,
+    known_checks,
+    runtime_label,
+    uses_tf32,
+)
 from emotions.storage import Folder
 from emotions.tagging.settings import TaggingError
 
 log = logging.getLogger("emotions.tagging")
 
 
-ENCODER_BATCH = {"cpu": CPU_BATCH, "cuda": 256}
+ENCODER_BATCH = {"cpu": CPU_BATCH, "cuda": GPU_BATCH}
 CHARS_PER_TOKEN_CAP = 100  # texts are cut to max_length * this many characters before tokenizing
 
 
@@ -55,21 +69,41 @@ def tokenize_texts(texts: list[str], tokenizer, max_length: int):
 def predict_tokens(model, data, pad_id: int, batch_size: int, precision: str, device: str) -> np.ndarray:
     """[n] tokenized texts -> [n, 28] probabilities (float32): ``inference.run_rows``, the loop
     evaluation and training score with, at the tagging run's precision and device. ``model`` is
-    the runtime's (``precision.runtime_model``)."""
+    the runtime's (``precision.runtime_model``). fp32 on a GPU with TF32 runs its matmuls in TF32
+    ("fp32 (tf32 matmuls)"; ``tagging_tf32``)."""
     from emotions.inference import run_rows  # torch: not imported by Ray Data's read tasks
 
-    return run_rows(model, data, pad_id, batch_size=batch_size, device=device, precision=precision).cpu().numpy()
+    tf32 = tagging_tf32(precision, device)
+    probs = run_rows(model, data, pad_id, batch_size=batch_size, device=device, precision=precision, tf32=tf32)
+    return probs.cpu().numpy()
 
 
-def resolve_precision(bundle, requested: str, gpu: bool) -> tuple[str, dict | None, dict]:
+@functools.lru_cache(maxsize=8)
+def tagging_tf32(precision: str, device: str) -> bool:
+    """Whether tagging's passes at ``precision`` on ``device`` run float32 matmuls in TF32: fp32 on a
+    GPU that has it (Ampere and later); logged once per actor. TF32 keeps float32's range and
+    accumulation and rounds matmul inputs to 10 mantissa bits, finer than the 7 of bf16, which the
+    gate measures on such GPUs; thresholds and the gate's reference stay IEEE fp32."""
+    if precision != "fp32" or device == "cpu":
+        return False
+    gpu = describe_device(device)
+    log.info("tagging on %s in %s", gpu, runtime_label("fp32", gpu))
+    return uses_tf32(gpu)
+
+
+def resolve_precision(
+    bundle, requested: str, gpu: bool, ray_address: str | None = None
+) -> tuple[str, dict | None, dict]:
     """(runtime to tag with, the check that allows it, every check consulted {name: check}).
-    "auto": on GPU fp32; on CPU the fastest runtime of ``auto_candidates()`` the gate allows
+    "auto": on CPU the fastest runtime of ``auto_candidates()`` the gate allows
     (``fastest_allowed``), from the checks recorded in the bundle at training time or cached on
     this machine, the missing ones run now (``known_checks``); fp32 if none is faster, or if the
-    gate cannot run. Any other name but fp32: its check, recorded or run now; a refusal raises
-    TaggingError."""
-    if requested == "fp32" or (requested == "auto" and gpu):
+    gate cannot run. On GPU actors (``gpu``): ``resolve_gpu_precision``. Any other name but fp32:
+    its check, recorded or run now; a refusal raises TaggingError."""
+    if requested == "fp32":
         return "fp32", None, {}
+    if gpu:
+        return resolve_gpu_precision(bundle, requested, ray_address)
     names = auto_candidates() if requested == "auto" else [requested]
     try:
         checks = known_checks(bundle, names)
@@ -90,6 +124,38 @@ def resolve_precision(bundle, requested: str, gpu: bool) -> tuple[str, dict | No
     return requested, check, checks
 
 
+def resolve_gpu_precision(bundle, requested: str, ray_address: str | None = None) -> tuple[str, dict | None, dict]:
+    """``resolve_precision`` for GPU actors: the gate runs on the kind of GPU they tag on, never on
+    this driver's CPU (oneDNN's bf16 says nothing of a GPU's). One Ray task on a GPU of the cluster
+    at ``ray_address`` (joined here if not yet) reads its GPU's kind and takes the bf16 check
+    recorded in the bundle or cached on its node for that kind, or runs it there
+    (``precision.checks_on_gpu``); ``choose_gpu_runtime`` decides: bf16 under auto only where the
+    GPU computes it natively and the check allowed it, else fp32. The choice is the driver's, once,
+    so every actor tags at the same runtime (the output's key and manifest name it)."""
+    from emotions import cluster
+
+    cluster.connect(ray_address)
+    current, most = cluster.resources()
+    if max(current.get("GPU", 0), (most or {}).get("GPU", 0)) <= 0:
+        reason = "the Ray cluster has no GPU to check bf16 on"
+        if requested != "auto":
+            raise TaggingError(f"--precision {requested}: {reason}; tag in fp32 (--precision fp32)")
+        log.warning("tagging in fp32: %s", reason)
+        return "fp32", None, {}
+    try:
+        device, checks = checks_on_gpu(bundle, ["bf16"])
+        chosen = choose_gpu_runtime(requested, device, checks)
+    except PrecisionError as error:
+        if requested != "auto":
+            raise TaggingError(str(error)) from error
+        log.warning("tagging in fp32: %s", error)
+        return "fp32", None, {}
+    for name, check in checks.items():
+        log.info("%s %s on %s: %s", "chose" if name == chosen else "considered", name, device, check["verdict"])
+    log.info("tagging with %s on %s (--precision %s)", runtime_label(chosen, device), device, requested)
+    return chosen, checks.get(chosen), checks
+
+
 def runtime_bytes(bundle, name: str) -> bytes | None:
     """The exported graph an ONNX runtime runs (from the local cache, or exported now), which the
     driver sends its actors so that no node exports; None for the torch runtimes."""
@@ -106,5 +172,5 @@ def runtime_bytes(bundle, name: str) -> bytes | None:
 
 def check_summary(check: dict) -> dict:
     """The fields of a gate check a tagged output's manifest keeps."""
-    keys = ("allowed", "change", "interval_95", "rows_changed", "speedup", "kernels", "source")
+    keys = ("allowed", "change", "interval_95", "rows_changed", "speedup", "kernels", "source", "thresholds_precision")
     return {k: check.get(k) for k in keys}

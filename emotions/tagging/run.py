@@ -48,6 +48,7 @@ def tag_corpus(
     probabilities: bool = False,
     overwrite: bool = False,
     num_actors: int | None = None,
+    min_actors: int | None = None,
     batch_size: int = 1024,
     cpus_per_actor: int = 1,
     gpus_per_actor: float = 0,
@@ -94,6 +95,7 @@ def tag_corpus(
         probabilities=probabilities,
         overwrite=overwrite,
         num_actors=num_actors,
+        min_actors=min_actors,
         batch_size=batch_size,
         cpus_per_actor=cpus_per_actor,
         gpus_per_actor=float(gpus_per_actor),
@@ -113,7 +115,9 @@ def tag_corpus(
     bundle = load_bundle(settings.model)
     model_hash, max_length = bundle.hash, bundle.max_length
     requested = settings.precision
-    precision, precision_check, checks = resolve_precision(bundle, requested, gpu=settings.gpus_per_actor > 0)
+    precision, precision_check, checks = resolve_precision(
+        bundle, requested, gpu=settings.gpus_per_actor > 0, ray_address=ray_address
+    )
     settings = replace(settings, precision=precision)  # the output's key names the runtime used
     reference = validation_reference(bundle.metrics)  # what the report sets each label's share beside
     key = settings.output_key(model_hash)
@@ -128,17 +132,20 @@ def tag_corpus(
 
     cluster.connect(ray_address)
     record = environment.log_environment(asdict(settings), "tag")
-    plan = plan_actors(settings, cluster.node_cpus(), cluster.gpus())
+    plan = plan_actors(settings, *cluster.nodes())
     log.info(
-        "%d input files, %d rows; %d actors x %d threads (%.2f CPU, %.2f GPU reserved each), %s, %d tokenizer actors",
+        "%d input files, %d rows; %d..%d actors x %d threads (%.2f CPU, %.2f GPU reserved each), %s, "
+        "up to %d tokenizer actors; %s",
         len(files),
         sum(f.rows for f in files),
-        plan.actors,
+        plan.min_actors,
+        plan.max_actors,
         plan.threads,
         plan.cpus_reserved,
         plan.gpus,
         settings.precision,
         plan.tokenizers,
+        plan.why,
     )
     with writing(target) as lease:
         previous = check_output(target)  # again, now that no other run writes here

@@ -9,7 +9,7 @@
              -> validation scored (scoring.py), metrics + a checkpoint reported (checkpoints.py; rank 0 writes it)
            finish: the kept head (scoring.py: choose_head) + gathered predictions -> the final checkpoint
       <- the final checkpoint (after a failure, Ray restarts the workers from the latest one)
-      -> thresholds fitted, int8 gate (emotions.precision) -> bundle (write_bundle_from_checkpoint)
+      -> thresholds fitted on fp32 outputs, precision gate (emotions.precision) -> bundle (write_bundle_from_checkpoint)
 
 Stage 1 fine-tunes encoder + head. Stage 2 freezes the encoder, builds a fresh head, computes the
 pooled features once and trains the head on them (no encoder pass per epoch). Both heads then sit
@@ -43,14 +43,15 @@ from emotions.training.driver import (
     train,
     write_bundle_from_checkpoint,
 )
-from emotions.training.losses import AsymmetricLoss, loss_function
+from emotions.training.losses import AsymmetricLoss, LossSum, loss_function
 from emotions.training.optim import WeightAverage, build_optimizer, build_scheduler, layers_above
 from emotions.training.scoring import scored
-from emotions.training.shards import Shards, step_autocast, train_precision
+from emotions.training.shards import Shards, step_autocast, step_scaler, train_precision
 from emotions.training.worker import StageInputs, epoch_seed, feature_inputs, stage_inputs, train_epoch, train_worker
 
 __all__ = [
     "AsymmetricLoss",
+    "LossSum",
     "ResumeError",
     "Shards",
     "StageInputs",
@@ -72,6 +73,7 @@ __all__ = [
     "scored",
     "stage_inputs",
     "step_autocast",
+    "step_scaler",
     "train",
     "train_epoch",
     "train_precision",

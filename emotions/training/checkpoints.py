@@ -65,6 +65,7 @@ class WorkerState:
     config: dict = field(default_factory=dict)  # the config the checkpoint was made with
     config_hash: str = ""  # config.config_hash(config): what prepare_run compares
     head_choice: dict = field(default_factory=dict)  # the heads' held-out scores and the one kept
+    thresholds_precision: dict | None = None  # the final predictions' precision (precision.fit_precision)
     # Each finished stage's head over the current encoder: {stage: Candidate}. Saved in HEADS_FILE.
     candidates: dict = field(default_factory=dict)
 

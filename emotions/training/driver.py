@@ -1,6 +1,7 @@
 """The driver's side of a training run: load and tokenize the data once, put it in the object
 store, run a ``TorchTrainer`` over ``worker.train_worker``, then fit thresholds and write the
-bundle from the final checkpoint (``write_bundle_from_checkpoint``, through the int8 gate).
+bundle from the final checkpoint (``write_bundle_from_checkpoint``, through the precision gate:
+on this CPU, and on one of the run's GPUs for a GPU run).
 
 Resume policy (``prepare_run``, before any worker starts): a run started again under its name
 resumes from its latest checkpoint (Ray Train hands it to the workers), unless its config
@@ -117,6 +118,7 @@ def fit(
             num_workers=s.num_workers,
             use_gpu=s.use_gpu,
             resources_per_worker={"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})},
+            placement_strategy=s.placement.upper(),
         ),
         run_config=ray.train.RunConfig(
             name=name,
@@ -228,8 +230,12 @@ def write_bundle_from_checkpoint(final: Path, config: TrainConfig, output: Path)
     report["shards"] = state.get("shards", [])
     report["stage_seconds"] = state.get("stage_seconds", {})
     report["layout"] = state.get("config", {}).get("scaling", {})  # as resolved when the run started
-    path = save_checked_bundle(  # the int8 gate, recorded in the bundle: tagging on CPU reads it
+    if state.get("thresholds_precision") is None:
+        log.warning("the final checkpoint does not record the precision of its predictions: the bundle says unknown")
+    path = save_checked_bundle(  # the gate on CPU (and on a GPU for a GPU run), recorded in the bundle
         output,
+        gpu=config.scaling.use_gpu,
+        thresholds_precision=state.get("thresholds_precision"),
         weights=checkpoint_weights(final),
         encoder_config=state["encoder_config"],
         head=state["head"],

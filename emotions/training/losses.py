@@ -50,3 +50,24 @@ class AsymmetricLoss(nn.Module):
             pos = pos * self.pos_weight
         neg = log_not_q * neg_scale if neg_scale is not None else log_not_q
         return -(targets * pos + (1 - targets) * neg).mean()
+
+
+class LossSum:
+    """An epoch's training loss, summed where it is computed: ``add`` queues an addition on the
+    device and returns at once; ``mean`` reads the sum once, when the epoch is reported. (A
+    ``loss.item()`` per step would make the host wait for the GPU every step.) ``last`` is the
+    last step's loss, a 0-d tensor: formatting it reads it, only when a progress line is printed."""
+
+    def __init__(self) -> None:
+        self.total: torch.Tensor | None = None
+        self.last: torch.Tensor | None = None
+        self.steps = 0
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.last = loss.detach()
+        self.total = self.last.float() if self.total is None else self.total + self.last
+        self.steps += 1
+
+    def mean(self) -> float:
+        """The steps' mean loss (nan without any): the one host sync."""
+        return self.total.item() / self.steps if self.steps else float("nan")

@@ -16,7 +16,9 @@ from emotions.config import StageConfig, TrainConfig
 from emotions.evaluation import heldout_macro_f1, validation_scores
 from emotions.inference import head_probs, run_rows
 from emotions.model import EmotionClassifier, build_head
+from emotions.precision import describe_device, runtime_label
 from emotions.training.checkpoints import WorkerState
+from emotions.training.losses import LossSum
 from emotions.training.optim import WeightAverage
 from emotions.training.shards import Shards, gather_rows
 
@@ -30,15 +32,18 @@ def scored(average: WeightAverage | None):
     return average.swapped_in() if average is not None else contextlib.nullcontext()
 
 
-def encode_features(model: EmotionClassifier, data: TokenizedSet, shards: Shards) -> torch.Tensor:
-    """Pooled encoder features [n, hidden] float32 for every row of ``data``, in row order."""
+def encode_features(
+    model: EmotionClassifier, data: TokenizedSet, shards: Shards, precision: str | None = None
+) -> torch.Tensor:
+    """Pooled encoder features [n, hidden] float32 for every row of ``data``, in row order, at
+    ``precision`` (default: the worker's inference precision)."""
     return run_rows(
         model,
         data,
         shards.pad_id,
         batch_size=EVAL_BATCH,
         device=shards.device,
-        precision=shards.precision,
+        precision=precision or shards.precision,
         output="features",
     )
 
@@ -48,6 +53,14 @@ def predict_probs(
 ) -> np.ndarray:
     """Sigmoid probabilities [n, 28] for this worker's rows of ``data``."""
     return head_probs(model.head, features if features is not None else encode_features(model, data, shards))
+
+
+def threshold_probs(model: EmotionClassifier, data: TokenizedSet, shards: Shards) -> np.ndarray:
+    """[n, 28] probabilities of this worker's rows of ``data`` at the precision thresholds are
+    fitted on (``precision.fit_precision``): torch fp32, IEEE matmuls, whatever the stage's passes
+    ran at (bf16 on a GPU), so that tagging's fp32 and the gate's reference meet the thresholds at
+    the numerics they were fitted at."""
+    return head_probs(model.head, encode_features(model, data, shards, precision="fp32"))
 
 
 def predict_validation(model, shards: Shards, features: torch.Tensor | None):
@@ -61,7 +74,7 @@ def predict_validation(model, shards: Shards, features: torch.Tensor | None):
 def epoch_metrics(
     stage: StageConfig,
     epoch: int,
-    losses: list[float],
+    losses: LossSum,
     probs: np.ndarray,
     labels: np.ndarray,
     elapsed: float,
@@ -69,18 +82,19 @@ def epoch_metrics(
     config: TrainConfig,
 ) -> dict:
     """An epoch's report: train loss, validation scores and throughput, also under ``<stage>/`` keys."""
-    samples = len(losses) * stage.batch_size * shards.world
+    samples = losses.steps * stage.batch_size * shards.world
     metrics = {
         "stage": stage.name,
         "epoch": epoch + 1,
-        "train_loss": float(np.mean(losses)) if losses else float("nan"),
+        "train_loss": losses.mean(),  # the epoch's one read of its loss
         **validation_scores(labels, probs, rule=config.thresholds.rule()),
         "samples_per_s": samples / max(elapsed, 1e-9),
         "epoch_seconds": elapsed,
     }
     # Stage names in the keys, so a results table keeps both stages apart.
     metrics.update({f"{stage.name}/{k}": v for k, v in list(metrics.items())[2:]})
-    metrics["train_precision"] = shards.train_precision  # what the steps ran in (scaling.cpu_bf16 on CPU)
+    # What the steps ran in: bf16, fp16 (a GPU without native bf16), fp32, "fp32 (tf32 matmuls)".
+    metrics["train_precision"] = runtime_label(shards.train_precision, shards.hardware or describe_device("cpu"))
     return metrics
 
 

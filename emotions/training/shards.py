@@ -19,6 +19,8 @@ import torch.distributed as dist
 from emotions import environment
 from emotions.batching import TokenizedSet
 from emotions.config import AUTO, TrainConfig
+from emotions.inference import transfer_options
+from emotions.precision import Device, autocast_dtype, describe_device, enable_tf32, needs_grad_scaler, runtime_label
 
 log = logging.getLogger("emotions.training")
 
@@ -35,14 +37,29 @@ class Shards:
     world: int
     validation_source: str = ""
     positive_rates: np.ndarray | None = None  # [28] share of training rows with each label (all ranks' rows)
-    precision: str = "fp32"  # inference passes: "bf16" = autocast on a GPU (scaling.bf16)
-    train_precision: str = "fp32"  # training steps: "bf16" also on a CPU with scaling.cpu_bf16
+    precision: str = "fp32"  # inference passes: "bf16" = autocast on a GPU with native bf16 (scaling.bf16)
+    train_precision: str = "fp32"  # training steps: "bf16", "fp16" (GPUs without native bf16), "fp32"
+    hardware: Device | None = None  # what decided them (precision.describe_device); None: a CPU
 
 
-def train_precision(config: TrainConfig, device: torch.device, rank: int = 0) -> str:
-    """The precision of this worker's training steps, "bf16" or "fp32" (see ScalingSettings.cpu_bf16)."""
-    if device.type == "cuda":
-        return "bf16" if config.scaling.bf16 else "fp32"
+STEP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}
+
+
+def train_precision(config: TrainConfig, device: Device, rank: int = 0) -> str:
+    """The precision of this worker's training steps on ``device``: "bf16", "fp16" or "fp32". On a GPU
+    scaling.bf16 asks for reduced precision and ``precision.autocast_dtype`` decides: bfloat16
+    where the GPU computes it natively (compute 8.0+), float16 with a gradient scaler on older ones
+    (T4, V100). On CPU, scaling.cpu_bf16 (auto: where the CPU computes bf16 natively)."""
+    if device.kind == "cuda":
+        steps = DTYPE_NAMES[autocast_dtype(device, config.scaling.bf16)]
+        if steps == "fp16" and rank == 0:
+            log.warning(
+                "%s has no native bfloat16: training steps autocast to float16 with a gradient scaler "
+                "(scaling.bf16=true); inference passes run float32",
+                device,
+            )
+        return steps
     wanted = config.scaling.cpu_bf16
     native = environment.cpu_has_bf16()
     if wanted == AUTO:
@@ -59,7 +76,29 @@ def train_precision(config: TrainConfig, device: torch.device, rank: int = 0) ->
 
 def step_autocast(shards: Shards) -> torch.autocast:
     """The autocast the training steps of ``shards``' worker run under (``train_precision``)."""
-    return torch.autocast(shards.device.type, dtype=torch.bfloat16, enabled=shards.train_precision == "bf16")
+    dtype = STEP_DTYPES.get(shards.train_precision)
+    return torch.autocast(shards.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
+def step_scaler(shards: Shards) -> torch.amp.GradScaler | None:
+    """The gradient scaler float16 steps need (``precision.needs_grad_scaler``), else None."""
+    needed = needs_grad_scaler(STEP_DTYPES.get(shards.train_precision))
+    return torch.amp.GradScaler(shards.device.type) if needed else None
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor onto ``device`` as ``inference.transfer_options`` decides: onto a GPU from
+    pinned memory with non_blocking (the step queues the copy and goes on; no wait for the GPU),
+    elsewhere as it is."""
+    pin, non_blocking = transfer_options(device)
+    return (tensor.pin_memory() if pin else tensor).to(device, non_blocking=non_blocking)
+
+
+def inference_precision(steps: str, device: Device) -> str:
+    """The precision of a worker's validation and feature passes: bf16 where its steps are (on a
+    GPU with native bf16), else fp32. Thresholds are fitted on fp32 outputs whatever this is
+    (``scoring.threshold_probs``)."""
+    return "bf16" if steps == "bf16" and device.kind == "cuda" else "fp32"
 
 
 def worker_shards(loop_config: dict, config: TrainConfig) -> Shards:
@@ -69,7 +108,11 @@ def worker_shards(loop_config: dict, config: TrainConfig) -> Shards:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(config.scaling.cpus_per_worker)
     train_set, device = ray.get(loop_config["train"]), ray.train.torch.get_device()
-    steps = train_precision(config, device, rank)
+    hardware = describe_device(device)
+    steps = train_precision(config, hardware, rank)
+    enable_tf32(hardware)  # the steps' float32 matmuls; inference passes stay IEEE (run_rows)
+    if rank == 0:
+        log.info("training steps on %s in %s", hardware, runtime_label(steps, hardware))
     return Shards(
         train=train_set.shard(rank, world, equal=True),
         validation=ray.get(loop_config["validation"]).shard(rank, world, equal=False),
@@ -79,8 +122,9 @@ def worker_shards(loop_config: dict, config: TrainConfig) -> Shards:
         world=world,
         validation_source=loop_config.get("validation_source", ""),
         positive_rates=train_set.labels.mean(0),
-        precision=steps if device.type == "cuda" else "fp32",
-        train_precision=steps,  # CPU: inference in float32
+        precision=inference_precision(steps, hardware),  # CPU: inference in float32
+        train_precision=steps,
+        hardware=hardware,
     )
 
 

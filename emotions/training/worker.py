@@ -26,6 +26,7 @@ from torch import nn
 from emotions.batching import bucket_batches, collate, random_batches
 from emotions.config import StageConfig, TrainConfig, config_hash, from_dict
 from emotions.model import EmotionClassifier, build_head, load_encoder
+from emotions.precision import fit_precision
 from emotions.progress import Progress
 from emotions.training.checkpoints import (
     EMA_FILE,
@@ -39,17 +40,26 @@ from emotions.training.checkpoints import (
     save_frozen_encoder,
     write_checkpoint,
 )
-from emotions.training.losses import loss_function
+from emotions.training.distributed import compress_gradients
+from emotions.training.losses import LossSum, loss_function
 from emotions.training.optim import WeightAverage, build_optimizer, build_scheduler, layers_above
 from emotions.training.scoring import (
     choose_head,
     encode_features,
     epoch_metrics,
-    predict_probs,
     predict_validation,
     scored,
+    threshold_probs,
 )
-from emotions.training.shards import Shards, describe_shards, gather_rows, step_autocast, worker_shards
+from emotions.training.shards import (
+    Shards,
+    describe_shards,
+    gather_rows,
+    step_autocast,
+    step_scaler,
+    to_device,
+    worker_shards,
+)
 
 log = logging.getLogger("emotions.training")
 
@@ -121,6 +131,10 @@ def run_stage(
         if shards.world > 1
         else inputs.trained
     )
+    if shards.world > 1:
+        context = ray.train.get_context()
+        s = config.scaling
+        compress_gradients(net, s.gradient_compression, s.use_gpu, shards.world, context.get_local_world_size())
     optimizer = build_optimizer(stage, model.head, model.encoder if stage.train_encoder else None)
     steps_per_epoch = math.ceil(len(shards.train) / stage.batch_size)
     scheduler = build_scheduler(optimizer, stage, steps_per_epoch)
@@ -132,7 +146,7 @@ def run_stage(
         if average is not None:
             average.load(checkpoint / EMA_FILE)
     loss_fn = loss_function(stage, shards.positive_rates, shards.device)
-    autocast = step_autocast(shards)
+    autocast, scaler = step_autocast(shards), step_scaler(shards)  # a scaler for float16 steps only
     val_probs = None
     for epoch in range(start_epoch, stage.epochs):
         progress = Progress(
@@ -152,6 +166,7 @@ def run_stage(
             average,
             autocast,
             progress,
+            scaler,
         )
         elapsed = time.perf_counter() - t0
         with scored(average):
@@ -220,7 +235,7 @@ def stage_inputs(stage: StageConfig, model: EmotionClassifier, shards: Shards, c
 
     def logits(net: nn.Module, rows: np.ndarray) -> torch.Tensor:
         ids, mask, _ = collate(train, rows, shards.pad_id)
-        return net(ids.to(device), mask.to(device))
+        return net(to_device(ids, device), to_device(mask, device))
 
     return StageInputs(model, lambda seed: bucket_batches(train.lengths, stage.batch_size, seed), logits, train.labels)
 
@@ -236,7 +251,7 @@ def feature_inputs(
     return StageInputs(
         head,
         lambda seed: random_batches(len(features), batch_size, seed),
-        lambda net, rows: net(features[rows]),
+        lambda net, rows: net(features[to_device(torch.from_numpy(rows), features.device)]),
         labels,
         validation_features,
     )
@@ -252,24 +267,31 @@ def train_epoch(
     average: WeightAverage | None = None,
     autocast=None,
     progress: Progress | None = None,
-) -> list[float]:
+    scaler: torch.amp.GradScaler | None = None,
+) -> LossSum:
     """One pass over ``inputs``' batches: a step of the optimizer (and scheduler, and weight
-    average) per batch. Returns the batches' losses."""
+    average) per batch; float16 steps through ``scaler``. Returns the batches' losses, summed on
+    the device: no step waits for the GPU to read its loss."""
     net.train()
-    losses = []
+    losses = LossSum()
     for rows in inputs.batches(seed):
         with autocast or contextlib.nullcontext():
             logits = inputs.logits(net, rows)
-            loss = loss_fn(logits.float(), torch.from_numpy(inputs.labels[rows]).to(logits.device))
-        loss.backward()
-        optimizer.step()
+            loss = loss_fn(logits.float(), to_device(torch.from_numpy(inputs.labels[rows]), logits.device))
+        if scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:  # the loss scaled up, so float16 gradients do not underflow; a step with inf/nan is skipped
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         if average is not None:
             average.update()
-        losses.append(loss.item())
+        losses.add(loss)
         if progress is not None:
-            progress.step(loss=losses[-1])
+            progress.step(loss=losses.last)  # read only when a line is printed
     return losses
 
 
@@ -300,9 +322,15 @@ def finish(model: EmotionClassifier, shards: Shards, config: TrainConfig, state:
     """Final checkpoint: the kept head's weights plus the gathered predictions the driver fits
     thresholds on."""
     labels = gather_rows(shards.validation.labels, shards.validation.index, shards)
-    predictions = {"validation_probs": choose_head(model, shards, config, state, labels), "validation_labels": labels}
+    validation_probs = choose_head(model, shards, config, state, labels)
+    if shards.precision != "fp32":  # scored in bf16: thresholds are fitted on fp32 outputs
+        validation_probs = gather_rows(
+            threshold_probs(model, shards.validation, shards), shards.validation.index, shards
+        )
+    state.thresholds_precision = fit_precision(shards.device.type)
+    predictions = {"validation_probs": validation_probs, "validation_labels": labels}
     if config.thresholds.split == "train":
-        train_probs = predict_probs(model, shards.train, shards)
+        train_probs = threshold_probs(model, shards.train, shards)
         predictions["train_probs"] = gather_rows(train_probs, shards.train.index, shards)
         predictions["train_labels"] = gather_rows(shards.train.labels, shards.train.index, shards)
     last = state.history[-1] if state.history else {}
