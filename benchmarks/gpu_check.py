@@ -3,15 +3,22 @@
     python benchmarks/gpu_check.py                 # on a GPU machine: the real check (< 5 min, one H100)
     python benchmarks/gpu_check.py --smoke         # anywhere: the same code paths at toy sizes on CPU
 
-(a) Ray Train, one GPU worker, bf16 autocast: the embedded MiniLM for ``--steps`` stage-1 steps
-    (then a short stage 2, so the run yields a real bundle); samples/s.
-(b) A bert-base-sized encoder (random weights from ``BertConfig()``: no hub here) through the same
-    Ray Train steps and through ``emotions tag`` on one GPU actor: samples/s and rows/s, and model
-    FLOPs utilisation against the card's dense bf16 peak (FLOPs counted on real tokens, 3x the
-    forward pass for training).
-(c) The MiniLM bundle from (a) tags ``--rows`` generated rows in fp32 and in bf16: rows/s of each,
-    their ratio, and macro-F1 at the bundle's thresholds of fp32 vs bf16 on the GPU, through the
-    encoder loop the tagging actors run (``tagging.predict_tokens``), on the whole dev split.
+(a) Ray Train, one GPU worker: the embedded MiniLM (default preset) for ``--steps`` stage-1 steps
+    under the GPU's autocast (bf16; fp16 + GradScaler on GPUs without native bf16), then a short
+    stage 2, so the run yields a real bundle; samples/s.
+(b) The shipped bert-base job's recipe (the bert-base preset: ``max_length`` 128, 32 rows per
+    worker, bf16; random weights from ``BertConfig()``: no hub here) through the same Ray Train
+    steps on one GPU worker: samples/s and model FLOPs utilisation. The shipped job runs four such
+    workers in DDP on one 4-GPU node; one GPU cannot show the all-reduce, whose arithmetic is in
+    benchmarks/ddp_step_time.py. Then the encoder pass tagging actors run (``predict_tokens``) over
+    the corpus, tokenized beforehand and timed alone, in bf16 and in fp32 with TF32 matmuls: rows/s
+    and MFU, each against its own dense peak (bf16; TF32 is half the bf16 peak on these data
+    sheets). ``emotions tag``'s whole-command rows/s (start-up, hashing, actor start included) is
+    reported beside it, not as MFU.
+(c) The MiniLM bundle from (a) through ``emotions tag`` in fp32 (TF32 where the GPU has it) and in
+    bf16: rows/s of each; the precision gate run on the GPU for bf16 (what training records on a GPU
+    run and ``--precision auto`` reads), and TF32 fp32 against IEEE fp32 (the thresholds' own
+    numerics) on the whole dev split: held-out macro-F1 change with its 95% interval.
 (d) Everything goes to benchmarks/results/gpu_check.json (gpu_check_cpu.json when no GPU ran).
 
 Without a CUDA GPU the GPU parts are skipped with a message saying so; ``--smoke`` runs every part
@@ -24,6 +31,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 import tempfile
 import time
@@ -32,22 +40,26 @@ from pathlib import Path
 import numpy as np
 
 RESULTS = Path(__file__).resolve().parent / "results"
-# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, by device-name substring.
+# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets (half the "with sparsity"
+# figures), matched on the device name by pattern: "L4" must not match an L40 or L40S.
 BF16_PEAK = {
-    "H200": 989.4e12,
-    "H100 NVL": 835.5e12,
-    "H100 PCIe": 756.0e12,
-    "H100": 989.4e12,
-    "A100": 312.0e12,
-    "L40S": 362.1e12,
-    "L4": 121.0e12,
-    "A10G": 70.0e12,
+    r"H200": 989.4e12,
+    r"H100 NVL": 835.5e12,
+    r"H100 PCIe": 756.0e12,
+    r"H100": 989.4e12,
+    r"A100": 312.0e12,
+    r"L40S": 362.1e12,
+    r"L40(?!S)": 181.05e12,
+    r"\bL4\b": 121.0e12,
+    r"A10G": 70.0e12,
+    r"\bA10\b": 125.0e12,
 }
-BATCH = 32  # stage-1 batch per worker
+BATCH = 32  # stage-1 batch per worker (both presets)
+TAG_ROWS = 50_000  # corpus rows through the bert-base encoder pass, per precision
 
 
 def bf16_peak(device_name: str) -> float | None:
-    return next((peak for key, peak in BF16_PEAK.items() if key in device_name), None)
+    return next((peak for pattern, peak in BF16_PEAK.items() if re.search(pattern, device_name)), None)
 
 
 def encoder_flops_per_token(config: dict, tokens: float) -> float:
@@ -63,13 +75,13 @@ def mean_tokens(texts: list[str], tokenizer, max_length: int) -> float:
     return float(np.mean(lengths))
 
 
-def train_part(name: str, overrides: list[str], workdir: Path, use_gpu: bool) -> dict:
-    """A Ray Train run of the default preset with ``overrides``; stage-1 samples/s and the bundle."""
+def train_part(name: str, preset: str, overrides: list[str], workdir: Path, use_gpu: bool) -> dict:
+    """A Ray Train run of ``preset`` on one worker with ``overrides``; stage-1 samples/s and the bundle."""
     from emotions.config import build_config
     from emotions.training import train
 
     config = build_config(
-        "default",
+        preset,
         overrides=[
             f"run.storage_path={workdir / 'runs'}",
             f"run.name={name}",
@@ -88,8 +100,10 @@ def train_part(name: str, overrides: list[str], workdir: Path, use_gpu: bool) ->
     stage1 = [h for h in history if h["stage"] == "stage1"][-1]
     return {
         "bundle": str(bundle),
+        "preset": preset,
         "samples_per_s": stage1["samples_per_s"],
         "epoch_s": stage1["epoch_seconds"],
+        "train_precision": stage1.get("train_precision"),
         "examples": config.data.max_train_examples,
         "steps": -(-config.data.max_train_examples // BATCH),
         "wall_s": seconds,
@@ -99,6 +113,7 @@ def train_part(name: str, overrides: list[str], workdir: Path, use_gpu: bool) ->
 
 
 def tag_part(bundle: str, corpus: Path, out: Path, precision: str, gpus: float) -> dict:
+    """``emotions tag`` end to end: rows/s over the whole command (start-up included)."""
     from emotions.tagging import TaggingError, tag_corpus
 
     try:
@@ -116,30 +131,77 @@ def tag_part(bundle: str, corpus: Path, out: Path, precision: str, gpus: float) 
     }
 
 
+def encoder_pass(bundle_path: str, texts: list[str], device: str, flops_per_row: float, peak: float | None) -> dict:
+    """The encoder loop a tagging actor runs (``predict_tokens``) over ``texts``, tokenized first and
+    timed alone (after a warm-up pass), in bf16 and in fp32 (TF32 matmuls where the GPU has them):
+    rows/s, and MFU against the matching dense peak (TF32's is half of bf16's on these data sheets)."""
+    import torch
+
+    from emotions.bundle import load_bundle
+    from emotions.tagging.predictor import ENCODER_BATCH, predict_tokens, tagging_tf32, tokenize_texts
+
+    bundle = load_bundle(bundle_path, device=device)
+    tokens = tokenize_texts(texts, bundle.tokenizer, bundle.max_length)
+    pad_id, batch = bundle.tokenizer.pad_token_id or 0, ENCODER_BATCH["cuda" if device == "cuda" else "cpu"]
+    out = {"rows": len(texts)}
+    for precision in ("bf16", "fp32"):
+        predict_tokens(bundle.model, tokens.select(np.arange(min(512, len(tokens)))), pad_id, batch, precision, device)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        predict_tokens(bundle.model, tokens, pad_id, batch, precision, device)  # ends in .cpu(): synchronised
+        rate = len(texts) / (time.perf_counter() - start)
+        tf32 = precision == "fp32" and tagging_tf32(precision, device)
+        own_peak = (peak / 2 if tf32 else peak) if peak and (precision == "bf16" or tf32) else None
+        out[precision] = {
+            "rows_per_s": rate,
+            "matmuls": "tf32" if tf32 else precision,
+            "mfu": rate * flops_per_row / own_peak if own_peak else None,
+        }
+    return out
+
+
 def dev_quality(bundle_path: str, device: str, examples: int | None = None) -> dict:
-    """bf16 against fp32 on GoEmotions dev (or a seeded ``examples`` of it), on ``device``, through
-    the loop tagging's actors run (``inference.run_rows``): held-out macro-F1 of each (thresholds
-    fitted on one half of dev, scored on the other, both ways) and the paired change with its 95%
-    bootstrap interval (``evaluation.paired_change``, what the tagging gate compares)."""
+    """On GoEmotions dev (or a seeded ``examples`` of it), on ``device``, through the loop tagging's
+    actors run (``inference.run_rows``): the precision gate for bf16 as training runs it on a GPU
+    (``precision.check_runtimes`` on this device: held-out macro-F1 of fp32 and bf16, thresholds
+    fitted on one half of dev and scored on the other, both ways, the paired change with its 95%
+    bootstrap interval, the most over-tagged label's share against fp32, allowed or refused), and
+    fp32 with TF32 matmuls against IEEE fp32 the same way (``evaluation.paired_change``)."""
+    from emotions.batching import tokenize
     from emotions.bundle import load_bundle
     from emotions.data import load_labelled
     from emotions.evaluation import paired_change
-    from emotions.tagging.predictor import ENCODER_BATCH, predict_tokens, tokenize_texts
+    from emotions.inference import run_rows
+    from emotions.precision import CPU_BATCH, GPU_BATCH, check_runtimes, describe_device, uses_tf32
 
     bundle = load_bundle(bundle_path, device=device)
     dev = load_labelled("goemotions:dev").take(examples, 0)
-    tokens = tokenize_texts(dev.texts, bundle.tokenizer, bundle.max_length)
-    pad_id = bundle.tokenizer.pad_token_id or 0
-    batch = ENCODER_BATCH["cuda" if device == "cuda" else "cpu"]
-    probs = {p: predict_tokens(bundle.model, tokens, pad_id, batch, p, device) for p in ("fp32", "bf16")}
-    check = paired_change(dev.labels, probs["fp32"], probs["bf16"])
+    gpu = describe_device(device)
+    check = check_runtimes(bundle, ["bf16"], device=gpu, validation=dev)["bf16"]
+    tokens = tokenize(dev.texts, dev.labels, bundle.tokenizer, bundle.max_length)
+    pad_id, batch = bundle.tokenizer.pad_token_id or 0, GPU_BATCH if device == "cuda" else CPU_BATCH
+    probs = {
+        tf32: run_rows(bundle.model, tokens, pad_id, batch_size=batch, device=device, tf32=tf32).cpu().numpy()
+        for tf32 in (False, True)
+    }
+    tf32 = paired_change(dev.labels, probs[False], probs[True])
     return {
         "examples": len(dev),
+        "device": str(gpu),
         "heldout_macro_f1_fp32": check["heldout_macro_f1_reference"],
         "heldout_macro_f1_bf16": check["heldout_macro_f1_candidate"],
         "change": check["change"],
         "interval_95": check["interval_95"],
         "rows_changed": check["rows_changed"],
+        "share_change": check["share_change"],
+        "bf16_allowed": check["allowed"],
+        "bf16_speedup": check["speedup"],
+        "bf16_verdict": check["verdict"],
+        "tf32_on_this_device": uses_tf32(gpu),
+        "tf32_change": tf32["change"],
+        "tf32_interval_95": tf32["interval_95"],
+        "tf32_rows_changed": tf32["rows_changed"],
     }
 
 
@@ -201,27 +263,34 @@ def run(args: argparse.Namespace) -> dict:
     corpus = workdir / "corpus"
     make_corpus(corpus, rows=rows, files=8, seed=0, junk_fraction=0.02)
 
-    # (a) MiniLM on one worker, bf16 autocast on GPU
+    # (a) MiniLM on one worker, the GPU's autocast
     minilm = ["model.encoder=tiny-random", "data.max_length=32"] if args.smoke else []
     part_a = train_part(
         "minilm",
+        "default",
         [*minilm, f"data.max_train_examples={steps * BATCH}", "data.max_validation_examples=2000", "stage2.epochs=3"],
         workdir,
         gpu,
     )
-    print(f"(a) {part_a['encoder']}: {part_a['steps']} steps x {BATCH}, {part_a['samples_per_s']:.0f} samples/s")
+    print(
+        f"(a) {part_a['encoder']}: {part_a['steps']} steps x {BATCH} in {part_a['train_precision']}, "
+        f"{part_a['samples_per_s']:.0f} samples/s"
+    )
     record["train_minilm"] = part_a
 
-    # (b) bert-base-sized, random weights: training steps and tagging, with MFU
+    # (b) the shipped bert-base recipe, random weights: training steps, the encoder pass, tagging
     bert_dir = workdir / "bert-base-random"
     bert_config = random_bert(bert_dir, tiny=args.smoke)
     part_b = train_part(
+        "bert-base",
         "bert-base",
         [
             f"model.encoder={bert_dir}",
             f"data.max_train_examples={steps * BATCH}",
             "data.max_validation_examples=512",
             "stage2.epochs=0",
+            f"scaling.cpus_per_worker={min(4, os.cpu_count() or 1)}",
+            *(["data.max_length=32"] if args.smoke else []),
         ],
         workdir,
         gpu,
@@ -231,37 +300,45 @@ def run(args: argparse.Namespace) -> dict:
     train_texts = load_labelled("goemotions:train").take(steps * BATCH, 0).texts
     tokens_train = mean_tokens(train_texts, tokenizer, part_b["max_length"])
     train_flops = 3 * encoder_flops_per_token(bert_config, tokens_train) * tokens_train  # per example
-    tag_b = tag_part(part_b["bundle"], corpus, workdir / "tagged-bert", "fp32", gpus)
     import pyarrow.dataset
 
     corpus_texts = [
         t
         for t in pyarrow.dataset.dataset(corpus).to_table(columns=["body"]).column("body").to_pylist()
         if isinstance(t, str) and t.strip()
-    ][:20000]
+    ][: 300 if args.smoke else TAG_ROWS]
     tokens_tag = mean_tokens(corpus_texts, tokenizer, part_b["max_length"])
     tag_flops = encoder_flops_per_token(bert_config, tokens_tag) * tokens_tag  # per row
+    device = "cuda" if gpu else "cpu"
+    encoder = encoder_pass(part_b["bundle"], corpus_texts, device, tag_flops, peak)
+    tag_b = tag_part(part_b["bundle"], corpus, workdir / "tagged-bert", "bf16", gpus)
     part_b.update(
-        tag_fp32=tag_b,
+        encoder_pass=encoder,
+        tag_command_bf16=tag_b,
         mean_tokens_train=tokens_train,
         mean_tokens_tag=tokens_tag,
         train_flops_per_example=train_flops,
         tag_flops_per_row=tag_flops,
+        train_mfu=part_b["samples_per_s"] * train_flops / peak if peak else None,
     )
-    if peak:
-        part_b["train_mfu"] = part_b["samples_per_s"] * train_flops / peak
-        part_b["tag_mfu"] = tag_b.get("rows_per_s", 0) * tag_flops / peak
+
+    def mfu(value) -> str:
+        return f" (MFU {value:.1%})" if value is not None else ""
+
     print(
-        f"(b) bert-base-sized: train {part_b['samples_per_s']:.0f} samples/s"
-        + (f" (MFU {part_b['train_mfu']:.1%})" if peak else "")
-        + f"; tag {tag_b.get('rows_per_s', 0):.0f} rows/s"
-        + (f" (MFU {part_b['tag_mfu']:.1%})" if peak else "")
+        f"(b) bert-base recipe (max_length {part_b['max_length']}, {part_b['train_precision']}): train "
+        f"{part_b['samples_per_s']:.0f} samples/s{mfu(part_b['train_mfu'])}; encoder pass "
+        f"bf16 {encoder['bf16']['rows_per_s']:.0f} rows/s{mfu(encoder['bf16']['mfu'])}, fp32 "
+        f"({encoder['fp32']['matmuls']} matmuls) {encoder['fp32']['rows_per_s']:.0f} rows/s"
+        f"{mfu(encoder['fp32']['mfu'])}; "
+        f"`emotions tag` bf16, whole command: {tag_b.get('rows_per_s', 0):.0f} rows/s"
+        + (f" [refused: {tag_b['refused']}]" if "refused" in tag_b else "")
     )
     record["bert_base"] = part_b
 
-    # (c) the MiniLM bundle tags the corpus in fp32 and bf16; quality delta on dev
+    # (c) the MiniLM bundle tags the corpus in fp32 (TF32) and bf16; the bf16 gate and TF32 on dev
     runs = {p: tag_part(part_a["bundle"], corpus, workdir / f"tagged-{p}", p, gpus) for p in ("fp32", "bf16")}
-    quality = dev_quality(part_a["bundle"], "cuda" if gpu else "cpu")
+    quality = dev_quality(part_a["bundle"], device, examples=600 if args.smoke else None)
     speed = runs["bf16"].get("rows_per_s", 0) / max(runs["fp32"].get("rows_per_s", 0), 1e-9)
     record["precision"] = {
         "rows": rows,
@@ -274,9 +351,12 @@ def run(args: argparse.Namespace) -> dict:
         f"(c) {rows:,} rows: fp32 {runs['fp32'].get('rows_per_s', 0):.0f} rows/s, bf16 "
         f"{runs['bf16'].get('rows_per_s', 0):.0f} rows/s ({speed:.2f}x)"
         + (f" [bf16 refused: {runs['bf16']['refused']}]" if "refused" in runs["bf16"] else "")
-        + f"; dev held-out macro-F1 fp32 {quality['heldout_macro_f1_fp32']:.4f} vs bf16 "
-        f"{quality['heldout_macro_f1_bf16']:.4f} ({quality['change']:+.4f}, 95% interval "
-        f"{quality['interval_95'][0]:+.4f} to {quality['interval_95'][1]:+.4f})"
+        + f"; bf16 gate on {quality['device']}: {'allowed' if quality['bf16_allowed'] else 'REFUSED'}, dev held-out "
+        f"macro-F1 fp32 {quality['heldout_macro_f1_fp32']:.4f} vs bf16 {quality['heldout_macro_f1_bf16']:.4f} "
+        f"({quality['change']:+.4f}, 95% interval {quality['interval_95'][0]:+.4f} to "
+        f"{quality['interval_95'][1]:+.4f}); TF32 vs IEEE fp32: {quality['tf32_change']:+.4f} "
+        f"({quality['tf32_rows_changed']:.2%} of rows change)"
+        + ("" if quality["tf32_on_this_device"] else " [no TF32 on this device: the same numerics]")
     )
     return record
 

@@ -123,6 +123,8 @@ def resolve_scaling(
     if scaling.num_workers != AUTO:
         cpus = 1 if scaling.cpus_per_worker == AUTO else scaling.cpus_per_worker
         resolved = dataclasses.replace(scaling, cpus_per_worker=cpus)
+        if scaling.placement == "strict_pack":
+            _check_one_node_holds(resolved, nodes_up, nodes_at_max)
         return resolved, f"{describe_layout(resolved)}: scaling.num_workers={scaling.num_workers} as given"
     choices = [("up now", nodes_up)] + ([("at the autoscaler's maximum", nodes_at_max)] if nodes_at_max else [])
     best = None
@@ -149,8 +151,45 @@ def describe_layout(scaling: ScalingSettings) -> str:
     return layout
 
 
+def _fits_one_node(scaling: ScalingSettings, node: dict[str, float]) -> bool:
+    """Whether ``node`` alone holds every worker of concrete ``scaling`` (strict_pack)."""
+    gpus_ok = not scaling.use_gpu or node.get("GPU", 0) >= scaling.num_workers
+    return gpus_ok and node.get("CPU", 0) >= scaling.num_workers * scaling.cpus_per_worker
+
+
+def _check_one_node_holds(scaling: ScalingSettings, nodes_up: list, nodes_at_max: list | None) -> None:
+    """strict_pack puts every worker on one node. Ray Train retries a worker group it cannot place
+    without end, so a layout no node can hold would wait forever: refused here when the autoscaler's
+    largest cluster is known, warned about when only the nodes up now are."""
+    if any(_fits_one_node(scaling, n) for n in [*nodes_up, *(nodes_at_max or [])]):
+        return
+    need = f"{scaling.num_workers * scaling.cpus_per_worker} CPUs" + (
+        f" and {scaling.num_workers} GPUs" if scaling.use_gpu else ""
+    )
+    seen = (
+        f"nodes up now: {_describe_nodes(nodes_up)}; autoscaler's maximum: "
+        f"{_describe_nodes(nodes_at_max) if nodes_at_max else 'unknown'}"
+    )
+    message = (
+        f"scaling.placement=strict_pack puts all {scaling.num_workers} workers on one node, which needs "
+        f"{need} on a single node ({seen})"
+    )
+    if nodes_at_max is None:
+        log.warning("%s: Ray Train waits until such a node joins", message)
+        return
+    raise ConfigError(
+        f"{message}; no node of this cluster can hold them. Lower scaling.num_workers (or "
+        "scaling.cpus_per_worker), add a node group that large, or use scaling.placement=pack"
+    )
+
+
 def _layout_on(scaling: ScalingSettings, nodes: list[dict[str, float]]) -> tuple[int, int, str] | None:
-    """(workers, CPUs per worker, how) for ``num_workers: auto`` on these nodes; None if none fits."""
+    """(workers, CPUs per worker, how) for ``num_workers: auto`` on these nodes; None if none fits.
+    With strict_pack, what the largest single node holds."""
+    if scaling.placement == "strict_pack" and nodes:
+        layouts = [_layout_on(dataclasses.replace(scaling, placement="pack"), [n]) for n in nodes]
+        best = max((layout for layout in layouts if layout), default=None)
+        return best and (best[0], best[1], f"{best[2]}, the largest single node (strict_pack)")
     auto_cpus = scaling.cpus_per_worker == AUTO
     if scaling.use_gpu:
         hosts = [n for n in nodes if n.get("GPU", 0) >= 1]

@@ -59,3 +59,23 @@ def test_a_compressed_all_reduce_hands_the_optimizer_fp16_rounded_gradients(proc
     grad = net.module.weight.grad
     assert grad.dtype == torch.float32  # the optimizer still steps in fp32
     assert torch.equal(grad, grad.half().float()) == compressed
+
+
+def test_strict_pack_sizes_auto_to_the_largest_node_and_refuses_what_no_node_holds(caplog):
+    from emotions.cluster import resolve_scaling
+
+    up = [{"CPU": 0.0}]  # a KubeRay head at the start of a job
+    at_max = [{"CPU": 8.0, "GPU": 1.0}] * 8 + [{"CPU": 48.0, "GPU": 4.0}]  # cluster/launcher/aws-gpu.yaml
+    packed = ScalingSettings(use_gpu=True, placement="strict_pack")
+    resolved, how = resolve_scaling(packed, up, at_max)
+    assert (resolved.num_workers, resolved.cpus_per_worker) == (4, 12) and "largest single node" in how
+    spread, _ = resolve_scaling(ScalingSettings(use_gpu=True), up, at_max)
+    assert spread.num_workers == 12  # pack may span nodes: every GPU
+    given = ScalingSettings(use_gpu=True, placement="strict_pack", num_workers=4, cpus_per_worker=4)
+    assert resolve_scaling(given, up, at_max)[0].num_workers == 4
+    too_many = ScalingSettings(use_gpu=True, placement="strict_pack", num_workers=8, cpus_per_worker=4)
+    with pytest.raises(ConfigError, match="all 8 workers on one node, which needs 32 CPUs and 8 GPUs"):
+        resolve_scaling(too_many, up, at_max)  # Ray Train would retry placing them without end
+    with caplog.at_level("WARNING", logger="emotions.cluster"):
+        resolve_scaling(too_many, up, None)  # no autoscaler seen: a node that large may still join
+    assert "waits until such a node joins" in caplog.text

@@ -65,6 +65,10 @@ def test_flops_per_token_of_bert_base(gpu_check):
     assert gpu_check.bf16_peak("NVIDIA H100 80GB HBM3") == pytest.approx(989.4e12)
     assert gpu_check.bf16_peak("NVIDIA H100 PCIe") == pytest.approx(756.0e12)
     assert gpu_check.bf16_peak("some other card") is None
+    # by pattern, not substring: an L40 or L40S is not an L4, an A10G not an A10
+    peaks = {name: gpu_check.bf16_peak(name) for name in ("NVIDIA L4", "NVIDIA L40", "NVIDIA L40S", "NVIDIA A10G")}
+    assert peaks == {"NVIDIA L4": 121.0e12, "NVIDIA L40": 181.05e12, "NVIDIA L40S": 362.1e12, "NVIDIA A10G": 70.0e12}
+    assert gpu_check.bf16_peak("NVIDIA A10") == 125.0e12
 
 
 def test_tagging_and_quality_parts_run_on_the_smoke_bundle(gpu_check, smoke_bundle, tmp_path, monkeypatch):
@@ -86,3 +90,13 @@ def test_tagging_and_quality_parts_run_on_the_smoke_bundle(gpu_check, smoke_bund
     assert quality["examples"] == 600 and np.isfinite(quality["change"])
     low, high = quality["interval_95"]
     assert low <= quality["change"] <= high
+    assert quality["bf16_allowed"] and "bf16 vs fp32" in quality["bf16_verdict"]  # the gate itself ran (bound 1.0)
+    assert not quality["tf32_on_this_device"] and quality["tf32_change"] == 0.0  # no TF32 on CPU: same numerics
+    # the encoder pass alone, timed apart from the command's start-up; no MFU without a peak
+    texts = ["so happy for you", "this is awful", "thanks!"] * 20
+    encoder = gpu_check.encoder_pass(str(smoke_bundle), texts, "cpu", flops_per_row=1e6, peak=None)
+    assert encoder["rows"] == 60 and {encoder[p]["matmuls"] for p in ("bf16", "fp32")} == {"bf16", "fp32"}
+    assert all(encoder[p]["rows_per_s"] > 0 and encoder[p]["mfu"] is None for p in ("bf16", "fp32"))
+    encoder = gpu_check.encoder_pass(str(smoke_bundle), texts, "cpu", flops_per_row=1e6, peak=1e12)
+    assert encoder["bf16"]["mfu"] == pytest.approx(encoder["bf16"]["rows_per_s"] * 1e6 / 1e12)
+    assert encoder["fp32"]["mfu"] is None  # IEEE fp32 is not held against a tensor-core peak

@@ -137,7 +137,8 @@ def resolve_layout(config: TrainConfig) -> TrainConfig:
     connected cluster's nodes by ``config.resolve_scaling``), logged in one line. Checkpoints and
     the bundle's metrics record the resolved values, so resuming a run on a cluster that resolves
     to another worker count is refused (``prepare_run``) rather than silently re-sharded."""
-    nodes = cluster.nodes() if config.scaling.num_workers == AUTO else ([], None)
+    s = config.scaling
+    nodes = cluster.nodes() if s.num_workers == AUTO or s.placement == "strict_pack" else ([], None)
     scaling, how = cluster.resolve_scaling(config.scaling, *nodes)
     log.info("Ray Train layout: %s", how)
     return replace(config, scaling=scaling)
