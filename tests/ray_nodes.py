@@ -8,20 +8,29 @@ which shuts down the processes it started; `ray stop` is never used: it kills ev
 on the machine, `local_ray`'s included. ``kill_node`` is the crash instead: SIGKILL to the node's
 whole process group (raylet, workers), as when a Kubernetes node dies.
 
-A worker node can be started in a mount namespace of its own with an empty tmpfs over a folder
-(``hide``): it cannot see what the driver wrote there, as pods that share no disk cannot.
+A worker node can be started with a disk of its own (``own``): a folder on this machine that the
+node, in a mount namespace of its own, sees as ``NODE_ROOT`` inside a fresh, empty /tmp, with an
+empty tmpfs over each folder in ``hide`` (the driver's caches, the test session's temporary root).
+``node_env`` points the node's temporary folder, home and caches (Hugging Face, XDG, emotions)
+into ``NODE_ROOT`` and ``node_command(temp_dir=...)`` its Ray temp folder: it cannot see what the
+driver or another node wrote in any of them, as pods that share no disk cannot, while the test
+can still read each node's folder (its Ray logs, its caches) from the outside.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+NODE_ROOT = "/tmp/n"  # where a node with a disk of its own sees it: short, Ray's sockets live under it
 
 
 def free_port() -> int:
@@ -60,10 +69,12 @@ def node_command(
     gcs_port: int | None = None,
     temp_dir: str | None = None,
     object_store_bytes: int = 300_000_000,
+    resources: dict[str, float] | None = None,
 ) -> tuple[list[str], int, int | None]:
     """`ray start --block` for a head or for a worker node joining the head at ``gcs_port``, every
-    port from one block of its own (see free_port_range). Returns (command, the head's GCS port,
-    the head's dashboard port or None)."""
+    port from one block of its own (see free_port_range), Ray's temp folder ``temp_dir`` (any
+    node; keep it short: Unix socket paths under it are limited to 107 bytes), custom
+    ``resources`` if given. Returns (command, the head's GCS port, the head's dashboard port or None)."""
     low, _ = free_port_range(120, start_at=23000)
     ports = iter(range(low, low + 20))
     gcs_port = next(ports) if head else gcs_port
@@ -87,6 +98,10 @@ def node_command(
         f"--object-store-memory={object_store_bytes}",
         "--disable-usage-stats",
     ]
+    if temp_dir is not None:
+        command.append(f"--temp-dir={temp_dir}")
+    if resources:
+        command.append(f"--resources={json.dumps(resources)}")
     if head:
         command += [
             "--head",
@@ -95,17 +110,64 @@ def node_command(
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dashboard_port}",
             f"--ray-client-server-port={next(ports)}",
-            f"--temp-dir={temp_dir}",
         ]
     else:
         command += [f"--address=127.0.0.1:{gcs_port}"]
     return command, gcs_port, dashboard_port
 
 
-def start_node(command: list[str], env: dict, log_path: Path, hide: Path | None = None) -> subprocess.Popen:
-    """Start a node in a session of its own; with ``hide``, in its own mount namespace where
-    ``hide`` is an empty tmpfs (tests run as root, so unshare and mount are allowed)."""
-    if hide is not None:
+def node_env(env: dict, root: str = NODE_ROOT) -> dict:
+    """``env`` for a node whose own disk is ``root`` (see start_node): its temporary folder, home
+    and caches there, nothing that names a folder of the driver's."""
+    env = {k: v for k, v in env.items() if k not in ("RAY_TMPDIR", "EMOTIONS_BUNDLE_CACHE", "EMOTIONS_CRASH_FILE")}
+    env.update(
+        TMPDIR=f"{root}/tmp",
+        HOME=f"{root}/home",
+        XDG_CACHE_HOME=f"{root}/cache",
+        XDG_CONFIG_HOME=f"{root}/config",
+        HF_HOME=f"{root}/hf",
+        MPLCONFIGDIR=f"{root}/config/matplotlib",
+        EMOTIONS_CACHE=f"{root}/emotions-cache",
+    )
+    return env
+
+
+NODE_FOLDERS = ("tmp", "home", "cache", "config/matplotlib", "hf", "emotions-cache", "ray")
+
+
+def start_node(
+    command: list[str],
+    env: dict,
+    log_path: Path,
+    hide=(),
+    own: Path | None = None,
+) -> subprocess.Popen:
+    """Start a node in a session of its own. With ``own`` or ``hide``, in a mount namespace of its
+    own (tests run as root, so unshare and mount are allowed): with ``own``, /tmp there is a fresh
+    tmpfs holding only ``own`` (made here, with NODE_FOLDERS in it), seen as NODE_ROOT; every
+    existing folder of ``hide`` outside /tmp is an empty tmpfs. Give such a node ``node_env(env)``
+    and its Ray temp folder under NODE_ROOT (``node_command(temp_dir=f"{NODE_ROOT}/ray")``)."""
+    hide = list(dict.fromkeys(Path(os.path.realpath(h)) for h in ([hide] if isinstance(hide, (str, Path)) else hide)))
+    steps = []
+    if own is not None:
+        own = Path(own).resolve()
+        for name in (".mnt", *NODE_FOLDERS):
+            (own / name).mkdir(parents=True, exist_ok=True)
+        mnt = shlex.quote(str(own / ".mnt"))
+        inside = f"{mnt}/{shlex.quote(os.path.relpath(NODE_ROOT, '/tmp'))}"  # NODE_ROOT once moved
+        # A tmpfs made inside ``own``, ``own`` bound into it, then the tmpfs moved over /tmp: the
+        # node's /tmp holds its own folder and nothing of this machine's /tmp.
+        steps += [
+            f"mount -t tmpfs -o size=256m tmpfs {mnt}",
+            f"mkdir -p {inside}",
+            f"mount --bind {shlex.quote(str(own))} {inside}",
+            f"mount --move {mnt} /tmp",
+        ]
+        hide = [h for h in hide if not is_under(h, Path("/tmp"))]  # hidden with /tmp
+        assert is_under(Path(NODE_ROOT), Path("/tmp"))
+    hide = [h for h in hide if h.is_dir() and not any(o != h and is_under(h, o) for o in hide)]  # outermost
+    steps += [f"mount -t tmpfs -o size=64m tmpfs {shlex.quote(str(h))}" for h in hide]
+    if steps:
         command = [
             "unshare",
             "--mount",
@@ -113,12 +175,17 @@ def start_node(command: list[str], env: dict, log_path: Path, hide: Path | None 
             "private",
             "sh",
             "-c",
-            f'mount -t tmpfs -o size=256m tmpfs "{hide}" && exec "$@"',
+            " && ".join(steps) + ' && exec "$@"',
             "sh",
             *command,
         ]
     with open(log_path, "w") as log:
         return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd="/", start_new_session=True)
+
+
+def is_under(path: Path, folder: Path) -> bool:
+    path, folder = Path(os.path.realpath(path)), Path(os.path.realpath(folder))
+    return path == folder or folder in path.parents
 
 
 def stop_node(node: subprocess.Popen) -> None:
