@@ -9,7 +9,8 @@ every nn.Linear, ``prepare_model``); ONNX Runtime fp32 and int8 (the bundle expo
 ``emotions.onnx_model``). Training and the head sweep run the gate for ``auto_candidates()`` when
 they write a bundle (``save_checked_bundle``) and record each check in its metrics.json with the
 kernels and kind of CPU it was made on (``precision_checks``); a run on GPUs also checks bf16 on
-one of its GPUs (``checks_on_gpu``: a Ray task, never the driver's CPU) and records that under
+one of its GPUs (``checks_on_gpu``: a Ray task, never the driver's CPU, waited on for at most
+GPU_CHECK_TIMEOUT_S) and records that under
 ``gpu_precision_checks`` with the GPU's name, compute capability and torch/CUDA versions, so it
 matches only that kind of GPU. Tagging reads those (``known_checks``), or runs the gate once per
 bundle and device kind and caches it.
@@ -50,6 +51,9 @@ MAX_SHARE_CHANGE = 1.5
 CPU_BATCH = 16  # rows per forward pass on CPU: the gate's, and tagging's CPU actors'
 GPU_BATCH = 256  # rows per forward pass on a GPU: the gate's, and tagging's GPU actors'
 WARMUP_ROWS = 64  # scored once per precision before the timed pass, so the timings compare
+# The longest the driver waits for each Ray task of ``checks_on_gpu``: for a GPU (freed, or on a node
+# the autoscaler starts: minutes) and the check on it (under a minute for MiniLM on GoEmotions dev).
+GPU_CHECK_TIMEOUT_S = 600
 
 
 # name -> (backend, numeric precision). The torch names are those bundles and outputs always had.
@@ -87,6 +91,11 @@ class Device:
 
 class PrecisionError(ValueError):
     """The gate cannot run (its validation data is unreadable); the message says what to do."""
+
+
+class GpuCheckTimeout(PrecisionError):
+    """No GPU of the Ray cluster ran a task of ``checks_on_gpu`` within its timeout (none free, or
+    the autoscaler did not start one); the task was cancelled. Callers say what to do."""
 
 
 def quantize_int8(model):
@@ -411,33 +420,52 @@ def usable_checks(stored: dict, names: list[str], device: Device) -> dict[str, d
     return found
 
 
+def stored_checks(bundle_hash: str, recorded: dict, names: list[str], device: Device) -> dict[str, dict]:
+    """The checks of ``names`` valid on ``device`` that need no run: those in ``recorded`` (the bundle's
+    record for the device's kind, ``RECORDED``), then those cached on this machine
+    (``onnx_model.cache_dir()``/checks). Each says where it came from (``source``)."""
+    cached_file = _cache_file(bundle_hash, device)
+    in_bundle = usable_checks(recorded, names, device)
+    earlier = usable_checks(_read_cache(cached_file), [n for n in names if n not in in_bundle], device)
+    found = {n: {**c, "source": "the bundle's metrics.json"} for n, c in in_bundle.items()}
+    found.update({n: {**c, "source": f"checked earlier on this machine ({cached_file})"} for n, c in earlier.items()})
+    return found
+
+
+def _cache_file(bundle_hash: str, device: Device):
+    from emotions.onnx_model import cache_dir
+
+    suffix = "" if device.kind == "cpu" else f".{device.kind}"
+    return cache_dir() / "checks" / f"{bundle_hash}{suffix}.json"
+
+
+def _read_cache(path) -> dict:
+    import json
+
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def known_checks(bundle, names: list[str], device: Device | None = None, validation=None) -> dict[str, dict]:
     """The gate's checks of ``names`` valid on ``device`` (default: this CPU; a GPU: the one the
     bundle's model is on): those recorded in the bundle (by training; ``RECORDED`` says under which
-    key for the device's kind) or in this machine's cache, the rest run now on that device and
-    cached (``onnx_model.cache_dir()``/checks). Each says where it came from (``source``)."""
+    key for the device's kind) or in this machine's cache (``stored_checks``), the rest run now on
+    that device and cached (``onnx_model.cache_dir()``/checks). Each says where it came from
+    (``source``). The validation rows are read (or ``validation`` used) only if a check is missing."""
     import json
 
-    from emotions.onnx_model import cache_dir
-
     device = device or describe_device("cpu")
-    suffix = "" if device.kind == "cpu" else f".{device.kind}"
-    cached_file = cache_dir() / "checks" / f"{bundle.hash}{suffix}.json"
-    try:
-        cached = json.loads(cached_file.read_text())
-    except (OSError, ValueError):
-        cached = {}
-    recorded = usable_checks(bundle.metrics.get(RECORDED[device.kind]) or {}, names, device)
-    earlier = usable_checks(cached, [n for n in names if n not in recorded], device)
-    found = {n: {**c, "source": "the bundle's metrics.json"} for n, c in recorded.items()}
-    found.update({n: {**c, "source": f"checked earlier on this machine ({cached_file})"} for n, c in earlier.items()})
+    found = stored_checks(bundle.hash, bundle.metrics.get(RECORDED[device.kind]) or {}, names, device)
     missing = [n for n in names if n not in found]
     if missing:
         log.info("checking %s on this machine (%s): the bundle records no check of them here", missing, device)
         fresh = check_runtimes(bundle, missing, device=device, validation=validation)
+        cached_file = _cache_file(bundle.hash, device)
         cached_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = cached_file.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({**cached, **fresh}, indent=1))
+        tmp.write_text(json.dumps({**_read_cache(cached_file), **fresh}, indent=1))
         os.replace(tmp, cached_file)
         found.update({n: {**c, "source": "checked now"} for n, c in fresh.items()})
     return {n: found[n] for n in names}
@@ -467,30 +495,93 @@ def choose_gpu_runtime(requested: str, device: Device, checks: dict[str, dict]) 
     return "bf16"
 
 
-def checks_on_gpu(bundle, wanted: list[str], reuse: bool = True) -> tuple[Device, dict[str, dict]]:
-    """The gate for ``wanted`` on one GPU of the connected Ray cluster, never on this process's CPU:
-    a Ray task (one GPU) gets the bundle's files and its validation rows (read here: the GPU's node
-    may not see their path), describes its GPU and checks those of ``wanted`` the GPU computes
-    natively (``gpu_candidates``): recorded in the bundle or cached on that node for that kind of
-    GPU, else run there (``known_checks``); ``reuse`` False runs them (training's record of a new
-    bundle). -> (the GPU, {name: check}). PrecisionError when the validation data cannot be read."""
+def checks_on_gpu(
+    bundle, wanted: list[str], reuse: bool = True, timeout_s: float | None = None
+) -> tuple[Device, dict[str, dict]]:
+    """The gate for ``wanted`` on one GPU of the connected Ray cluster, never on this process's CPU,
+    in Ray tasks (one GPU each, ``run_on_gpu``: each waited on for at most ``timeout_s``, default
+    GPU_CHECK_TIMEOUT_S). With ``reuse``, a first task gets only the bundle's recorded checks,
+    describes its GPU and keeps those of ``wanted`` the GPU computes natively (``gpu_candidates``)
+    that are recorded for that kind of GPU or cached on its node (``stored_checks``): nothing more
+    is read or sent when they cover them, so a bundle whose validation data this driver cannot read
+    still uses its record. Only for a missing check (or, without ``reuse``, always: training's
+    record of a new bundle) does a task get the bundle's files and its validation rows (read here:
+    the GPU's node may not see their path) and run the gate there (``known_checks``).
+    -> (the GPU, {name: check}). PrecisionError when the validation data is needed and cannot be
+    read; GpuCheckTimeout when no GPU ran a task in time."""
     import ray
 
     from emotions.bundle import bundle_files
 
+    if reuse:
+        records = {key: bundle.metrics.get(key) or {} for key in RECORDED.values()}
+        device, found, missing = run_on_gpu(
+            _stored_on_gpu, (bundle.hash, records, wanted), timeout_s, f"look up the precision checks of {wanted}"
+        )
+        if not missing:
+            return device, found
+        wanted = missing
     validation = read_validation(bundle, wanted, bundle.config.get("seed", 0))
-    task = ray.remote(_checks_on_gpu).options(num_gpus=1, num_cpus=1, max_retries=1)
     files = ray.put(bundle_files(bundle.path))
-    return ray.get(task.remote(files, bundle.hash, wanted, validation, reuse))
+    return run_on_gpu(
+        _checks_on_gpu,
+        (files, bundle.hash, wanted, validation, reuse),
+        timeout_s,
+        f"run the precision checks of {wanted}",
+    )
+
+
+def run_on_gpu(function, args: tuple, timeout_s: float | None = None, what: str = "run precision checks"):
+    """``function(*args)`` as a Ray task on one GPU of the connected cluster (the one place
+    ``checks_on_gpu`` submits and waits): logged before the wait (a GPU may have to be freed, or
+    started by the autoscaler) and after it. GpuCheckTimeout, the task cancelled, when it has not
+    finished within ``timeout_s`` (default GPU_CHECK_TIMEOUT_S)."""
+    import ray
+    from ray.exceptions import GetTimeoutError
+
+    timeout_s = GPU_CHECK_TIMEOUT_S if timeout_s is None else timeout_s
+    task = ray.remote(function).options(num_gpus=1, num_cpus=1, max_retries=1)
+    log.info(
+        "waiting up to %.0fs for a GPU of the Ray cluster to %s on (a Ray task asking for 1 GPU)",
+        timeout_s,
+        what,
+    )
+    start = time.monotonic()
+    ref = task.remote(*args)
+    try:
+        result = ray.get(ref, timeout=timeout_s)
+    except GetTimeoutError:  # a RayError: turned into one its callers tell from the others
+        ray.cancel(ref, force=True)
+        raise GpuCheckTimeout(
+            f"no GPU of the Ray cluster ran the task to {what} within {timeout_s:.0f}s "
+            "(none free, or the autoscaler did not start a GPU node); the task was cancelled"
+        ) from None
+    log.info("the GPU task to %s ran on %s (%.0fs)", what, result[0], time.monotonic() - start)
+    return result
+
+
+def _runnable(wanted: list[str], device: Device) -> list[str]:
+    return [n for n in wanted if n in (gpu_candidates(device) if device.kind == "cuda" else auto_candidates())]
+
+
+def _stored_on_gpu(bundle_hash: str, records: dict, wanted: list[str], where: str = "cuda"):
+    """``checks_on_gpu``'s first task (``where``: "cpu" in tests): (its device, the checks of
+    ``wanted`` it can use without a run (``stored_checks``), those it would still have to run)."""
+    device = describe_device(where)
+    names = _runnable(wanted, device)
+    if not names:
+        log.info("%s: no runtime of %s to check here (no native bf16): tagging on it runs fp32", device, wanted)
+    found = stored_checks(bundle_hash, records.get(RECORDED[device.kind]) or {}, names, device)
+    return device, found, [n for n in names if n not in found]
 
 
 def _checks_on_gpu(files, bundle_hash: str, wanted: list[str], validation, reuse: bool, where: str = "cuda"):
-    """``checks_on_gpu``'s task body (``where``: "cpu" in tests)."""
+    """``checks_on_gpu``'s task that runs checks (``where``: "cpu" in tests)."""
     from emotions.bundle import load_bundle_files
 
     bundle = load_bundle_files(files, bundle_hash, device=where)
     device = describe_device(where)
-    names = [n for n in wanted if n in (gpu_candidates(device) if device.kind == "cuda" else auto_candidates())]
+    names = _runnable(wanted, device)
     if not names:
         log.info("%s: no runtime of %s to check here (no native bf16): tagging on it runs fp32", device, wanted)
         return device, {}
@@ -502,7 +593,8 @@ def _checks_on_gpu(files, bundle_hash: str, wanted: list[str], validation, reuse
 def save_checked_bundle(output, precisions: list[str] | None = None, gpu: bool = False, **fields):
     """``bundle.save_bundle(output, **fields)``, then the precision gate for each runtime of
     ``precisions`` (default: ``auto_candidates()``) on the saved bundle, on this CPU; with ``gpu``
-    (the run trained on GPUs) also bf16 on one of the cluster's GPUs (``checks_on_gpu``). Both are
+    (the run trained on GPUs) also, first, bf16 on one of the cluster's GPUs (``checks_on_gpu``;
+    none recorded, with a warning, if no GPU ran it within GPU_CHECK_TIMEOUT_S). Both are
     recorded in its metrics.json (the bundle is written again with them: ``precision_checks``,
     ``gpu_precision_checks``), so that tagging on this kind of CPU or GPU picks its runtime
     without running the gate. -> the bundle's path."""
@@ -511,19 +603,21 @@ def save_checked_bundle(output, precisions: list[str] | None = None, gpu: bool =
     start = time.perf_counter()
     path = save_bundle(output, **fields)
     bundle, recorded = load_bundle(path), {}
-    try:
-        recorded["precision_checks"] = check_runtimes(bundle, precisions or auto_candidates())
-    except PrecisionError as error:  # the bundle stands; tagging checks on first use, or tags in fp32
-        log.warning("no CPU precision checks recorded in the bundle: %s", error)
-    if gpu:
+    if gpu:  # first: the CPU checks take minutes, after which the autoscaler may have removed the run's GPU node
         from ray.exceptions import RayError
 
         try:
             device, checks = checks_on_gpu(bundle, ["bf16"], reuse=False)
             recorded["gpu_precision_checks"] = checks
             log.info("GPU precision checks made on %s: %s", device, sorted(checks) or "none (no native bf16)")
+        except GpuCheckTimeout as error:  # the trained bundle stands; tagging checks on its first GPU run
+            log.warning("no GPU precision check recorded in the bundle: %s; tagging on GPUs checks bf16 first", error)
         except (PrecisionError, RayError) as error:  # the trained bundle stands; tagging checks on first use
             log.warning("no GPU precision checks recorded in the bundle: %s", error)
+    try:
+        recorded["precision_checks"] = check_runtimes(bundle, precisions or auto_candidates())
+    except PrecisionError as error:  # the bundle stands; tagging checks on first use, or tags in fp32
+        log.warning("no CPU precision checks recorded in the bundle: %s", error)
     if not recorded:
         return path
     path = save_bundle(output, **{**fields, "metrics": {**fields["metrics"], **recorded}})

@@ -1,9 +1,11 @@
 """What runs at which precision on which device, decided from a ``precision.Device`` by pure
 functions, so the GPU cases run on a CPU machine: an A100/H100 trains in bf16 with TF32 matmuls, a
 T4/V100 in fp16 with a gradient scaler and never bf16; ``--precision auto`` on a GPU takes bf16
-only from a check made on that kind of GPU; thresholds are fitted on fp32 outputs and the bundle
-says so (older bundles load as "unknown"); the training loop reads its loss once per epoch and
-copies to a GPU from pinned memory."""
+only from a check made on that kind of GPU, reads the validation data only when no such check is
+recorded, and waits for a GPU at most GPU_CHECK_TIMEOUT_S (a real unschedulable Ray task here);
+thresholds are fitted on fp32 outputs and the bundle says so (older bundles load as "unknown");
+the training loop reads its loss once per epoch, and a step the fp16 scaler skips moves neither
+the schedule nor the weight average; the manifest tells fp32 from fp32 with TF32 matmuls."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import json
 import logging
 import shutil
 import sys
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -23,7 +26,7 @@ from emotions.bundle import bundle_files, load_bundle, save_bundle
 from emotions.bundle_manifest import write_manifest
 from emotions.config import build_config
 from emotions.model import EmotionClassifier, build_head, load_encoder, load_tokenizer
-from emotions.precision import Device, PrecisionError, choose_gpu_runtime, gpu_device
+from emotions.precision import Device, GpuCheckTimeout, PrecisionError, choose_gpu_runtime, gpu_device
 from emotions.tagging import TaggingError, predictor
 from emotions.training import (
     Shards,
@@ -312,13 +315,15 @@ def test_a_gpu_run_records_a_bf16_check_made_on_its_gpu(smoke_bundle, tmp_path, 
 
     def checks_on_gpu(bundle, wanted, reuse=True):
         assert wanted == ["bf16"] and not reuse  # a new bundle: checked, not looked up
+        cpu_runs.append("gpu")
         return A100, {"bf16": made_check("bf16", A100)}
 
     monkeypatch.setattr(gate, "check_runtimes", check_runtimes)
     monkeypatch.setattr(gate, "checks_on_gpu", checks_on_gpu)
     path = gate.save_checked_bundle(tmp_path / "gpu-run", ["int8"], gpu=True, **fields)
     metrics = load_bundle(path).metrics
-    assert cpu_runs == [None]  # the CPU gate on this machine, as before
+    # The GPU check first, while the run's GPU node is up; then the CPU gate on this machine, as before.
+    assert cpu_runs == ["gpu", None]
     assert metrics["gpu_precision_checks"]["bf16"]["kernels"] == gate.kernels("bf16", A100)
     assert list(metrics["precision_checks"]) == ["int8"]
     assert load_bundle(path).thresholds_precision == FIT
@@ -377,3 +382,131 @@ def test_the_head_sweep_fits_thresholds_on_fp32_features(monkeypatch):
         again = head_sweep.threshold_features(None, config, features, origin)
         assert calls[-1] == (["validation"], "thresholds") and again["validation_x"] is encoded
         assert again["precision"] == {**FIT, "device": "cuda"} and again["train_x"] is features["train_x"]
+
+
+def no_gpu_bundle(tmp_path) -> SimpleNamespace:
+    """What ``checks_on_gpu`` reads of a bundle whose validation data cannot be read here."""
+    data = {"validation": str(tmp_path / "missing.jsonl"), "text_column": "text", "labels_column": "labels"}
+    data |= {"label_format": "ids", "max_validation_examples": 0}
+    return SimpleNamespace(hash="feedc0ffee123456", metrics={}, config={"data": data, "seed": 0}, path=tmp_path)
+
+
+def test_a_gpu_check_no_gpu_can_run_times_out_and_is_cancelled(local_ray, tmp_path, caplog):
+    """The local Ray has no GPU: a task asking for one is never scheduled. The wait ends at its
+    timeout with GpuCheckTimeout (a PrecisionError, not Ray's GetTimeoutError), logged before and after."""
+    start = time.monotonic()
+    with caplog.at_level(logging.INFO, logger="emotions.precision"):
+        with pytest.raises(GpuCheckTimeout, match=r"no GPU of the Ray cluster .* within 1s .* cancelled"):
+            gate.checks_on_gpu(no_gpu_bundle(tmp_path), ["bf16"], timeout_s=1)
+    assert time.monotonic() - start < 30
+    assert "waiting up to 1s for a GPU" in caplog.text
+    assert gate.GPU_CHECK_TIMEOUT_S == 600  # the default wait
+
+
+def test_tagging_does_not_wait_forever_for_a_gpu_to_check_on(local_ray, tmp_path, monkeypatch, caplog):
+    """The cluster may scale to a GPU (the autoscaler's largest), none comes: auto tags in fp32 with
+    a warning, --precision bf16 stops with what to do; each within the timeout, not hanging."""
+    from emotions import cluster
+
+    monkeypatch.setattr(cluster, "resources", lambda: ({"CPU": 2.0}, {"CPU": 10.0, "GPU": 1.0}))
+    monkeypatch.setattr(gate, "GPU_CHECK_TIMEOUT_S", 1)
+    start = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="emotions.tagging"):
+        assert predictor.resolve_precision(no_gpu_bundle(tmp_path), "auto", gpu=True) == ("fp32", None, {})
+    assert "tagging in fp32 (--precision auto): no GPU of the Ray cluster" in caplog.text
+    with pytest.raises(TaggingError, match=r"--precision bf16: no GPU .* tag in fp32 \(--precision fp32\), or run"):
+        predictor.resolve_precision(no_gpu_bundle(tmp_path), "bf16", gpu=True)
+    assert time.monotonic() - start < 60
+
+
+def test_a_training_run_keeps_its_bundle_when_no_gpu_runs_the_check(smoke_bundle, tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(gate, "GPU_CHECK_TIMEOUT_S", 1)
+    monkeypatch.setattr(gate, "check_runtimes", lambda bundle, names, *a, **k: {n: made_check(n, CPU) for n in names})
+    start = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="emotions.precision"):
+        path = gate.save_checked_bundle(tmp_path / "gpu-run", ["int8"], gpu=True, **bundle_fields(smoke_bundle))
+    assert time.monotonic() - start < 60
+    metrics = load_bundle(path).metrics
+    assert "gpu_precision_checks" not in metrics and list(metrics["precision_checks"]) == ["int8"]
+    assert "no GPU precision check recorded in the bundle: no GPU of the Ray cluster" in caplog.text
+
+
+def test_a_recorded_gpu_check_is_used_when_the_driver_cannot_read_the_validation_data(tmp_path, monkeypatch):
+    """A bundle trained on a local data.validation path, tagged from a driver that cannot read it:
+    its recorded check for this kind of GPU decides, and the validation rows are never read."""
+    from emotions import cluster
+
+    monkeypatch.setenv("EMOTIONS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(cluster, "connect", lambda address=None: None)
+    monkeypatch.setattr(cluster, "resources", lambda: ({"CPU": 8.0, "GPU": 1.0}, None))
+    tasks = []
+
+    def run_on_gpu(function, args, timeout_s=None, what="check"):  # the task, run here on an "A100"
+        tasks.append(function.__name__)
+        return function(*args)
+
+    monkeypatch.setattr(gate, "run_on_gpu", run_on_gpu)
+    monkeypatch.setattr(gate, "describe_device", lambda where="cpu": A100 if where == "cuda" else CPU)
+    bundle = no_gpu_bundle(tmp_path)
+    bundle.metrics = {"gpu_precision_checks": {"bf16": made_check("bf16", A100)}}
+    resolved = predictor.resolve_runtime(bundle, "auto", gpu=True)
+    assert (resolved.precision, resolved.check["source"], resolved.device) == (
+        "bf16",
+        "the bundle's metrics.json",
+        A100,
+    )
+    assert predictor.resolve_precision(bundle, "bf16", gpu=True)[0] == "bf16"
+    assert tasks == ["_stored_on_gpu", "_stored_on_gpu"]  # one look-up each; no check run, no data read
+    # Recorded for another kind of GPU: the check must run, and its data cannot be read here.
+    bundle.metrics = {"gpu_precision_checks": {"bf16": made_check("bf16", H100)}}
+    assert predictor.resolve_precision(bundle, "auto", gpu=True) == ("fp32", None, {})
+    with pytest.raises(TaggingError, match="cannot be read here"):
+        predictor.resolve_precision(bundle, "bf16", gpu=True)
+
+
+def test_the_manifest_tells_fp32_with_tf32_matmuls_from_ieee_fp32(monkeypatch):
+    assert predictor.runtime_record("fp32", True, A100) == {
+        "runtime": "fp32 (tf32 matmuls)",
+        "gpu": "NVIDIA A100-SXM4-80GB (compute 8.0)",
+    }
+    assert predictor.runtime_record("fp32", True, T4) == {"runtime": "fp32", "gpu": "Tesla T4 (compute 7.5)"}
+    assert predictor.runtime_record("bf16", True, H100)["runtime"] == "bf16"
+    assert predictor.runtime_record("onnx-int8", False, None) == {"runtime": "onnx-int8", "gpu": None}
+    unchecked = predictor.runtime_record("fp32", True, None)  # --precision fp32 on GPUs: no GPU task ran
+    assert unchecked["gpu"] is None and "tf32 matmuls on GPUs of compute 8.0+" in unchecked["runtime"]
+    # The driver knows the GPU from its check, also when auto falls back to fp32 there.
+    from emotions import cluster
+
+    monkeypatch.setattr(cluster, "connect", lambda address=None: None)
+    monkeypatch.setattr(cluster, "resources", lambda: ({"CPU": 8.0, "GPU": 1.0}, None))
+    for device, checks in ((A100, {"bf16": made_check("bf16", A100, allowed=False)}), (T4, {})):
+        monkeypatch.setattr(predictor, "checks_on_gpu", lambda bundle, wanted, d=device, c=checks: (d, c))
+        resolved = predictor.resolve_runtime(object(), "auto", gpu=True)
+        assert (resolved.precision, resolved.device) == ("fp32", device)
+    assert (
+        predictor.runtime_record("fp32", True, A100)["runtime"] != predictor.runtime_record("fp32", True, T4)["runtime"]
+    )
+
+
+def test_a_step_the_fp16_scaler_skips_moves_neither_the_schedule_nor_the_weight_average():
+    """An overflowing loss scale (2**28: float16 gradients turn inf) skips the first steps, as a
+    T4's first steps at 2**16 can; the LR schedule and the weight average count only steps taken."""
+    from emotions.training.optim import WeightAverage
+
+    torch.manual_seed(0)
+    features, labels = torch.randn(64, 8), (np.random.default_rng(0).random((64, 28)) < 0.2).astype(np.float32)
+    head = build_head(8, 1, 0.0)
+    inputs = feature_inputs(head, features, labels, 4)  # 16 batches
+    stage = build_config("smoke").stage2
+    optimizer = build_optimizer(stage, head)
+    scheduler = build_scheduler(optimizer, stage, 16)
+    average = WeightAverage(head, 0.9)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**28)
+    autocast = torch.autocast("cpu", dtype=torch.float16)
+    losses = train_epoch(
+        head, inputs, 0, loss_function(stage, labels.mean(0)), optimizer, scheduler, average, autocast, None, scaler
+    )
+    taken = int(optimizer.state[head[-1].weight]["step"])
+    assert losses.steps == 16 and 0 < taken < 16  # some skipped, then the scale came down
+    assert scaler.get_scale() < 2.0**28
+    assert scheduler.last_epoch == taken and average.steps == taken

@@ -277,6 +277,42 @@ def test_optimizer_state_is_restored_by_parameter_name(tmp_path):
         )
 
 
+def test_fp16_grad_scaler_state_and_schedule_position_survive_a_checkpoint(tmp_path, caplog):
+    """A resumed or restarted fp16 stage carries on at its scale, not 2**16 (whose first steps
+    would overflow and be skipped again); the state is JSON in the optimizer file's metadata."""
+    import logging
+
+    import torch
+    from safetensors import safe_open
+
+    from emotions.model import EmotionClassifier, build_head, load_encoder
+    from emotions.training import load_optimizer_state, save_optimizer_state
+
+    model = EmotionClassifier(load_encoder("tiny-random"), build_head(32, 1, 0.1), "mean")
+    optimizer = torch.optim.AdamW(model.head.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    scaler = torch.amp.GradScaler("cpu")
+    for _ in range(3):
+        scaler.scale(model.head(torch.randn(4, 32)).sum()).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+    scaler.update(new_scale=512.0)  # as after overflows backed it off
+    path = tmp_path / "optimizer.safetensors"
+    save_optimizer_state(optimizer, model, path, scaler, scheduler)
+    with safe_open(str(path), "pt") as f:
+        assert json.loads(f.metadata()["grad_scaler"])["scale"] == 512.0
+    fresh = torch.amp.GradScaler("cpu")
+    steps = load_optimizer_state(torch.optim.AdamW(model.head.parameters()), model, path, torch.device("cpu"), fresh)
+    assert fresh.state_dict() == scaler.state_dict() and fresh.get_scale() == 512.0 and steps == 3
+    # A checkpoint of fp32/bf16 steps (or an older one): the scaler starts at its default, said so.
+    save_optimizer_state(optimizer, model, path)
+    other = torch.amp.GradScaler("cpu")
+    with caplog.at_level(logging.WARNING, logger="emotions.training"):
+        assert load_optimizer_state(torch.optim.AdamW(model.head.parameters()), model, path, "cpu", other) is None
+    assert other.get_scale() == 2.0**16 and "no gradient scaler state" in caplog.text
+
+
 def test_resuming_under_another_config_is_refused_and_fresh_starts_over(local_ray, s3, capsys, monkeypatch):
     """All on S3: the run's checkpoints, the bundles, and the driver's reading of the run's record
     (``ray.train.Result.from_path``). The `emotions train` command runs in this process

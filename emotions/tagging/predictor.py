@@ -1,5 +1,5 @@
 """The encoder on a runtime, as tagging's actors run it: the bundle's tokenizer, tokenizing
-with a character cap, the forward pass, and which runtime a run tags with (``resolve_precision``).
+with a character cap, the forward pass, and which runtime a run tags with (``resolve_runtime``).
 
 The precision gate itself (``check_runtimes``, MAX_F1_LOSS, the runtimes) is
 ``emotions.precision``: training records its verdicts in every bundle, and tagging reads them here.
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -16,6 +17,8 @@ from emotions.precision import (
     CPU_BATCH,
     GPU_BATCH,
     RUNTIMES,
+    Device,
+    GpuCheckTimeout,
     PrecisionError,
     auto_candidates,
     checks_on_gpu,
@@ -91,17 +94,34 @@ def tagging_tf32(precision: str, device: str) -> bool:
     return uses_tf32(gpu)
 
 
+@dataclass(frozen=True)
+class Resolved:
+    """Which runtime a run tags with (``resolve_runtime``), and what decided it."""
+
+    precision: str  # the runtime every actor tags with (RUNTIMES)
+    check: dict | None  # the check that allows it; None for fp32 (the thresholds' own)
+    checks: dict  # every check consulted {name: check}
+    device: Device | None = None  # the GPU a GPU actors' choice was made on; None on CPU, or if no GPU task ran
+
+
 def resolve_precision(
     bundle, requested: str, gpu: bool, ray_address: str | None = None
 ) -> tuple[str, dict | None, dict]:
-    """(runtime to tag with, the check that allows it, every check consulted {name: check}).
+    """(runtime to tag with, the check that allows it, every check consulted {name: check}):
+    ``resolve_runtime`` without the device."""
+    resolved = resolve_runtime(bundle, requested, gpu, ray_address)
+    return resolved.precision, resolved.check, resolved.checks
+
+
+def resolve_runtime(bundle, requested: str, gpu: bool, ray_address: str | None = None) -> Resolved:
+    """The runtime a run tags with, the check that allows it and every check consulted.
     "auto": on CPU the fastest runtime of ``auto_candidates()`` the gate allows
     (``fastest_allowed``), from the checks recorded in the bundle at training time or cached on
     this machine, the missing ones run now (``known_checks``); fp32 if none is faster, or if the
     gate cannot run. On GPU actors (``gpu``): ``resolve_gpu_precision``. Any other name but fp32:
     its check, recorded or run now; a refusal raises TaggingError."""
     if requested == "fp32":
-        return "fp32", None, {}
+        return Resolved("fp32", None, {})
     if gpu:
         return resolve_gpu_precision(bundle, requested, ray_address)
     names = auto_candidates() if requested == "auto" else [requested]
@@ -111,27 +131,29 @@ def resolve_precision(
         if requested != "auto":
             raise TaggingError(str(error)) from error
         log.warning("tagging in fp32: %s", error)
-        return "fp32", None, {}
+        return Resolved("fp32", None, {})
     if requested == "auto":
         chosen = fastest_allowed(checks)
         for name, check in checks.items():
             log.info("%s %s: %s", "chose" if name == chosen else "considered", name, check["verdict"])
         log.info("tagging with %s (--precision auto)", chosen)
-        return chosen, checks.get(chosen), checks
+        return Resolved(chosen, checks.get(chosen), checks)
     check = checks[requested]
     if not check["allowed"]:
         raise TaggingError(check["verdict"])
-    return requested, check, checks
+    return Resolved(requested, check, checks)
 
 
-def resolve_gpu_precision(bundle, requested: str, ray_address: str | None = None) -> tuple[str, dict | None, dict]:
-    """``resolve_precision`` for GPU actors: the gate runs on the kind of GPU they tag on, never on
-    this driver's CPU (oneDNN's bf16 says nothing of a GPU's). One Ray task on a GPU of the cluster
+def resolve_gpu_precision(bundle, requested: str, ray_address: str | None = None) -> Resolved:
+    """``resolve_runtime`` for GPU actors: the gate runs on the kind of GPU they tag on, never on
+    this driver's CPU (oneDNN's bf16 says nothing of a GPU's). A Ray task on a GPU of the cluster
     at ``ray_address`` (joined here if not yet) reads its GPU's kind and takes the bf16 check
     recorded in the bundle or cached on its node for that kind, or runs it there
-    (``precision.checks_on_gpu``); ``choose_gpu_runtime`` decides: bf16 under auto only where the
-    GPU computes it natively and the check allowed it, else fp32. The choice is the driver's, once,
-    so every actor tags at the same runtime (the output's key and manifest name it)."""
+    (``precision.checks_on_gpu``, waited on for at most ``precision.GPU_CHECK_TIMEOUT_S``);
+    ``choose_gpu_runtime`` decides: bf16 under auto only where the GPU computes it natively and the
+    check allowed it, else fp32. No GPU in time: fp32 under auto (a warning), TaggingError for bf16.
+    The choice is the driver's, once, so every actor tags at the same runtime (the output's key
+    and manifest name it)."""
     from emotions import cluster
 
     cluster.connect(ray_address)
@@ -141,19 +163,43 @@ def resolve_gpu_precision(bundle, requested: str, ray_address: str | None = None
         if requested != "auto":
             raise TaggingError(f"--precision {requested}: {reason}; tag in fp32 (--precision fp32)")
         log.warning("tagging in fp32: %s", reason)
-        return "fp32", None, {}
+        return Resolved("fp32", None, {})
     try:
         device, checks = checks_on_gpu(bundle, ["bf16"])
         chosen = choose_gpu_runtime(requested, device, checks)
+    except GpuCheckTimeout as error:
+        if requested != "auto":
+            raise TaggingError(
+                f"--precision {requested}: {error}; tag in fp32 (--precision fp32), or run again when the "
+                "cluster can give a GPU to the check (it takes under a minute once it has one)"
+            ) from error
+        log.warning("tagging in fp32 (--precision auto): %s", error)
+        return Resolved("fp32", None, {})
     except PrecisionError as error:
         if requested != "auto":
             raise TaggingError(str(error)) from error
         log.warning("tagging in fp32: %s", error)
-        return "fp32", None, {}
+        return Resolved("fp32", None, {})
     for name, check in checks.items():
         log.info("%s %s on %s: %s", "chose" if name == chosen else "considered", name, device, check["verdict"])
     log.info("tagging with %s on %s (--precision %s)", runtime_label(chosen, device), device, requested)
-    return chosen, checks.get(chosen), checks
+    return Resolved(chosen, checks.get(chosen), checks, device)
+
+
+def runtime_record(precision: str, gpu: bool, device: Device | None) -> dict:
+    """What a tagged output's manifest records of how its runtime ran, beside ``precision``,
+    ``backend`` and ``numeric_precision`` (which the output's key does not change with):
+    ``runtime``, the runtime as it ran (``precision.runtime_label``: "fp32 (tf32 matmuls)" for fp32
+    on a GPU with TF32), and ``gpu``, the GPU the choice was made on. GPU actors that tagged in fp32
+    without a GPU task (``--precision fp32``, or no GPU in time) record the rule, not a GPU."""
+    if not gpu:
+        return {"runtime": precision, "gpu": None}
+    if device is None:
+        label = (
+            "fp32 (tf32 matmuls on GPUs of compute 8.0+; GPU kind not checked)" if precision == "fp32" else precision
+        )
+        return {"runtime": label, "gpu": None}
+    return {"runtime": runtime_label(precision, device), "gpu": str(device)}
 
 
 def runtime_bytes(bundle, name: str) -> bytes | None:

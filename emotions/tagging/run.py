@@ -27,7 +27,7 @@ from emotions.tagging.commit import FORMAT, MANIFEST, check_output
 from emotions.tagging.inputs import InputFile, inspect_inputs, output_schema, resolve_inputs
 from emotions.tagging.output_lease import check_lease, remove_leftover_staging, writing
 from emotions.tagging.pipeline import write_outputs
-from emotions.tagging.predictor import check_summary, resolve_precision, runtime_bytes
+from emotions.tagging.predictor import check_summary, resolve_runtime, runtime_bytes, runtime_record
 from emotions.tagging.report_reference import validation_reference
 from emotions.tagging.reuse import check_committed, reusable
 from emotions.tagging.settings import TaggingError, TaggingSettings, check_settings
@@ -115,9 +115,8 @@ def tag_corpus(
     bundle = load_bundle(settings.model)
     model_hash, max_length = bundle.hash, bundle.max_length
     requested = settings.precision
-    precision, precision_check, checks = resolve_precision(
-        bundle, requested, gpu=settings.gpus_per_actor > 0, ray_address=ray_address
-    )
+    resolved = resolve_runtime(bundle, requested, gpu=settings.gpus_per_actor > 0, ray_address=ray_address)
+    precision, precision_check, checks = resolved.precision, resolved.check, resolved.checks
     settings = replace(settings, precision=precision)  # the output's key names the runtime used
     reference = validation_reference(bundle.metrics)  # what the report sets each label's share beside
     key = settings.output_key(model_hash)
@@ -195,6 +194,8 @@ def tag_corpus(
         manifest["key"] = key
         manifest["precision"] = settings.precision  # the thresholds were checked for this runtime
         manifest["backend"], manifest["numeric_precision"] = RUNTIMES[settings.precision]
+        # how it ran: "fp32 (tf32 matmuls)" on a TF32 GPU, and on which GPU (not in the key: no re-tagging)
+        manifest.update(runtime_record(settings.precision, settings.gpus_per_actor > 0, resolved.device))
         manifest["precision_requested"] = requested
         manifest["precision_check"] = precision_check  # None for fp32: the thresholds' own
         manifest["precision_checks"] = {n: check_summary(c) for n, c in checks.items()}  # what auto chose from

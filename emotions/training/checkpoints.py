@@ -1,7 +1,8 @@
 """What a training checkpoint holds, written and read back: one folder per epoch.
 
     model.safetensors      the trainable weights (a frozen stage's: the head only)
-    optimizer.safetensors  the AdamW moments, by parameter name (no pickles)
+    optimizer.safetensors  the AdamW moments, by parameter name (no pickles); in its JSON metadata the LR
+                           scheduler's steps and, for float16 steps, the GradScaler's state
     ema.safetensors        the stage's weight average, while it runs (optim.WeightAverage)
     heads.safetensors      the heads a later stage competes with: "<stage>/head.*", "<stage>/validation_probs"
     predictions.safetensors  the final checkpoint's gathered predictions (thresholds are fitted on them)
@@ -99,9 +100,11 @@ def write_checkpoint(
     validation_source: str,
     predictions: dict | None = None,
     average: WeightAverage | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    scheduler=None,
 ) -> None:
     """The checkpoint's files into ``folder``. While the encoder is frozen (``state.frozen_encoder``)
-    the weights are the head's only."""
+    the weights are the head's only. ``scaler`` and ``scheduler`` are saved with the optimizer."""
     weights = {
         k: v.contiguous().cpu()
         for k, v in model.state_dict().items()
@@ -109,7 +112,7 @@ def write_checkpoint(
     }
     save_file(weights, str(folder / WEIGHTS_FILE))
     if optimizer is not None:
-        save_optimizer_state(optimizer, model, folder / OPTIMIZER_FILE)
+        save_optimizer_state(optimizer, model, folder / OPTIMIZER_FILE, scaler, scheduler)
     if average is not None:
         average.save(folder / EMA_FILE)
     if predictions is not None:
@@ -199,22 +202,44 @@ def optimizer_param_names(optimizer: torch.optim.Optimizer, model: nn.Module) ->
     return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
 
 
-def save_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, path: Path) -> None:
-    """AdamW moments as safetensors (no pickles): '{parameter name}.{key}' for each tensor."""
+def save_optimizer_state(
+    optimizer: torch.optim.Optimizer,
+    model: nn.Module,
+    path: Path,
+    scaler: torch.amp.GradScaler | None = None,
+    scheduler=None,
+) -> None:
+    """AdamW moments as safetensors (no pickles): '{parameter name}.{key}' for each tensor. In the
+    file's metadata, as JSON: the parameters' names, the LR scheduler's steps (``scheduler``), and
+    the float16 steps' GradScaler state (``scaler``: its scale and growth tracker, a few numbers),
+    so a resumed or restarted stage does not start over at a scale of 2**16 and skip steps."""
     names = optimizer_param_names(optimizer, model)
     tensors = {}
     for pid, values in optimizer.state_dict()["state"].items():
         for key, value in values.items():
             tensors[f"{names[pid]}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
-    save_file(tensors, str(path), metadata={"params": json.dumps(names)})
+    metadata = {"params": json.dumps(names)}
+    if scheduler is not None:
+        metadata["scheduler_steps"] = json.dumps(scheduler.last_epoch)
+    if scaler is not None and scaler.is_enabled():
+        metadata["grad_scaler"] = json.dumps(scaler.state_dict())  # reads the scale: one sync, per epoch
+    save_file(tensors, str(path), metadata=metadata)
 
 
-def load_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, path: Path, device: torch.device) -> None:
-    """Restore the moments by parameter name; refused (ResumeError) if the saved parameters (names
-    or shapes) are not the ones this optimizer trains."""
+def load_optimizer_state(
+    optimizer: torch.optim.Optimizer,
+    model: nn.Module,
+    path: Path,
+    device: torch.device,
+    scaler: torch.amp.GradScaler | None = None,
+) -> int | None:
+    """Restore the moments by parameter name, and ``scaler``'s state where the checkpoint has one
+    (float16 steps); refused (ResumeError) if the saved parameters (names or shapes) are not the
+    ones this optimizer trains. -> the LR scheduler's steps saved with them (None: not recorded)."""
     names = optimizer_param_names(optimizer, model)
     with safe_open(str(path), "pt") as f:
-        saved_names = json.loads((f.metadata() or {}).get("params", "[]"))
+        metadata = f.metadata() or {}
+    saved_names = json.loads(metadata.get("params", "[]"))
     if sorted(saved_names) != sorted(names):
         missing, extra = sorted(set(names) - set(saved_names)), sorted(set(saved_names) - set(names))
         raise ResumeError(
@@ -234,3 +259,9 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, pat
     full = optimizer.state_dict()
     full["state"] = {pid: by_name[name] for pid, name in enumerate(names) if name in by_name}
     optimizer.load_state_dict(full)
+    if scaler is not None and scaler.is_enabled():
+        if "grad_scaler" in metadata:
+            scaler.load_state_dict(json.loads(metadata["grad_scaler"]))
+        else:  # made by fp32/bf16 steps, or before the scaler was saved
+            log.warning("checkpoint %s has no gradient scaler state: float16 steps start at scale 2**16", path)
+    return json.loads(metadata["scheduler_steps"]) if "scheduler_steps" in metadata else None

@@ -139,14 +139,14 @@ def run_stage(
     steps_per_epoch = math.ceil(len(shards.train) / stage.batch_size)
     scheduler = build_scheduler(optimizer, stage, steps_per_epoch)
     average = WeightAverage.for_stage(model, stage)
+    autocast, scaler = step_autocast(shards), step_scaler(shards)  # a scaler for float16 steps only
     if checkpoint is not None and start_epoch > 0 and (checkpoint / OPTIMIZER_FILE).exists():
-        load_optimizer_state(optimizer, model, checkpoint / OPTIMIZER_FILE, shards.device)
-        for _ in range(start_epoch * steps_per_epoch):
+        steps = load_optimizer_state(optimizer, model, checkpoint / OPTIMIZER_FILE, shards.device, scaler)
+        for _ in range(start_epoch * steps_per_epoch if steps is None else steps):  # the steps the scaler kept
             scheduler.step()
         if average is not None:
             average.load(checkpoint / EMA_FILE)
     loss_fn = loss_function(stage, shards.positive_rates, shards.device)
-    autocast, scaler = step_autocast(shards), step_scaler(shards)  # a scaler for float16 steps only
     val_probs = None
     for epoch in range(start_epoch, stage.epochs):
         progress = Progress(
@@ -193,7 +193,7 @@ def run_stage(
         state.stage_seconds[stage.name] = state.stage_seconds.get(stage.name, 0.0) + (time.perf_counter() - stage_start)
         stage_start = time.perf_counter()
         state.history.append(metrics)
-        save_and_report(metrics, model, optimizer, state, shards, average=average)
+        save_and_report(metrics, model, optimizer, state, shards, average=average, scaler=scaler, scheduler=scheduler)
     if average is not None:  # the stage ends with the averaged weights: later stages and the bundle use them
         average.apply()
     if val_probs is None:  # stage already complete at restore: predictions for the next step
@@ -270,28 +270,40 @@ def train_epoch(
     scaler: torch.amp.GradScaler | None = None,
 ) -> LossSum:
     """One pass over ``inputs``' batches: a step of the optimizer (and scheduler, and weight
-    average) per batch; float16 steps through ``scaler``. Returns the batches' losses, summed on
-    the device: no step waits for the GPU to read its loss."""
+    average) per batch; float16 steps through ``scaler``, which skips a step whose gradients
+    overflowed (the scheduler and weight average then skip it too). Returns the batches' losses,
+    summed on the device: no step reads its loss. Float16 steps do make the host wait for the GPU
+    once per step: the scaler reads whether a gradient overflowed before it steps."""
     net.train()
     losses = LossSum()
-    for rows in inputs.batches(seed):
-        with autocast or contextlib.nullcontext():
-            logits = inputs.logits(net, rows)
-            loss = loss_fn(logits.float(), to_device(torch.from_numpy(inputs.labels[rows]), logits.device))
-        if scaler is None:
-            loss.backward()
-            optimizer.step()
-        else:  # the loss scaled up, so float16 gradients do not underflow; a step with inf/nan is skipped
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if average is not None:
-            average.update()
-        losses.add(loss)
-        if progress is not None:
-            progress.step(loss=losses.last)  # read only when a line is printed
+    # Optimizer steps taken: the scaler does not call ``optimizer.step()`` on overflow (a fused
+    # optimizer, which skips inside its step, would count every step; build_optimizer's is not fused).
+    stepped = [0]
+    hook = optimizer.register_step_post_hook(lambda *_: stepped.__setitem__(0, stepped[0] + 1)) if scaler else None
+    try:
+        for rows in inputs.batches(seed):
+            with autocast or contextlib.nullcontext():
+                logits = inputs.logits(net, rows)
+                loss = loss_fn(logits.float(), to_device(torch.from_numpy(inputs.labels[rows]), logits.device))
+            before = stepped[0]
+            if scaler is None:
+                loss.backward()
+                optimizer.step()
+            else:  # the loss scaled up, so float16 gradients do not underflow; a step with inf/nan is skipped
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)  # reads whether a gradient overflowed: the host waits for the GPU here
+                scaler.update()
+            if scaler is None or stepped[0] > before:
+                scheduler.step()
+                if average is not None:
+                    average.update()
+            optimizer.zero_grad(set_to_none=True)
+            losses.add(loss)
+            if progress is not None:
+                progress.step(loss=losses.last)  # read only when a line is printed
+    finally:
+        if hook is not None:
+            hook.remove()
     return losses
 
 
@@ -308,12 +320,16 @@ def save_and_report(
     shards: Shards,
     predictions: dict | None = None,
     average: WeightAverage | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    scheduler=None,
 ) -> None:
     """Every rank reports; rank 0 attaches the checkpoint (``checkpoints.write_checkpoint``)."""
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if shards.rank == 0:
-            write_checkpoint(Path(tmp), model, optimizer, state, shards.validation_source, predictions, average)
+            write_checkpoint(
+                Path(tmp), model, optimizer, state, shards.validation_source, predictions, average, scaler, scheduler
+            )
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=checkpoint)
 
