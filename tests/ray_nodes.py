@@ -144,7 +144,8 @@ def start_node(
 ) -> subprocess.Popen:
     """Start a node in a session of its own. With ``own`` or ``hide``, in a mount namespace of its
     own (tests run as root, so unshare and mount are allowed): with ``own``, /tmp there is a fresh
-    tmpfs holding only ``own`` (made here, with NODE_FOLDERS in it), seen as NODE_ROOT; every
+    tmpfs holding only ``own`` (made here, with NODE_FOLDERS in it), seen as NODE_ROOT, and the
+    installation (``installation()``: the checkout and its Python, if under /tmp) where it was; every
     existing folder of ``hide`` outside /tmp is an empty tmpfs. Give such a node ``node_env(env)``
     and its Ray temp folder under NODE_ROOT (``node_command(temp_dir=f"{NODE_ROOT}/ray")``)."""
     hide = list(dict.fromkeys(Path(os.path.realpath(h)) for h in ([hide] if isinstance(hide, (str, Path)) else hide)))
@@ -161,8 +162,14 @@ def start_node(
             f"mount -t tmpfs -o size=256m tmpfs {mnt}",
             f"mkdir -p {inside}",
             f"mount --bind {shlex.quote(str(own))} {inside}",
-            f"mount --move {mnt} /tmp",
         ]
+        # The installation stays where it is, as the image does on every pod: a checkout (and its
+        # venv) under /tmp, as CI clones it, is bound back into the node's fresh /tmp.
+        for folder in installation():
+            if is_under(folder, Path("/tmp")):
+                at = f"{mnt}/{shlex.quote(os.path.relpath(folder, '/tmp'))}"
+                steps += [f"mkdir -p {at}", f"mount --bind {shlex.quote(str(folder))} {at}"]
+        steps.append(f"mount --move {mnt} /tmp")
         hide = [h for h in hide if not is_under(h, Path("/tmp"))]  # hidden with /tmp
         assert is_under(Path(NODE_ROOT), Path("/tmp"))
     hide = [h for h in hide if h.is_dir() and not any(o != h and is_under(h, o) for o in hide)]  # outermost
@@ -181,6 +188,12 @@ def start_node(
         ]
     with open(log_path, "w") as log:
         return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd="/", start_new_session=True)
+
+
+def installation() -> list[Path]:
+    """The folders a node runs from: this checkout and the Python environment (outermost only)."""
+    folders = {Path(os.path.realpath(f)) for f in (Path(__file__).parents[1], sys.prefix, sys.base_prefix)}
+    return sorted(f for f in folders if not any(o != f and is_under(f, o) for o in folders))
 
 
 def is_under(path: Path, folder: Path) -> bool:
