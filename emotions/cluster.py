@@ -166,13 +166,9 @@ def _check_one_node_holds(scaling: ScalingSettings, nodes_up: list, nodes_at_max
     need = f"{scaling.num_workers * scaling.cpus_per_worker} CPUs" + (
         f" and {scaling.num_workers} GPUs" if scaling.use_gpu else ""
     )
-    seen = (
-        f"nodes up now: {_describe_nodes(nodes_up)}; autoscaler's maximum: "
-        f"{_describe_nodes(nodes_at_max) if nodes_at_max else 'unknown'}"
-    )
     message = (
         f"scaling.placement=strict_pack puts all {scaling.num_workers} workers on one node, which needs "
-        f"{need} on a single node ({seen})"
+        f"{need} on a single node ({describe_seen(nodes_up, nodes_at_max)})"
     )
     if nodes_at_max is None:
         log.warning("%s: Ray Train waits until such a node joins", message)
@@ -217,9 +213,11 @@ def _layout_on(scaling: ScalingSettings, nodes: list[dict[str, float]]) -> tuple
     return (workers, scaling.cpus_per_worker, how) if workers else None
 
 
-def describe_nodes(nodes: list[dict[str, float]] | None) -> str:
-    """``1 x (CPU 0), 2 x (CPU 8, GPU 1)`` (``nodes()``'s lists, for logs), or ``none``."""
-    return _describe_nodes(nodes or [])
+def describe_seen(nodes_up: list[dict[str, float]], nodes_at_max: list[dict[str, float]] | None) -> str:
+    """``nodes up now: 1 x (CPU 0); at the autoscaler's largest: 2 x (CPU 8, GPU 1)``: the two lists
+    of ``nodes()`` a layout was chosen from, for messages and logs."""
+    largest = f"at the autoscaler's largest: {_describe_nodes(nodes_at_max)}" if nodes_at_max else "no autoscaler seen"
+    return f"nodes up now: {_describe_nodes(nodes_up)}; {largest}"
 
 
 def _describe_nodes(nodes: list[dict[str, float]]) -> str:
@@ -231,10 +229,7 @@ def _describe_nodes(nodes: list[dict[str, float]]) -> str:
 
 
 def _no_node_message(scaling: ScalingSettings, nodes_up: list, nodes_at_max: list | None) -> str:
-    seen = (
-        f"nodes up now: {_describe_nodes(nodes_up)}; autoscaler's maximum: "
-        f"{_describe_nodes(nodes_at_max) if nodes_at_max else 'no autoscaler'}"
-    )
+    seen = describe_seen(nodes_up, nodes_at_max)
     if scaling.use_gpu:
         return (
             f"scaling.num_workers=auto with scaling.use_gpu=true found no GPU on this cluster ({seen}). "

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from emotions.cluster import describe_nodes
+from emotions.cluster import describe_seen
 from emotions.tagging.settings import TaggingError, TaggingSettings
 
 log = logging.getLogger("emotions.tagging")
@@ -73,9 +73,7 @@ def plan_actors(
     for more --min-actors GPU actors than it can bring."""
     choices = [("up now", nodes_up)] + ([("at the autoscaler's largest", nodes_at_max)] if nodes_at_max else [])
     where, nodes = max(choices, key=lambda choice: _actors_held(s, choice[1]))  # ties: up now
-    seen = f"nodes up now: {describe_nodes(nodes_up)}; " + (
-        f"at the autoscaler's largest: {describe_nodes(nodes_at_max)}" if nodes_at_max else "no autoscaler seen"
-    )
+    seen = describe_seen(nodes_up, nodes_at_max)
     cpus = [float(n.get("CPU", 0)) for n in nodes if n.get("CPU", 0) > 0]
     if not cpus:  # nothing known to hold an actor: plan as for one 1-CPU node, and say so
         log.warning("no node with CPUs (%s): planning the pool as for one 1-CPU node", seen)

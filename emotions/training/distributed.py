@@ -33,8 +33,6 @@ def compression_hook(setting: str, use_gpu: bool, nodes: int) -> str | None:
         return "bf16" if use_gpu and nodes > 1 else None
     if setting == "none":
         return None
-    if setting == "bf16" and not use_gpu:
-        raise ValueError("scaling.gradient_compression=bf16 needs GPU workers (NCCL); CPU workers take fp16 or none")
     return setting
 
 
