@@ -49,14 +49,10 @@ def run_rows(
     width = NUM_LABELS if output == "probs" else model.hidden_size
     out = torch.empty(len(data), width, device=device)
     bf16 = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
-    pin, non_blocking = transfer_options(device)
     with bf16, cuda_matmuls(device, tf32):
         for rows in sorted_batches(data.lengths, batch_size):
             ids, mask, _ = collate(data, rows, pad_id)
-            ids, mask, index = (
-                (t.pin_memory() if pin else t).to(device, non_blocking=non_blocking)
-                for t in (ids, mask, torch.from_numpy(rows))
-            )
+            ids, mask, index = (to_device(t, device) for t in (ids, mask, torch.from_numpy(rows)))
             result = model.features(ids, mask) if output == "features" else torch.sigmoid(model(ids, mask).float())
             out[index] = result.float()
     return out  # on CUDA still being written: the caller's .cpu() waits for it (the one sync)
@@ -70,6 +66,13 @@ def transfer_options(device: str | torch.device) -> tuple[bool, bool]:
     on CPU there is nothing to copy."""
     cuda = torch.device(device).type == "cuda"
     return cuda, cuda
+
+
+def to_device(tensor: torch.Tensor, device: str | torch.device) -> torch.Tensor:
+    """A host tensor onto ``device`` as ``transfer_options`` decides: onto a GPU from pinned memory
+    with non_blocking (the copy is queued; no wait for the GPU), elsewhere as it is."""
+    pin, non_blocking = transfer_options(device)
+    return (tensor.pin_memory() if pin else tensor).to(device, non_blocking=non_blocking)
 
 
 @torch.inference_mode()

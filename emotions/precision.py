@@ -150,9 +150,12 @@ def cpu_kind() -> str:
 
 
 def native_bf16() -> bool:
-    """Whether this CPU computes bf16 itself (AVX512-BF16, AMX, Arm BF16); elsewhere torch emulates
-    it, slower than fp32."""
-    return any(f in cpu_kind().split()[1:] for f in ("avx512_bf16", "amx_bf16", "bf16"))
+    """Whether this CPU computes bf16 itself (AVX512-BF16, AMX), as oneDNN sees it
+    (``environment.cpu_has_bf16``, which training also decides by); elsewhere torch emulates it,
+    slower than fp32."""
+    from emotions import environment
+
+    return environment.cpu_has_bf16()
 
 
 def gpu_device(name: str, capability: tuple[int, int], versions: str = "") -> Device:
@@ -346,16 +349,21 @@ def check_runtimes(
 
 
 def read_validation(bundle, names: list[str], seed: int = 0):
-    """``validation_set``, or PrecisionError saying what to do."""
+    """``validation_set``, or PrecisionError saying what to do (``unreadable``)."""
     from emotions.data import DataError
 
     try:
         return validation_set(bundle, seed)
     except DataError as error:
-        raise PrecisionError(
-            f"--precision {'/'.join(names)} is checked on the bundle's validation data, which "
-            f"cannot be read here ({error}); tag in fp32 (--precision fp32)"
-        ) from error
+        raise unreadable(names, error) from error
+
+
+def unreadable(names: list[str], error: Exception) -> PrecisionError:
+    """What to do when the validation data the checks of ``names`` run on cannot be read here."""
+    return PrecisionError(
+        f"--precision {'/'.join(names)} is checked on the bundle's validation data, which "
+        f"cannot be read here ({error}); tag in fp32 (--precision fp32)"
+    )
 
 
 def _check(bundle, validation, reference, candidate, name, seconds, seed, device: Device) -> dict:
@@ -364,7 +372,7 @@ def _check(bundle, validation, reference, candidate, name, seconds, seed, device
     check = paired_change(validation.labels, reference, candidate, seed=seed, rule=rule_of(bundle.config))
     low, high = check["interval_95"]
     shares = check["share_change"] or {"label": None, "ratio": 1.0}
-    f1_ok, shares_ok = low > -MAX_F1_LOSS, shares["ratio"] <= MAX_SHARE_CHANGE
+    f1_ok, shares_ok = within_bounds(check)
     allowed = f1_ok and shares_ok
     backend, precision = RUNTIMES[name]
     where = f" on {device}" if device.kind == "cuda" else ""
@@ -399,6 +407,13 @@ def _check(bundle, validation, reference, candidate, name, seconds, seed, device
         # what the bundle says its thresholds were fitted at (None: a bundle made before it was recorded)
         "thresholds_precision": bundle.thresholds_precision,
     }
+
+
+def within_bounds(change: dict) -> tuple[bool, bool]:
+    """The gate's two bounds on a paired change (``evaluation.paired_change``): (a macro-F1 loss over
+    MAX_F1_LOSS is ruled out, no label is tagged over MAX_SHARE_CHANGE times as often)."""
+    shares = change["share_change"] or {"ratio": 1.0}
+    return change["interval_95"][0] > -MAX_F1_LOSS, shares["ratio"] <= MAX_SHARE_CHANGE
 
 
 def fastest_allowed(checks: dict[str, dict]) -> str:
@@ -496,7 +511,7 @@ def choose_gpu_runtime(requested: str, device: Device, checks: dict[str, dict]) 
 
 
 def checks_on_gpu(
-    bundle, wanted: list[str], reuse: bool = True, timeout_s: float | None = None
+    bundle, wanted: list[str], reuse: bool = True, timeout_s: float | None = None, validation=None
 ) -> tuple[Device, dict[str, dict]]:
     """The gate for ``wanted`` on one GPU of the connected Ray cluster, never on this process's CPU,
     in Ray tasks (one GPU each, ``run_on_gpu``: each waited on for at most ``timeout_s``, default
@@ -506,7 +521,8 @@ def checks_on_gpu(
     is read or sent when they cover them, so a bundle whose validation data this driver cannot read
     still uses its record. Only for a missing check (or, without ``reuse``, always: training's
     record of a new bundle) does a task get the bundle's files and its validation rows (read here:
-    the GPU's node may not see their path) and run the gate there (``known_checks``).
+    the GPU's node may not see their path; ``validation``: those rows, read beforehand) and run the
+    gate there (``known_checks``).
     -> (the GPU, {name: check}). PrecisionError when the validation data is needed and cannot be
     read; GpuCheckTimeout when no GPU ran a task in time."""
     import ray
@@ -521,7 +537,7 @@ def checks_on_gpu(
         if not missing:
             return device, found
         wanted = missing
-    validation = read_validation(bundle, wanted, bundle.config.get("seed", 0))
+    validation = validation if validation is not None else read_validation(bundle, wanted)
     files = ray.put(bundle_files(bundle.path))
     return run_on_gpu(
         _checks_on_gpu,
@@ -560,17 +576,19 @@ def run_on_gpu(function, args: tuple, timeout_s: float | None = None, what: str 
     return result
 
 
-def _runnable(wanted: list[str], device: Device) -> list[str]:
-    return [n for n in wanted if n in (gpu_candidates(device) if device.kind == "cuda" else auto_candidates())]
+def _runnable(wanted: list[str], where: str) -> tuple[Device, list[str]]:
+    """What a task of ``checks_on_gpu`` runs on (``where``), and the runtimes of ``wanted`` it can check there."""
+    device = describe_device(where)
+    names = [n for n in wanted if n in (gpu_candidates(device) if device.kind == "cuda" else auto_candidates())]
+    if not names:
+        log.info("%s: no runtime of %s to check here (no native bf16): tagging on it runs fp32", device, wanted)
+    return device, names
 
 
 def _stored_on_gpu(bundle_hash: str, records: dict, wanted: list[str], where: str = "cuda"):
     """``checks_on_gpu``'s first task (``where``: "cpu" in tests): (its device, the checks of
     ``wanted`` it can use without a run (``stored_checks``), those it would still have to run)."""
-    device = describe_device(where)
-    names = _runnable(wanted, device)
-    if not names:
-        log.info("%s: no runtime of %s to check here (no native bf16): tagging on it runs fp32", device, wanted)
+    device, names = _runnable(wanted, where)
     found = stored_checks(bundle_hash, records.get(RECORDED[device.kind]) or {}, names, device)
     return device, found, [n for n in names if n not in found]
 
@@ -580,10 +598,8 @@ def _checks_on_gpu(files, bundle_hash: str, wanted: list[str], validation, reuse
     from emotions.bundle import load_bundle_files
 
     bundle = load_bundle_files(files, bundle_hash, device=where)
-    device = describe_device(where)
-    names = _runnable(wanted, device)
+    device, names = _runnable(wanted, where)
     if not names:
-        log.info("%s: no runtime of %s to check here (no native bf16): tagging on it runs fp32", device, wanted)
         return device, {}
     if reuse:
         return device, known_checks(bundle, names, device, validation)
@@ -599,23 +615,32 @@ def save_checked_bundle(output, precisions: list[str] | None = None, gpu: bool =
     ``gpu_precision_checks``), so that tagging on this kind of CPU or GPU picks its runtime
     without running the gate. -> the bundle's path."""
     from emotions.bundle import load_bundle, save_bundle
+    from emotions.data import DataError
 
     start = time.perf_counter()
     path = save_bundle(output, **fields)
     bundle, recorded = load_bundle(path), {}
+    try:  # read once, for the GPU's checks and the CPU's
+        validation, error_reading = validation_set(bundle), None
+    except DataError as error:  # each check below is refused, as when it read them itself (read_validation)
+        validation, error_reading = None, error
     if gpu:  # first: the CPU checks take minutes, after which the autoscaler may have removed the run's GPU node
         from ray.exceptions import RayError
 
         try:
-            device, checks = checks_on_gpu(bundle, ["bf16"], reuse=False)
+            if error_reading is not None:
+                raise unreadable(["bf16"], error_reading) from error_reading
+            device, checks = checks_on_gpu(bundle, ["bf16"], reuse=False, validation=validation)
             recorded["gpu_precision_checks"] = checks
             log.info("GPU precision checks made on %s: %s", device, sorted(checks) or "none (no native bf16)")
-        except GpuCheckTimeout as error:  # the trained bundle stands; tagging checks on its first GPU run
-            log.warning("no GPU precision check recorded in the bundle: %s; tagging on GPUs checks bf16 first", error)
         except (PrecisionError, RayError) as error:  # the trained bundle stands; tagging checks on first use
-            log.warning("no GPU precision checks recorded in the bundle: %s", error)
+            hint = "; tagging on GPUs checks bf16 first" if isinstance(error, GpuCheckTimeout) else ""
+            log.warning("no GPU precision check recorded in the bundle: %s%s", error, hint)
     try:
-        recorded["precision_checks"] = check_runtimes(bundle, precisions or auto_candidates())
+        names = precisions or auto_candidates()
+        if error_reading is not None:
+            raise unreadable(names, error_reading) from error_reading
+        recorded["precision_checks"] = check_runtimes(bundle, names, validation=validation)
     except PrecisionError as error:  # the bundle stands; tagging checks on first use, or tags in fp32
         log.warning("no CPU precision checks recorded in the bundle: %s", error)
     if not recorded:

@@ -19,12 +19,14 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from saved_bundles import bundle_fields
 
 from emotions import precision as gate
 from emotions.batching import tokenize
 from emotions.bundle import bundle_files, load_bundle, save_bundle
 from emotions.bundle_manifest import write_manifest
 from emotions.config import build_config
+from emotions.inference import to_device
 from emotions.model import EmotionClassifier, build_head, load_encoder, load_tokenizer
 from emotions.precision import Device, GpuCheckTimeout, PrecisionError, choose_gpu_runtime, gpu_device
 from emotions.tagging import TaggingError, predictor
@@ -41,7 +43,7 @@ from emotions.training import (
     train_precision,
 )
 from emotions.training.scoring import predict_probs, threshold_probs
-from emotions.training.shards import inference_precision, to_device
+from emotions.training.shards import inference_precision
 
 VERSIONS = "torch 2.5.1, cuda 12.4"
 A100 = gpu_device("NVIDIA A100-SXM4-80GB", (8, 0), VERSIONS)
@@ -112,9 +114,15 @@ def test_cpu_decisions_are_unchanged(monkeypatch):
     assert gate.autocast_dtype(CPU, wanted=True) == torch.bfloat16  # whether to is scaling.cpu_bf16's call
     assert not gate.uses_tf32(CPU) and gate.gpu_candidates(CPU) == [] and gate.runtime_label("fp32", CPU) == "fp32"
     assert gate.kernels("int8", CPU) == gate.kernels("int8")  # CPU checks match as before
-    for native, expected in ((True, "bf16"), (False, "fp32")):
-        monkeypatch.setattr(environment, "cpu_has_bf16", lambda native=native: native)
-        assert train_precision(build_config("smoke", overrides=["scaling.cpu_bf16=auto"]), CPU) == expected
+    try:
+        for native, expected in ((True, "bf16"), (False, "fp32")):
+            monkeypatch.setattr(environment, "cpu_has_bf16", lambda native=native: native)
+            gate.describe_device.cache_clear()  # the CPU's Device asks it (native_bf16) once per process
+            cpu = gate.describe_device("cpu")
+            assert cpu.bf16 == native
+            assert train_precision(build_config("smoke", overrides=["scaling.cpu_bf16=auto"]), cpu) == expected
+    finally:
+        gate.describe_device.cache_clear()  # no Device of the patched CPU for later tests
     assert inference_precision("bf16", CPU) == "fp32"  # CPU: inference in float32
     shards = Shards(train=None, validation=None, pad_id=0, device=torch.device("cpu"), rank=0, world=1)
     assert step_scaler(shards) is None and not step_autocast(shards)._enabled
@@ -313,7 +321,7 @@ def test_a_gpu_run_records_a_bf16_check_made_on_its_gpu(smoke_bundle, tmp_path, 
         cpu_runs.append(device)
         return {n: made_check(n, CPU) for n in names}
 
-    def checks_on_gpu(bundle, wanted, reuse=True):
+    def checks_on_gpu(bundle, wanted, reuse=True, validation=None):
         assert wanted == ["bf16"] and not reuse  # a new bundle: checked, not looked up
         cpu_runs.append("gpu")
         return A100, {"bf16": made_check("bf16", A100)}
@@ -336,20 +344,6 @@ def test_the_gpu_tasks_body_loads_the_bundles_files_and_reads_its_record(smoke_b
     validation = gate.validation_set(bundle)
     device, checks = gate._checks_on_gpu(bundle_files(smoke_bundle), bundle.hash, ["int8"], validation, True, "cpu")
     assert device.kind == "cpu" and checks["int8"]["source"] == "the bundle's metrics.json"
-
-
-def bundle_fields(path) -> dict:
-    bundle = load_bundle(path)
-    return dict(
-        weights=bundle.model.state_dict(),
-        encoder_config=bundle.model.encoder.config.to_dict(),
-        head=json.loads((path / "bundle.json").read_text())["head"],
-        tokenizer=bundle.tokenizer,
-        thresholds=bundle.thresholds,
-        config=bundle.config,
-        metrics={k: v for k, v in bundle.metrics.items() if not k.endswith("precision_checks")},
-        thresholds_precision=bundle.thresholds_precision,
-    )
 
 
 def test_save_bundle_without_a_record_writes_unknown(smoke_bundle, tmp_path):

@@ -128,10 +128,7 @@ def resolve_runtime(bundle, requested: str, gpu: bool, ray_address: str | None =
     try:
         checks = known_checks(bundle, names)
     except PrecisionError as error:
-        if requested != "auto":
-            raise TaggingError(str(error)) from error
-        log.warning("tagging in fp32: %s", error)
-        return Resolved("fp32", None, {})
+        return _fp32_or_refuse(requested, error)
     if requested == "auto":
         chosen = fastest_allowed(checks)
         for name, check in checks.items():
@@ -160,30 +157,31 @@ def resolve_gpu_precision(bundle, requested: str, ray_address: str | None = None
     current, most = cluster.resources()
     if max(current.get("GPU", 0), (most or {}).get("GPU", 0)) <= 0:
         reason = "the Ray cluster has no GPU to check bf16 on"
-        if requested != "auto":
-            raise TaggingError(f"--precision {requested}: {reason}; tag in fp32 (--precision fp32)")
-        log.warning("tagging in fp32: %s", reason)
-        return Resolved("fp32", None, {})
+        return _fp32_or_refuse(requested, reason, f"--precision {requested}: {reason}; tag in fp32 (--precision fp32)")
     try:
         device, checks = checks_on_gpu(bundle, ["bf16"])
         chosen = choose_gpu_runtime(requested, device, checks)
-    except GpuCheckTimeout as error:
-        if requested != "auto":
-            raise TaggingError(
+    except PrecisionError as error:  # GpuCheckTimeout among them: no GPU ran the check in time
+        refusal = None
+        if isinstance(error, GpuCheckTimeout):
+            refusal = (
                 f"--precision {requested}: {error}; tag in fp32 (--precision fp32), or run again when the "
                 "cluster can give a GPU to the check (it takes under a minute once it has one)"
-            ) from error
-        log.warning("tagging in fp32 (--precision auto): %s", error)
-        return Resolved("fp32", None, {})
-    except PrecisionError as error:
-        if requested != "auto":
-            raise TaggingError(str(error)) from error
-        log.warning("tagging in fp32: %s", error)
-        return Resolved("fp32", None, {})
+            )
+        return _fp32_or_refuse(requested, error, refusal)
     for name, check in checks.items():
         log.info("%s %s on %s: %s", "chose" if name == chosen else "considered", name, device, check["verdict"])
     log.info("tagging with %s on %s (--precision %s)", runtime_label(chosen, device), device, requested)
     return Resolved(chosen, checks.get(chosen), checks, device)
+
+
+def _fp32_or_refuse(requested: str, reason: Exception | str, refusal: str | None = None) -> Resolved:
+    """Where the runtime ``requested`` cannot be checked or used (``reason``): a runtime asked for
+    by name is refused (TaggingError: ``refusal``, default ``reason``); auto tags in fp32, with a warning."""
+    if requested != "auto":
+        raise TaggingError(refusal or str(reason)) from (reason if isinstance(reason, Exception) else None)
+    log.warning("tagging in fp32 (--precision auto): %s", reason)
+    return Resolved("fp32", None, {})
 
 
 def runtime_record(precision: str, gpu: bool, device: Device | None) -> dict:

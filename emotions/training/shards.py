@@ -19,7 +19,6 @@ import torch.distributed as dist
 from emotions import environment
 from emotions.batching import TokenizedSet
 from emotions.config import AUTO, TrainConfig
-from emotions.inference import transfer_options
 from emotions.precision import Device, autocast_dtype, describe_device, enable_tf32, needs_grad_scaler, runtime_label
 
 log = logging.getLogger("emotions.training")
@@ -43,14 +42,14 @@ class Shards:
 
 
 STEP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}
+DTYPE_NAMES = {dtype: name for name, dtype in STEP_DTYPES.items()} | {None: "fp32"}
 
 
 def train_precision(config: TrainConfig, device: Device, rank: int = 0) -> str:
     """The precision of this worker's training steps on ``device``: "bf16", "fp16" or "fp32". On a GPU
     scaling.bf16 asks for reduced precision and ``precision.autocast_dtype`` decides: bfloat16
     where the GPU computes it natively (compute 8.0+), float16 with a gradient scaler on older ones
-    (T4, V100). On CPU, scaling.cpu_bf16 (auto: where the CPU computes bf16 natively)."""
+    (T4, V100). On CPU, scaling.cpu_bf16 (auto: where the CPU computes bf16 natively, ``device.bf16``)."""
     if device.kind == "cuda":
         steps = DTYPE_NAMES[autocast_dtype(device, config.scaling.bf16)]
         if steps == "fp16" and rank == 0:
@@ -61,7 +60,7 @@ def train_precision(config: TrainConfig, device: Device, rank: int = 0) -> str:
             )
         return steps
     wanted = config.scaling.cpu_bf16
-    native = environment.cpu_has_bf16()
+    native = device.bf16  # describe_device's: environment.cpu_has_bf16, as oneDNN sees the CPU
     if wanted == AUTO:
         wanted = native
     if wanted and not native and rank == 0:
@@ -84,14 +83,6 @@ def step_scaler(shards: Shards) -> torch.amp.GradScaler | None:
     """The gradient scaler float16 steps need (``precision.needs_grad_scaler``), else None."""
     needed = needs_grad_scaler(STEP_DTYPES.get(shards.train_precision))
     return torch.amp.GradScaler(shards.device.type) if needed else None
-
-
-def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host tensor onto ``device`` as ``inference.transfer_options`` decides: onto a GPU from
-    pinned memory with non_blocking (the step queues the copy and goes on; no wait for the GPU),
-    elsewhere as it is."""
-    pin, non_blocking = transfer_options(device)
-    return (tensor.pin_memory() if pin else tensor).to(device, non_blocking=non_blocking)
 
 
 def inference_precision(steps: str, device: Device) -> str:

@@ -25,6 +25,7 @@ from torch import nn
 
 from emotions.batching import bucket_batches, collate, random_batches
 from emotions.config import StageConfig, TrainConfig, config_hash, from_dict
+from emotions.inference import to_device
 from emotions.model import EmotionClassifier, build_head, load_encoder
 from emotions.precision import fit_precision
 from emotions.progress import Progress
@@ -57,7 +58,6 @@ from emotions.training.shards import (
     gather_rows,
     step_autocast,
     step_scaler,
-    to_device,
     worker_shards,
 )
 
