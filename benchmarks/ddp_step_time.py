@@ -57,13 +57,20 @@ def bert_base_parameters() -> tuple[int, dict]:
     return encoder + 768 * 28 + 28, config.to_dict()
 
 
-def tokens_per_batch(batch: int, max_length: int = 128) -> float:
-    from emotions.batching import bucket_batches, tokenize
+def train_lengths(max_length: int = 128) -> np.ndarray:
+    """Token counts of GoEmotions train's rows (minilm's tokenizer, cut at ``max_length``)."""
+    from emotions.batching import tokenize
     from emotions.data import load_labelled
     from emotions.model import load_tokenizer
 
     train = load_labelled("goemotions:train")
-    lengths = tokenize(train.texts, train.labels, load_tokenizer("minilm"), max_length).lengths
+    return tokenize(train.texts, train.labels, load_tokenizer("minilm"), max_length).lengths
+
+
+def tokens_per_batch(lengths: np.ndarray, batch: int) -> float:
+    """Mean tokens (rows x longest row, padding included) in a length-bucketed batch of ``batch`` rows."""
+    from emotions.batching import bucket_batches
+
     return float(np.mean([len(rows) * lengths[rows].max() for rows in bucket_batches(lengths, batch, seed=0)]))
 
 
@@ -105,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         Layout("1 x g5.12xlarge, 4 GPUs, bf16 gradients (shipped)", 1, 4, 32, "PCIe inside the node", pcie, 2),
         Layout("2 x g5.12xlarge, bf16 gradients, batch 128", 2, 4, 128, "40 Gbit/s pod network", 40 * GBIT, 2),
     ]
-    tokens = {batch: tokens_per_batch(batch) for batch in {layout.batch_per_worker for layout in layouts}}
+    lengths = train_lengths()
+    tokens = {batch: tokens_per_batch(lengths, batch) for batch in {layout.batch_per_worker for layout in layouts}}
     rows = []
     for layout in layouts:
         t = tokens[layout.batch_per_worker]

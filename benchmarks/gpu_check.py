@@ -131,26 +131,26 @@ def tag_part(bundle: str, corpus: Path, out: Path, precision: str, gpus: float) 
     }
 
 
-def encoder_pass(bundle_path: str, texts: list[str], device: str, flops_per_row: float, peak: float | None) -> dict:
-    """The encoder loop a tagging actor runs (``predict_tokens``) over ``texts``, tokenized first and
-    timed alone (after a warm-up pass), in bf16 and in fp32 (TF32 matmuls where the GPU has them):
-    rows/s, and MFU against the matching dense peak (TF32's is half of bf16's on these data sheets)."""
+def encoder_pass(bundle_path: str, tokens, device: str, flops_per_row: float, peak: float | None) -> dict:
+    """The encoder loop a tagging actor runs (``predict_tokens``) over ``tokens`` (texts tokenized
+    beforehand, as tagging does: ``tokenize_texts``), timed alone (after a warm-up pass), in bf16 and in
+    fp32 (TF32 matmuls where the GPU has them): rows/s, and MFU against the matching dense peak (TF32's
+    is half of bf16's on these data sheets)."""
     import torch
 
     from emotions.bundle import load_bundle
-    from emotions.tagging.predictor import ENCODER_BATCH, predict_tokens, tagging_tf32, tokenize_texts
+    from emotions.tagging.predictor import ENCODER_BATCH, predict_tokens, tagging_tf32
 
     bundle = load_bundle(bundle_path, device=device)
-    tokens = tokenize_texts(texts, bundle.tokenizer, bundle.max_length)
     pad_id, batch = bundle.tokenizer.pad_token_id or 0, ENCODER_BATCH["cuda" if device == "cuda" else "cpu"]
-    out = {"rows": len(texts)}
+    out = {"rows": len(tokens)}
     for precision in ("bf16", "fp32"):
         predict_tokens(bundle.model, tokens.select(np.arange(min(512, len(tokens)))), pad_id, batch, precision, device)
         if device == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
         predict_tokens(bundle.model, tokens, pad_id, batch, precision, device)  # ends in .cpu(): synchronised
-        rate = len(texts) / (time.perf_counter() - start)
+        rate = len(tokens) / (time.perf_counter() - start)
         tf32 = precision == "fp32" and tagging_tf32(precision, device)
         own_peak = (peak / 2 if tf32 else peak) if peak and (precision == "bf16" or tf32) else None
         out[precision] = {
@@ -307,10 +307,13 @@ def run(args: argparse.Namespace) -> dict:
         for t in pyarrow.dataset.dataset(corpus).to_table(columns=["body"]).column("body").to_pylist()
         if isinstance(t, str) and t.strip()
     ][: 300 if args.smoke else TAG_ROWS]
-    tokens_tag = mean_tokens(corpus_texts, tokenizer, part_b["max_length"])
+    from emotions.tagging.predictor import tokenize_texts
+
+    corpus_tokens = tokenize_texts(corpus_texts, tokenizer, part_b["max_length"])  # what encoder_pass encodes
+    tokens_tag = float(np.mean(corpus_tokens.lengths))
     tag_flops = encoder_flops_per_token(bert_config, tokens_tag) * tokens_tag  # per row
     device = "cuda" if gpu else "cpu"
-    encoder = encoder_pass(part_b["bundle"], corpus_texts, device, tag_flops, peak)
+    encoder = encoder_pass(part_b["bundle"], corpus_tokens, device, tag_flops, peak)
     tag_b = tag_part(part_b["bundle"], corpus, workdir / "tagged-bert", "bf16", gpus)
     part_b.update(
         encoder_pass=encoder,

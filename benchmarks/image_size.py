@@ -224,8 +224,18 @@ def wheel_for(name: str, spec: str) -> dict:
     raise Unreachable(f"no cp311 Linux x86-64 wheel of {name}{spec} on PyPI")
 
 
+_listings: dict[str, list[tuple[str, int, int, int]]] = {}
+
+
 def zip_entries(url: str, size: int) -> list[tuple[str, int, int, int]]:
-    """(name, compressed, uncompressed, local header offset) of every file, from the central directory."""
+    """(name, compressed, uncompressed, local header offset) of every file, from the central directory
+    (read once per URL: the torch wheel's is wanted for its METADATA and for its sizes)."""
+    if url not in _listings:
+        _listings[url] = _central_directory(url, size)
+    return _listings[url]
+
+
+def _central_directory(url: str, size: int) -> list[tuple[str, int, int, int]]:
     tail_len = min(size, 22 + 65535 + 20)
     tail = _get(url, (size - tail_len, size - 1))
     eocd = tail.rfind(b"PK\x05\x06")

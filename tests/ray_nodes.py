@@ -28,6 +28,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 NODE_ROOT = "/tmp/n"  # where a node with a disk of its own sees it: short, Ray's sockets live under it
@@ -139,7 +140,7 @@ def start_node(
     command: list[str],
     env: dict,
     log_path: Path,
-    hide=(),
+    hide: Sequence[str | Path] = (),
     own: Path | None = None,
 ) -> subprocess.Popen:
     """Start a node in a session of its own. With ``own`` or ``hide``, in a mount namespace of its
@@ -148,7 +149,7 @@ def start_node(
     installation (``installation()``: the checkout and its Python, if under /tmp) where it was; every
     existing folder of ``hide`` outside /tmp is an empty tmpfs. Give such a node ``node_env(env)``
     and its Ray temp folder under NODE_ROOT (``node_command(temp_dir=f"{NODE_ROOT}/ray")``)."""
-    hide = list(dict.fromkeys(Path(os.path.realpath(h)) for h in ([hide] if isinstance(hide, (str, Path)) else hide)))
+    hide = list(dict.fromkeys(Path(os.path.realpath(h)) for h in hide))
     steps = []
     if own is not None:
         own = Path(own).resolve()

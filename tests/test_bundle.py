@@ -12,6 +12,7 @@ import shutil
 
 import pytest
 import torch
+from saved_bundles import bundle_fields
 
 from emotions import storage
 from emotions.bundle import BundleError, load_bundle, publish_bundle, save_bundle
@@ -98,21 +99,6 @@ def test_a_bundle_on_s3_is_copied_once_per_content_hash(smoke_bundle, s3, tmp_pa
 
 
 # ----------------------------------------------------------------------------- writing over a folder
-
-
-def bundle_fields(path) -> dict:
-    """``save_bundle``'s keyword arguments that rebuild the bundle at ``path``."""
-    bundle = load_bundle(path)
-    meta = json.loads((path / "bundle.json").read_text())
-    return dict(
-        weights=bundle.model.state_dict(),
-        encoder_config=bundle.model.encoder.config.to_dict(),
-        head=meta["head"],
-        tokenizer=bundle.tokenizer,
-        thresholds=bundle.thresholds,
-        config=bundle.config,
-        metrics=bundle.metrics,
-    )
 
 
 def test_saving_over_a_folder_of_other_files_is_refused_and_they_survive(smoke_bundle, tmp_path):

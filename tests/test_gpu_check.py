@@ -73,7 +73,9 @@ def test_flops_per_token_of_bert_base(gpu_check):
 
 def test_tagging_and_quality_parts_run_on_the_smoke_bundle(gpu_check, smoke_bundle, tmp_path, monkeypatch):
     from emotions import precision as gate
+    from emotions.bundle import load_bundle
     from emotions.corpus import make_corpus
+    from emotions.tagging.predictor import tokenize_texts
 
     make_corpus(tmp_path / "corpus", rows=200, files=2, seed=1)
     # bf16 must pass the precision gate; with its bound set, the verdict is known in advance.
@@ -94,9 +96,11 @@ def test_tagging_and_quality_parts_run_on_the_smoke_bundle(gpu_check, smoke_bund
     assert not quality["tf32_on_this_device"] and quality["tf32_change"] == 0.0  # no TF32 on CPU: same numerics
     # the encoder pass alone, timed apart from the command's start-up; no MFU without a peak
     texts = ["so happy for you", "this is awful", "thanks!"] * 20
-    encoder = gpu_check.encoder_pass(str(smoke_bundle), texts, "cpu", flops_per_row=1e6, peak=None)
+    bundle = load_bundle(smoke_bundle)
+    tokens = tokenize_texts(texts, bundle.tokenizer, bundle.max_length)
+    encoder = gpu_check.encoder_pass(str(smoke_bundle), tokens, "cpu", flops_per_row=1e6, peak=None)
     assert encoder["rows"] == 60 and {encoder[p]["matmuls"] for p in ("bf16", "fp32")} == {"bf16", "fp32"}
     assert all(encoder[p]["rows_per_s"] > 0 and encoder[p]["mfu"] is None for p in ("bf16", "fp32"))
-    encoder = gpu_check.encoder_pass(str(smoke_bundle), texts, "cpu", flops_per_row=1e6, peak=1e12)
+    encoder = gpu_check.encoder_pass(str(smoke_bundle), tokens, "cpu", flops_per_row=1e6, peak=1e12)
     assert encoder["bf16"]["mfu"] == pytest.approx(encoder["bf16"]["rows_per_s"] * 1e6 / 1e12)
     assert encoder["fp32"]["mfu"] is None  # IEEE fp32 is not held against a tensor-core peak

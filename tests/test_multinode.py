@@ -35,6 +35,8 @@ import pytest
 from ray_nodes import NODE_ROOT, kill_node, node_command, node_env, start_node, stop_node, wait_for_nodes
 
 COMMAND_TIMEOUT_S = 420
+# The bodies of the Parquet dumps the tagging tests write: 3 comments, then [deleted] and null (flagged, kept).
+TEXTS = ["I love this so much", "why would you do that", "thanks, that helps", "[deleted]", None]
 LOST_FILES, LOST_ROWS = 4, 10_000  # the corpus a worker node is lost under: tens of seconds on two 1-CPU nodes
 
 
@@ -206,18 +208,8 @@ def test_worker_nodes_share_no_disk_with_the_driver_or_each_other(cluster, tmp_p
     """A task pinned to each worker node sees none of the files the driver wrote in /tmp, its
     caches (emotions, Hugging Face, XDG), its temporary root, /var/tmp or the head's Ray folder;
     its own such folders are its node's; and no worker sees another's."""
-    from huggingface_hub import constants
-
     token = f"emotions-mn-{secrets.token_hex(4)}"
-    driver = [
-        Path("/tmp"),
-        tmp_path,
-        Path(os.environ["EMOTIONS_CACHE"]),
-        Path(constants.HF_HOME),
-        Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"),
-        Path("/var/tmp"),
-        Path(cluster.temp_dir, "h"),
-    ]
+    driver = [Path("/tmp"), *driver_folders(tmp_path), Path(cluster.temp_dir, "h")]
     made = [d for d in driver if not d.exists()]
     planted = [d / f"{token}-driver" for d in driver]
     workers = [f"worker{i}" for i in cluster.live_workers()]
@@ -341,10 +333,9 @@ def test_evaluate_writes_its_report_to_s3(cluster, bundle, s3, tmp_path):
 
 def test_tagging_reads_and_writes_s3_from_the_worker_nodes(cluster, bundle, s3, tmp_path):
     fs = s3_fs()
-    texts = ["I love this so much", "why would you do that", "thanks, that helps", "[deleted]", None]
     rows_in = 0
     for part in range(3):
-        rows = texts * (40 * (part + 1))
+        rows = TEXTS * (40 * (part + 1))
         ids = [f"{part}-{i}" for i in range(len(rows))]
         pq.write_table(
             pa.table({"id": ids, "body": pa.array(rows, pa.string())}),
@@ -358,7 +349,7 @@ def test_tagging_reads_and_writes_s3_from_the_worker_nodes(cluster, bundle, s3, 
     table = pq.read_table("emo/mn/tagged", filesystem=fs)
     assert manifest["rows_in"] == manifest["rows_out"] == table.num_rows == rows_in
     assert len(set(table.column("id").to_pylist())) == rows_in  # every row exactly once
-    assert manifest["rows_flagged"] == 2 * rows_in // len(texts)  # [deleted] and null, kept and flagged
+    assert manifest["rows_flagged"] == 2 * rows_in // len(TEXTS)  # [deleted] and null, kept and flagged
 
 
 @pytest.mark.slow  # 100 s; the one-node sweep (test_tuning.py) runs in CI; python -m pytest -m slow
@@ -426,11 +417,10 @@ def test_training_resumes_after_a_worker_node_dies(killed_run):
 
 def write_dump(fs: pafs.FileSystem, folder: str, files: int, rows: int, prefix: str) -> set[str]:
     """``files`` Parquet files of ``rows`` rows each under ``folder`` (no scheme); -> their ids."""
-    texts = ["I love this so much", "why would you do that", "thanks, that helps", "[deleted]", None]
     ids = set()
     for part in range(files):
         part_ids = [f"{prefix}-{part}-{i}" for i in range(rows)]
-        body = pa.array([texts[i % len(texts)] for i in range(rows)], pa.string())
+        body = pa.array([TEXTS[i % len(TEXTS)] for i in range(rows)], pa.string())
         pq.write_table(pa.table({"id": part_ids, "body": body}), f"{folder}/part-{part}.parquet", filesystem=fs)
         ids.update(part_ids)
     return ids

@@ -103,21 +103,14 @@ def test_bundle_thresholds_are_fitted_on_the_final_checkpoints_predictions(smoke
 
 
 def test_bundle_round_trip_gives_identical_predictions(smoke_bundle, tmp_path):
+    from saved_bundles import bundle_fields
+
     from emotions.bundle import save_bundle
 
     first = load_bundle(smoke_bundle)
     texts = ["I love this so much!", "This is awful and I'm angry.", "ok", "Why would you do that?"]
     probs = first.predict_proba(texts)
-    copy = save_bundle(
-        tmp_path / "copy",
-        weights=first.model.state_dict(),
-        encoder_config=first.model.encoder.config.to_dict(),
-        head=json.loads((smoke_bundle / "bundle.json").read_text())["head"],
-        tokenizer=first.tokenizer,
-        thresholds=first.thresholds,
-        config=first.config,
-        metrics=first.metrics,
-    )
+    copy = save_bundle(tmp_path / "copy", **bundle_fields(smoke_bundle))
     second = load_bundle(copy)
     np.testing.assert_array_equal(second.predict_proba(texts), probs)
     assert second.predict(texts) == first.predict(texts)
@@ -520,10 +513,14 @@ def test_cpu_bf16_steps_train_in_bfloat16_and_keep_float32_weights(monkeypatch):
 
     cpu, a100 = torch.device("cpu"), gpu_device("NVIDIA A100-SXM4-80GB", (8, 0))
     config = build_config("smoke", overrides=["scaling.cpu_bf16=auto"])
-    for native, expected in ((True, "bf16"), (False, "fp32")):
-        monkeypatch.setattr(environment, "cpu_has_bf16", lambda native=native: native)
-        assert train_precision(config, describe_device(cpu)) == expected
-    assert train_precision(build_config("smoke"), describe_device(cpu)) == "fp32"  # off unless asked for
+    try:
+        for native, expected in ((True, "bf16"), (False, "fp32")):
+            monkeypatch.setattr(environment, "cpu_has_bf16", lambda native=native: native)
+            describe_device.cache_clear()  # the CPU's Device asks it (precision.native_bf16) once per process
+            assert train_precision(config, describe_device(cpu)) == expected
+        assert train_precision(build_config("smoke"), describe_device(cpu)) == "fp32"  # off unless asked for
+    finally:
+        describe_device.cache_clear()  # no Device of the patched CPU for later tests
     assert (
         train_precision(build_config("smoke", overrides=["scaling.cpu_bf16=false"]), a100) == "bf16"
     )  # GPU: scaling.bf16

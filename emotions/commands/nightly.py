@@ -136,26 +136,25 @@ def seconds(above_zero: bool):
     return parse
 
 
-def stop_by_flag(text: str) -> str:
-    from emotions.nightly import NightlyError
-    from emotions.nightly.run import parse_stop_by
+def nightly_text(check):
+    """An argparse type: the text as given, once ``check(run, text)`` accepts it (``run``:
+    ``emotions.nightly.run``, imported when a flag is read); a ``NightlyError`` it raises is the message."""
 
-    try:
-        parse_stop_by(text, time.time())  # read again, relative to the run's start, by run_nightly
-    except NightlyError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-    return text
+    def parse(text: str) -> str:
+        from emotions.nightly import NightlyError, run
+
+        try:
+            check(run, text)
+        except NightlyError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+        return text
+
+    return parse
 
 
-def duration_flag(text: str) -> str:
-    from emotions.nightly import NightlyError
-    from emotions.nightly.run import parse_duration
-
-    try:
-        parse_duration(text)
-    except NightlyError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-    return text
+# Read again, relative to the run's start, by run_nightly.
+stop_by_flag = nightly_text(lambda run, text: run.parse_stop_by(text, time.time()))
+duration_flag = nightly_text(lambda run, text: run.parse_duration(text))
 
 
 def marker_name(text: str) -> str:
