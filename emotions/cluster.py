@@ -7,20 +7,43 @@ Ray Train worker layout those nodes allow.
     tagging ──nodes()──▶ plan_actors(settings, up, at_max) ──▶ an autoscaling actor pool, min..max
     head sweep ──node_cpus()──▶ threads of the feature task
 
-Everything else in the package asks this module; nothing else imports ``ray._private``. The
-autoscaler's largest size has no public API in Ray 2.60: it is read here, from the same internal
-call Ray Train uses to size elastic worker groups, and ``tests/test_cluster_state.py`` pins it.
+Everything else in the package asks this module; nothing else imports ``ray._private``.
+
+The autoscaler's largest cluster has no public API in Ray 2.60, and Ray 2.60's own autoscalers
+(v1 and v2, on KubeRay and under the cluster launcher) do not publish it to the driver. So
+``node_groups`` reads it from the first of: the ``ClusterConfig`` record in the GCS that Ray Train
+and Ray Data read to size elastic work (written by autoscalers that report their config), the
+``EMOTIONS_NODE_GROUPS`` variable the KubeRay manifests set on the head, and the cluster
+launcher's ``~/ray_bootstrap_config.yaml`` on the head. ``tests/test_cluster_state.py`` pins each.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import json
 import logging
+import os
+import sys
+from pathlib import Path
 
 from emotions.config import AUTO, ConfigError, ScalingSettings
 
 log = logging.getLogger(__name__)
+
+NODE_GROUPS_ENV = "EMOTIONS_NODE_GROUPS"  # set on the head by cluster/kuberay/*.yaml
+LAUNCHER_CONFIG = "~/ray_bootstrap_config.yaml"  # what `ray up` writes on the head for its autoscaler
+NODE_GROUPS_EXAMPLE = '[{"group": "gpu", "maxReplicas": 4, "resources": {"CPU": 7, "GPU": 1}}]'
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeGroup:
+    """One autoscaling worker group: the Ray resources of each of its nodes, and how many of them
+    the autoscaler may run at most (-1: no bound)."""
+
+    name: str
+    resources: dict[str, float]
+    max_count: int
 
 
 def connect(address: str | None = None) -> None:
@@ -33,22 +56,30 @@ def connect(address: str | None = None) -> None:
 
 
 def nodes() -> tuple[list[dict[str, float]], list[dict[str, float]] | None]:
-    """(the resources of each node up now, of each node the autoscaler may run at its largest, or
-    None without an autoscaler or with an unbounded node group)."""
+    """(the resources of each node up now, of each worker node the autoscaler may run at its
+    largest, or None where no autoscaler's groups are known or one is unbounded)."""
     import ray
 
     up = [node["Resources"] for node in ray.nodes() if node["Alive"]]
-    groups = _autoscaler_node_groups()
-    if groups is None or not groups.node_group_configs or any(g.max_count < 0 for g in groups.node_group_configs):
+    groups = node_groups()
+    if not groups or any(g.max_count < 0 for g in groups):
         return up, None
-    return up, [dict(g.resources) for g in groups.node_group_configs for _ in range(g.max_count)]
+    return up, [dict(g.resources) for g in groups for _ in range(g.max_count)]
 
 
 def resources() -> tuple[dict[str, float], dict[str, float] | None]:
-    """(the Ray cluster's resources now, the most its autoscaler may scale to, or None)."""
+    """(the Ray cluster's resources now, the most its autoscaler's worker groups may add up to, or
+    None where none are known; an unbounded group's resources count as ``sys.maxsize``)."""
     import ray
 
-    return ray.cluster_resources(), _autoscaler_max_resources()
+    groups = node_groups()
+    if not groups:
+        return ray.cluster_resources(), None
+    most: dict[str, float] = collections.defaultdict(float)
+    for group in groups:
+        for key, amount in group.resources.items():
+            most[key] = sys.maxsize if group.max_count < 0 else most[key] + amount * group.max_count
+    return ray.cluster_resources(), dict(most)
 
 
 def resources_if_connected() -> dict[str, float]:
@@ -65,25 +96,79 @@ def node_cpus() -> list[float]:
     return [float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n["Alive"]]
 
 
-def _autoscaler_node_groups():
-    """The autoscaler's node groups (Ray's ``ClusterConfig`` proto), or None without an autoscaler.
-    Internal API: what Ray Train 2.60 reads to size elastic worker groups (``worker_group.py``)."""
+def node_groups() -> list[NodeGroup] | None:
+    """The autoscaler's worker groups, or None where none is known (a local Ray, a static
+    cluster). Read from the first source that has them:
+
+    1. Ray's ``ClusterConfig`` record in the GCS (internal API: what Ray Train 2.60 reads to size
+       elastic worker groups, ``worker_group.py``, and Ray Data its cluster autoscaler). Ray
+       2.60's own autoscalers do not write it; autoscalers that report their config do.
+    2. ``EMOTIONS_NODE_GROUPS``: a JSON list of the worker groups (``group``, ``maxReplicas``, and
+       the Ray ``resources`` of one pod), which the KubeRay manifests set on the head from their
+       own ``workerGroupSpecs`` (a test keeps the two equal).
+    3. The cluster launcher's config on the head (``~/ray_bootstrap_config.yaml``): every
+       ``available_node_types`` entry but the head's, with its ``resources`` and ``max_workers``.
+    """
     from ray._private.state import state
 
     try:
-        return state.get_cluster_config()
-    except Exception:  # noqa: BLE001 - no autoscaler state: size from the nodes up now
-        return None
+        config = state.get_cluster_config()
+    except Exception:  # noqa: BLE001 - no GCS record: the other sources
+        config = None
+    if config is not None and config.node_group_configs:
+        return [
+            NodeGroup(g.name, {k: float(v) for k, v in g.resources.items()}, g.max_count)
+            for g in config.node_group_configs
+        ]
+    if os.environ.get(NODE_GROUPS_ENV, "").strip():
+        return parse_node_groups(os.environ[NODE_GROUPS_ENV])
+    return launcher_node_groups(Path(LAUNCHER_CONFIG).expanduser())
 
 
-def _autoscaler_max_resources() -> dict[str, float] | None:
-    """The resources of the autoscaler's largest cluster, or None. Internal API, as above."""
-    from ray._private.state import state
-
+def parse_node_groups(text: str) -> list[NodeGroup]:
+    """``EMOTIONS_NODE_GROUPS``'s value -> its groups; ConfigError, with the form it takes, for
+    anything else."""
     try:
-        return state.get_max_resources_from_cluster_config()
-    except Exception:  # noqa: BLE001
+        groups = [
+            NodeGroup(
+                str(g["group"]),
+                {str(k): float(v) for k, v in g["resources"].items()},
+                int(g["maxReplicas"]),
+            )
+            for g in json.loads(text)
+        ]
+    except (ValueError, TypeError, KeyError, AttributeError) as error:
+        raise ConfigError(
+            f"{NODE_GROUPS_ENV} is not a list of worker groups ({error!r} in {text!r}). It takes a JSON "
+            f"list with one object per autoscaling worker group, e.g. {NODE_GROUPS_EXAMPLE}; unset it "
+            "to plan from the nodes up now."
+        ) from None
+    if any(g.max_count < -1 or any(v < 0 for v in g.resources.values()) for g in groups):
+        raise ConfigError(f"{NODE_GROUPS_ENV}: negative counts or resources in {text!r}")
+    return groups
+
+
+def launcher_node_groups(path: Path) -> list[NodeGroup] | None:
+    """The worker node types of a cluster launcher config (what ``ray up`` leaves on the head for
+    its autoscaler), or None where there is no such file or a type declares no ``resources`` (the
+    launcher fills those in from the instance type at run time, which the driver cannot see)."""
+    import yaml
+
+    if not path.is_file():
         return None
+    config = yaml.safe_load(path.read_text()) or {}
+    types = config.get("available_node_types") or {}
+    head = config.get("head_node_type")
+    groups = []
+    for name, spec in types.items():
+        if name == head:
+            continue
+        if not spec.get("resources"):
+            log.info("%s: node type %s declares no resources; the autoscaler's largest size is unknown", path, name)
+            return None
+        limit = spec.get("max_workers", config.get("max_workers", 2))
+        groups.append(NodeGroup(name, {k: float(v) for k, v in spec["resources"].items()}, int(limit)))
+    return groups or None
 
 
 def check_state_api() -> None:

@@ -38,7 +38,7 @@ from emotions.evaluation import evaluation_report, fit_bundle_thresholds, valida
 from emotions.evaluation_report import format_summary
 from emotions.inference import head_probs
 from emotions.model import build_head
-from emotions.precision import describe_device, fit_precision, save_checked_bundle
+from emotions.precision import describe_device, fit_precision, gpu_task, save_checked_bundle
 from emotions.training import (
     WeightAverage,
     build_optimizer,
@@ -178,7 +178,7 @@ def encode_on_ray(
     use_gpu = cluster_has_gpu()
     # One CPU reserved, the largest node's CPUs as threads: asking Ray for the whole node waits
     # forever while any other actor holds a fraction of it.
-    task = encode_texts.options(num_gpus=1, num_cpus=1) if use_gpu else encode_texts.options(num_cpus=1)
+    task = gpu_task(encode_texts) if use_gpu else ray.remote(num_cpus=1, max_retries=1)(encode_texts)
     files = ray.put(bundle_files(source.path))
     return ray.get(task.remote(files, source.hash, texts, "cuda" if use_gpu else "cpu", node_cpus(), purpose))
 
@@ -201,7 +201,6 @@ def node_cpus() -> int:
     return max([1, *(int(cpus) for cpus in cluster.node_cpus())])
 
 
-@ray.remote(max_retries=1)
 def encode_texts(
     files: dict[str, bytes],
     bundle_hash: str,

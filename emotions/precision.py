@@ -342,6 +342,8 @@ def check_runtimes(
         # Its seconds are IEEE fp32's too: fp32 tagging on a TF32 GPU is faster than that, so a GPU
         # check's speedup is bf16's best case against fp32.
         run_rows(model, warmup, pad_id, batch_size=batch, device=on, precision=name)
+        if on.type == "cuda":
+            torch.cuda.synchronize(on)  # the warm-up's kernels are queued: not part of the timing
         start = time.perf_counter()
         probs[name] = run_rows(model, tokens, pad_id, batch_size=batch, device=on, precision=name).cpu().numpy()
         seconds[name] = time.perf_counter() - start  # .cpu() waited for the GPU
@@ -547,6 +549,17 @@ def checks_on_gpu(
     )
 
 
+def gpu_task(function):
+    """``function`` as a Ray task on one GPU whose worker process exits after it. Ray makes a GPU
+    task's worker single-use (``max_calls=1``) only when ``num_gpus`` is given to ``ray.remote``
+    itself (``RemoteFunction.__init__``); through ``.options`` the worker is reused, keeping its
+    CUDA context and cached GPU memory from the actors that come next, and bound to the GPU it
+    first used whatever ``CUDA_VISIBLE_DEVICES`` Ray gives the next task (ray-project/ray#47767)."""
+    import ray
+
+    return ray.remote(num_gpus=1, num_cpus=1, max_calls=1, max_retries=1)(function)
+
+
 def run_on_gpu(function, args: tuple, timeout_s: float | None = None, what: str = "run precision checks"):
     """``function(*args)`` as a Ray task on one GPU of the connected cluster (the one place
     ``checks_on_gpu`` submits and waits): logged before the wait (a GPU may have to be freed, or
@@ -556,7 +569,7 @@ def run_on_gpu(function, args: tuple, timeout_s: float | None = None, what: str 
     from ray.exceptions import GetTimeoutError
 
     timeout_s = GPU_CHECK_TIMEOUT_S if timeout_s is None else timeout_s
-    task = ray.remote(function).options(num_gpus=1, num_cpus=1, max_retries=1)
+    task = gpu_task(function)
     log.info(
         "waiting up to %.0fs for a GPU of the Ray cluster to %s on (a Ray task asking for 1 GPU)",
         timeout_s,

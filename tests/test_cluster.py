@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import math
 import os
 import re
 import shlex
@@ -503,6 +504,34 @@ def test_entry_point_checks_refuse_what_the_job_refuses():
     script, args = entrypoints()["rayjob-train.yaml"]
     with pytest.raises(ConfigError, match="storage_pth"):
         check_overrides(script, [*args, "run.storage_pth=s3://b/runs"])
+
+
+def ray_resources(group: dict) -> dict[str, float]:
+    """The Ray resources of one pod of a worker group, as KubeRay 1.7.0 derives them
+    (``generateRayStartCommand``): ``num-cpus``/``num-gpus`` from rayStartParams, else the Ray
+    container's CPU limit rounded up and its ``nvidia.com/gpu`` limit."""
+    container = group["template"]["spec"]["containers"][0]
+    limits = {**container["resources"].get("requests", {}), **container["resources"].get("limits", {})}
+    params = group.get("rayStartParams", {})
+    found = {"CPU": float(params.get("num-cpus", math.ceil(quantity(limits["cpu"]))))}
+    gpus = float(params.get("num-gpus", limits.get("nvidia.com/gpu", 0)))
+    return found | ({"GPU": gpus} if gpus else {})
+
+
+def test_every_head_declares_its_worker_groups_as_the_spec_does():
+    """Ray 2.60's autoscaler does not tell the driver how large the cluster may grow, so each
+    manifest says it on its head (EMOTIONS_NODE_GROUPS, read by emotions/cluster.py): it must be
+    the workerGroupSpecs' maxReplicas and Ray resources, or a plan is made for a cluster that is
+    not there."""
+    from emotions.cluster import NODE_GROUPS_ENV, NodeGroup, parse_node_groups
+
+    for name, spec in cluster_specs():
+        assert spec.get("enableInTreeAutoscaling"), name
+        head = spec["headGroupSpec"]["template"]["spec"]["containers"][0]
+        declared = {e["name"]: e["value"] for e in head.get("env", [])}.get(NODE_GROUPS_ENV)
+        assert declared, f"{name}: the head has no {NODE_GROUPS_ENV}"
+        expected = [NodeGroup(g["groupName"], ray_resources(g), g["maxReplicas"]) for g in spec["workerGroupSpecs"]]
+        assert parse_node_groups(declared) == expected, name
 
 
 def test_jobs_fit_the_clusters_their_manifests_bring_up():

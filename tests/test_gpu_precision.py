@@ -397,6 +397,20 @@ def test_a_gpu_check_no_gpu_can_run_times_out_and_is_cancelled(local_ray, tmp_pa
     assert gate.GPU_CHECK_TIMEOUT_S == 600  # the default wait
 
 
+def test_a_gpu_tasks_worker_exits_after_it(local_ray):
+    """A reused GPU worker keeps its CUDA context and cached memory from the Tagger actors that
+    follow a check, and stays bound to its first GPU. Ray makes the worker single-use only for
+    num_gpus given to ray.remote itself (it drops max_calls from anything given to .options)."""
+
+    def check():
+        return "done"
+
+    assert {k: gate.gpu_task(check)._default_options[k] for k in ("num_gpus", "max_calls")} == {
+        "num_gpus": 1,
+        "max_calls": 1,
+    }
+
+
 def test_tagging_does_not_wait_forever_for_a_gpu_to_check_on(local_ray, tmp_path, monkeypatch, caplog):
     """The cluster may scale to a GPU (the autoscaler's largest), none comes: auto tags in fp32 with
     a warning, --precision bf16 stops with what to do; each within the timeout, not hanging."""

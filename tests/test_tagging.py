@@ -545,16 +545,17 @@ def test_plan_leaves_room_for_reads_and_merges_on_every_node():
 
 def test_a_head_only_cluster_is_planned_for_the_nodes_its_autoscaler_brings():
     """A KubeRay cron starts on a head without CPUs or GPUs; its workers scale from 0. The pool is
-    sized for the nodes the autoscaler can bring, not for a 1-CPU node, and starts with one actor
-    (a demand the autoscaler answers), not with a pool that waits for every node."""
+    sized for the nodes the autoscaler can bring, not for a 1-CPU node, and starts whole: each
+    pending actor is a demand the autoscaler answers, so the GPU nodes start in parallel, and Ray
+    Data waits for none of them (a pool started with one grows one wave of nodes at a time)."""
     head = nodes(0)
     gpu = plan_actors(TaggingSettings(model="m", output="o", gpus_per_actor=1), head, nodes(8, 8, gpus=1))
-    assert (gpu.min_actors, gpu.initial_actors, gpu.max_actors) == (1, 1, 2)
+    assert (gpu.min_actors, gpu.initial_actors, gpu.max_actors) == (1, 2, 2)
     # 2 actors + 2 tokenizers over two 8-CPU nodes: each reserves what it asks, not a 1-CPU node's 0.12
     assert (gpu.cpus_reserved, gpu.tokenizers, gpu.tokenizer_cpus) == (1.0, 2, 1.0)
     assert "at the autoscaler's largest: 2 x (CPU 8, GPU 1)" in gpu.why and "1 x (CPU 0)" in gpu.why
     cpu = plan_actors(TaggingSettings(model="m", output="o"), head, nodes(8, 8))
-    assert (cpu.min_actors, cpu.initial_actors, cpu.max_actors, cpu.cpus_reserved) == (1, 1, 16, 0.93)
+    assert (cpu.min_actors, cpu.initial_actors, cpu.max_actors, cpu.cpus_reserved) == (1, 16, 16, 0.93)
     assert 8 - 8 * cpu.cpus_reserved >= ROOM_CPUS  # a full node of its share still has room for reads
     # The nodes up now hold more than the autoscaler's groups (a head with CPUs of its own): those.
     static = plan_actors(TaggingSettings(model="m", output="o"), nodes(4), nodes(2))
@@ -568,10 +569,10 @@ def test_more_gpu_actors_than_the_autoscaler_can_bring_are_capped_and_the_pool_c
     asked = TaggingSettings(model="m", output="o", gpus_per_actor=1, num_actors=4)
     head, two = nodes(0), nodes(8, 8, gpus=1)
     plan = plan_actors(asked, head, two)
-    assert (plan.min_actors, plan.initial_actors, plan.max_actors) == (1, 1, 2) and plan.tokenizers == 2
+    assert (plan.min_actors, plan.initial_actors, plan.max_actors) == (1, 2, 2) and plan.tokenizers == 2
     assert "--actors 4 capped" in plan.why and "more than the autoscaler can ever bring" in caplog.text
     unknown = plan_actors(asked, head + nodes(8, gpus=1))  # a GPU node up, no autoscaler seen
-    assert (unknown.min_actors, unknown.initial_actors, unknown.max_actors) == (1, 1, 4)
+    assert (unknown.min_actors, unknown.initial_actors, unknown.max_actors) == (1, 4, 4)
     floor = plan_actors(replace(asked, min_actors=2), head, two)
     assert (floor.min_actors, floor.initial_actors, floor.max_actors) == (2, 2, 2)
     with pytest.raises(TaggingError, match="--min-actors 3 needs 3 GPUs, but the autoscaler can bring at most 2"):
@@ -585,7 +586,7 @@ def test_more_gpu_actors_than_the_autoscaler_can_bring_are_capped_and_the_pool_c
 def test_the_tagger_pool_autoscales_within_the_plan_with_two_calls_per_actor():
     plan = plan_actors(TaggingSettings(model="m", output="o", gpus_per_actor=1, num_actors=4), nodes(8, 8, gpus=1))
     pool = tagger_pool(plan)
-    assert (pool.min_size, pool.initial_size, pool.max_size) == (1, 2, 4)
+    assert (pool.min_size, pool.initial_size, pool.max_size) == (1, 4, 4)
     # one call on the model while the other writes its parts (Tagger.__call__)
     assert pool.max_concurrent_calls_per_actor == 2 and pool.enable_true_multi_threading
 
@@ -594,7 +595,8 @@ def test_a_pool_that_gets_fewer_nodes_than_its_autoscaler_promised_tags_every_ro
     smoke_bundle, local_ray, tmp_path
 ):
     """The autoscaler publishes a largest cluster of two 2-CPU nodes; only this one ever comes. The
-    pool (1..4, starting with 2) runs on the actors it gets, and every row is tagged exactly once."""
+    pool (1..4, all 4 started) runs on the 2 actors this node holds while the other 2 stay pending,
+    and every row is tagged exactly once."""
     from ray._raylet import GCS_AUTOSCALER_CLUSTER_CONFIG_KEY, GCS_AUTOSCALER_STATE_NAMESPACE
     from ray.core.generated.autoscaler_pb2 import ClusterConfig
     from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_put
@@ -611,7 +613,7 @@ def test_a_pool_that_gets_fewer_nodes_than_its_autoscaler_promised_tags_every_ro
         _internal_kv_del(key, namespace=namespace)
     manifest = json.loads((out / MANIFEST).read_text())
     actors = manifest["actors"]
-    assert (actors["min_actors"], actors["initial_actors"], actors["max_actors"]) == (1, 2, 4)
+    assert (actors["min_actors"], actors["initial_actors"], actors["max_actors"]) == (1, 4, 4)
     assert "at the autoscaler's largest: 2 x (CPU 2)" in actors["why"]
     ids = read_output(out).column("id").to_pylist()
     assert summary.rows_in == summary.rows_out == len(ids) == len(set(ids)) == 1200

@@ -13,8 +13,13 @@ Pool size. Ray Data's autoscaling actor pool (``ActorPoolStrategy(min_size, max_
 initial_size)``, see ``emotions.tagging.pipeline``): at most what ``--actors`` asks for (default:
 what the planned nodes hold), never more GPU actors than the autoscaler can ever provide; at least
 ``--min-actors`` (default 1), so a night that gets fewer GPUs than it asked for runs on those
-instead of waiting for a full pool until its deadline; starting with as many as the nodes up now
-hold (within min..max), so a static cluster starts its whole pool at once.
+instead of waiting for a full pool until its deadline; starting with the whole pool. Ray Data does
+not wait for the actors it starts (only tasks wait, for an actor that is up), and each pending
+actor is a demand the autoscaler answers at once: a cron that starts on a bare head gets all its
+GPU nodes in parallel. A pool started with fewer grows only as Ray Data's cluster autoscaler
+asks for more nodes, once the running actors are busy (``rate_based_cluster_autoscaler.py``, at
+most doubling a request at a time): one wave of cold GPU pods (a 20 GB image pull each) after
+another.
 
 Actor sizing. Read and merge tasks need ``ROOM_CPUS`` on some node while the actors run; a pool
 that reserves every CPU leaves them unschedulable and the pipeline hangs without a word. So by
@@ -56,7 +61,7 @@ class ActorPlan:
     gpus: float  # per actor
     threads: int  # torch threads per actor
     min_actors: int = 1  # the pool's min_size: the run goes on with these if no more can be had
-    initial_actors: int = 1  # the pool's initial_size: what the nodes up now hold, within min..max
+    initial_actors: int = 1  # the pool's initial_size: all of it (see Pool size)
     tokenizers: int = 0  # the most Tokenizer actors ahead of the encoder (0: the actors tokenize)
     tokenizer_cpus: float = 0.0  # reserved per Tokenizer actor
     why: str = ""  # which nodes it was planned over, and what capped it (logged, and in the manifest)
@@ -85,7 +90,6 @@ def plan_actors(
     else:
         largest = max(s.num_actors or max(1, held), smallest)
         cap = "as --actors asked" if s.num_actors else f"one per {s.cpus_per_actor} CPU(s) of the nodes {where}"
-    initial = min(max(now, smallest), largest)
     stage = s.gpus_per_actor > 0 if s.tokenize_stage is None else s.tokenize_stage
     tokenizers = largest if stage else 0  # one CPU tokenizer keeps one GPU encoder fed (MiniLM)
     members, total = largest + tokenizers, sum(cpus)
@@ -95,14 +99,14 @@ def plan_actors(
     reserved = min(float(s.cpus_per_actor), share)
     if largest * s.cpus_per_actor > total:
         log.warning("%d actors x %d threads oversubscribe the %.0f CPUs planned for", largest, s.cpus_per_actor, total)
-    why = f"{smallest}..{largest} actors ({cap}), {initial} started at once (the nodes up now hold {now}); {seen}"
+    why = f"{smallest}..{largest} actors ({cap}), all started at once (the nodes up now hold {now}); {seen}"
     return ActorPlan(
         max_actors=largest,
         cpus_reserved=reserved,
         gpus=s.gpus_per_actor,
         threads=s.cpus_per_actor,
         min_actors=smallest,
-        initial_actors=initial,
+        initial_actors=largest,
         tokenizers=tokenizers,
         tokenizer_cpus=min(TOKENIZER_CPUS, share) if tokenizers else 0.0,
         why=why,

@@ -198,17 +198,22 @@ def tagger_pool(plan: ActorPlan):
     batch's part write overlaps the next batch's encoder pass (``Tagger.__call__``).
 
     What Ray Data 2.60 does with it (read in its source, ``ray/data/_internal``):
-    - it starts ``initial_size`` actors and does not wait for them (``DataContext.wait_for_min_actors_s``
-      is -1): tasks go to the actors that are up, the others stay pending until their node joins
-      (``execution/operators/actor_pool_map_operator.py: ActorPoolMapOperator.start``);
+    - it starts ``initial_size`` actors (the whole pool, ``actor_plan``) and does not wait for them
+      (``DataContext.wait_for_min_actors_s`` is -1): tasks go to the actors that are up, the others
+      stay pending until their node joins (``execution/operators/actor_pool_map_operator.py:
+      ActorPoolMapOperator.start``), each a demand the cluster's autoscaler answers at once;
     - it adds actors while the pool's utilization (tasks in flight / (actors x calls per actor)) is
       at least 1.75, never past ``max_size`` nor past what the cluster's resources up now leave the
       operator (``actor_autoscaler/default_actor_autoscaler.py:
       DefaultActorAutoscaler._derive_target_scaling_config``, ``_get_max_scale_up``); with 2 calls
       and 4 tasks in flight per actor the utilization reaches 2.0, so a busy pool grows;
-    - it removes an idle (or pending) actor while the utilization is at most 0.5, not within 10 s
-      of growing and never below ``min_size`` (same function; ``_ActorPool._can_apply_request``):
-      reads that cannot keep the pool busy shrink it, and ``--min-actors`` keeps a floor;
+    - it removes an idle actor while the utilization is at most 0.5, but never while an actor is
+      pending, not within 10 s of growing and never below ``min_size`` (same function;
+      ``_ActorPool._can_apply_request``): reads that cannot keep the pool busy shrink it, and
+      ``--min-actors`` keeps a floor; its other shrink, for a pool over its resource allocation,
+      compares with a budget that is never below zero (``resource_manager.py:
+      ReservationOpResourceAllocator``), so pending actors are not taken back for the GPUs they
+      wait for;
     - it asks the cluster's autoscaler for nodes for up to ``max_size`` actors as throughput calls
       for them (``cluster_autoscaler/rate_based_cluster_autoscaler.py``, the default), and the
       pending actors are a demand the autoscaler sees too;
