@@ -205,6 +205,24 @@ def dev_quality(bundle_path: str, device: str, examples: int | None = None) -> d
     }
 
 
+def minilm_weights(folder: Path) -> Path | None:
+    """None where the embedded MiniLM holds its weights. Else (the device machine's payload,
+    benchmarks/gpu_device.sh, carries its config and tokenizer but not its 91 MB of weights) a
+    MiniLM of the same shape with random weights, saved in ``folder``: the same speed, but quality
+    figures from it are not the default bundle's."""
+    from transformers import BertConfig, BertModel
+
+    from emotions.encoders import minilm_path
+    from emotions.model import load_tokenizer
+
+    if (minilm_path() / "model.safetensors").exists():
+        return None
+    BertModel(BertConfig.from_pretrained(minilm_path()), add_pooling_layer=False).save_pretrained(folder)
+    load_tokenizer("minilm").save_pretrained(folder)
+    print(f"the embedded MiniLM has no weights here: a MiniLM with random weights stands in ({folder})")
+    return folder
+
+
 def random_bert(folder: Path, tiny: bool) -> dict:
     """A BERT with random weights saved like a hub model (config, safetensors, the embedded
     MiniLM's uncased WordPiece tokenizer, which is bert-base-uncased's vocabulary)."""
@@ -227,7 +245,9 @@ def random_bert(folder: Path, tiny: bool) -> dict:
     return config.to_dict()
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace, record: dict) -> dict:
+    """The check, filling ``record`` part by part (so a failure in a later part keeps the earlier
+    parts' numbers: ``main`` writes what there is)."""
     import ray
     import torch
 
@@ -238,24 +258,27 @@ def run(args: argparse.Namespace) -> dict:
     gpu = torch.cuda.is_available()
     name = torch.cuda.get_device_name(0) if gpu else "cpu"
     peak = bf16_peak(name) if gpu else None
-    record: dict = {
-        "device": name,
-        "bf16_peak_flops": peak,
-        "smoke": args.smoke,
-        "versions": environment.library_versions(),
-        "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ"),
-    }
+    record.update(
+        device=name,
+        bf16_peak_flops=peak,
+        smoke=args.smoke,
+        versions=environment.library_versions(),
+        started_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ"),
+    )
     if not gpu and not args.smoke:
         message = (
             "no CUDA GPU here: the GPU parts (a)-(c) are skipped. Run this on a GPU machine, or "
             "pass --smoke to run every part on CPU at toy sizes"
         )
         print(message)
-        return {**record, "skipped": message}
+        record["skipped"] = message
+        return record
     if not gpu:
         print("no CUDA GPU here: running every part on CPU at toy sizes (--smoke); no GPU numbers")
     if not ray.is_initialized():
         ray.init()
+    if gpu and not ray.cluster_resources().get("GPU"):  # Ray Train would wait for one without end
+        raise SystemExit(f"torch sees {name}, but Ray does not: {ray.cluster_resources()}")
     workdir = Path(tempfile.mkdtemp(prefix="gpu-check-"))
     steps, rows = (4, 300) if args.smoke else (args.steps, args.rows)
     gpus = 1.0 if gpu else 0.0
@@ -265,6 +288,9 @@ def run(args: argparse.Namespace) -> dict:
 
     # (a) MiniLM on one worker, the GPU's autocast
     minilm = ["model.encoder=tiny-random", "data.max_length=32"] if args.smoke else []
+    if not args.smoke and (weights := minilm_weights(workdir / "minilm-random")) is not None:
+        minilm.append(f"model.encoder={weights}")  # the device machine: no room for the weights
+        record["minilm_weights"] = "random (the embedded package came without model.safetensors)"
     part_a = train_part(
         "minilm",
         "default",
@@ -367,22 +393,34 @@ def run(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="every part on CPU at toy sizes (what CI runs)")
-    parser.add_argument("--steps", type=int, default=300, help="stage-1 training steps per model (default 300)")
-    parser.add_argument("--rows", type=int, default=200_000, help="rows tagged in fp32 and in bf16 (default 200k)")
-    parser.add_argument("--output", default=None, help="JSON file (default benchmarks/results/gpu_check[_cpu].json)")
+    parser.add_argument("--steps", type=int, default=200, help="stage-1 training steps per model (default 200)")
+    parser.add_argument("--rows", type=int, default=50_000, help="rows tagged in fp32 and in bf16 (default 50k)")
+    parser.add_argument(
+        "--output",
+        default=None,
+        help="JSON file (default: $OUT/gpu_check.json where $OUT is set, as on the device machine, "
+        "else benchmarks/results/gpu_check[_cpu].json)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    start = time.perf_counter()
-    record = run(args)
-    record["total_s"] = time.perf_counter() - start
     import torch
 
     default = RESULTS / ("gpu_check.json" if torch.cuda.is_available() else "gpu_check_cpu.json")
+    if os.environ.get("OUT"):
+        default = Path(os.environ["OUT"]) / default.name
     output = Path(args.output) if args.output else default
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(record, indent=2, default=str) + "\n")
-    print(f"{record['total_s']:.0f} s in all; results: {output}")
+    start, record = time.perf_counter(), {}
+    try:
+        run(args, record)
+    except BaseException as error:
+        record["failed"] = f"{type(error).__name__}: {error}"
+        raise
+    finally:
+        record["total_s"] = time.perf_counter() - start
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(record, indent=2, default=str) + "\n")
+        print(f"{record['total_s']:.0f} s in all; results: {output}")
     return 0
 
 

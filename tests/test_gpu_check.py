@@ -50,10 +50,29 @@ def test_without_a_gpu_the_check_says_so_in_one_line_and_records_only_that(tmp_p
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: the check would run for real")
 def test_without_a_gpu_the_record_goes_to_the_cpu_file_by_default(gpu_check, tmp_path, monkeypatch):
+    monkeypatch.delenv("OUT", raising=False)
     monkeypatch.setattr(gpu_check, "RESULTS", tmp_path)
     assert gpu_check.main([]) == 0
     assert [p.name for p in tmp_path.iterdir()] == ["gpu_check_cpu.json"]  # never over a GPU run's gpu_check.json
     assert json.loads((tmp_path / "gpu_check_cpu.json").read_text())["skipped"] == NO_GPU
+
+
+def test_on_the_device_machine_the_record_goes_to_out_with_the_parts_done_before_a_failure(
+    gpu_check, tmp_path, monkeypatch
+):
+    """The device tool brings back only what is under $OUT; a part that fails must not take the
+    numbers of the parts before it with it."""
+    monkeypatch.setenv("OUT", str(tmp_path))
+
+    def fails_in_part_c(args, record):
+        record["train_minilm"] = {"samples_per_s": 1.0}
+        raise RuntimeError("part (c) failed")
+
+    monkeypatch.setattr(gpu_check, "run", fails_in_part_c)
+    with pytest.raises(RuntimeError, match="part"):
+        gpu_check.main([])
+    record = json.loads((tmp_path / "gpu_check_cpu.json").read_text())
+    assert record["train_minilm"] == {"samples_per_s": 1.0} and record["failed"] == "RuntimeError: part (c) failed"
 
 
 def test_flops_per_token_of_bert_base(gpu_check):

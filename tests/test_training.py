@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import signal
 import threading
@@ -100,6 +101,31 @@ def test_bundle_thresholds_are_fitted_on_the_final_checkpoints_predictions(smoke
     np.testing.assert_array_equal(tagged, labels[:, label] > 0)  # every positive, no negative
     assert tagged.any() and not (probs[:, label] >= 0.5).any()  # a 0.5 cut tags none of them
     assert bundle.metrics["thresholds_fitted_on"] == split
+
+
+def test_a_gpu_run_whose_gpus_are_gone_writes_its_bundle_without_starting_one(
+    smoke_bundle, runs_dir, tmp_path, monkeypatch, caplog
+):
+    """A finished GPU run submitted again writes its bundle from the final checkpoint on a cluster
+    whose GPU group is at 0: no Ray task asks for a GPU (it would start a GPU node for one check,
+    or wait 10 minutes for one), and the bundle stands without a GPU check."""
+    import shutil
+
+    from emotions import precision
+    from emotions.training import write_bundle_from_checkpoint
+
+    def no_gpu_task(*args, **kwargs):
+        raise AssertionError("a GPU task was submitted")
+
+    monkeypatch.setattr(precision, "run_on_gpu", no_gpu_task)
+    states = {c: c / "state.json" for run in runs_dir.glob("bundle-*") for c in run.glob("checkpoint_*")}
+    final = next(c for c, state in states.items() if state.exists() and json.loads(state.read_text())["head_choice"])
+    checkpoint = shutil.copytree(final, tmp_path / "final")
+    config = build_config("smoke", overrides=[f"run.storage_path={runs_dir}", "scaling.use_gpu=true"])
+    with caplog.at_level(logging.WARNING, logger="emotions.training"):
+        bundle = load_bundle(write_bundle_from_checkpoint(checkpoint, config, tmp_path / "bundle"))
+    assert "gpu_precision_checks" not in bundle.metrics and bundle.metrics["precision_checks"]
+    assert "no GPU is up to check bf16 on" in caplog.text
 
 
 def test_bundle_round_trip_gives_identical_predictions(smoke_bundle, tmp_path):

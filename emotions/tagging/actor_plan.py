@@ -4,9 +4,9 @@
         -> plan_actors -> ActorPlan: min..max actors (and how many start at once), CPUs reserved
            and torch threads each, GPUs each, Tokenizer actors and their CPUs, and why
 
-Which nodes. The pool is planned over the nodes the autoscaler can run at its largest when it
-publishes them (a KubeRay cron starts on a head without CPUs or GPUs, its workers scale from 0),
-else over the nodes up now; of the two, the one that holds more actors. Nodes without CPUs (such
+Which nodes. The pool is planned over the nodes the autoscaler can run at its largest where they
+are known (``cluster.node_groups``: a KubeRay cron starts on a head without CPUs or GPUs, its
+workers scale from 0), else over the nodes up now; of the two, the one that holds more actors. Nodes without CPUs (such
 a head) host no actor and no read task, and count for nothing.
 
 Pool size. Ray Data's autoscaling actor pool (``ActorPoolStrategy(min_size, max_size,

@@ -73,8 +73,8 @@ class TaggingSettings:
     # The most actors; None = one per cpus_per_actor CPUs (per gpus_per_actor GPUs) of the nodes the
     # autoscaler can bring up (else of those up now). See emotions.tagging.actor_plan.
     num_actors: Annotated[Int | None, Field(ge=1)] = None
-    # The fewest: the pool starts with what fits now (at least these) and grows as nodes join;
-    # None = 1, so a night with fewer GPUs than asked runs on those it gets.
+    # The fewest: the pool starts whole and tags with the actors that are up, never fewer than these
+    # once started; None = 1, so a night with fewer GPUs than asked runs on those it gets.
     min_actors: Annotated[Int | None, Field(ge=1)] = None
     # Rows per actor call; sorted by length into ENCODER_BATCH passes.
     batch_size: Annotated[Int, Field(ge=1)] = 1024

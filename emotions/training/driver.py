@@ -204,6 +204,21 @@ def finished_run(config: TrainConfig, latest: tuple[ray.train.Result, dict] | No
     return latest[0]
 
 
+def gpu_up_for_the_check() -> bool:
+    """Whether a GPU run's bf16 check can run on a GPU its cluster has up now: the one it trained
+    on, before the autoscaler removes it. None is up when a run that had finished is submitted
+    again (its bundle is written from the recorded final checkpoint and no worker starts): a GPU
+    node would then be started (for a 4-GPU pod, an image pull and minutes of paid GPUs) for one
+    check, so the bundle goes without it, and tagging on GPUs checks bf16 on its first run."""
+    if cluster.resources()[0].get("GPU", 0) > 0:
+        return True
+    log.warning(
+        "no GPU is up to check bf16 on (the run's GPU nodes are gone): the bundle records no GPU "
+        "precision check, and tagging on GPUs makes it on its first run"
+    )
+    return False
+
+
 def write_bundle_from_checkpoint(final: Path, config: TrainConfig, output: Path) -> Path:
     """Fit thresholds on the gathered predictions in the final checkpoint, write the bundle."""
     state = json.loads((final / STATE_FILE).read_text())
@@ -235,7 +250,7 @@ def write_bundle_from_checkpoint(final: Path, config: TrainConfig, output: Path)
         log.warning("the final checkpoint does not record the precision of its predictions: the bundle says unknown")
     path = save_checked_bundle(  # the gate on CPU (and on a GPU for a GPU run), recorded in the bundle
         output,
-        gpu=config.scaling.use_gpu,
+        gpu=config.scaling.use_gpu and gpu_up_for_the_check(),
         thresholds_precision=state.get("thresholds_precision"),
         weights=checkpoint_weights(final),
         encoder_config=state["encoder_config"],
