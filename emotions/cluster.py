@@ -83,7 +83,8 @@ def resources() -> tuple[dict[str, float], dict[str, float] | None]:
 
 
 def resources_if_connected() -> dict[str, float]:
-    """The cluster's resources now if this process is connected, else {} (for logs)."""
+    """The cluster's resources now if this process is connected, else {}: what is up, without the
+    autoscaler's groups (``node_groups``) that ``resources`` also reads."""
     import ray
 
     return ray.cluster_resources() if ray.is_initialized() else {}

@@ -210,7 +210,7 @@ def gpu_up_for_the_check() -> bool:
     again (its bundle is written from the recorded final checkpoint and no worker starts): a GPU
     node would then be started (for a 4-GPU pod, an image pull and minutes of paid GPUs) for one
     check, so the bundle goes without it, and tagging on GPUs checks bf16 on its first run."""
-    if cluster.resources()[0].get("GPU", 0) > 0:
+    if cluster.resources_if_connected().get("GPU", 0) > 0:  # up now: not the autoscaler's groups
         return True
     log.warning(
         "no GPU is up to check bf16 on (the run's GPU nodes are gone): the bundle records no GPU "
